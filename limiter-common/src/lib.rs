@@ -1,0 +1,9 @@
+//! What the kernel programs and the daemon of limiter share: the admission
+//! rule, address forms, and the layout of every map.
+#![no_std]
+
+pub mod addr;
+pub mod admission;
+pub mod maps;
+
+pub use admission::{Evaluation, Limits, Rule, UNLIMITED, evaluate};

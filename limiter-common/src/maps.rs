@@ -1,0 +1,267 @@
+//! The maps shared by the kernel programs and the daemon: names, sizes, and
+//! the layout of every key and value.
+//!
+//! Keys and values are `#[repr(C)]` with explicit padding, so that the bytes
+//! the kernel hashes are the bytes both sides write. Addresses are in
+//! [`crate::addr`] form; ports are in host byte order.
+
+use crate::{addr::Addr, admission::Limits};
+
+/// Bumped whenever a key or value below changes shape; part of the pin path.
+pub const MAP_LAYOUT_VERSION: u32 = 1;
+
+/// Map names, as they appear in the object file and under `--bpffs`.
+pub mod names {
+    /// `Array<Settings>`, one entry.
+    pub const SETTINGS: &str = "SETTINGS";
+    /// `Array<u64>`: a bitmap of the local ports that some connector binds.
+    pub const BOUND_PORTS: &str = "BOUND_PORTS";
+    /// `HashMap<BindingKey, u32>`: local address and port to binding id.
+    pub const BINDINGS: &str = "BINDINGS";
+    /// `LpmTrie<RangeKey, u32>`: binding id and remote prefix to connector id.
+    pub const RANGES: &str = "RANGES";
+    /// `Array<ConnectorConfig>`, indexed by connector id.
+    pub const CONNECTORS: &str = "CONNECTORS";
+    /// `Array<u32>`: live connections per connector id.
+    pub const CONNECTOR_LIVE: &str = "CONNECTOR_LIVE";
+    /// `HashMap<SourceKey, SourceCount>`: live connections per source.
+    pub const SOURCE_LIVE: &str = "SOURCE_LIVE";
+    /// `HashMap<FlowKey, FlowValue>`: admitted SYNs whose handshake is open.
+    pub const HANDSHAKES: &str = "HANDSHAKES";
+    /// `HashMap<FlowKey, FlowValue>`: established connections being counted.
+    pub const ESTABLISHED: &str = "ESTABLISHED";
+    /// `PerCpuArray<u64>`: counters, see [`super::stat`].
+    pub const STATS: &str = "STATS";
+}
+
+/// Program names, as they appear in the object file.
+pub mod programs {
+    /// XDP: admits or rejects SYNs.
+    pub const ADMIT: &str = "admit";
+    /// sock_ops: follows connections from established to closed.
+    pub const TRACK: &str = "track";
+    /// raw_tracepoint, never attached: run by the daemon through
+    /// `BPF_PROG_TEST_RUN` to change counts atomically (see [`super::Control`]).
+    pub const CONTROL: &str = "control";
+}
+
+/// Connector ids are indices below this.
+pub const MAX_CONNECTORS: u32 = 256;
+/// Binding ids are below this.
+pub const MAX_BINDINGS: u32 = 4096;
+/// Entries of the remote range trie.
+pub const MAX_RANGES: u32 = 65_536;
+/// Default size of the source, handshake and established tables.
+pub const DEFAULT_TABLE_ENTRIES: u32 = 262_144;
+/// `BOUND_PORTS` words (65,536 bits).
+pub const BOUND_PORT_WORDS: u32 = 1024;
+
+/// Global settings, written by the daemon before it attaches anything.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// IPv6 sources are counted per this prefix length.
+    pub ipv6_prefix_len: u32,
+    pub _pad: u32,
+    /// Only sockets of this network namespace are tracked (the daemon's,
+    /// where the interfaces are).
+    pub netns_cookie: u64,
+}
+
+/// A local address and port that some connector binds. The address is
+/// [`crate::addr::wildcard`] for `0.0.0.0` and `[::]` bindings.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BindingKey {
+    pub addr: Addr,
+    pub port: u16,
+    pub _pad: [u8; 2],
+}
+
+/// The data of a `RANGES` key: a binding id (big endian, always matched in
+/// full) followed by the remote address; the LPM prefix length covers
+/// `32 + address bits`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RangeKey {
+    pub binding: [u8; 4],
+    pub remote: Addr,
+}
+
+/// Bits of a [`RangeKey`] that are always compared: the binding id.
+pub const RANGE_KEY_BINDING_BITS: u32 = 32;
+
+/// What the action of a connector does with a SYN over its cap.
+pub mod action {
+    /// Drop the SYN; the client retries later.
+    pub const DROP: u32 = 0;
+    /// Answer the SYN with a RST; the client moves on at once.
+    pub const RESET: u32 = 1;
+    /// Admit it, but count and report it as if rejected.
+    pub const MONITOR: u32 = 2;
+}
+
+/// A connector as the kernel sees it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectorConfig {
+    pub limits: Limits,
+    /// One of [`action`].
+    pub action: u32,
+}
+
+/// A source on a connector: `addr` is the source identity
+/// ([`crate::addr::source_identity`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SourceKey {
+    pub connector: u32,
+    pub addr: Addr,
+}
+
+/// Live connections of one source. `live` only changes atomically.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SourceCount {
+    pub live: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns()` of the last change, so that the daemon forgets
+    /// only sources that have been idle for a while.
+    pub last_change_ns: u64,
+}
+
+/// One TCP connection, from the server's side.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub local: Addr,
+    pub remote: Addr,
+    pub local_port: u16,
+    pub remote_port: u16,
+}
+
+/// What a counted connection holds: the counts it took.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowValue {
+    pub source: SourceKey,
+    /// [`FLOW_SEEDED`] or 0.
+    pub flags: u32,
+    /// `bpf_ktime_get_ns()` when it started counting.
+    pub since_ns: u64,
+}
+
+/// The flow was found in the socket table when the daemon started, so no
+/// sock_ops callback will report its close: the daemon watches it instead.
+pub const FLOW_SEEDED: u32 = 1;
+
+/// Counters in `STATS`: row `connector id` (or [`stat::GLOBAL_ROW`]) times
+/// [`stat::COUNT`] plus the counter.
+pub mod stat {
+    use super::MAX_CONNECTORS;
+
+    /// SYNs admitted and counted.
+    pub const ADMITTED: u32 = 0;
+    /// SYNs rejected by `max_inbound_connection`.
+    pub const REJECTED_TOTAL: u32 = 1;
+    /// SYNs rejected by `max_inbound_connection_per_source`.
+    pub const REJECTED_PER_SOURCE: u32 = 2;
+    /// SYNs rejected by the percentage rule.
+    pub const REJECTED_PERCENTAGE: u32 = 3;
+    /// Retransmitted SYNs of a handshake already counted.
+    pub const SYN_RETRANSMITTED: u32 = 4;
+    /// SYNs rejected because a table was full.
+    pub const TABLE_FULL: u32 = 5;
+    /// Handshakes that completed.
+    pub const ESTABLISHED: u32 = 6;
+    /// Established connections counted without a handshake entry (opened
+    /// through an interface without XDP, or after their handshake expired).
+    pub const ESTABLISHED_UNSEEN: u32 = 7;
+    /// Connections that left ESTABLISHED.
+    pub const CLOSED: u32 = 8;
+    /// Handshakes released by `handshake_timeout`.
+    pub const HANDSHAKE_EXPIRED: u32 = 9;
+    /// Connections found at start-up and counted.
+    pub const SEEDED: u32 = 10;
+    /// Seeded connections the daemon found closed.
+    pub const SEEDED_CLOSED: u32 = 11;
+    /// Counters per row.
+    pub const COUNT: u32 = 12;
+    /// The row for what belongs to no connector.
+    pub const GLOBAL_ROW: u32 = MAX_CONNECTORS;
+    /// Global: SYNs in IP fragments too short to show the TCP flags, dropped.
+    pub const TINY_FRAGMENT: u32 = 0;
+    /// Entries of `STATS`.
+    pub const ENTRIES: u32 = (MAX_CONNECTORS + 1) * COUNT;
+}
+
+/// A request to the `control` program, passed as its context.
+///
+/// The daemon cannot change a count atomically from userspace, so it asks
+/// the kernel: each request claims a flow entry by deleting it (whoever
+/// deletes an entry owns its counts, so a release races with nothing).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Control {
+    /// One of [`control`].
+    pub op: u32,
+    pub _pad: u32,
+    pub flow: FlowKey,
+    pub _pad2: u32,
+}
+
+/// Operations of the `control` program and its return codes.
+pub mod control {
+    /// Release a handshake whose timeout passed, unless it completed.
+    pub const EXPIRE_HANDSHAKE: u32 = 1;
+    /// Count an established connection found in the socket table.
+    pub const SEED: u32 = 2;
+    /// Release a seeded connection that is no longer established.
+    pub const RELEASE_SEEDED: u32 = 3;
+
+    /// The request changed the counts.
+    pub const DONE: u32 = 1;
+    /// Nothing to do (already released, already counted, or not ours).
+    pub const NOTHING: u32 = 2;
+    /// A table was full; nothing changed.
+    pub const FULL: u32 = 3;
+    /// Unknown operation.
+    pub const INVALID: u32 = 4;
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are `#[repr(C)]`, `Copy`, made only of integers and
+    // byte arrays, with their padding spelled out as fields.
+    unsafe impl aya::Pod for super::Settings {}
+    unsafe impl aya::Pod for super::BindingKey {}
+    unsafe impl aya::Pod for super::RangeKey {}
+    unsafe impl aya::Pod for super::ConnectorConfig {}
+    unsafe impl aya::Pod for super::SourceKey {}
+    unsafe impl aya::Pod for super::SourceCount {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowValue {}
+}
+
+#[cfg(test)]
+mod tests {
+    use core::mem::{align_of, size_of};
+
+    use super::*;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<Settings>(), 16);
+        assert_eq!(size_of::<BindingKey>(), 20);
+        assert_eq!(size_of::<RangeKey>(), 20);
+        assert_eq!(size_of::<ConnectorConfig>(), 16);
+        assert_eq!(size_of::<SourceKey>(), 20);
+        assert_eq!(size_of::<SourceCount>(), 16);
+        assert_eq!(size_of::<FlowKey>(), 36);
+        assert_eq!(size_of::<FlowValue>(), 32);
+        assert_eq!(align_of::<FlowValue>(), 8);
+        // A raw tracepoint context is at most 12 u64 arguments.
+        assert_eq!(size_of::<Control>(), 48);
+        assert_eq!(size_of::<Control>() % 8, 0);
+    }
+}

@@ -1,0 +1,44 @@
+//! Map definitions. Names, sizes and layouts come from `limiter_common::maps`;
+//! the daemon may resize the tables at load time.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, PerCpuArray},
+};
+use limiter_common::maps::{
+    BOUND_PORT_WORDS, BindingKey, ConnectorConfig, DEFAULT_TABLE_ENTRIES, FlowKey, FlowValue,
+    MAX_BINDINGS, MAX_CONNECTORS, MAX_RANGES, RangeKey, Settings, SourceCount, SourceKey, stat,
+};
+
+#[map(name = "SETTINGS")]
+pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+#[map(name = "BOUND_PORTS")]
+pub static BOUND_PORTS: Array<u64> = Array::with_max_entries(BOUND_PORT_WORDS, 0);
+
+#[map(name = "BINDINGS")]
+pub static BINDINGS: HashMap<BindingKey, u32> = HashMap::with_max_entries(MAX_BINDINGS, 0);
+
+#[map(name = "RANGES")]
+pub static RANGES: LpmTrie<RangeKey, u32> = LpmTrie::with_max_entries(MAX_RANGES, 0);
+
+#[map(name = "CONNECTORS")]
+pub static CONNECTORS: Array<ConnectorConfig> = Array::with_max_entries(MAX_CONNECTORS, 0);
+
+#[map(name = "CONNECTOR_LIVE")]
+pub static CONNECTOR_LIVE: Array<u32> = Array::with_max_entries(MAX_CONNECTORS, 0);
+
+#[map(name = "SOURCE_LIVE")]
+pub static SOURCE_LIVE: HashMap<SourceKey, SourceCount> =
+    HashMap::with_max_entries(DEFAULT_TABLE_ENTRIES, 0);
+
+#[map(name = "HANDSHAKES")]
+pub static HANDSHAKES: HashMap<FlowKey, FlowValue> =
+    HashMap::with_max_entries(DEFAULT_TABLE_ENTRIES, 0);
+
+#[map(name = "ESTABLISHED")]
+pub static ESTABLISHED: HashMap<FlowKey, FlowValue> =
+    HashMap::with_max_entries(DEFAULT_TABLE_ENTRIES, 0);
+
+#[map(name = "STATS")]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::ENTRIES, 0);

@@ -1,0 +1,260 @@
+//! Finds the SYNs in a frame: Ethernet with up to two VLAN tags (802.1Q,
+//! 802.1ad), IPv4 with options, IPv6 with extension headers, then TCP.
+//! Every header is bounds-checked before it is read; anything unexpected is
+//! [`Packet::Pass`], so the program fails open.
+
+use aya_ebpf::programs::XdpContext;
+use limiter_common::{
+    addr::{self, Addr},
+    maps::FlowKey,
+};
+
+const ETH_HLEN: usize = 14;
+const VLAN_HLEN: usize = 4;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+
+const IPV4_MIN_HLEN: usize = 20;
+const IPV6_HLEN: usize = 40;
+const IPPROTO_TCP: u8 = 6;
+const IPV4_FRAG_OFFSET_MASK: u16 = 0x1fff;
+const IPV4_MORE_FRAGMENTS: u16 = 0x2000;
+
+const IPV6_HOP_BY_HOP: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_DEST_OPTIONS: u8 = 60;
+/// Extension header lengths are counted in units of this many bytes.
+const IPV6_EXTENSION_UNIT: usize = 8;
+/// Extension headers followed before giving up (and passing the packet).
+const IPV6_MAX_EXTENSION_HEADERS: usize = 4;
+
+/// Bytes of the TCP header holding the ports.
+const TCP_PORTS_END: usize = 4;
+/// Bytes of the TCP header up to and including the flags.
+const TCP_FLAGS_END: usize = 14;
+const TCP_FLAGS_OFFSET: usize = 13;
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+
+/// What the admission program needs to know about a frame.
+pub enum Packet {
+    /// Not a connection attempt: pass it untouched.
+    Pass,
+    /// A TCP SYN (no ACK, RST or FIN) opening `flow`, seen from the server.
+    Syn(FlowKey),
+    /// The first fragment of a fragmented TCP segment, too short to show the
+    /// flags: a SYN could hide behind it (RFC 1858).
+    TinyFragment { local_port: u16 },
+}
+
+/// Where the network header starts and what it is.
+struct L3 {
+    offset: usize,
+    ether_type: u16,
+}
+
+/// Where the TCP header starts, where the addresses are, and whether the
+/// segment is a first fragment (reassembled later by the kernel). The
+/// addresses are only read once the segment turns out to be a SYN.
+struct L4 {
+    offset: usize,
+    addresses: Addresses,
+    fragment: bool,
+}
+
+enum Addresses {
+    /// Offset of the IPv4 header.
+    V4(usize),
+    /// Offset of the IPv6 header.
+    V6(usize),
+}
+
+/// A pointer to `len` bytes at `offset` in the frame, or `None` if the frame
+/// is shorter.
+#[inline(always)]
+fn bytes_at(ctx: &XdpContext, offset: usize, len: usize) -> Option<*const u8> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + len > end {
+        return None;
+    }
+    Some((start + offset) as *const u8)
+}
+
+/// A big-endian u16 at `offset`.
+#[inline(always)]
+fn u16_at(ctx: &XdpContext, offset: usize) -> Option<u16> {
+    let p = bytes_at(ctx, offset, 2)?;
+    // SAFETY: bounds checked just above.
+    Some(u16::from_be_bytes(unsafe { [*p, *p.add(1)] }))
+}
+
+/// Classifies a frame. `None` means it was cut short somewhere: pass it.
+#[inline(always)]
+pub fn parse(ctx: &XdpContext) -> Option<Packet> {
+    let l3 = ethernet(ctx)?;
+    let l4 = match l3.ether_type {
+        ETH_P_IP => ipv4(ctx, l3.offset)?,
+        ETH_P_IPV6 => ipv6(ctx, l3.offset)?,
+        _ => return Some(Packet::Pass),
+    };
+    let Some(l4) = l4 else {
+        return Some(Packet::Pass);
+    };
+    tcp(ctx, l4)
+}
+
+#[inline(always)]
+fn ethernet(ctx: &XdpContext) -> Option<L3> {
+    let mut offset = ETH_HLEN;
+    let mut ether_type = u16_at(ctx, ETH_HLEN - 2)?;
+    // QinQ at most: an outer 802.1ad (or 802.1Q) tag and an inner 802.1Q tag.
+    let mut tag = 0;
+    while tag < 2 {
+        if ether_type != ETH_P_8021Q && ether_type != ETH_P_8021AD {
+            break;
+        }
+        ether_type = u16_at(ctx, offset + 2)?;
+        offset += VLAN_HLEN;
+        tag += 1;
+    }
+    Some(L3 { offset, ether_type })
+}
+
+/// `Some(None)`: not TCP, or a later fragment; pass it.
+#[inline(always)]
+fn ipv4(ctx: &XdpContext, offset: usize) -> Option<Option<L4>> {
+    // The fixed part, with a constant length the verifier can follow; the
+    // options are covered by the TCP header's own check further on.
+    let ip = bytes_at(ctx, offset, IPV4_MIN_HLEN)?;
+    // SAFETY: all reads below are within the IPV4_MIN_HLEN bytes checked.
+    let (version_ihl, protocol, fragment_field) = unsafe {
+        (
+            *ip,
+            *ip.add(9),
+            u16::from_be_bytes([*ip.add(6), *ip.add(7)]),
+        )
+    };
+    let header_len = ((version_ihl & 0x0f) as usize) * 4;
+    if version_ihl >> 4 != 4 || header_len < IPV4_MIN_HLEN || protocol != IPPROTO_TCP {
+        return Some(None);
+    }
+    if fragment_field & IPV4_FRAG_OFFSET_MASK != 0 {
+        // A later fragment carries no TCP header of its own.
+        return Some(None);
+    }
+    Some(Some(L4 {
+        offset: offset + header_len,
+        addresses: Addresses::V4(offset),
+        fragment: fragment_field & IPV4_MORE_FRAGMENTS != 0,
+    }))
+}
+
+/// `Some(None)`: not TCP, or a later fragment; pass it.
+#[inline(always)]
+fn ipv6(ctx: &XdpContext, offset: usize) -> Option<Option<L4>> {
+    let ip = bytes_at(ctx, offset, IPV6_HLEN)?;
+    // SAFETY: within the IPV6_HLEN bytes checked.
+    let (version, mut next_header) = unsafe { (*ip >> 4, *ip.add(6)) };
+    if version != 6 {
+        return Some(None);
+    }
+    let mut header = offset + IPV6_HLEN;
+    let mut fragment = false;
+    let mut seen = 0;
+    while seen < IPV6_MAX_EXTENSION_HEADERS && next_header != IPPROTO_TCP {
+        // Every extension header is a multiple of 8 bytes: check 8 at once
+        // and read them through that one pointer.
+        let ext = bytes_at(ctx, header, IPV6_EXTENSION_UNIT)?;
+        // SAFETY: within the IPV6_EXTENSION_UNIT bytes checked.
+        let (next, length, offset_and_flags) = unsafe {
+            (
+                *ext,
+                *ext.add(1),
+                u16::from_be_bytes([*ext.add(2), *ext.add(3)]),
+            )
+        };
+        match next_header {
+            IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTIONS => {
+                header += (length as usize + 1) * IPV6_EXTENSION_UNIT;
+            }
+            IPV6_FRAGMENT => {
+                if offset_and_flags >> 3 != 0 {
+                    return Some(None);
+                }
+                fragment = offset_and_flags & 1 != 0;
+                header += IPV6_EXTENSION_UNIT;
+            }
+            _ => return Some(None),
+        }
+        next_header = next;
+        seen += 1;
+    }
+    if next_header != IPPROTO_TCP {
+        return Some(None);
+    }
+    Some(Some(L4 {
+        offset: header,
+        addresses: Addresses::V6(offset),
+        fragment,
+    }))
+}
+
+#[inline(always)]
+fn tcp(ctx: &XdpContext, l4: L4) -> Option<Packet> {
+    let Some(tcp) = bytes_at(ctx, l4.offset, TCP_FLAGS_END) else {
+        // A fragment's first piece always carries the ports (8 bytes at
+        // least), but may stop before the flags.
+        if !l4.fragment {
+            return Some(Packet::Pass);
+        }
+        let ports = bytes_at(ctx, l4.offset, TCP_PORTS_END)?;
+        // SAFETY: within the TCP_PORTS_END bytes checked.
+        let local_port = unsafe { u16::from_be_bytes([*ports.add(2), *ports.add(3)]) };
+        return Some(Packet::TinyFragment { local_port });
+    };
+    // SAFETY: all reads are within the TCP_FLAGS_END bytes checked.
+    let flags = unsafe { *tcp.add(TCP_FLAGS_OFFSET) };
+    if flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) != TCP_SYN {
+        return Some(Packet::Pass);
+    }
+    let (remote_port, local_port) = unsafe {
+        (
+            u16::from_be_bytes([*tcp, *tcp.add(1)]),
+            u16::from_be_bytes([*tcp.add(2), *tcp.add(3)]),
+        )
+    };
+    let (local, remote) = match l4.addresses {
+        Addresses::V4(offset) => {
+            let ip = bytes_at(ctx, offset, IPV4_MIN_HLEN)?;
+            // SAFETY: the addresses end at byte 20, which was checked.
+            unsafe {
+                (
+                    addr::from_ipv4(core::ptr::read_unaligned(ip.add(16) as *const [u8; 4])),
+                    addr::from_ipv4(core::ptr::read_unaligned(ip.add(12) as *const [u8; 4])),
+                )
+            }
+        }
+        Addresses::V6(offset) => {
+            let ip = bytes_at(ctx, offset, IPV6_HLEN)?;
+            // SAFETY: the addresses end at byte 40, which was checked.
+            unsafe {
+                (
+                    core::ptr::read_unaligned(ip.add(24) as *const Addr),
+                    core::ptr::read_unaligned(ip.add(8) as *const Addr),
+                )
+            }
+        }
+    };
+    Some(Packet::Syn(FlowKey {
+        local,
+        remote,
+        local_port,
+        remote_port,
+    }))
+}

@@ -1,0 +1,781 @@
+//! The config file (`connectors.toml`) and its validation, which follows
+//! Exchange: limits in Exchange's ranges, unique (binding, remote range)
+//! pairs, and ranges on one binding that overlap only when one contains the
+//! other.
+
+use std::{
+    collections::HashSet,
+    fmt,
+    net::{IpAddr, SocketAddr},
+    path::Path,
+    str::FromStr,
+    time::Duration,
+};
+
+use limiter_common::{
+    Limits, UNLIMITED,
+    admission::{MAX_INBOUND_CONNECTION_LIMIT, MAX_INBOUND_CONNECTION_PER_SOURCE_LIMIT},
+    maps::MAX_CONNECTORS,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::range::IpRange;
+
+/// The name of the built-in connector used when there is no config file.
+pub const DEFAULT_CONNECTOR_NAME: &str = "Default Frontend";
+const DEFAULT_IPV6_PREFIX_LENGTH: u8 = 64;
+const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const MIN_HANDSHAKE_TIMEOUT: Duration = Duration::from_millis(100);
+const MAX_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(600);
+/// Exchange's limit on the length of a connector name.
+const MAX_NAME_LEN: usize = 64;
+
+/// A validated configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// IPv6 sources are counted per prefix of this length.
+    pub ipv6_prefix_length: u8,
+    /// An admitted SYN counts at most this long before its handshake
+    /// completes.
+    pub handshake_timeout: Duration,
+    pub connectors: Vec<Connector>,
+}
+
+/// A receive connector.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Connector {
+    pub name: String,
+    pub bindings: Vec<Binding>,
+    pub remote_ip_ranges: Vec<IpRange>,
+    pub limits: Limits,
+    pub action: Action,
+}
+
+/// A local `IP:port`; `0.0.0.0` and `::` stand for any local address of the
+/// family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Binding(pub SocketAddr);
+
+impl Binding {
+    pub fn is_wildcard(&self) -> bool {
+        self.0.ip().is_unspecified()
+    }
+
+    pub fn is_ipv4(&self) -> bool {
+        self.0.is_ipv4()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.0.port()
+    }
+}
+
+impl fmt::Display for Binding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl FromStr for Binding {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let addr: SocketAddr = s
+            .trim()
+            .parse()
+            .map_err(|_| format!("binding {s:?} is not IP:port (IPv6 as [addr]:port)"))?;
+        if addr.port() == 0 {
+            return Err(format!("binding {s:?} has port 0"));
+        }
+        if let IpAddr::V6(v6) = addr.ip()
+            && v6.to_ipv4_mapped().is_some()
+        {
+            return Err(format!(
+                "binding {s:?} is an IPv4-mapped address; write it as IPv4"
+            ));
+        }
+        Ok(Binding(addr))
+    }
+}
+
+/// What happens to a SYN over the cap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// Drop it; the client retries later.
+    #[default]
+    Drop,
+    /// Answer it with a RST; the client moves on at once.
+    Reset,
+    /// Admit it, but count and report it.
+    Monitor,
+}
+
+impl Action {
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::Drop => "drop",
+            Action::Reset => "reset",
+            Action::Monitor => "monitor",
+        }
+    }
+
+    pub fn to_raw(self) -> u32 {
+        use limiter_common::maps::action;
+        match self {
+            Action::Drop => action::DROP,
+            Action::Reset => action::RESET,
+            Action::Monitor => action::MONITOR,
+        }
+    }
+}
+
+impl FromStr for Action {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "drop" => Ok(Action::Drop),
+            "reset" => Ok(Action::Reset),
+            "monitor" => Ok(Action::Monitor),
+            _ => Err(format!("action {s:?} is not drop, reset or monitor")),
+        }
+    }
+}
+
+/// A limit as written: a number or `unlimited`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LimitValue {
+    Unlimited,
+    Value(i64),
+}
+
+impl LimitValue {
+    /// Formats a kernel limit as Exchange prints it.
+    pub fn display(raw: u32) -> String {
+        if raw == UNLIMITED {
+            "unlimited".to_string()
+        } else {
+            raw.to_string()
+        }
+    }
+}
+
+impl FromStr for LimitValue {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.eq_ignore_ascii_case("unlimited") {
+            return Ok(LimitValue::Unlimited);
+        }
+        s.parse::<i64>()
+            .map(LimitValue::Value)
+            .map_err(|_| format!("{s:?} is not a number or \"unlimited\""))
+    }
+}
+
+impl LimitValue {
+    /// A limit as the config file writes it: an integer or "unlimited".
+    pub fn from_toml(name: &str, value: &toml::Value) -> Result<LimitValue, String> {
+        match value {
+            toml::Value::Integer(n) => Ok(LimitValue::Value(*n)),
+            toml::Value::String(s) => s.parse().map_err(|e| format!("{name}: {e}")),
+            other => Err(format!("{name}: {other} is not a number or \"unlimited\"")),
+        }
+    }
+}
+
+/// The three limits of a connector as numbers checked against Exchange's
+/// ranges.
+pub fn check_max_inbound_connection(v: LimitValue) -> Result<u32, String> {
+    match v {
+        LimitValue::Unlimited => Ok(UNLIMITED),
+        LimitValue::Value(n) if (1..=MAX_INBOUND_CONNECTION_LIMIT as i64).contains(&n) => {
+            Ok(n as u32)
+        }
+        LimitValue::Value(n) => Err(format!(
+            "max_inbound_connection {n} is out of range (1 to {MAX_INBOUND_CONNECTION_LIMIT}, or unlimited)"
+        )),
+    }
+}
+
+pub fn check_max_inbound_connection_per_source(v: LimitValue) -> Result<u32, String> {
+    match v {
+        LimitValue::Unlimited => Ok(UNLIMITED),
+        LimitValue::Value(n)
+            if (1..=MAX_INBOUND_CONNECTION_PER_SOURCE_LIMIT as i64).contains(&n) =>
+        {
+            Ok(n as u32)
+        }
+        LimitValue::Value(n) => Err(format!(
+            "max_inbound_connection_per_source {n} is out of range (1 to {MAX_INBOUND_CONNECTION_PER_SOURCE_LIMIT}, or unlimited)"
+        )),
+    }
+}
+
+pub fn check_max_inbound_connection_percentage_per_source(v: LimitValue) -> Result<u32, String> {
+    match v {
+        LimitValue::Value(n) if (1..=100).contains(&n) => Ok(n as u32),
+        LimitValue::Unlimited => Err(
+            "max_inbound_connection_percentage_per_source cannot be unlimited (1 to 100; 100 turns it off)"
+                .to_string(),
+        ),
+        LimitValue::Value(n) => Err(format!(
+            "max_inbound_connection_percentage_per_source {n} is out of range (1 to 100)"
+        )),
+    }
+}
+
+/// Why a configuration is refused: one line, naming the file, the connector
+/// and the problem.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read it: {reason}")]
+    Read { file: String, reason: String },
+    #[error("{file}:{line}: {reason}")]
+    Syntax {
+        file: String,
+        line: usize,
+        reason: String,
+    },
+    #[error("{file}: {reason}")]
+    Global { file: String, reason: String },
+    #[error("{file}: connector \"{connector}\": {reason}")]
+    Connector {
+        file: String,
+        connector: String,
+        reason: String,
+    },
+}
+
+/// The file as written; validated into [`Config`].
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub ipv6_prefix_length: Option<i64>,
+    pub handshake_timeout: Option<String>,
+    #[serde(default, rename = "connector")]
+    pub connectors: Vec<RawConnector>,
+}
+
+#[derive(Debug, Default, Deserialize, Serialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RawConnector {
+    pub name: String,
+    pub bindings: Vec<String>,
+    pub remote_ip_ranges: Option<Vec<String>>,
+    /// Limits stay untyped here so that a bad value is reported with the
+    /// connector's name.
+    pub max_inbound_connection: Option<toml::Value>,
+    pub max_inbound_connection_per_source: Option<toml::Value>,
+    pub max_inbound_connection_percentage_per_source: Option<toml::Value>,
+    pub action: Option<String>,
+}
+
+impl Config {
+    /// The configuration used when there is no config file: Exchange's
+    /// "Default Frontend" on port 25, every remote address, 5000 / 20 / 2.
+    pub fn builtin_default() -> Config {
+        Config {
+            ipv6_prefix_length: DEFAULT_IPV6_PREFIX_LENGTH,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            connectors: vec![Connector {
+                name: DEFAULT_CONNECTOR_NAME.to_string(),
+                bindings: vec![
+                    Binding("0.0.0.0:25".parse().expect("valid")),
+                    Binding("[::]:25".parse().expect("valid")),
+                ],
+                remote_ip_ranges: vec![IpRange::everything(true), IpRange::everything(false)],
+                limits: Limits::EXCHANGE_DEFAULT,
+                action: Action::Drop,
+            }],
+        }
+    }
+
+    /// Reads and validates `path`; a missing file at the default path is the
+    /// caller's business (see [`Config::builtin_default`]).
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            file: file.clone(),
+            reason: e.to_string(),
+        })?;
+        Config::parse(&text, &file)
+    }
+
+    /// Parses and validates the text of a config file called `file`.
+    pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1)
+                .unwrap_or(1);
+            let reason = e.message().trim().to_string();
+            match connector_at_line(text, line) {
+                Some(connector) => ConfigError::Connector {
+                    file: file.to_string(),
+                    connector,
+                    reason: format!("line {line}: {reason}"),
+                },
+                None => ConfigError::Syntax {
+                    file: file.to_string(),
+                    line,
+                    reason,
+                },
+            }
+        })?;
+        Config::from_raw(&raw, file)
+    }
+
+    /// Validates a raw configuration.
+    pub fn from_raw(raw: &RawConfig, file: &str) -> Result<Config, ConfigError> {
+        let global = |reason: String| ConfigError::Global {
+            file: file.to_string(),
+            reason,
+        };
+        let ipv6_prefix_length = match raw.ipv6_prefix_length {
+            None => DEFAULT_IPV6_PREFIX_LENGTH,
+            Some(n) if (1..=128).contains(&n) => n as u8,
+            Some(n) => return Err(global(format!("ipv6_prefix_length {n} is not 1 to 128"))),
+        };
+        let handshake_timeout = match &raw.handshake_timeout {
+            None => DEFAULT_HANDSHAKE_TIMEOUT,
+            Some(text) => {
+                let d = humantime::parse_duration(text).map_err(|e| {
+                    global(format!("handshake_timeout {text:?} is not a duration: {e}"))
+                })?;
+                if !(MIN_HANDSHAKE_TIMEOUT..=MAX_HANDSHAKE_TIMEOUT).contains(&d) {
+                    return Err(global(format!(
+                        "handshake_timeout {text:?} is not between {} and {}",
+                        humantime::format_duration(MIN_HANDSHAKE_TIMEOUT),
+                        humantime::format_duration(MAX_HANDSHAKE_TIMEOUT)
+                    )));
+                }
+                d
+            }
+        };
+        if raw.connectors.len() > MAX_CONNECTORS as usize {
+            return Err(global(format!(
+                "{} connectors; at most {MAX_CONNECTORS} are supported",
+                raw.connectors.len()
+            )));
+        }
+        let mut connectors = Vec::with_capacity(raw.connectors.len());
+        let mut names = HashSet::new();
+        for rc in &raw.connectors {
+            let c = Connector::from_raw(rc).map_err(|reason| ConfigError::Connector {
+                file: file.to_string(),
+                connector: rc.name.clone(),
+                reason,
+            })?;
+            if !names.insert(c.name.to_lowercase()) {
+                return Err(ConfigError::Connector {
+                    file: file.to_string(),
+                    connector: c.name,
+                    reason: "another connector has the same name".to_string(),
+                });
+            }
+            connectors.push(c);
+        }
+        let config = Config {
+            ipv6_prefix_length,
+            handshake_timeout,
+            connectors,
+        };
+        config
+            .check_pairs()
+            .map_err(|(connector, reason)| ConfigError::Connector {
+                file: file.to_string(),
+                connector,
+                reason,
+            })?;
+        Ok(config)
+    }
+
+    /// Exchange's rule for (binding, remote range) pairs: on each binding, no
+    /// pair twice, and two ranges overlap only when one contains the other.
+    /// Returns the connector to blame and why.
+    fn check_pairs(&self) -> Result<(), (String, String)> {
+        let mut bindings: Vec<Binding> = self
+            .connectors
+            .iter()
+            .flat_map(|c| c.bindings.iter().copied())
+            .collect();
+        bindings.sort();
+        bindings.dedup();
+        for binding in bindings {
+            // (range, connector index) of every pair on this binding.
+            let mut pairs: Vec<(IpRange, usize)> = self
+                .connectors
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.bindings.contains(&binding))
+                .flat_map(|(i, c)| {
+                    c.remote_ip_ranges
+                        .iter()
+                        .filter(|r| r.is_ipv4() == binding.is_ipv4())
+                        .map(move |r| (*r, i))
+                })
+                .collect();
+            // Widest first among equal starts, so that a range is always
+            // checked against the ranges that might contain it.
+            pairs.sort_by(|a, b| {
+                a.0.first()
+                    .cmp(&b.0.first())
+                    .then(b.0.last().cmp(&a.0.last()))
+            });
+            let mut open: Vec<(IpRange, usize)> = Vec::new();
+            for (range, owner) in pairs {
+                while open.last().is_some_and(|(r, _)| r.last() < range.first()) {
+                    open.pop();
+                }
+                if let Some((outer, outer_owner)) = open.last() {
+                    let name = &self.connectors[owner].name;
+                    let other = &self.connectors[*outer_owner].name;
+                    if outer.first() == range.first() && outer.last() == range.last() {
+                        let reason = if owner == *outer_owner {
+                            format!("remote range {range} is listed twice for binding {binding}")
+                        } else {
+                            format!(
+                                "remote range {range} on binding {binding} is also on connector \"{other}\""
+                            )
+                        };
+                        return Err((name.clone(), reason));
+                    }
+                    if !outer.contains_range(&range) {
+                        return Err((
+                            name.clone(),
+                            format!(
+                                "remote range {range} overlaps {outer} (connector \"{other}\") on binding {binding} without one containing the other"
+                            ),
+                        ));
+                    }
+                }
+                open.push((range, owner));
+            }
+        }
+        Ok(())
+    }
+
+    /// The connector called `name` (case-insensitive, as in Exchange).
+    pub fn connector(&self, name: &str) -> Option<&Connector> {
+        self.connectors
+            .iter()
+            .find(|c| c.name.eq_ignore_ascii_case(name))
+    }
+}
+
+/// The name of the `[[connector]]` table that line `line` belongs to, when
+/// the file is valid TOML and only its content is wrong.
+fn connector_at_line(text: &str, line: usize) -> Option<String> {
+    let value: toml::Value = toml::from_str(text).ok()?;
+    let index = text
+        .lines()
+        .take(line)
+        .filter(|l| l.trim_start().starts_with("[[connector]]"))
+        .count()
+        .checked_sub(1)?;
+    let name = value.get("connector")?.get(index)?.get("name")?.as_str()?;
+    Some(name.to_string())
+}
+
+impl Connector {
+    fn from_raw(rc: &RawConnector) -> Result<Connector, String> {
+        let name = rc.name.trim().to_string();
+        if name.is_empty() {
+            return Err("the name is empty".to_string());
+        }
+        if name.chars().count() > MAX_NAME_LEN {
+            return Err(format!("the name is longer than {MAX_NAME_LEN} characters"));
+        }
+        if name.chars().any(|ch| ch.is_control() || ch == '"') {
+            return Err("the name contains a control character or a double quote".to_string());
+        }
+        if rc.bindings.is_empty() {
+            return Err("no bindings".to_string());
+        }
+        let mut bindings = Vec::new();
+        for b in &rc.bindings {
+            let binding: Binding = b.parse()?;
+            if bindings.contains(&binding) {
+                return Err(format!("binding {binding} is listed twice"));
+            }
+            bindings.push(binding);
+        }
+        let remote_ip_ranges = match &rc.remote_ip_ranges {
+            None => vec![IpRange::everything(true), IpRange::everything(false)],
+            Some(list) if list.is_empty() => return Err("remote_ip_ranges is empty".to_string()),
+            Some(list) => list
+                .iter()
+                .map(|r| r.parse::<IpRange>().map_err(|e| e.to_string()))
+                .collect::<Result<Vec<_>, _>>()?,
+        };
+        let serves_something = bindings
+            .iter()
+            .any(|b| remote_ip_ranges.iter().any(|r| r.is_ipv4() == b.is_ipv4()));
+        if !serves_something {
+            return Err(
+                "no remote range is of the same family (IPv4 or IPv6) as any binding".to_string(),
+            );
+        }
+        let defaults = Limits::EXCHANGE_DEFAULT;
+        let limits = Limits {
+            max_inbound_connection: match &rc.max_inbound_connection {
+                None => defaults.max_inbound_connection,
+                Some(v) => check_max_inbound_connection(LimitValue::from_toml(
+                    "max_inbound_connection",
+                    v,
+                )?)?,
+            },
+            max_inbound_connection_per_source: match &rc.max_inbound_connection_per_source {
+                None => defaults.max_inbound_connection_per_source,
+                Some(v) => check_max_inbound_connection_per_source(LimitValue::from_toml(
+                    "max_inbound_connection_per_source",
+                    v,
+                )?)?,
+            },
+            max_inbound_connection_percentage_per_source: match &rc
+                .max_inbound_connection_percentage_per_source
+            {
+                None => defaults.max_inbound_connection_percentage_per_source,
+                Some(v) => check_max_inbound_connection_percentage_per_source(
+                    LimitValue::from_toml("max_inbound_connection_percentage_per_source", v)?,
+                )?,
+            },
+        };
+        let action = match &rc.action {
+            None => Action::Drop,
+            Some(a) => a.parse()?,
+        };
+        Ok(Connector {
+            name,
+            bindings,
+            remote_ip_ranges,
+            limits,
+            action,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+ipv6_prefix_length = 64          # sources in IPv6 are counted per this prefix
+handshake_timeout = "10s"        # an admitted SYN counts until then at most
+
+[[connector]]
+name = "Default Frontend"
+bindings = ["0.0.0.0:25", "[::]:25"]
+remote_ip_ranges = ["0.0.0.0/0", "::/0"]
+max_inbound_connection = 5000
+max_inbound_connection_per_source = 20
+max_inbound_connection_percentage_per_source = 2
+action = "drop"
+
+[[connector]]
+name = "Unauthenticated SMTP"
+bindings = ["0.0.0.0:25"]
+remote_ip_ranges = ["10.1.0.0/24", "192.168.1.75", "10.2.0.5-10.2.0.9"]
+max_inbound_connection_per_source = "unlimited"
+max_inbound_connection_percentage_per_source = 100
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, "connectors.toml")
+    }
+
+    fn error(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn the_interface_example_parses() {
+        let c = parse(EXAMPLE).unwrap();
+        assert_eq!(c.ipv6_prefix_length, 64);
+        assert_eq!(c.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(c.connectors.len(), 2);
+        assert_eq!(c.connectors[0], Config::builtin_default().connectors[0]);
+        let u = &c.connectors[1];
+        assert_eq!(u.name, "Unauthenticated SMTP");
+        assert_eq!(
+            u.limits,
+            Limits {
+                max_inbound_connection: 5000,
+                max_inbound_connection_per_source: UNLIMITED,
+                max_inbound_connection_percentage_per_source: 100,
+            }
+        );
+        assert_eq!(u.action, Action::Drop);
+        assert_eq!(u.remote_ip_ranges.len(), 3);
+    }
+
+    #[test]
+    fn defaults_apply_to_what_is_left_out() {
+        let c = parse("[[connector]]\nname = \"a\"\nbindings = [\"0.0.0.0:587\"]\n").unwrap();
+        assert_eq!(c.ipv6_prefix_length, 64);
+        assert_eq!(c.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(c.connectors[0].limits, Limits::EXCHANGE_DEFAULT);
+        assert_eq!(c.connectors[0].remote_ip_ranges.len(), 2);
+    }
+
+    fn connector(fields: &str) -> String {
+        format!("[[connector]]\nname = \"Relay\"\nbindings = [\"0.0.0.0:25\"]\n{fields}\n")
+    }
+
+    #[test]
+    fn limits_out_of_exchange_ranges_are_refused() {
+        for (fields, needle) in [
+            (
+                "max_inbound_connection = 0",
+                "max_inbound_connection 0 is out of range",
+            ),
+            (
+                "max_inbound_connection = 2147483648",
+                "max_inbound_connection 2147483648 is out of range",
+            ),
+            (
+                "max_inbound_connection_per_source = 10001",
+                "max_inbound_connection_per_source 10001 is out of range",
+            ),
+            (
+                "max_inbound_connection_per_source = 0",
+                "max_inbound_connection_per_source 0 is out of range",
+            ),
+            (
+                "max_inbound_connection_percentage_per_source = 101",
+                "percentage_per_source 101 is out of range",
+            ),
+            (
+                "max_inbound_connection_percentage_per_source = 0",
+                "percentage_per_source 0 is out of range",
+            ),
+            (
+                "max_inbound_connection_percentage_per_source = \"unlimited\"",
+                "cannot be unlimited",
+            ),
+            ("max_inbound_connection = \"lots\"", "is not a number"),
+            ("action = \"bounce\"", "action \"bounce\""),
+            (
+                "remote_ip_ranges = [\"10.0.0.0/33\"]",
+                "is not an IP address",
+            ),
+            ("remote_ip_ranges = []", "remote_ip_ranges is empty"),
+            ("remote_ip_ranges = [\"::/0\"]", "same family"),
+        ] {
+            let e = error(&connector(fields));
+            assert!(
+                e.starts_with("connectors.toml: connector \"Relay\": ") && e.contains(needle),
+                "{fields}: {e}"
+            );
+        }
+        let ok = parse(&connector(
+            "max_inbound_connection = \"unlimited\"\nmax_inbound_connection_per_source = 10000\nmax_inbound_connection_percentage_per_source = 1",
+        ))
+        .unwrap();
+        assert_eq!(ok.connectors[0].limits.max_inbound_connection, UNLIMITED);
+    }
+
+    #[test]
+    fn bad_bindings_are_refused() {
+        for (bindings, needle) in [
+            ("[]", "no bindings"),
+            ("[\"0.0.0.0\"]", "is not IP:port"),
+            ("[\"0.0.0.0:0\"]", "port 0"),
+            ("[\"[::ffff:10.0.0.1]:25\"]", "IPv4-mapped"),
+            ("[\"0.0.0.0:25\", \"0.0.0.0:25\"]", "listed twice"),
+        ] {
+            let e = error(&format!(
+                "[[connector]]\nname = \"X\"\nbindings = {bindings}\n"
+            ));
+            assert!(e.contains("connector \"X\"") && e.contains(needle), "{e}");
+        }
+    }
+
+    #[test]
+    fn syntax_errors_name_the_line() {
+        let e = error("ipv6_prefix_length = 64\n[[connector]]\nname = \"x\"\nbindingz = []\n");
+        assert!(
+            e.starts_with("connectors.toml: connector \"x\": line 4: unknown field `bindingz`"),
+            "{e}"
+        );
+        assert!(!e.contains('\n'), "one line: {e}");
+        let e = error("ipv6_prefix_length = \n");
+        assert!(e.starts_with("connectors.toml:1: "), "{e}");
+    }
+
+    #[test]
+    fn global_settings_are_checked() {
+        assert!(error("ipv6_prefix_length = 0").contains("ipv6_prefix_length 0"));
+        assert!(error("ipv6_prefix_length = 129").contains("ipv6_prefix_length 129"));
+        assert!(error("handshake_timeout = \"soon\"").contains("not a duration"));
+        assert!(error("handshake_timeout = \"1h\"").contains("not between"));
+        let c = parse("handshake_timeout = \"1500ms\"\nipv6_prefix_length = 48").unwrap();
+        assert_eq!(c.handshake_timeout, Duration::from_millis(1500));
+        assert_eq!(c.ipv6_prefix_length, 48);
+    }
+
+    #[test]
+    fn names_are_unique_and_sane() {
+        let two = "[[connector]]\nname = \"A\"\nbindings = [\"0.0.0.0:25\"]\nremote_ip_ranges = [\"10.0.0.0/8\"]\n\
+                   [[connector]]\nname = \"a\"\nbindings = [\"0.0.0.0:587\"]\n";
+        assert!(error(two).contains("same name"));
+        assert!(
+            error("[[connector]]\nname = \"\"\nbindings = [\"0.0.0.0:25\"]\n").contains("empty")
+        );
+        assert!(
+            error("[[connector]]\nname = \"a\\\"b\"\nbindings = [\"0.0.0.0:25\"]\n")
+                .contains("double quote")
+        );
+    }
+
+    fn two_connectors(a: &str, b: &str) -> Result<Config, ConfigError> {
+        parse(&format!(
+            "[[connector]]\nname = \"A\"\nbindings = [\"0.0.0.0:25\"]\nremote_ip_ranges = {a}\n\
+             [[connector]]\nname = \"B\"\nbindings = [\"0.0.0.0:25\"]\nremote_ip_ranges = {b}\n"
+        ))
+    }
+
+    #[test]
+    fn pairs_follow_exchange() {
+        // Nested ranges on one binding are fine, in either order.
+        assert!(
+            two_connectors(
+                "[\"0.0.0.0/0\"]",
+                "[\"10.1.0.0/24\", \"10.2.0.5-10.2.0.9\"]"
+            )
+            .is_ok()
+        );
+        assert!(two_connectors("[\"10.1.0.0/24\"]", "[\"10.0.0.0/8\"]").is_ok());
+        // The same pair twice.
+        let e = two_connectors("[\"10.1.0.0/24\"]", "[\"10.1.0.0-10.1.0.255\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is also on connector \"A\""), "{e}");
+        // Overlap without containment.
+        let e = two_connectors("[\"10.1.0.0/24\"]", "[\"10.1.0.128-10.1.1.5\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("overlaps 10.1.0.0/24 (connector \"A\")"), "{e}");
+        // Within one connector as well.
+        let e = two_connectors(
+            "[\"10.1.0.0/24\", \"10.1.0.0/24\"]",
+            "[\"::/0\", \"10.9.0.1\"]",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("listed twice"), "{e}");
+        // Different bindings never conflict.
+        assert!(parse(
+            "[[connector]]\nname = \"A\"\nbindings = [\"0.0.0.0:25\"]\nremote_ip_ranges = [\"10.1.0.0/24\"]\n\
+             [[connector]]\nname = \"B\"\nbindings = [\"10.0.0.1:25\"]\nremote_ip_ranges = [\"10.1.0.0/24\"]\n"
+        )
+        .is_ok());
+        // The default connector plus a default-like one on the same binding.
+        let e = two_connectors("[\"0.0.0.0/0\"]", "[\"0.0.0.0/0\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("also on connector"), "{e}");
+    }
+}

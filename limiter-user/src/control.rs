@@ -1,0 +1,138 @@
+//! The control socket: one JSON request per line, one JSON reply per line.
+//!
+//! Only root may connect (the socket is mode 0600 and the daemon checks the
+//! peer's credentials as well).
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::net::UnixStream,
+    path::Path,
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+/// Default path of the control socket.
+pub const DEFAULT_CONTROL_PATH: &str = "/run/limiter/control.sock";
+
+/// A request to the daemon.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Connectors, interfaces, live totals.
+    Status,
+}
+
+/// The daemon's reply.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reply {
+    Ok(serde_json::Value),
+    Error(String),
+}
+
+/// What `status` reports.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub pid: u32,
+    pub uptime_seconds: u64,
+    /// The config file, or "built-in default".
+    pub config: String,
+    pub cgroup: String,
+    pub pins: Option<String>,
+    pub interfaces: Vec<InterfaceStatus>,
+    pub connectors: Vec<ConnectorStatus>,
+    /// Live connections on all connectors.
+    pub live_total: u64,
+    /// Admitted SYNs whose handshake is still open.
+    pub handshakes: u64,
+    /// Established connections being counted.
+    pub established: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterfaceStatus {
+    pub name: String,
+    /// "driver" or "generic".
+    pub xdp_mode: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectorStatus {
+    pub name: String,
+    pub bindings: Vec<String>,
+    pub remote_ip_ranges: Vec<String>,
+    /// A number, or "unlimited".
+    pub max_inbound_connection: serde_json::Value,
+    pub max_inbound_connection_per_source: serde_json::Value,
+    pub max_inbound_connection_percentage_per_source: u32,
+    pub action: String,
+    pub live: u32,
+}
+
+/// Why a request could not be answered.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the limiter daemon at {path}: {source} (is `limiter run` running?)")]
+    Connect {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("talking to the daemon at {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the daemon sent a reply that is not valid: {0}")]
+    Protocol(String),
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Sends one request and returns the daemon's answer.
+pub fn request(path: &Path, request: &Request) -> Result<serde_json::Value, ClientError> {
+    let shown = path.display().to_string();
+    let io = |source| ClientError::Io {
+        path: shown.clone(),
+        source,
+    };
+    let mut stream = UnixStream::connect(path).map_err(|source| ClientError::Connect {
+        path: shown.clone(),
+        source,
+    })?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(io)?;
+    let mut line =
+        serde_json::to_string(request).map_err(|e| ClientError::Protocol(e.to_string()))?;
+    line.push('\n');
+    stream.write_all(line.as_bytes()).map_err(io)?;
+    let mut reply = String::new();
+    BufReader::new(&stream).read_line(&mut reply).map_err(io)?;
+    match serde_json::from_str::<Reply>(&reply) {
+        Ok(Reply::Ok(value)) => Ok(value),
+        Ok(Reply::Error(message)) => Err(ClientError::Refused(message)),
+        Err(e) => Err(ClientError::Protocol(e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_format() {
+        assert_eq!(
+            serde_json::to_string(&Request::Status).unwrap(),
+            r#"{"command":"status"}"#
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"command":"explode"}"#).is_err());
+        assert_eq!(
+            serde_json::to_string(&Reply::Error("no".into())).unwrap(),
+            r#"{"error":"no"}"#
+        );
+    }
+}

@@ -1,0 +1,12 @@
+//! limiter: Exchange's receive-connector limits, enforced in XDP.
+//!
+//! The library holds everything the `limiter` binary does, so that the
+//! end-to-end tests drive the same code.
+
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod kernel;
+pub mod range;
+pub mod selection;
+pub mod sockdiag;

@@ -1,0 +1,199 @@
+//! Project tasks: `cargo xtask setup | run | test | lint`.
+
+mod setup;
+
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Command, ExitCode, Stdio},
+};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "limiter's project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the build and the tests need (idempotent).
+    Setup,
+    /// Set up, build, and run `limiter run` with the given arguments
+    /// (e.g. `cargo xtask run -- --iface eth0`).
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, then run every test (the privileged ones need root) and fail
+    /// if any test was skipped.
+    Test {
+        /// Passed to the test binaries (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// cargo fmt --check and cargo clippy -D warnings.
+    Lint,
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse().task) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(task: Task) -> anyhow::Result<()> {
+    match task {
+        Task::Setup => setup::setup(),
+        Task::Run { args } => {
+            setup::setup()?;
+            cargo(&["build", "--release", "--package", "limiter-user"])?;
+            let binary = workspace_root().join("target/release/limiter");
+            let status = Command::new(&binary)
+                .arg("run")
+                .args(&args)
+                .status()
+                .with_context(|| format!("running {}", binary.display()))?;
+            if !status.success() {
+                bail!("limiter run exited with {status}");
+            }
+            Ok(())
+        }
+        Task::Test { args } => {
+            setup::setup()?;
+            test(&args)
+        }
+        Task::Lint => {
+            cargo(&["fmt", "--all", "--check"])?;
+            cargo(&[
+                "clippy",
+                "--workspace",
+                "--exclude",
+                "limiter-ebpf",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ])
+        }
+    }
+}
+
+/// Runs the whole test suite and checks that nothing was skipped.
+fn test(args: &[String]) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "the end-to-end tests create network namespaces, cgroups and XDP attachments: run them as root"
+        );
+    }
+    cargo(&["build", "--workspace", "--all-targets"])?;
+    let mut command = Command::new(cargo_bin());
+    command
+        .current_dir(workspace_root())
+        .args(["test", "--workspace", "--no-fail-fast", "--"])
+        .args(args)
+        .stdout(Stdio::piped());
+    let mut child = command.spawn().context("running cargo test")?;
+    let stdout = child.stdout.take().context("cargo test output")?;
+    let mut summary = Summary::default();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("reading cargo test output")?;
+        println!("{line}");
+        summary.add(&line);
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    println!(
+        "xtask: {} passed, {} failed, {} ignored in {} test binaries",
+        summary.passed, summary.failed, summary.ignored, summary.binaries
+    );
+    if !status.success() {
+        bail!("tests failed");
+    }
+    if summary.ignored > 0 {
+        bail!(
+            "{} test(s) were skipped; every test must run",
+            summary.ignored
+        );
+    }
+    if summary.passed == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
+}
+
+/// Totals of the `test result:` lines of `cargo test`.
+#[derive(Default)]
+struct Summary {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+    binaries: u64,
+}
+
+impl Summary {
+    fn add(&mut self, line: &str) {
+        let Some(rest) = line.strip_prefix("test result: ") else {
+            return;
+        };
+        self.binaries += 1;
+        for part in rest.split(&[';', '.'][..]) {
+            let mut words = part.split_whitespace();
+            let (Some(n), Some(what)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(n) = n.parse::<u64>() else { continue };
+            match what {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                "ignored" => self.ignored += n,
+                _ => {}
+            }
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// The cargo that runs xtask (`cargo xtask` sets `CARGO`).
+pub(crate) fn cargo_bin() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string())
+}
+
+fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    let status = Command::new(cargo_bin())
+        .current_dir(workspace_root())
+        .args(args)
+        .status()
+        .with_context(|| format!("running cargo {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Summary;
+
+    #[test]
+    fn reads_cargo_test_summaries() {
+        let mut s = Summary::default();
+        s.add("test result: ok. 18 passed; 0 failed; 2 ignored; 0 measured; 0 filtered out; finished in 0.06s");
+        s.add("test result: FAILED. 1 passed; 3 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1s");
+        s.add("running 4 tests");
+        assert_eq!((s.passed, s.failed, s.ignored, s.binaries), (19, 3, 2, 2));
+    }
+}

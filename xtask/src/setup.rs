@@ -1,0 +1,127 @@
+//! `cargo xtask setup`: installs what building and testing limiter needs,
+//! following ../shared/docs/TOOLCHAIN.md. Each step checks first and is
+//! skipped when already done, so a second run takes seconds.
+
+use std::{
+    path::PathBuf,
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context, bail};
+
+/// Debian packages: the bpf toolchain (Debian's rustc with a precompiled
+/// `core` for bpfel-unknown-none, and the LLVM it was built with, for
+/// bpf-linker), and what the end-to-end tests drive.
+const PACKAGES: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "libstd-rust-web-dev-bpf",
+    "llvm-22-dev",
+    // Tests: namespaces, veth, `ss`, `nsenter`.
+    "iproute2",
+    "util-linux",
+];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+/// The rustup name for Debian's toolchain (sysroot /usr), used by
+/// limiter-user's build script.
+const BPF_TOOLCHAIN: &str = "bpf-debian";
+
+pub fn setup() -> anyhow::Result<()> {
+    install_packages()?;
+    install_bpf_linker()?;
+    link_toolchain()?;
+    Ok(())
+}
+
+fn install_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !package_installed(p))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    println!("setup: installing {}", missing.join(" "));
+    require_root("installing Debian packages")?;
+    run(Command::new("apt-get").args(["update", "-q"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    Ok(())
+}
+
+fn package_installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .stderr(Stdio::null())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+fn cargo_bin_dir() -> PathBuf {
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"));
+    home.join("bin")
+}
+
+fn install_bpf_linker() -> anyhow::Result<()> {
+    let linker = cargo_bin_dir().join("bpf-linker");
+    let installed = Command::new(&linker)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
+        .unwrap_or(false);
+    if installed {
+        return Ok(());
+    }
+    println!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (a minute or two)");
+    // Without LLVM_PREFIX its build script finds Debian's default
+    // llvm-config (14) and fails.
+    run(Command::new(crate::cargo_bin())
+        .args(["install", "--locked"])
+        .arg(format!("bpf-linker@{BPF_LINKER_VERSION}"))
+        .args(["--no-default-features", "--features", "llvm-22"])
+        .env("LLVM_PREFIX", LLVM_PREFIX))?;
+    Ok(())
+}
+
+fn link_toolchain() -> anyhow::Result<()> {
+    let list = Command::new("rustup")
+        .args(["toolchain", "list"])
+        .output()
+        .context("running rustup")?;
+    let linked = String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .any(|l| l.split_whitespace().next() == Some(BPF_TOOLCHAIN));
+    if linked {
+        return Ok(());
+    }
+    println!("setup: linking Debian's toolchain into rustup as {BPF_TOOLCHAIN}");
+    run(Command::new("rustup").args(["toolchain", "link", BPF_TOOLCHAIN, "/usr"]))
+}
+
+fn require_root(why: &str) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("{why} needs root");
+    }
+    Ok(())
+}
+
+fn run(command: &mut Command) -> anyhow::Result<()> {
+    let shown = format!("{command:?}");
+    let status = command
+        .status()
+        .with_context(|| format!("running {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed ({status})");
+    }
+    Ok(())
+}
