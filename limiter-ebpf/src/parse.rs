@@ -33,8 +33,9 @@ const IPV6_MAX_EXTENSION_HEADERS: usize = 4;
 
 /// Bytes of the TCP header holding the ports.
 const TCP_PORTS_END: usize = 4;
-/// Bytes of the TCP header up to and including the flags.
-const TCP_FLAGS_END: usize = 14;
+/// The TCP header without options: a SYN must carry it whole to count (a
+/// shorter one is malformed and the kernel drops it).
+const TCP_HDR_LEN: usize = 20;
 const TCP_FLAGS_OFFSET: usize = 13;
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
@@ -47,8 +48,8 @@ pub enum Packet {
     Pass,
     /// A TCP SYN (no ACK, RST or FIN) opening `flow`, seen from the server.
     Syn(FlowKey),
-    /// The first fragment of a fragmented TCP segment, too short to show the
-    /// flags: a SYN could hide behind it (RFC 1858).
+    /// The first fragment of a fragmented TCP segment, too short to hold the
+    /// TCP header: a SYN could hide behind it (RFC 1858).
     TinyFragment { local_port: u16 },
 }
 
@@ -207,9 +208,9 @@ fn ipv6(ctx: &XdpContext, offset: usize) -> Option<Option<L4>> {
 
 #[inline(always)]
 fn tcp(ctx: &XdpContext, l4: L4) -> Option<Packet> {
-    let Some(tcp) = bytes_at(ctx, l4.offset, TCP_FLAGS_END) else {
+    let Some(tcp) = bytes_at(ctx, l4.offset, TCP_HDR_LEN) else {
         // A fragment's first piece always carries the ports (8 bytes at
-        // least), but may stop before the flags.
+        // least), but may stop before the flags: RFC 1858's tiny fragment.
         if !l4.fragment {
             return Some(Packet::Pass);
         }
@@ -218,7 +219,7 @@ fn tcp(ctx: &XdpContext, l4: L4) -> Option<Packet> {
         let local_port = unsafe { u16::from_be_bytes([*ports.add(2), *ports.add(3)]) };
         return Some(Packet::TinyFragment { local_port });
     };
-    // SAFETY: all reads are within the TCP_FLAGS_END bytes checked.
+    // SAFETY: all reads are within the TCP_HDR_LEN bytes checked.
     let flags = unsafe { *tcp.add(TCP_FLAGS_OFFSET) };
     if flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) != TCP_SYN {
         return Some(Packet::Pass);

@@ -547,6 +547,13 @@ impl Connector {
             None => Action::Drop,
             Some(a) => a.parse()?,
         };
+        if action == Action::Reset {
+            // Refused rather than silently treated as drop.
+            return Err(
+                "action \"reset\" is not available yet (answering SYNs with a RST from XDP); use drop or monitor"
+                    .to_string(),
+            );
+        }
         Ok(Connector {
             name,
             bindings,
@@ -657,6 +664,7 @@ max_inbound_connection_percentage_per_source = 100
             ),
             ("max_inbound_connection = \"lots\"", "is not a number"),
             ("action = \"bounce\"", "action \"bounce\""),
+            ("action = \"reset\"", "not available yet"),
             (
                 "remote_ip_ranges = [\"10.0.0.0/33\"]",
                 "is not an IP address",

@@ -331,8 +331,10 @@ impl Kernel {
             source,
         })?;
         let track: &mut SockOps = program(&mut self.ebpf, programs::TRACK)?;
+        // A bpf_link, which shares the cgroup with other programs anyway;
+        // link_create refuses the multi-attach flag.
         track
-            .attach(&file, CgroupAttachMode::AllowMultiple)
+            .attach(&file, CgroupAttachMode::Single)
             .map_err(prog_err(programs::TRACK))?;
         Ok(())
     }

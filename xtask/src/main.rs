@@ -94,12 +94,29 @@ fn test(args: &[String]) -> anyhow::Result<()> {
             "the end-to-end tests create network namespaces, cgroups and XDP attachments: run them as root"
         );
     }
-    cargo(&["build", "--workspace", "--all-targets"])?;
+    // limiter-ebpf is built for the bpf target by limiter-user's build
+    // script, never for the host.
+    cargo(&[
+        "build",
+        "--workspace",
+        "--exclude",
+        "limiter-ebpf",
+        "--all-targets",
+    ])?;
+    let limiter = workspace_root().join("target/debug/limiter");
     let mut command = Command::new(cargo_bin());
     command
         .current_dir(workspace_root())
-        .args(["test", "--workspace", "--no-fail-fast", "--"])
+        .args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "limiter-ebpf",
+            "--no-fail-fast",
+            "--",
+        ])
         .args(args)
+        .env("LIMITER_BIN", &limiter)
         .stdout(Stdio::piped());
     let mut child = command.spawn().context("running cargo test")?;
     let stdout = child.stdout.take().context("cargo test output")?;

@@ -1,0 +1,444 @@
+//! End to end: the real daemon on the server's veth, real TCP connections
+//! from several source addresses in a client namespace, a real server
+//! holding them.
+
+use std::{
+    io::{BufRead, BufReader, ErrorKind, Write},
+    net::{IpAddr, TcpStream},
+    time::Duration,
+};
+
+use limiter_tests::{
+    Cgroup, HoldServer, Lab, Limiter, established,
+    lab::{client_v4, client_v6, server_v4, server_v6},
+    tcp_hold_bin, wait_until,
+};
+
+/// Long enough for an admitted SYN to be answered on a veth; a dropped SYN
+/// is retransmitted only after 1 s, so a shorter wait sees only the first.
+const ADMIT_WAIT: Duration = Duration::from_millis(800);
+/// How long a test waits for the daemon to notice a change.
+const SETTLE: Duration = Duration::from_secs(10);
+
+/// A lab, a tracked cgroup, a server on port 25 (IPv4 and IPv6) in it, and
+/// the limiter with `config`.
+struct Setup {
+    limiter: Limiter,
+    _server: HoldServer,
+    _cgroup: Cgroup,
+    lab: Lab,
+}
+
+fn setup(config: &str) -> Setup {
+    let lab = Lab::new();
+    let cgroup = Cgroup::new();
+    let server = HoldServer::start_with(
+        tcp_hold_bin!(),
+        &lab,
+        Some(&cgroup),
+        &["10.77.0.1:25", "[fd77::1]:25", "10.77.0.1:2525"],
+    );
+    let limiter = Limiter::start(&lab, &cgroup, config);
+    Setup {
+        limiter,
+        _server: server,
+        _cgroup: cgroup,
+        lab,
+    }
+}
+
+fn connector(name: &str, ranges: &str, max: &str, per_source: &str, pct: u32) -> String {
+    format!(
+        "[[connector]]\nname = \"{name}\"\nbindings = [\"0.0.0.0:25\", \"[::]:25\"]\n\
+         remote_ip_ranges = {ranges}\nmax_inbound_connection = {max}\n\
+         max_inbound_connection_per_source = {per_source}\n\
+         max_inbound_connection_percentage_per_source = {pct}\n"
+    )
+}
+
+impl Setup {
+    fn connect(&self, src: impl Into<IpAddr>) -> std::io::Result<TcpStream> {
+        let src = src.into();
+        let dst = if src.is_ipv4() {
+            server_v4(25)
+        } else {
+            server_v6(25)
+        };
+        self.lab.connect(src, dst, ADMIT_WAIT)
+    }
+
+    /// Opens `n` connections from `src`, each of which must be admitted.
+    fn open(&self, src: impl Into<IpAddr> + Copy, n: usize) -> Vec<TcpStream> {
+        (0..n)
+            .map(|i| {
+                self.connect(src).unwrap_or_else(|e| {
+                    panic!(
+                        "connection {} of {n} from {} was refused: {e}\n{}",
+                        i + 1,
+                        src.into(),
+                        self.limiter.log()
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// A connection from `src` must be refused (its SYN dropped).
+    fn refused(&self, src: impl Into<IpAddr> + Copy) {
+        match self.connect(src) {
+            Ok(s) => panic!(
+                "a connection from {} was admitted ({:?}); status: {:?}",
+                src.into(),
+                s.local_addr(),
+                self.limiter.status()
+            ),
+            Err(e) => assert_eq!(e.kind(), ErrorKind::TimedOut, "from {}: {e}", src.into()),
+        }
+    }
+
+    /// The daemon's live count equals what the kernel's socket table holds
+    /// on port 25, once open handshakes have completed.
+    fn assert_counts_match_ss(&self) {
+        let ok = wait_until(SETTLE, Duration::from_millis(50), || {
+            let status = self.limiter.status();
+            status.handshakes == 0
+                && status.live_total as usize == established(self.lab.server_ns(), 25).len()
+        });
+        assert!(
+            ok,
+            "live counts {:?} != ss {:?}",
+            self.limiter.status(),
+            established(self.lab.server_ns(), 25)
+        );
+    }
+}
+
+/// Asks the server to close (or reset) its side of `stream`.
+fn server_side(stream: &mut TcpStream, command: &str) {
+    stream
+        .write_all(format!("{command}\n").as_bytes())
+        .expect("sending the command");
+}
+
+fn echo(stream: &mut TcpStream, line: &str) -> String {
+    stream.write_all(format!("{line}\n").as_bytes()).unwrap();
+    let mut reply = String::new();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    BufReader::new(&*stream).read_line(&mut reply).unwrap();
+    reply.trim_end().to_string()
+}
+
+#[test]
+fn per_source_cap_holds_and_other_sources_pass() {
+    let s = setup(&connector(
+        "Frontend",
+        "[\"0.0.0.0/0\", \"::/0\"]",
+        "100",
+        "3",
+        100,
+    ));
+    let mut held = s.open(client_v4(0), 3);
+    s.refused(client_v4(0));
+    let _other = s.open(client_v4(1), 3);
+    s.refused(client_v4(1));
+    assert_eq!(s.limiter.live("Frontend"), 6);
+    // The held connections still carry data.
+    assert_eq!(echo(&mut held[0], "hello"), "hello");
+    s.assert_counts_match_ss();
+}
+
+#[test]
+fn total_cap_rejects_every_source() {
+    let s = setup(&connector(
+        "Frontend",
+        "[\"0.0.0.0/0\", \"::/0\"]",
+        "5",
+        "\"unlimited\"",
+        100,
+    ));
+    let _held: Vec<TcpStream> = (0..5).flat_map(|i| s.open(client_v4(i), 1)).collect();
+    for i in [0, 7, 12] {
+        s.refused(client_v4(i));
+    }
+    assert_eq!(s.limiter.live("Frontend"), 5);
+    s.assert_counts_match_ss();
+}
+
+#[test]
+fn percentage_rule_counts_other_sources_connections() {
+    // max 20, 50 %: with 10 connections from other sources live, a new
+    // source meets ceil((20 - 11) * 50 / 100) = 5 for its first, but its own
+    // connections shrink what is left: the 4th needs
+    // 4 <= ceil((20 - 14) * 50 / 100) = 3, and fails.
+    let s = setup(&connector(
+        "Frontend",
+        "[\"0.0.0.0/0\", \"::/0\"]",
+        "20",
+        "\"unlimited\"",
+        50,
+    ));
+    let _others: Vec<TcpStream> = (1..=5).flat_map(|i| s.open(client_v4(i), 2)).collect();
+    let _own = s.open(client_v4(0), 3);
+    s.refused(client_v4(0));
+    assert_eq!(s.limiter.live("Frontend"), 13);
+    s.assert_counts_match_ss();
+}
+
+#[test]
+fn most_specific_connector_wins() {
+    let config = format!(
+        "{}{}",
+        connector(
+            "Default Frontend",
+            "[\"0.0.0.0/0\", \"::/0\"]",
+            "100",
+            "1",
+            100
+        ),
+        connector("Relay", "[\"10.77.0.20-10.77.0.29\"]", "100", "4", 100)
+    );
+    let s = setup(&config);
+    let _a = s.open(client_v4(0), 1);
+    s.refused(client_v4(0));
+    // 10.77.0.20 is in the relay's range: its own, larger cap.
+    let _b = s.open(client_v4(10), 4);
+    s.refused(client_v4(10));
+    assert_eq!(s.limiter.live("Default Frontend"), 1);
+    assert_eq!(s.limiter.live("Relay"), 4);
+    s.assert_counts_match_ss();
+}
+
+#[test]
+fn ipv6_sources_count_per_64() {
+    let config = format!(
+        "ipv6_prefix_length = 64\n{}",
+        connector("Frontend", "[\"0.0.0.0/0\", \"::/0\"]", "100", "2", 100)
+    );
+    let s = setup(&config);
+    // ::10, ::11 and ::12 share fd77:0:0:1::/64: one source of cap 2.
+    let _a = s.open(client_v6(0), 1);
+    let _b = s.open(client_v6(1), 1);
+    s.refused(client_v6(2));
+    s.refused(client_v6(0));
+    // Another /64 is another source.
+    let _c = s.open(client_v6(3), 2);
+    s.refused(client_v6(3));
+    assert_eq!(s.limiter.live("Frontend"), 4);
+    s.assert_counts_match_ss();
+}
+
+#[test]
+fn other_ports_and_unmatched_sources_pass_untouched() {
+    let s = setup(&connector(
+        "Relay",
+        "[\"10.77.0.20-10.77.0.29\"]",
+        "100",
+        "1",
+        100,
+    ));
+    // Port 2525 is bound by no connector.
+    let _many: Vec<TcpStream> = (0..5)
+        .map(|_| {
+            s.lab
+                .connect(client_v4(0).into(), server_v4(2525), ADMIT_WAIT)
+                .expect("port 2525 is not limited")
+        })
+        .collect();
+    // 10.77.0.10 is in no connector's range: not ours.
+    let _unmatched = s.open(client_v4(0), 5);
+    let _relay = s.open(client_v4(10), 1);
+    s.refused(client_v4(10));
+    assert_eq!(s.limiter.live("Relay"), 1);
+}
+
+#[test]
+fn existing_connections_are_counted_and_released() {
+    let lab = Lab::new();
+    let cgroup = Cgroup::new();
+    let server = HoldServer::start_with(tcp_hold_bin!(), &lab, Some(&cgroup), &["10.77.0.1:25"]);
+    let mut before: Vec<TcpStream> = (0..3)
+        .map(|_| {
+            lab.connect(client_v4(0).into(), server_v4(25), ADMIT_WAIT)
+                .unwrap()
+        })
+        .collect();
+    let limiter = Limiter::start(
+        &lab,
+        &cgroup,
+        &connector("Frontend", "[\"0.0.0.0/0\"]", "100", "3", 100),
+    );
+    let s = Setup {
+        limiter,
+        _server: server,
+        _cgroup: cgroup,
+        lab,
+    };
+    assert_eq!(s.limiter.live("Frontend"), 3);
+    s.refused(client_v4(0));
+    // The daemon sees a connection from before it started close by polling
+    // the socket table.
+    server_side(&mut before[0], "close");
+    assert!(
+        wait_until(SETTLE, Duration::from_millis(50), || s
+            .limiter
+            .live("Frontend")
+            == 2),
+        "{:?}",
+        s.limiter.status()
+    );
+    let _again = s.open(client_v4(0), 1);
+    s.refused(client_v4(0));
+    drop(before.pop());
+    assert!(wait_until(SETTLE, Duration::from_millis(50), || s
+        .limiter
+        .live("Frontend")
+        == 2));
+    s.assert_counts_match_ss();
+}
+
+/// Holds the only slot of a source, frees it with `close` (which returns
+/// whatever must stay open meanwhile), and checks the slot can be taken
+/// again.
+fn release_then_admit(s: &Setup, close: impl FnOnce(TcpStream) -> Option<TcpStream>) {
+    let held = s.open(client_v4(3), 1).pop().unwrap();
+    s.refused(client_v4(3));
+    let _half_open = close(held);
+    // The slot is free as soon as the connection leaves ESTABLISHED.
+    assert!(
+        wait_until(SETTLE, Duration::from_millis(20), || s
+            .limiter
+            .live("Frontend")
+            == 0),
+        "{:?}",
+        s.limiter.status()
+    );
+    let _next = s.open(client_v4(3), 1);
+    s.refused(client_v4(3));
+}
+
+#[test]
+fn capacity_is_released_by_client_close() {
+    let s = setup(&connector("Frontend", "[\"0.0.0.0/0\"]", "100", "1", 100));
+    release_then_admit(&s, |stream| {
+        drop(stream);
+        None
+    });
+}
+
+#[test]
+fn capacity_is_released_by_server_close() {
+    let s = setup(&connector("Frontend", "[\"0.0.0.0/0\"]", "100", "1", 100));
+    release_then_admit(&s, |mut stream| {
+        server_side(&mut stream, "close");
+        // Our side stays open: only the server closed.
+        Some(stream)
+    });
+}
+
+#[test]
+fn capacity_is_released_by_reset() {
+    let s = setup(&connector("Frontend", "[\"0.0.0.0/0\"]", "100", "1", 100));
+    release_then_admit(&s, |mut stream| {
+        server_side(&mut stream, "reset");
+        let mut buf = [0u8; 1];
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let error = std::io::Read::read(&mut stream, &mut buf).expect_err("reset");
+        assert_eq!(error.kind(), ErrorKind::ConnectionReset);
+        None
+    });
+    // And a reset sent by the client.
+    release_then_admit(&s, |stream| {
+        socket2::SockRef::from(&stream)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(stream);
+        None
+    });
+}
+
+#[test]
+fn a_burst_of_200_syns_admits_no_more_than_the_cap() {
+    let s = setup(&connector("Frontend", "[\"0.0.0.0/0\"]", "1000", "20", 100));
+    let results = s.lab.connect_many(
+        client_v4(4).into(),
+        server_v4(25),
+        200,
+        Duration::from_millis(1500),
+    );
+    let admitted = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(admitted, 20, "{:?}", s.limiter.status());
+    assert_eq!(established(s.lab.server_ns(), 25).len(), 20);
+    assert_eq!(s.limiter.live("Frontend"), 20);
+    s.assert_counts_match_ss();
+}
+
+#[test]
+fn abandoned_handshakes_expire() {
+    let config = format!(
+        "handshake_timeout = \"1s\"\n{}",
+        connector("Frontend", "[\"0.0.0.0/0\"]", "100", "2", 100)
+    );
+    let s = setup(&config);
+    let source: IpAddr = client_v4(5).into();
+    // The server's SYN-ACKs to this source go nowhere: its handshakes stay
+    // open on the server's side.
+    let route = format!("{source}/32");
+    s.lab.server_ns().ip(&["route", "add", "blackhole", &route]);
+    for _ in 0..2 {
+        let e = s
+            .lab
+            .connect(source, server_v4(25), Duration::from_millis(200))
+            .expect_err("no SYN-ACK can reach the client");
+        assert_eq!(e.kind(), ErrorKind::TimedOut);
+    }
+    s.lab.server_ns().ip(&["route", "del", "blackhole", &route]);
+    let status = s.limiter.status();
+    assert_eq!((status.handshakes, status.live_total), (2, 2), "{status:?}");
+    // Both slots are taken by handshakes that will never complete...
+    s.refused(source);
+    // ...until handshake_timeout.
+    assert!(
+        wait_until(SETTLE, Duration::from_millis(50), || s
+            .limiter
+            .status()
+            .live_total
+            == 0),
+        "{:?}",
+        s.limiter.status()
+    );
+    let _now = s.open(source, 2);
+    s.refused(source);
+    s.assert_counts_match_ss();
+}
+
+#[test]
+fn status_reports_the_daemon() {
+    let s = setup(&connector(
+        "Frontend",
+        "[\"0.0.0.0/0\"]",
+        "\"unlimited\"",
+        "2",
+        100,
+    ));
+    let _held = s.open(client_v4(0), 2);
+    let status = s.limiter.status();
+    assert_eq!(status.interfaces.len(), 1);
+    assert_eq!(status.interfaces[0].name, s.lab.server_iface());
+    assert_eq!(status.connectors[0].max_inbound_connection, "unlimited");
+    assert_eq!(status.connectors[0].max_inbound_connection_per_source, 2);
+    assert_eq!(status.live_total, 2);
+    let out = s.limiter.cli(&["status"]).unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("Frontend") && text.contains("unlimited / 2 / 100%"),
+        "{text}"
+    );
+    let json = s.limiter.cli(&["status", "--json"]).unwrap();
+    let value: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(value["live_total"], 2);
+}
