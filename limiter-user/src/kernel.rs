@@ -339,9 +339,14 @@ impl Kernel {
         Ok(())
     }
 
-    /// The XDP program, for `BPF_PROG_TEST_RUN` and benchmarks.
-    pub fn admit_program(&mut self) -> Result<&mut Xdp, KernelError> {
-        program(&mut self.ebpf, programs::ADMIT)
+    /// The XDP program, for `BPF_PROG_TEST_RUN` and benchmarks (shareable
+    /// between threads, to run it on several CPUs at once).
+    pub fn admit_program(&self) -> Result<&Xdp, KernelError> {
+        let program = self
+            .ebpf
+            .program(programs::ADMIT)
+            .ok_or(KernelError::MissingProgram(programs::ADMIT))?;
+        program.try_into().map_err(prog_err(programs::ADMIT))
     }
 
     /// Runs one control request in the kernel and returns its code

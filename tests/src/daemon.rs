@@ -12,8 +12,9 @@ use limiter::control::{self, Request, Status};
 
 use crate::{BpfFs, Cgroup, ChildGuard, Lab, spawn_in, wait_for};
 
-/// The `limiter` binary: `$LIMITER_BIN` (set by `cargo xtask test`), else
-/// `target/<profile>/limiter` next to the test executable's `deps/`.
+/// The `limiter` binary: `$LIMITER_BIN` (set by `cargo xtask test` to
+/// target/debug/limiter), else this package's `limiter-under-test` (the same
+/// main.rs), which cargo builds next to the test executables' `deps/`.
 pub fn limiter_bin() -> PathBuf {
     if let Some(path) = std::env::var_os("LIMITER_BIN") {
         return PathBuf::from(path);
@@ -23,10 +24,10 @@ pub fn limiter_bin() -> PathBuf {
         .parent()
         .and_then(Path::parent)
         .expect("test executables live in target/<profile>/deps");
-    let candidate = profile_dir.join("limiter");
+    let candidate = profile_dir.join("limiter-under-test");
     assert!(
         candidate.exists(),
-        "{} does not exist: build it first (`cargo build -p limiter-user`; `cargo xtask test` does) or set LIMITER_BIN",
+        "{} does not exist: run the tests with cargo (or set LIMITER_BIN)",
         candidate.display()
     );
     candidate

@@ -9,9 +9,11 @@ use std::{
 };
 
 use limiter_tests::{
-    Cgroup, HoldServer, Lab, Limiter, established,
+    Cgroup, HoldServer, Lab, Limiter,
+    daemon::limiter_bin,
+    established,
     lab::{client_v4, client_v6, server_v4, server_v6},
-    tcp_hold_bin, wait_until,
+    spawn_in, tcp_hold_bin, wait_until,
 };
 
 /// Long enough for an admitted SYN to be answered on a veth; a dropped SYN
@@ -441,4 +443,75 @@ fn status_reports_the_daemon() {
     let json = s.limiter.cli(&["status", "--json"]).unwrap();
     let value: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     assert_eq!(value["live_total"], 2);
+}
+
+#[test]
+fn a_bad_config_attaches_nothing_and_says_why_in_one_line() {
+    let lab = Lab::new();
+    let dir = std::env::temp_dir().join(format!("limiter-test-badconfig-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("connectors.toml");
+    std::fs::write(
+        &config,
+        connector("Relay", "[\"10.1.0.0/24\"]", "100", "10001", 2),
+    )
+    .unwrap();
+    let mut cmd = std::process::Command::new(limiter_bin());
+    cmd.arg("run")
+        .args(["--iface", lab.server_iface()])
+        .arg("--config")
+        .arg(&config)
+        .arg("--control")
+        .arg(dir.join("control.sock"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let output = spawn_in(lab.server_ns(), None, cmd)
+        .wait_with_output()
+        .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(
+        lines[0].starts_with(&format!(
+            "limiter: {}: connector \"Relay\": ",
+            config.display()
+        )) && lines[0].contains("max_inbound_connection_per_source 10001 is out of range"),
+        "{stderr}"
+    );
+    let link = lab
+        .server_ns()
+        .ip(&["-d", "link", "show", "dev", lab.server_iface()]);
+    assert!(!link.contains("xdp"), "{link}");
+}
+
+#[test]
+fn sigterm_detaches_and_removes_what_it_made() {
+    let lab = Lab::new();
+    let cgroup = Cgroup::new();
+    let limiter = Limiter::start(
+        &lab,
+        &cgroup,
+        &connector("Frontend", "[\"0.0.0.0/0\"]", "100", "1", 100),
+    );
+    let link = || {
+        lab.server_ns()
+            .ip(&["-d", "link", "show", "dev", lab.server_iface()])
+    };
+    assert!(link().contains("xdp"), "{}", link());
+    let pins = std::path::PathBuf::from(limiter.status().pins.expect("pinned"));
+    assert!(pins.join("HANDSHAKES").exists());
+    let control = limiter.control().to_path_buf();
+    let log = limiter.stop();
+    assert!(log.contains("SIGTERM"), "{log}");
+    assert!(!link().contains("xdp"), "{}", link());
+    assert!(!pins.exists(), "pins left in {}", pins.display());
+    assert!(!control.exists());
+    // Nothing is enforced any more.
+    let _s = HoldServer::start_with(tcp_hold_bin!(), &lab, Some(&cgroup), &["10.77.0.1:25"]);
+    for _ in 0..3 {
+        lab.connect(client_v4(0).into(), server_v4(25), ADMIT_WAIT)
+            .expect("no limit once stopped");
+    }
 }

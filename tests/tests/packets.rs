@@ -58,7 +58,7 @@ const ONE_CONNECTOR: &str = "[[connector]]\nname = \"Frontend\"\nbindings = [\"0
      max_inbound_connection_percentage_per_source = 100\n";
 
 impl Loaded {
-    fn run(&mut self, frame: &[u8]) -> u32 {
+    fn run(&self, frame: &[u8]) -> u32 {
         let program = self.kernel.admit_program().unwrap();
         program
             .test_run(TestRunOptions {
@@ -308,7 +308,7 @@ fn frames_cut_short_anywhere_pass_uncounted() {
 
 #[test]
 fn a_retransmitted_syn_counts_once() {
-    let mut l = load(ONE_CONNECTOR);
+    let l = load(ONE_CONNECTOR);
     let syn = Segment::syn(v4(1), 40000, SERVER, 25).build();
     for _ in 0..5 {
         assert_eq!(l.run(&syn), XDP_PASS);
@@ -362,7 +362,7 @@ fn per_source_cap_in_the_kernel() {
 
 #[test]
 fn total_and_percentage_rules_in_the_kernel() {
-    let mut l = load(
+    let l = load(
         "[[connector]]\nname = \"F\"\nbindings = [\"0.0.0.0:25\"]\n\
          max_inbound_connection = 10\nmax_inbound_connection_per_source = \"unlimited\"\n\
          max_inbound_connection_percentage_per_source = 50\n",
@@ -388,7 +388,7 @@ fn total_and_percentage_rules_in_the_kernel() {
 #[test]
 fn ipv6_sources_are_counted_per_prefix() {
     for (prefix, expect_same_source) in [(64, true), (128, false)] {
-        let mut l = load(&format!("ipv6_prefix_length = {prefix}\n{ONE_CONNECTOR}"));
+        let l = load(&format!("ipv6_prefix_length = {prefix}\n{ONE_CONNECTOR}"));
         // Three connections from ::1, ::2, ::3 of one /64, cap 3 per source.
         for host in 1..=3u16 {
             let src = Ipv6Addr::new(0x2001, 0xdb8, 1, 2, 0, 0, 0, host);
@@ -410,7 +410,7 @@ fn ipv6_sources_are_counted_per_prefix() {
 
 #[test]
 fn the_kernel_selects_the_connector_userspace_predicts() {
-    let mut l = load(
+    let l = load(
         "[[connector]]\nname = \"Default\"\nbindings = [\"0.0.0.0:25\", \"[::]:25\"]\n\
          max_inbound_connection_per_source = \"unlimited\"\nmax_inbound_connection_percentage_per_source = 100\n\
          [[connector]]\nname = \"Nets\"\nbindings = [\"0.0.0.0:25\"]\n\
@@ -471,7 +471,7 @@ fn the_kernel_selects_the_connector_userspace_predicts() {
 
 #[test]
 fn monitor_admits_and_counts_what_it_would_refuse() {
-    let mut l = load(&ONE_CONNECTOR.replace(
+    let l = load(&ONE_CONNECTOR.replace(
         "max_inbound_connection_per_source = 3",
         "max_inbound_connection_per_source = 1\naction = \"monitor\"",
     ));
@@ -484,4 +484,56 @@ fn monitor_admits_and_counts_what_it_would_refuse() {
     assert_eq!(l.live(0), 4, "monitored connections count like any other");
     assert_eq!(l.counter(0, stat::ADMITTED), 1);
     assert_eq!(l.counter(0, stat::REJECTED_PER_SOURCE), 3);
+}
+
+#[test]
+fn concurrent_syns_on_two_cpus_never_overshoot() {
+    // Two threads run the program at once (BPF_PROG_TEST_RUN runs on the
+    // caller's CPU), each firing SYNs from the same source; every round, the
+    // source must end up holding exactly its cap, never more.
+    let mut l = load(&ONE_CONNECTOR.replace(
+        "max_inbound_connection_per_source = 3",
+        "max_inbound_connection_per_source = 5",
+    ));
+    let frames: Vec<Vec<Vec<u8>>> = (0..2u16)
+        .map(|thread| {
+            (0..200u16)
+                .map(|i| Segment::syn(v4(9), 10000 + thread * 1000 + i, SERVER, 25).build())
+                .collect()
+        })
+        .collect();
+    for round in 0..100 {
+        let start = std::sync::Barrier::new(frames.len());
+        let admitted: usize = std::thread::scope(|scope| {
+            let handles: Vec<_> = frames
+                .iter()
+                .map(|mine| {
+                    let program = l.kernel.admit_program().unwrap();
+                    let start = &start;
+                    scope.spawn(move || {
+                        start.wait();
+                        mine.iter()
+                            .filter(|frame| {
+                                program
+                                    .test_run(TestRunOptions {
+                                        data_in: Some(frame),
+                                        ..Default::default()
+                                    })
+                                    .unwrap()
+                                    .return_value
+                                    == XDP_PASS
+                            })
+                            .count()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert_eq!(admitted, 5, "round {round}");
+        assert_eq!(l.live(0), 5, "round {round}");
+        for (flow, _) in l.kernel.handshakes() {
+            assert!(l.kernel.expire_handshake(&flow).unwrap());
+        }
+        assert_eq!(l.live(0), 0);
+    }
 }
