@@ -1,15 +1,19 @@
 //! The command line of `limiter`: the daemon (`limiter run`) and the
-//! commands that question it.
+//! commands that question and configure it.
 
 use std::{path::PathBuf, process::ExitCode};
 
-use crate::{
-    control::{self, DEFAULT_CONTROL_PATH, Request, Status},
-    daemon::{self, DEFAULT_BPFFS_PATH, RunOptions},
-    kernel::XdpModeRequest,
-};
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use serde::de::DeserializeOwned;
+
+use crate::{
+    control::{self, ConnectorStatus, DEFAULT_CONTROL_PATH, Request, Status},
+    daemon::{self, DEFAULT_BPFFS_PATH, RunOptions},
+    edit::ConnectorChanges,
+    kernel::XdpModeRequest,
+    report::{Explanation, SourceEntry, StatsReport},
+};
 
 #[derive(Parser)]
 #[command(
@@ -27,20 +31,119 @@ enum Command {
     /// Attach to the interfaces and enforce the connectors' limits.
     Run(RunArgs),
     /// Connectors, interfaces and live totals of the running daemon.
-    Status {
-        #[command(flatten)]
-        control: ControlArgs,
-        /// Print JSON instead of a table.
+    Status(Common),
+    /// Show or change the receive connectors (like Get-/Set-ReceiveConnector).
+    #[command(subcommand)]
+    Connector(ConnectorCommand),
+    /// Which sources hold how many connections, and the cap each would meet
+    /// now, largest first.
+    Sources {
+        /// Only this connector's sources.
         #[arg(long)]
-        json: bool,
+        connector: Option<String>,
+        /// Only the N largest.
+        #[arg(long, value_name = "N")]
+        top: Option<usize>,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Which connector takes a connection from IP, and which limit binds now.
+    Explain {
+        /// The remote address.
+        ip: String,
+        /// The local IP:PORT it connects to (default: the first binding,
+        /// port 25 first, whose connector takes IP).
+        #[arg(long, value_name = "IP:PORT")]
+        local: Option<String>,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Counters of admitted and rejected connections.
+    Stats(Common),
+}
+
+#[derive(Subcommand)]
+enum ConnectorCommand {
+    /// Every connector.
+    List(Common),
+    /// One connector.
+    Show {
+        name: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Add a connector; it takes effect for the next SYN and is written to
+    /// the config file.
+    New {
+        name: String,
+        #[command(flatten)]
+        settings: Settings,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Change a connector; established connections are never touched.
+    Set {
+        name: String,
+        #[command(flatten)]
+        settings: Settings,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Remove a connector; its established connections stay up.
+    Remove {
+        name: String,
+        #[command(flatten)]
+        common: Common,
     },
 }
 
+/// What `connector new|set` may change, spelled as in Exchange.
 #[derive(clap::Args)]
-struct ControlArgs {
+struct Settings {
+    /// Local IP:PORT bindings, comma-separated (0.0.0.0:25, [::]:25 for any
+    /// local address).
+    #[arg(long, value_delimiter = ',', value_name = "B[,B...]")]
+    bindings: Option<Vec<String>>,
+    /// Remote ranges, comma-separated: addresses, CIDR blocks, first-last.
+    #[arg(long, value_delimiter = ',', value_name = "R[,R...]")]
+    remote_ip_ranges: Option<Vec<String>>,
+    /// 1 to 2147483647, or unlimited.
+    #[arg(long, value_name = "N|unlimited")]
+    max_inbound_connection: Option<String>,
+    /// 1 to 10000, or unlimited.
+    #[arg(long, value_name = "N|unlimited")]
+    max_inbound_connection_per_source: Option<String>,
+    /// 1 to 100 (100 turns the rule off).
+    #[arg(long, value_name = "1..100")]
+    max_inbound_connection_percentage_per_source: Option<String>,
+    /// drop, reset or monitor.
+    #[arg(long)]
+    action: Option<String>,
+}
+
+impl From<Settings> for ConnectorChanges {
+    fn from(s: Settings) -> Self {
+        ConnectorChanges {
+            bindings: s.bindings,
+            remote_ip_ranges: s.remote_ip_ranges,
+            max_inbound_connection: s.max_inbound_connection,
+            max_inbound_connection_per_source: s.max_inbound_connection_per_source,
+            max_inbound_connection_percentage_per_source: s
+                .max_inbound_connection_percentage_per_source,
+            action: s.action,
+        }
+    }
+}
+
+/// Options of every command that talks to the daemon.
+#[derive(clap::Args)]
+struct Common {
     /// The daemon's control socket.
     #[arg(long, env = "LIMITER_CONTROL", default_value = DEFAULT_CONTROL_PATH)]
     control: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -59,8 +162,12 @@ struct RunArgs {
     /// Where the maps are pinned.
     #[arg(long, default_value = DEFAULT_BPFFS_PATH)]
     bpffs: PathBuf,
-    #[command(flatten)]
-    control: ControlArgs,
+    /// The control socket.
+    #[arg(long, env = "LIMITER_CONTROL", default_value = DEFAULT_CONTROL_PATH)]
+    control: PathBuf,
+    /// A group whose members may use the control socket (default: root only).
+    #[arg(long, value_name = "GROUP")]
+    control_group: Option<String>,
     /// XDP attach mode: native with fallback to generic, or one of them.
     #[arg(long, value_enum, default_value_t = XdpModeArg::Auto)]
     xdp_mode: XdpModeArg,
@@ -115,6 +222,22 @@ fn one_line(e: &anyhow::Error) -> String {
     text.replace('\n', " ")
 }
 
+/// Sends `request`; prints the reply as JSON, or as `T` through `show`.
+fn ask<T: DeserializeOwned>(
+    common: &Common,
+    request: Request,
+    show: impl FnOnce(T),
+) -> anyhow::Result<()> {
+    let value = control::request(&common.control, &request)?;
+    if common.json {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        let typed: T = serde_json::from_value(value).context("reading the daemon's reply")?;
+        show(typed);
+    }
+    Ok(())
+}
+
 fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run(args) => {
@@ -123,7 +246,8 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                 config: args.config,
                 cgroup: args.cgroup,
                 bpffs: args.bpffs,
-                control: args.control.control,
+                control: args.control,
+                control_group: args.control_group,
                 xdp_mode: args.xdp_mode.into(),
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -133,16 +257,63 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                 .context("starting the runtime")?;
             runtime.block_on(daemon::run(options))
         }
-        Command::Status { control, json } => {
-            let value = control::request(&control.control, &Request::Status)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&value)?);
-            } else {
-                let status: Status = serde_json::from_value(value)?;
-                print_status(&status);
-            }
-            Ok(())
+        Command::Status(common) => ask(&common, Request::Status, |s: Status| print_status(&s)),
+        Command::Connector(ConnectorCommand::List(common)) => ask(
+            &common,
+            Request::ConnectorList,
+            |list: Vec<ConnectorStatus>| print_connectors(&list),
+        ),
+        Command::Connector(ConnectorCommand::Show { name, common }) => ask(
+            &common,
+            Request::ConnectorShow { name },
+            |c: ConnectorStatus| print_connector(&c),
+        ),
+        Command::Connector(ConnectorCommand::New {
+            name,
+            settings,
+            common,
+        }) => ask(
+            &common,
+            Request::ConnectorNew {
+                name,
+                changes: settings.into(),
+            },
+            |c: ConnectorStatus| print_connector(&c),
+        ),
+        Command::Connector(ConnectorCommand::Set {
+            name,
+            settings,
+            common,
+        }) => ask(
+            &common,
+            Request::ConnectorSet {
+                name,
+                changes: settings.into(),
+            },
+            |c: ConnectorStatus| print_connector(&c),
+        ),
+        Command::Connector(ConnectorCommand::Remove { name, common }) => ask(
+            &common,
+            Request::ConnectorRemove { name },
+            |v: serde_json::Value| {
+                println!("removed connector \"{}\"", plain(&v["removed"]));
+            },
+        ),
+        Command::Sources {
+            connector,
+            top,
+            common,
+        } => ask(
+            &common,
+            Request::Sources { connector, top },
+            |sources: Vec<SourceEntry>| print_sources(&sources),
+        ),
+        Command::Explain { ip, local, common } => {
+            ask(&common, Request::Explain { ip, local }, |e: Explanation| {
+                print_explanation(&e)
+            })
         }
+        Command::Stats(common) => ask(&common, Request::Stats, |s: StatsReport| print_stats(&s)),
     }
 }
 
@@ -162,21 +333,34 @@ fn print_status(s: &Status) {
         "live: {} ({} established, {} in handshake)",
         s.live_total, s.established, s.handshakes
     );
+    if s.live_removed_connectors > 0 {
+        println!(
+            "  of which {} on removed connectors, until they close",
+            s.live_removed_connectors
+        );
+    }
     println!();
-    let rows: Vec<Vec<String>> = s
-        .connectors
+    print_connectors(&s.connectors);
+}
+
+fn limits(c: &ConnectorStatus) -> String {
+    format!(
+        "{} / {} / {}%",
+        plain(&c.max_inbound_connection),
+        plain(&c.max_inbound_connection_per_source),
+        c.max_inbound_connection_percentage_per_source
+    )
+}
+
+fn print_connectors(list: &[ConnectorStatus]) {
+    let rows: Vec<Vec<String>> = list
         .iter()
         .map(|c| {
             vec![
                 c.name.clone(),
                 c.bindings.join(","),
                 c.remote_ip_ranges.join(","),
-                format!(
-                    "{} / {} / {}%",
-                    plain(&c.max_inbound_connection),
-                    plain(&c.max_inbound_connection_per_source),
-                    c.max_inbound_connection_percentage_per_source
-                ),
+                limits(c),
                 c.action.clone(),
                 c.live.to_string(),
             ]
@@ -193,6 +377,140 @@ fn print_status(s: &Status) {
         ],
         &rows,
     );
+}
+
+fn print_connector(c: &ConnectorStatus) {
+    println!("Name                                      : {}", c.name);
+    println!(
+        "Bindings                                  : {}",
+        c.bindings.join(", ")
+    );
+    println!(
+        "RemoteIPRanges                            : {}",
+        c.remote_ip_ranges.join(", ")
+    );
+    println!(
+        "MaxInboundConnection                      : {}",
+        plain(&c.max_inbound_connection)
+    );
+    println!(
+        "MaxInboundConnectionPerSource             : {}",
+        plain(&c.max_inbound_connection_per_source)
+    );
+    println!(
+        "MaxInboundConnectionPercentagePerSource   : {}",
+        c.max_inbound_connection_percentage_per_source
+    );
+    println!("Action                                    : {}", c.action);
+    println!("LiveConnections                           : {}", c.live);
+}
+
+fn print_sources(sources: &[SourceEntry]) {
+    let rows: Vec<Vec<String>> = sources
+        .iter()
+        .map(|s| {
+            vec![
+                s.connector.clone(),
+                s.source.clone(),
+                s.live.to_string(),
+                s.cap.map_or("-".to_string(), |c| c.to_string()),
+                s.rule.clone(),
+            ]
+        })
+        .collect();
+    print_table(&["CONNECTOR", "SOURCE", "LIVE", "CAP", "LIMIT"], &rows);
+}
+
+fn print_explanation(e: &Explanation) {
+    let Some(connector) = &e.connector else {
+        println!(
+            "{}: no connector takes it{}; it passes untouched",
+            e.ip,
+            e.local
+                .as_ref()
+                .map(|l| format!(" on {l}"))
+                .unwrap_or_default()
+        );
+        return;
+    };
+    println!(
+        "{} -> {}: connector \"{connector}\"",
+        e.ip,
+        e.local.as_deref().unwrap_or("?")
+    );
+    let show = |v: &Option<serde_json::Value>| v.as_ref().map(plain).unwrap_or_default();
+    println!(
+        "limits: {} in total, {} per source, {}% of the remaining per source",
+        show(&e.max_inbound_connection),
+        show(&e.max_inbound_connection_per_source),
+        e.max_inbound_connection_percentage_per_source
+            .unwrap_or_default()
+    );
+    println!(
+        "live: {} on the connector, {} from {} (this source)",
+        e.live_total, e.live_source, e.source
+    );
+    let cap = e.cap.map_or("no cap".to_string(), |c| format!("cap {c}"));
+    if e.admitted {
+        println!(
+            "a new connection now: admitted; {cap}, set by {}",
+            rule_words(&e.rule)
+        );
+    } else {
+        println!(
+            "a new connection now: REJECTED by {} (event {}); {cap}",
+            rule_words(&e.rule),
+            e.event_id.unwrap_or_default()
+        );
+    }
+}
+
+fn rule_words(rule: &str) -> &'static str {
+    match rule {
+        "total" => "max_inbound_connection",
+        "per_source" => "max_inbound_connection_per_source",
+        "percentage" => "max_inbound_connection_percentage_per_source",
+        _ => "no limit",
+    }
+}
+
+fn print_stats(s: &StatsReport) {
+    let row = |name: &str, c: &crate::report::Counters| {
+        vec![
+            name.to_string(),
+            c.admitted.to_string(),
+            c.rejected.to_string(),
+            c.rejected_total_limit.to_string(),
+            c.rejected_per_source.to_string(),
+            c.rejected_percentage.to_string(),
+            c.rejected_table_full.to_string(),
+            c.handshakes_expired.to_string(),
+            c.closed.to_string(),
+        ]
+    };
+    let mut rows: Vec<Vec<String>> = s
+        .connectors
+        .iter()
+        .map(|c| row(&c.name, &c.counters))
+        .collect();
+    rows.push(row("(all)", &s.total));
+    print_table(
+        &[
+            "CONNECTOR",
+            "ADMITTED",
+            "REJECTED",
+            "TOTAL",
+            "PER SOURCE",
+            "PERCENTAGE",
+            "TABLE FULL",
+            "EXPIRED",
+            "CLOSED",
+        ],
+        &rows,
+    );
+    if s.tiny_fragments_dropped > 0 {
+        println!("tiny fragments dropped: {}", s.tiny_fragments_dropped);
+    }
 }
 
 /// Prints rows under a header, in columns.

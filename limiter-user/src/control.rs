@@ -12,6 +12,8 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+use crate::edit::ConnectorChanges;
+
 /// Default path of the control socket.
 pub const DEFAULT_CONTROL_PATH: &str = "/run/limiter/control.sock";
 
@@ -21,6 +23,39 @@ pub const DEFAULT_CONTROL_PATH: &str = "/run/limiter/control.sock";
 pub enum Request {
     /// Connectors, interfaces, live totals.
     Status,
+    /// Every connector, with its live count.
+    ConnectorList,
+    /// One connector.
+    ConnectorShow { name: String },
+    /// Adds a connector.
+    ConnectorNew {
+        name: String,
+        #[serde(default)]
+        changes: ConnectorChanges,
+    },
+    /// Changes a connector.
+    ConnectorSet {
+        name: String,
+        #[serde(default)]
+        changes: ConnectorChanges,
+    },
+    /// Removes a connector.
+    ConnectorRemove { name: String },
+    /// The sources holding connections, largest first.
+    Sources {
+        #[serde(default)]
+        connector: Option<String>,
+        #[serde(default)]
+        top: Option<usize>,
+    },
+    /// Why a connection from `ip` would be admitted or refused now.
+    Explain {
+        ip: String,
+        #[serde(default)]
+        local: Option<String>,
+    },
+    /// The kernel programs' counters.
+    Stats,
 }
 
 /// The daemon's reply.
@@ -43,8 +78,10 @@ pub struct Status {
     pub pins: Option<String>,
     pub interfaces: Vec<InterfaceStatus>,
     pub connectors: Vec<ConnectorStatus>,
-    /// Live connections on all connectors.
+    /// Live connections on all connectors, removed ones included.
     pub live_total: u64,
+    /// Of those, the ones still held by removed connectors.
+    pub live_removed_connectors: u64,
     /// Admitted SYNs whose handshake is still open.
     pub handshakes: u64,
     /// Established connections being counted.
@@ -130,6 +167,23 @@ mod tests {
             r#"{"command":"status"}"#
         );
         assert!(serde_json::from_str::<Request>(r#"{"command":"explode"}"#).is_err());
+        assert_eq!(
+            serde_json::from_str::<Request>(
+                r#"{"command":"connector_set","name":"Relay","changes":{"max_inbound_connection":"unlimited"}}"#
+            )
+            .unwrap(),
+            Request::ConnectorSet {
+                name: "Relay".into(),
+                changes: ConnectorChanges {
+                    max_inbound_connection: Some("unlimited".into()),
+                    ..Default::default()
+                }
+            }
+        );
+        assert!(
+            serde_json::from_str::<Request>(r#"{"command":"sources","conector":"x"}"#).is_err(),
+            "unknown fields are refused"
+        );
         assert_eq!(
             serde_json::to_string(&Reply::Error("no".into())).unwrap(),
             r#"{"error":"no"}"#

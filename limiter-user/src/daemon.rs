@@ -10,8 +10,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, bail};
-use limiter_common::maps::{FLOW_SEEDED, FlowKey, SourceKey, control as op};
+use anyhow::{Context, anyhow, bail};
+use limiter_common::maps::{FLOW_SEEDED, FlowKey, MAX_CONNECTORS, SourceKey, control as op};
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
@@ -19,9 +19,11 @@ use tokio::{
 };
 
 use crate::{
-    config::{Config, LimitValue},
+    config::Config,
     control::{ConnectorStatus, InterfaceStatus, Reply, Request, Status},
+    edit::ConfigDocument,
     kernel::{AttachedMode, Kernel, TableSizes, XdpModeRequest, error_chain},
+    report::{self, Connectors, limit_json},
     selection::{SelectionTable, from_addr},
     sockdiag,
 };
@@ -45,6 +47,8 @@ pub struct RunOptions {
     pub cgroup: Option<PathBuf>,
     pub bpffs: PathBuf,
     pub control: PathBuf,
+    /// A group whose members may use the control socket besides root.
+    pub control_group: Option<String>,
     pub xdp_mode: XdpModeRequest,
 }
 
@@ -53,6 +57,13 @@ struct Daemon {
     kernel: Kernel,
     config: Config,
     config_source: String,
+    /// The config as an editable document, and where changes are written.
+    document: ConfigDocument,
+    config_path: PathBuf,
+    /// The file's text as last read or written, to notice edits by hand.
+    config_on_disk: Option<String>,
+    /// Connector ids handed out since start, reused only when all are.
+    used_ids: HashSet<u32>,
     /// Connector `i` of `config` has kernel id `ids[i]`.
     ids: Vec<u32>,
     table: SelectionTable,
@@ -68,7 +79,8 @@ struct Daemon {
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(options: RunOptions) -> anyhow::Result<()> {
-    let (config, config_source) = load_config(options.config.as_deref())?;
+    let loaded = load_config(options.config.as_deref())?;
+    let config = loaded.config;
     if options.ifaces.is_empty() {
         bail!("no interface given: use --iface IFACE (repeatable)");
     }
@@ -79,7 +91,11 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     if !cgroup.join("cgroup.procs").exists() {
         bail!("{} is not a cgroup v2 directory", cgroup.display());
     }
-    let listener = bind_control(&options.control)?;
+    let control_gid = match &options.control_group {
+        Some(group) => Some(group_id(group)?),
+        None => None,
+    };
+    let listener = bind_control(&options.control, control_gid)?;
     ensure_bpffs(&options.bpffs)?;
 
     let mut kernel = Kernel::load(TableSizes::default(), Some(&options.bpffs))
@@ -112,7 +128,11 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let mut daemon = Daemon {
         kernel,
         config,
-        config_source,
+        config_source: loaded.source,
+        document: loaded.document,
+        config_path: loaded.path,
+        config_on_disk: loaded.text,
+        used_ids: ids.iter().copied().collect(),
         ids,
         table,
         cgroup,
@@ -132,7 +152,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let daemon = Arc::new(Mutex::new(daemon));
 
     let control_path = options.control.clone();
-    let server = tokio::spawn(serve_control(listener, daemon.clone()));
+    let server = tokio::spawn(serve_control(listener, daemon.clone(), control_gid));
     let sweeper = tokio::spawn(sweep_forever(daemon.clone(), sweep_every));
 
     let mut terminate = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
@@ -154,24 +174,59 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn load_config(path: Option<&Path>) -> anyhow::Result<(Config, String)> {
-    match path {
-        Some(path) => {
-            let config = Config::load(path)?;
-            Ok((config, path.display().to_string()))
-        }
-        None => {
-            let default = Path::new(DEFAULT_CONFIG_PATH);
-            if default.exists() {
-                Ok((Config::load(default)?, DEFAULT_CONFIG_PATH.to_string()))
-            } else {
-                log::info!(
-                    "{DEFAULT_CONFIG_PATH} does not exist: using the built-in \"Default Frontend\" connector"
-                );
-                Ok((Config::builtin_default(), "built-in default".to_string()))
-            }
-        }
+/// The configuration the daemon starts with.
+struct LoadedConfig {
+    config: Config,
+    /// For `status`: the file, or "built-in default".
+    source: String,
+    document: ConfigDocument,
+    /// Where `connector new|set|remove` write.
+    path: PathBuf,
+    /// The file's text, if there is a file.
+    text: Option<String>,
+}
+
+fn load_config(path: Option<&Path>) -> anyhow::Result<LoadedConfig> {
+    let (path, explicit) = match path {
+        Some(path) => (path.to_path_buf(), true),
+        None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+    };
+    if !explicit && !path.exists() {
+        log::info!(
+            "{DEFAULT_CONFIG_PATH} does not exist: using the built-in \"Default Frontend\" connector"
+        );
+        let config = Config::builtin_default();
+        return Ok(LoadedConfig {
+            document: ConfigDocument::from_config(&config),
+            config,
+            source: "built-in default".to_string(),
+            path,
+            text: None,
+        });
     }
+    let config = Config::load(&path)?;
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let document = ConfigDocument::parse(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    Ok(LoadedConfig {
+        config,
+        source: path.display().to_string(),
+        document,
+        path,
+        text: Some(text),
+    })
+}
+
+/// The id of group `name`.
+fn group_id(name: &str) -> anyhow::Result<u32> {
+    let c_name = std::ffi::CString::new(name).context("group name")?;
+    // SAFETY: a valid C string; the result is read at once.
+    let group = unsafe { libc::getgrnam(c_name.as_ptr()) };
+    if group.is_null() {
+        bail!("--control-group {name}: no such group");
+    }
+    // SAFETY: non-null result of getgrnam.
+    Ok(unsafe { (*group).gr_gid })
 }
 
 /// The mount point of the cgroup v2 hierarchy, from /proc/self/mounts.
@@ -254,8 +309,8 @@ fn netns_cookie() -> std::io::Result<u64> {
 }
 
 /// Binds the control socket, refusing to start when another daemon answers
-/// on it.
-fn bind_control(path: &Path) -> anyhow::Result<UnixListener> {
+/// on it. Mode 0600 (root), or 0660 with group `gid`.
+fn bind_control(path: &Path, gid: Option<u32>) -> anyhow::Result<UnixListener> {
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
         bail!(
             "another limiter daemon is running on {} (stop it first)",
@@ -272,9 +327,34 @@ fn bind_control(path: &Path) -> anyhow::Result<UnixListener> {
     }
     let listener =
         UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+    let mode = if gid.is_some() { 0o660 } else { 0o600 };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("restricting {}", path.display()))?;
+    if let Some(gid) = gid {
+        std::os::unix::fs::chown(path, Some(0), Some(gid))
+            .with_context(|| format!("giving {} to group {gid}", path.display()))?;
+    }
     Ok(listener)
+}
+
+/// Whether the process `pid` (with primary group `gid`) is in group
+/// `group`, its supplementary groups included.
+fn in_group(pid: Option<i32>, gid: u32, group: u32) -> bool {
+    if gid == group {
+        return true;
+    }
+    let Some(pid) = pid else { return false };
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .is_some_and(|groups| {
+            groups
+                .split_whitespace()
+                .any(|g| g.parse::<u32>() == Ok(group))
+        })
 }
 
 fn sweep_interval(handshake_timeout: Duration) -> Duration {
@@ -427,34 +507,45 @@ impl Daemon {
         }
     }
 
+    fn connector_status(&self, index: usize) -> anyhow::Result<ConnectorStatus> {
+        let connector = &self.config.connectors[index];
+        let live = self
+            .kernel
+            .connector_live(self.ids[index])
+            .map_err(|e| anyhow!(error_chain(&e)))?;
+        Ok(ConnectorStatus {
+            name: connector.name.clone(),
+            bindings: connector.bindings.iter().map(|b| b.to_string()).collect(),
+            remote_ip_ranges: connector
+                .remote_ip_ranges
+                .iter()
+                .map(|r| r.to_string())
+                .collect(),
+            max_inbound_connection: limit_json(connector.limits.max_inbound_connection),
+            max_inbound_connection_per_source: limit_json(
+                connector.limits.max_inbound_connection_per_source,
+            ),
+            max_inbound_connection_percentage_per_source: connector
+                .limits
+                .max_inbound_connection_percentage_per_source,
+            action: connector.action.name().to_string(),
+            live,
+        })
+    }
+
+    fn connector_statuses(&self) -> anyhow::Result<Vec<ConnectorStatus>> {
+        (0..self.config.connectors.len())
+            .map(|i| self.connector_status(i))
+            .collect()
+    }
+
     fn status(&self) -> anyhow::Result<Status> {
-        let mut connectors = Vec::new();
-        let mut live_total = 0u64;
-        for (connector, id) in self.config.connectors.iter().zip(&self.ids) {
-            let live = self
-                .kernel
-                .connector_live(*id)
-                .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
-            live_total += live as u64;
-            connectors.push(ConnectorStatus {
-                name: connector.name.clone(),
-                bindings: connector.bindings.iter().map(|b| b.to_string()).collect(),
-                remote_ip_ranges: connector
-                    .remote_ip_ranges
-                    .iter()
-                    .map(|r| r.to_string())
-                    .collect(),
-                max_inbound_connection: limit_json(connector.limits.max_inbound_connection),
-                max_inbound_connection_per_source: limit_json(
-                    connector.limits.max_inbound_connection_per_source,
-                ),
-                max_inbound_connection_percentage_per_source: connector
-                    .limits
-                    .max_inbound_connection_percentage_per_source,
-                action: connector.action.name().to_string(),
-                live,
-            });
-        }
+        let connectors = self.connector_statuses()?;
+        let configured: u64 = connectors.iter().map(|c| c.live as u64).sum();
+        let live_total = self
+            .kernel
+            .live_total()
+            .map_err(|e| anyhow!(error_chain(&e)))?;
         Ok(Status {
             version: env!("CARGO_PKG_VERSION").to_string(),
             pid: std::process::id(),
@@ -470,31 +561,169 @@ impl Daemon {
                     xdp_mode: mode.name().to_string(),
                 })
                 .collect(),
-            connectors,
             live_total,
+            live_removed_connectors: live_total.saturating_sub(configured),
+            connectors,
             handshakes: self.kernel.handshakes().len() as u64,
             established: self.kernel.established().len() as u64,
         })
     }
 
+    fn connectors(&self) -> Connectors<'_> {
+        Connectors {
+            config: &self.config,
+            ids: &self.ids,
+        }
+    }
+
+    fn index_of(&self, name: &str) -> anyhow::Result<usize> {
+        self.config
+            .connectors
+            .iter()
+            .position(|c| c.name.eq_ignore_ascii_case(name.trim()))
+            .ok_or_else(|| anyhow!("there is no connector \"{name}\""))
+    }
+
+    /// Kernel ids for the connectors of `config`: a connector keeps its id
+    /// (its connections hold counts under it); a new one gets an id that
+    /// holds no count, preferably one never used since start.
+    fn assign_ids(&self, config: &Config) -> anyhow::Result<Vec<u32>> {
+        let in_use = self.kernel.connector_ids_in_use();
+        let mut taken: HashSet<u32> = HashSet::new();
+        let mut ids = vec![None; config.connectors.len()];
+        for (slot, connector) in ids.iter_mut().zip(&config.connectors) {
+            if let Some(old) = self.config.connector(&connector.name) {
+                let index = self
+                    .config
+                    .connectors
+                    .iter()
+                    .position(|c| std::ptr::eq(c, old))
+                    .expect("found above");
+                *slot = Some(self.ids[index]);
+                taken.insert(self.ids[index]);
+            }
+        }
+        for slot in ids.iter_mut().filter(|s| s.is_none()) {
+            let free = |id: &u32| !taken.contains(id) && !in_use.contains(id);
+            let id = (0..MAX_CONNECTORS)
+                .find(|id| free(id) && !self.used_ids.contains(id))
+                .or_else(|| (0..MAX_CONNECTORS).find(free))
+                .ok_or_else(|| {
+                    anyhow!("no connector slot is free (at most {MAX_CONNECTORS}, and removed connectors keep theirs until their connections close)")
+                })?;
+            taken.insert(id);
+            *slot = Some(id);
+        }
+        Ok(ids.into_iter().map(|id| id.expect("assigned")).collect())
+    }
+
+    /// Applies `edit` to the config: validated like the file, installed in
+    /// the kernel for the next SYN, written back atomically. Any failure
+    /// leaves the kernel and the file as they were.
+    fn change(
+        &mut self,
+        edit: impl FnOnce(&mut ConfigDocument) -> Result<(), String>,
+    ) -> anyhow::Result<()> {
+        let mut document = self.document.clone();
+        edit(&mut document).map_err(|e| anyhow!(e))?;
+        let file = self.config_path.display().to_string();
+        let config = document.validate(&file).map_err(|e| anyhow!(e))?;
+        if config.ipv6_prefix_length != self.config.ipv6_prefix_length
+            || config.handshake_timeout != self.config.handshake_timeout
+        {
+            bail!("ipv6_prefix_length and handshake_timeout take effect only at start");
+        }
+        let on_disk = std::fs::read_to_string(&self.config_path).ok();
+        if on_disk != self.config_on_disk {
+            bail!(
+                "{file} was changed by hand since the daemon read it; restart the daemon to load it (nothing changed)"
+            );
+        }
+        let ids = self.assign_ids(&config)?;
+        let table = SelectionTable::build_with_ids(&config, &ids);
+        if let Err(e) = self.kernel.install(&config, &ids, &table) {
+            self.restore();
+            bail!(
+                "updating the kernel tables: {} (nothing changed)",
+                error_chain(&e)
+            );
+        }
+        if let Err(e) = document.write_atomically(&self.config_path) {
+            self.restore();
+            bail!("writing {file}: {e} (nothing changed)");
+        }
+        log::info!("config changed and written to {file}");
+        self.config_on_disk = Some(document.to_string());
+        self.config_source = file;
+        self.used_ids.extend(ids.iter().copied());
+        self.config = config;
+        self.ids = ids;
+        self.table = table;
+        self.document = document;
+        Ok(())
+    }
+
+    /// Puts the current config back into the kernel after a failed change.
+    fn restore(&mut self) {
+        if let Err(e) = self.kernel.install(&self.config, &self.ids, &self.table) {
+            log::error!("restoring the kernel tables: {}", error_chain(&e));
+        }
+    }
+
     fn handle(&mut self, request: Request) -> Reply {
-        let result = match request {
-            Request::Status => self
-                .status()
-                .and_then(|s| serde_json::to_value(s).map_err(Into::into)),
-        };
-        match result {
+        match self.answer(request) {
             Ok(value) => Reply::Ok(value),
             Err(e) => Reply::Error(format!("{e:#}")),
         }
     }
-}
 
-fn limit_json(raw: u32) -> serde_json::Value {
-    if raw == limiter_common::UNLIMITED {
-        serde_json::Value::from(LimitValue::display(raw))
-    } else {
-        serde_json::Value::from(raw)
+    fn answer(&mut self, request: Request) -> anyhow::Result<serde_json::Value> {
+        let value = match request {
+            Request::Status => serde_json::to_value(self.status()?)?,
+            Request::ConnectorList => serde_json::to_value(self.connector_statuses()?)?,
+            Request::ConnectorShow { name } => {
+                serde_json::to_value(self.connector_status(self.index_of(&name)?)?)?
+            }
+            Request::ConnectorNew { name, changes } => {
+                self.change(|d| d.new_connector(name.trim(), &changes))?;
+                serde_json::to_value(self.connector_status(self.index_of(&name)?)?)?
+            }
+            Request::ConnectorSet { name, changes } => {
+                self.change(|d| d.set_connector(&name, &changes))?;
+                serde_json::to_value(self.connector_status(self.index_of(&name)?)?)?
+            }
+            Request::ConnectorRemove { name } => {
+                let index = self.index_of(&name)?;
+                let removed = self.config.connectors[index].name.clone();
+                self.change(|d| d.remove_connector(&name))?;
+                serde_json::json!({ "removed": removed })
+            }
+            Request::Sources { connector, top } => serde_json::to_value(
+                report::sources(&self.connectors(), &self.kernel, connector.as_deref(), top)
+                    .map_err(|e| anyhow!(e))?,
+            )?,
+            Request::Explain { ip, local } => {
+                let ip = ip
+                    .trim()
+                    .parse()
+                    .map_err(|_| anyhow!("{ip:?} is not an IP address"))?;
+                let local = match local {
+                    Some(text) => Some(text.trim().parse().map_err(|_| {
+                        anyhow!("--local {text:?} is not IP:PORT (IPv6 as [addr]:port)")
+                    })?),
+                    None => None,
+                };
+                let explanation =
+                    report::explain(&self.connectors(), &self.table, &self.kernel, ip, local)
+                        .map_err(|e| anyhow!(error_chain(&e)))?;
+                serde_json::to_value(explanation)?
+            }
+            Request::Stats => {
+                let stats = self.kernel.stats().map_err(|e| anyhow!(error_chain(&e)))?;
+                serde_json::to_value(report::stats(&self.connectors(), &stats))?
+            }
+        };
+        Ok(value)
     }
 }
 
@@ -505,7 +734,7 @@ fn show(flow: &FlowKey) -> String {
     format!("{remote} -> {local}")
 }
 
-async fn serve_control(listener: UnixListener, daemon: Arc<Mutex<Daemon>>) {
+async fn serve_control(listener: UnixListener, daemon: Arc<Mutex<Daemon>>, group: Option<u32>) {
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -515,14 +744,17 @@ async fn serve_control(listener: UnixListener, daemon: Arc<Mutex<Daemon>>) {
                 continue;
             }
         };
-        tokio::spawn(serve_client(stream, daemon.clone()));
+        tokio::spawn(serve_client(stream, daemon.clone(), group));
     }
 }
 
-async fn serve_client(stream: UnixStream, daemon: Arc<Mutex<Daemon>>) {
-    match stream.peer_cred() {
-        Ok(cred) if cred.uid() == 0 => {}
-        _ => {
+async fn serve_client(stream: UnixStream, daemon: Arc<Mutex<Daemon>>, group: Option<u32>) {
+    let allowed = stream.peer_cred().is_ok_and(|cred| {
+        cred.uid() == 0 || group.is_some_and(|g| in_group(cred.pid(), cred.gid(), g))
+    });
+    match allowed {
+        true => {}
+        false => {
             let (_, mut writer) = stream.into_split();
             let _ = write_reply(
                 &mut writer,

@@ -379,9 +379,22 @@ impl Kernel {
             .map_err(map_err(names::CONNECTOR_LIVE))
     }
 
+    /// Live connections on every connector id.
+    pub fn live_total(&self) -> Result<u64, KernelError> {
+        self.connector_live
+            .iter()
+            .map(|live| live.map(u64::from).map_err(map_err(names::CONNECTOR_LIVE)))
+            .sum()
+    }
+
     /// Every source entry (live or idle).
     pub fn sources(&self) -> Vec<(SourceKey, SourceCount)> {
         self.source_live.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Live connections of one source (0 when it has no entry).
+    pub fn source_live(&self, key: &SourceKey) -> u32 {
+        self.source_live.get(key, 0).map(|c| c.live).unwrap_or(0)
     }
 
     /// Forgets a source entry (only ever one with no live connection).

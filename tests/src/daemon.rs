@@ -2,15 +2,15 @@
 //! interface, with its own config file, control socket, cgroup and bpffs.
 
 use std::{
-    io,
+    ffi::OsString,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::{Command, Output, Stdio},
     time::Duration,
 };
 
 use limiter::control::{self, Request, Status};
 
-use crate::{BpfFs, Cgroup, ChildGuard, Lab, spawn_in, wait_for};
+use crate::{BpfFs, Cgroup, ChildGuard, Lab, Netns, spawn_in, wait_for};
 
 /// The `limiter` binary: `$LIMITER_BIN` (set by `cargo xtask test` to
 /// target/debug/limiter), else this package's `limiter-under-test` (the same
@@ -37,8 +37,11 @@ pub fn limiter_bin() -> PathBuf {
 /// on drop.
 pub struct Limiter {
     child: Option<ChildGuard>,
+    ns: Netns,
+    args: Vec<OsString>,
     dir: PathBuf,
     control: PathBuf,
+    config: Option<PathBuf>,
     // Dropped after the daemon, which holds pins in it.
     _bpffs: BpfFs,
 }
@@ -62,51 +65,82 @@ impl Limiter {
         std::fs::create_dir_all(&dir).expect("creating the test directory");
         let bpffs = BpfFs::new();
         let control = dir.join("control.sock");
+        let mut args: Vec<OsString> = vec![
+            "run".into(),
+            "--iface".into(),
+            lab.server_iface().into(),
+            "--cgroup".into(),
+            cgroup.path().into(),
+            "--bpffs".into(),
+            bpffs.path().join("limiter").into(),
+            "--control".into(),
+            control.clone().into(),
+        ];
+        let config = config.map(|text| {
+            let path = dir.join("connectors.toml");
+            std::fs::write(&path, text).expect("writing the config");
+            args.push("--config".into());
+            args.push(path.clone().into());
+            path
+        });
+        args.extend(extra.iter().map(OsString::from));
+        let mut limiter = Limiter {
+            child: None,
+            ns: lab.server_ns().clone(),
+            args,
+            dir,
+            control,
+            config,
+            _bpffs: bpffs,
+        };
+        limiter.spawn();
+        limiter
+    }
+
+    /// Starts the daemon process and waits until it answers.
+    fn spawn(&mut self) {
         let mut cmd = Command::new(limiter_bin());
-        cmd.arg("run")
-            .args(["--iface", lab.server_iface()])
-            .arg("--cgroup")
-            .arg(cgroup.path())
-            .arg("--bpffs")
-            .arg(bpffs.path().join("limiter"))
-            .arg("--control")
-            .arg(&control)
-            .args(extra)
+        cmd.args(&self.args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        if let Some(config) = config {
-            let path = dir.join("connectors.toml");
-            std::fs::write(&path, config).expect("writing the config");
-            cmd.arg("--config").arg(path);
-        }
         // The daemon itself stays out of the tracked cgroup: only the mail
         // server's sockets are counted there.
-        let mut child = spawn_in(lab.server_ns(), None, cmd);
+        let mut child = spawn_in(&self.ns, None, cmd);
         child.capture();
-        let mut limiter = Limiter {
-            child: Some(child),
-            dir,
-            control,
-            _bpffs: bpffs,
-        };
+        self.child = Some(child);
         let ready = wait_for(Duration::from_secs(20), || {
-            if let Some(status) = limiter.child_mut().try_wait() {
+            if let Some(status) = self.child_mut().try_wait() {
                 panic!(
                     "limiter run exited early ({status}):\n{}",
-                    limiter.child().stderr_text()
+                    self.child().stderr_text()
                 );
             }
-            limiter.try_status().ok()
+            self.try_status().ok()
         });
         if ready.is_none() {
             panic!(
                 "limiter run did not answer on {} within 20 s:\n{}",
-                limiter.control.display(),
-                limiter.child().stderr_text()
+                self.control.display(),
+                self.child().stderr_text()
             );
         }
-        limiter
+    }
+
+    /// Stops the daemon (SIGTERM) and starts it again with the same command
+    /// line and config file; returns the first run's log.
+    pub fn restart(&mut self) -> String {
+        let log = self.terminate();
+        self.spawn();
+        log
+    }
+
+    fn terminate(&mut self) -> String {
+        let mut child = self.child.take().expect("running");
+        let status = child.terminate(Duration::from_secs(10));
+        let log = child.stderr_text();
+        assert!(status.success(), "limiter run exited with {status}:\n{log}");
+        log
     }
 
     fn child(&self) -> &ChildGuard {
@@ -120,6 +154,11 @@ impl Limiter {
     /// The control socket.
     pub fn control(&self) -> &Path {
         &self.control
+    }
+
+    /// The config file, when started with one.
+    pub fn config_path(&self) -> Option<&Path> {
+        self.config.as_deref()
     }
 
     /// The daemon's log so far.
@@ -150,23 +189,54 @@ impl Limiter {
             .live
     }
 
-    /// Runs `limiter ARGS --control SOCKET` and returns its output.
-    pub fn cli(&self, args: &[&str]) -> io::Result<std::process::Output> {
+    /// Runs `limiter ARGS --control SOCKET`.
+    pub fn cli(&self, args: &[&str]) -> Output {
         Command::new(limiter_bin())
             .args(args)
             .arg("--control")
             .arg(&self.control)
             .output()
+            .expect("running limiter")
+    }
+
+    /// Runs a CLI command that must succeed; returns its stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "limiter {args:?} failed: {}\ndaemon log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs a CLI command with `--json` that must succeed; returns the JSON.
+    pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut with_json = args.to_vec();
+        with_json.push("--json");
+        let out = self.cli_ok(&with_json);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
+    }
+
+    /// Runs a CLI command that must fail with exit code 1 and one line on
+    /// stderr; returns that line.
+    pub fn cli_err(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "limiter {args:?} should fail: {stderr}"
+        );
+        assert_eq!(stderr.lines().count(), 1, "one line: {stderr:?}");
+        stderr.trim_end().to_string()
     }
 
     /// Stops the daemon with SIGTERM and returns its log; panics if it does
     /// not exit cleanly.
     pub fn stop(mut self) -> String {
-        let mut child = self.child.take().expect("running");
-        let status = child.terminate(Duration::from_secs(10));
-        let log = child.stderr_text();
-        assert!(status.success(), "limiter run exited with {status}:\n{log}");
-        log
+        self.terminate()
     }
 }
 

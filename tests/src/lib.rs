@@ -45,6 +45,7 @@ pub mod hold;
 pub mod lab;
 pub mod netns;
 mod procs;
+pub mod scenario;
 pub mod ss;
 
 pub use bpffs::BpfFs;

@@ -3,7 +3,7 @@
 //! holding them.
 
 use std::{
-    io::{BufRead, BufReader, ErrorKind, Write},
+    io::ErrorKind,
     net::{IpAddr, TcpStream},
     time::Duration,
 };
@@ -12,124 +12,13 @@ use limiter_tests::{
     Cgroup, HoldServer, Lab, Limiter,
     daemon::limiter_bin,
     established,
-    lab::{client_v4, client_v6, server_v4, server_v6},
+    lab::{client_v4, client_v6, server_v4},
+    scenario::{ADMIT_WAIT, SETTLE, Scenario, connector, echo, server_side},
     spawn_in, tcp_hold_bin, wait_until,
 };
 
-/// Long enough for an admitted SYN to be answered on a veth; a dropped SYN
-/// is retransmitted only after 1 s, so a shorter wait sees only the first.
-const ADMIT_WAIT: Duration = Duration::from_millis(800);
-/// How long a test waits for the daemon to notice a change.
-const SETTLE: Duration = Duration::from_secs(10);
-
-/// A lab, a tracked cgroup, a server on port 25 (IPv4 and IPv6) in it, and
-/// the limiter with `config`.
-struct Setup {
-    limiter: Limiter,
-    _server: HoldServer,
-    _cgroup: Cgroup,
-    lab: Lab,
-}
-
-fn setup(config: &str) -> Setup {
-    let lab = Lab::new();
-    let cgroup = Cgroup::new();
-    let server = HoldServer::start_with(
-        tcp_hold_bin!(),
-        &lab,
-        Some(&cgroup),
-        &["10.77.0.1:25", "[fd77::1]:25", "10.77.0.1:2525"],
-    );
-    let limiter = Limiter::start(&lab, &cgroup, config);
-    Setup {
-        limiter,
-        _server: server,
-        _cgroup: cgroup,
-        lab,
-    }
-}
-
-fn connector(name: &str, ranges: &str, max: &str, per_source: &str, pct: u32) -> String {
-    format!(
-        "[[connector]]\nname = \"{name}\"\nbindings = [\"0.0.0.0:25\", \"[::]:25\"]\n\
-         remote_ip_ranges = {ranges}\nmax_inbound_connection = {max}\n\
-         max_inbound_connection_per_source = {per_source}\n\
-         max_inbound_connection_percentage_per_source = {pct}\n"
-    )
-}
-
-impl Setup {
-    fn connect(&self, src: impl Into<IpAddr>) -> std::io::Result<TcpStream> {
-        let src = src.into();
-        let dst = if src.is_ipv4() {
-            server_v4(25)
-        } else {
-            server_v6(25)
-        };
-        self.lab.connect(src, dst, ADMIT_WAIT)
-    }
-
-    /// Opens `n` connections from `src`, each of which must be admitted.
-    fn open(&self, src: impl Into<IpAddr> + Copy, n: usize) -> Vec<TcpStream> {
-        (0..n)
-            .map(|i| {
-                self.connect(src).unwrap_or_else(|e| {
-                    panic!(
-                        "connection {} of {n} from {} was refused: {e}\n{}",
-                        i + 1,
-                        src.into(),
-                        self.limiter.log()
-                    )
-                })
-            })
-            .collect()
-    }
-
-    /// A connection from `src` must be refused (its SYN dropped).
-    fn refused(&self, src: impl Into<IpAddr> + Copy) {
-        match self.connect(src) {
-            Ok(s) => panic!(
-                "a connection from {} was admitted ({:?}); status: {:?}",
-                src.into(),
-                s.local_addr(),
-                self.limiter.status()
-            ),
-            Err(e) => assert_eq!(e.kind(), ErrorKind::TimedOut, "from {}: {e}", src.into()),
-        }
-    }
-
-    /// The daemon's live count equals what the kernel's socket table holds
-    /// on port 25, once open handshakes have completed.
-    fn assert_counts_match_ss(&self) {
-        let ok = wait_until(SETTLE, Duration::from_millis(50), || {
-            let status = self.limiter.status();
-            status.handshakes == 0
-                && status.live_total as usize == established(self.lab.server_ns(), 25).len()
-        });
-        assert!(
-            ok,
-            "live counts {:?} != ss {:?}",
-            self.limiter.status(),
-            established(self.lab.server_ns(), 25)
-        );
-    }
-}
-
-/// Asks the server to close (or reset) its side of `stream`.
-fn server_side(stream: &mut TcpStream, command: &str) {
-    stream
-        .write_all(format!("{command}\n").as_bytes())
-        .expect("sending the command");
-}
-
-fn echo(stream: &mut TcpStream, line: &str) -> String {
-    stream.write_all(format!("{line}\n").as_bytes()).unwrap();
-    let mut reply = String::new();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    BufReader::new(&*stream).read_line(&mut reply).unwrap();
-    reply.trim_end().to_string()
+fn setup(config: &str) -> Scenario {
+    Scenario::start(config)
 }
 
 #[test]
@@ -271,10 +160,10 @@ fn existing_connections_are_counted_and_released() {
         &cgroup,
         &connector("Frontend", "[\"0.0.0.0/0\"]", "100", "3", 100),
     );
-    let s = Setup {
+    let s = Scenario {
         limiter,
-        _server: server,
-        _cgroup: cgroup,
+        server,
+        cgroup,
         lab,
     };
     assert_eq!(s.limiter.live("Frontend"), 3);
@@ -303,7 +192,7 @@ fn existing_connections_are_counted_and_released() {
 /// Holds the only slot of a source, frees it with `close` (which returns
 /// whatever must stay open meanwhile), and checks the slot can be taken
 /// again.
-fn release_then_admit(s: &Setup, close: impl FnOnce(TcpStream) -> Option<TcpStream>) {
+fn release_then_admit(s: &Scenario, close: impl FnOnce(TcpStream) -> Option<TcpStream>) {
     let held = s.open(client_v4(3), 1).pop().unwrap();
     s.refused(client_v4(3));
     let _half_open = close(held);
@@ -433,16 +322,12 @@ fn status_reports_the_daemon() {
     assert_eq!(status.connectors[0].max_inbound_connection, "unlimited");
     assert_eq!(status.connectors[0].max_inbound_connection_per_source, 2);
     assert_eq!(status.live_total, 2);
-    let out = s.limiter.cli(&["status"]).unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = s.limiter.cli_ok(&["status"]);
     assert!(
         text.contains("Frontend") && text.contains("unlimited / 2 / 100%"),
         "{text}"
     );
-    let json = s.limiter.cli(&["status", "--json"]).unwrap();
-    let value: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
-    assert_eq!(value["live_total"], 2);
+    assert_eq!(s.limiter.cli_json(&["status"])["live_total"], 2);
 }
 
 #[test]

@@ -1,0 +1,365 @@
+//! Changes to the config file made by `limiter connector new|set|remove`:
+//! edits of the TOML document that keep its comments and layout, and an
+//! atomic write-back.
+
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+use toml_edit::{Array, ArrayOfTables, DocumentMut, Item, Table, Value, value};
+
+use crate::config::{Config, LimitValue};
+
+/// The fields a `connector new|set` may change; `None` leaves a field as
+/// it is (or at its default for a new connector).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectorChanges {
+    pub bindings: Option<Vec<String>>,
+    pub remote_ip_ranges: Option<Vec<String>>,
+    /// As typed: a number or `unlimited`.
+    pub max_inbound_connection: Option<String>,
+    pub max_inbound_connection_per_source: Option<String>,
+    pub max_inbound_connection_percentage_per_source: Option<String>,
+    pub action: Option<String>,
+}
+
+impl ConnectorChanges {
+    pub fn is_empty(&self) -> bool {
+        *self == ConnectorChanges::default()
+    }
+}
+
+/// A config file as a document that can be edited and written back.
+#[derive(Clone, Debug)]
+pub struct ConfigDocument {
+    doc: DocumentMut,
+}
+
+/// Why an edit was refused.
+pub type EditError = String;
+
+impl ConfigDocument {
+    /// The document of a config file's text.
+    pub fn parse(text: &str) -> Result<ConfigDocument, EditError> {
+        let doc = text
+            .parse::<DocumentMut>()
+            .map_err(|e| e.message().trim().to_string())?;
+        Ok(ConfigDocument { doc })
+    }
+
+    /// A document holding `config`, for a daemon that started without a
+    /// file.
+    pub fn from_config(config: &Config) -> ConfigDocument {
+        let mut text = format!(
+            "# limiter connectors (see `limiter connector --help`).\n\
+             ipv6_prefix_length = {}\n\
+             handshake_timeout = \"{}\"\n",
+            config.ipv6_prefix_length,
+            humantime::format_duration(config.handshake_timeout)
+        );
+        for c in &config.connectors {
+            let list = |items: Vec<String>| {
+                let quoted: Vec<String> = items.iter().map(|i| format!("{i:?}")).collect();
+                format!("[{}]", quoted.join(", "))
+            };
+            let limit = |raw: u32| match LimitValue::display(raw).parse::<u32>() {
+                Ok(n) => n.to_string(),
+                Err(_) => "\"unlimited\"".to_string(),
+            };
+            text.push_str(&format!(
+                "\n[[connector]]\nname = {:?}\nbindings = {}\nremote_ip_ranges = {}\n\
+                 max_inbound_connection = {}\nmax_inbound_connection_per_source = {}\n\
+                 max_inbound_connection_percentage_per_source = {}\naction = {:?}\n",
+                c.name,
+                list(c.bindings.iter().map(|b| b.to_string()).collect()),
+                list(c.remote_ip_ranges.iter().map(|r| r.to_string()).collect()),
+                limit(c.limits.max_inbound_connection),
+                limit(c.limits.max_inbound_connection_per_source),
+                c.limits.max_inbound_connection_percentage_per_source,
+                c.action.name(),
+            ));
+        }
+        ConfigDocument::parse(&text).expect("a rendered config parses")
+    }
+
+    fn connectors_mut(&mut self) -> Result<&mut ArrayOfTables, EditError> {
+        let item = self
+            .doc
+            .entry("connector")
+            .or_insert_with(|| Item::ArrayOfTables(ArrayOfTables::new()));
+        item.as_array_of_tables_mut().ok_or_else(|| {
+            "the config file writes its connectors in a form that cannot be edited; use [[connector]] tables"
+                .to_string()
+        })
+    }
+
+    fn index_of(&mut self, name: &str) -> Result<Option<usize>, EditError> {
+        Ok(self.connectors_mut()?.iter().position(|t| {
+            t.get("name")
+                .and_then(Item::as_str)
+                .is_some_and(|n| n.trim().eq_ignore_ascii_case(name.trim()))
+        }))
+    }
+
+    /// Adds a connector called `name`.
+    pub fn new_connector(
+        &mut self,
+        name: &str,
+        changes: &ConnectorChanges,
+    ) -> Result<(), EditError> {
+        if self.index_of(name)?.is_some() {
+            return Err(format!("connector \"{name}\" already exists"));
+        }
+        if changes.bindings.is_none() {
+            return Err(format!(
+                "connector \"{name}\": a new connector needs --bindings"
+            ));
+        }
+        let mut table = Table::new();
+        table.insert("name", value(name));
+        apply(&mut table, changes);
+        self.connectors_mut()?.push(table);
+        Ok(())
+    }
+
+    /// Changes connector `name`.
+    pub fn set_connector(
+        &mut self,
+        name: &str,
+        changes: &ConnectorChanges,
+    ) -> Result<(), EditError> {
+        if changes.is_empty() {
+            return Err(format!("connector \"{name}\": nothing to change"));
+        }
+        let index = self
+            .index_of(name)?
+            .ok_or_else(|| format!("there is no connector \"{name}\""))?;
+        let table = self
+            .connectors_mut()?
+            .get_mut(index)
+            .expect("index from position");
+        apply(table, changes);
+        Ok(())
+    }
+
+    /// Removes connector `name`.
+    pub fn remove_connector(&mut self, name: &str) -> Result<(), EditError> {
+        let index = self
+            .index_of(name)?
+            .ok_or_else(|| format!("there is no connector \"{name}\""))?;
+        self.connectors_mut()?.remove(index);
+        Ok(())
+    }
+
+    /// Validates the document as a config file called `file`.
+    pub fn validate(&self, file: &str) -> Result<Config, EditError> {
+        Config::parse(&self.to_string(), file).map_err(|e| e.to_string())
+    }
+
+    /// Writes the document to `path` atomically: a temporary file in the
+    /// same directory, flushed to disk, then renamed over the old one (whose
+    /// permissions it keeps).
+    pub fn write_atomically(&self, path: &Path) -> std::io::Result<()> {
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir)?;
+        let file_name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "connectors.toml".to_string());
+        let temp: PathBuf = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
+        let result = (|| {
+            let mut file = std::fs::File::create(&temp)?;
+            if let Ok(meta) = std::fs::metadata(path) {
+                file.set_permissions(meta.permissions())?;
+            }
+            file.write_all(self.to_string().as_bytes())?;
+            file.sync_all()?;
+            std::fs::rename(&temp, path)?;
+            std::fs::File::open(dir)?.sync_all()
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&temp);
+        }
+        result
+    }
+}
+
+impl std::fmt::Display for ConfigDocument {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.doc.fmt(f)
+    }
+}
+
+fn apply(table: &mut Table, changes: &ConnectorChanges) {
+    let list = |items: &[String]| {
+        let mut array = Array::new();
+        for item in items {
+            array.push(item.trim());
+        }
+        Item::Value(Value::Array(array))
+    };
+    // A number stays a number; anything else is kept as text for validation
+    // to judge ("unlimited", or a mistake it will name).
+    let limit = |text: &str| match text.trim().parse::<i64>() {
+        Ok(n) => value(n),
+        Err(_) => value(text.trim()),
+    };
+    if let Some(bindings) = &changes.bindings {
+        table.insert("bindings", list(bindings));
+    }
+    if let Some(ranges) = &changes.remote_ip_ranges {
+        table.insert("remote_ip_ranges", list(ranges));
+    }
+    for (key, change) in [
+        ("max_inbound_connection", &changes.max_inbound_connection),
+        (
+            "max_inbound_connection_per_source",
+            &changes.max_inbound_connection_per_source,
+        ),
+        (
+            "max_inbound_connection_percentage_per_source",
+            &changes.max_inbound_connection_percentage_per_source,
+        ),
+    ] {
+        if let Some(text) = change {
+            table.insert(key, limit(text));
+        }
+    }
+    if let Some(action) = &changes.action {
+        table.insert("action", value(action.trim()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = "# Our MX.\nipv6_prefix_length = 64 # per /64\n\n\
+        [[connector]]\n# The front door.\nname = \"Default Frontend\"\nbindings = [\"0.0.0.0:25\"]\n\
+        max_inbound_connection_per_source = 20 # Exchange's default\n";
+
+    fn set(what: &str, to: &str) -> ConnectorChanges {
+        let mut c = ConnectorChanges::default();
+        match what {
+            "per_source" => c.max_inbound_connection_per_source = Some(to.into()),
+            "max" => c.max_inbound_connection = Some(to.into()),
+            "pct" => c.max_inbound_connection_percentage_per_source = Some(to.into()),
+            "ranges" => c.remote_ip_ranges = Some(to.split(',').map(String::from).collect()),
+            "bindings" => c.bindings = Some(to.split(',').map(String::from).collect()),
+            _ => unreachable!(),
+        }
+        c
+    }
+
+    #[test]
+    fn set_keeps_comments_and_validates() {
+        let mut d = ConfigDocument::parse(FILE).unwrap();
+        d.set_connector("default frontend", &set("per_source", "unlimited"))
+            .unwrap();
+        let text = d.to_string();
+        assert!(
+            text.contains("# Our MX.")
+                && text.contains("# The front door.")
+                && text.contains("# per /64")
+        );
+        assert!(
+            text.contains("max_inbound_connection_per_source = \"unlimited\""),
+            "{text}"
+        );
+        let config = d.validate("c.toml").unwrap();
+        assert_eq!(
+            config.connectors[0]
+                .limits
+                .max_inbound_connection_per_source,
+            limiter_common::UNLIMITED
+        );
+    }
+
+    #[test]
+    fn bad_values_are_named_by_validation() {
+        for (what, to, needle) in [
+            (
+                "per_source",
+                "0",
+                "max_inbound_connection_per_source 0 is out of range",
+            ),
+            ("per_source", "10001", "10001 is out of range"),
+            ("pct", "101", "101 is out of range"),
+            ("max", "lots", "is not a number"),
+            ("ranges", "10.0.0.0/33", "is not an IP address"),
+        ] {
+            let mut d = ConfigDocument::parse(FILE).unwrap();
+            d.set_connector("Default Frontend", &set(what, to)).unwrap();
+            let e = d.validate("c.toml").unwrap_err();
+            assert!(
+                e.contains("connector \"Default Frontend\"") && e.contains(needle),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn new_and_remove() {
+        let mut d = ConfigDocument::parse(FILE).unwrap();
+        let mut relay = set("bindings", "0.0.0.0:25");
+        relay.remote_ip_ranges = Some(vec!["10.1.0.0/24".into()]);
+        d.new_connector("Relay", &relay).unwrap();
+        assert_eq!(d.validate("c.toml").unwrap().connectors.len(), 2);
+        assert!(
+            d.new_connector("relay", &relay)
+                .unwrap_err()
+                .contains("already exists")
+        );
+        assert!(
+            d.new_connector("Other", &ConnectorChanges::default())
+                .unwrap_err()
+                .contains("needs --bindings")
+        );
+        // Overlapping without nesting is refused by validation.
+        let mut crossing = set("bindings", "0.0.0.0:25");
+        crossing.remote_ip_ranges = Some(vec!["10.1.0.128-10.1.1.5".into()]);
+        let mut d2 = d.clone();
+        d2.new_connector("Crossing", &crossing).unwrap();
+        assert!(d2.validate("c.toml").unwrap_err().contains("overlaps"));
+        d.remove_connector("Relay").unwrap();
+        assert_eq!(d.validate("c.toml").unwrap().connectors.len(), 1);
+        assert!(
+            d.remove_connector("Relay")
+                .unwrap_err()
+                .contains("no connector")
+        );
+        assert!(
+            d.set_connector("Nope", &set("max", "5"))
+                .unwrap_err()
+                .contains("no connector \"Nope\"")
+        );
+    }
+
+    #[test]
+    fn the_builtin_default_round_trips() {
+        let config = Config::builtin_default();
+        let d = ConfigDocument::from_config(&config);
+        assert_eq!(d.validate("c.toml").unwrap(), config);
+    }
+
+    #[test]
+    fn atomic_write() {
+        let dir = std::env::temp_dir().join(format!("limiter-edit-{}", std::process::id()));
+        let path = dir.join("connectors.toml");
+        let d = ConfigDocument::parse(FILE).unwrap();
+        d.write_atomically(&path).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), FILE);
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 1, "no temporary file left: {names:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,359 @@
+//! What the operator asks the daemon: which sources hold how many
+//! connections, why a source would be refused, and the counters. Every
+//! verdict here comes from `limiter_common::evaluate`, the function the XDP
+//! program runs.
+
+use std::net::{IpAddr, SocketAddr};
+
+use limiter_common::{
+    Rule, UNLIMITED, addr,
+    maps::{MAX_CONNECTORS, SourceKey, stat},
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    config::{Config, Connector, LimitValue},
+    kernel::{Kernel, KernelError, Stats},
+    selection::{SelectionTable, canonical, from_addr, to_addr},
+};
+
+/// A connector's identity in the kernel, next to its config.
+pub struct Connectors<'a> {
+    pub config: &'a Config,
+    /// Connector `i` of the config has kernel id `ids[i]`.
+    pub ids: &'a [u32],
+}
+
+impl Connectors<'_> {
+    fn by_id(&self, id: u32) -> Option<&Connector> {
+        self.ids
+            .iter()
+            .position(|i| *i == id)
+            .map(|index| &self.config.connectors[index])
+    }
+
+    fn id_of(&self, name: &str) -> Option<(u32, &Connector)> {
+        self.config
+            .connectors
+            .iter()
+            .zip(self.ids)
+            .find(|(c, _)| c.name.eq_ignore_ascii_case(name))
+            .map(|(c, id)| (*id, c))
+    }
+}
+
+/// A limit as JSON: a number, or "unlimited".
+pub fn limit_json(raw: u32) -> serde_json::Value {
+    if raw == UNLIMITED {
+        serde_json::Value::from(LimitValue::display(raw))
+    } else {
+        serde_json::Value::from(raw)
+    }
+}
+
+/// How a source identity is shown: an IPv4 address, or an IPv6 address with
+/// the prefix it stands for.
+pub fn show_source(identity: &addr::Addr, ipv6_prefix_length: u8) -> String {
+    let ip = from_addr(identity);
+    match ip {
+        IpAddr::V6(_) if ipv6_prefix_length < 128 => format!("{ip}/{ipv6_prefix_length}"),
+        _ => ip.to_string(),
+    }
+}
+
+/// One source on one connector.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceEntry {
+    pub connector: String,
+    pub source: String,
+    pub live: u32,
+    /// The effective cap a new connection from this source meets now; null
+    /// when no limit applies.
+    pub cap: Option<u32>,
+    /// The limit behind `cap` ("total", "per_source", "percentage", "none").
+    pub rule: String,
+}
+
+/// The sources holding connections, largest first.
+pub fn sources(
+    connectors: &Connectors,
+    kernel: &Kernel,
+    only: Option<&str>,
+    top: Option<usize>,
+) -> Result<Vec<SourceEntry>, String> {
+    let filter = match only {
+        Some(name) => Some(
+            connectors
+                .id_of(name)
+                .ok_or_else(|| format!("there is no connector \"{name}\""))?
+                .0,
+        ),
+        None => None,
+    };
+    let mut out = Vec::new();
+    for (key, count) in kernel.sources() {
+        if count.live == 0 || filter.is_some_and(|id| id != key.connector) {
+            continue;
+        }
+        let Some(connector) = connectors.by_id(key.connector) else {
+            // A removed connector whose last connections are still open.
+            continue;
+        };
+        let live_total = kernel
+            .connector_live(key.connector)
+            .map_err(|e| e.to_string())?;
+        let evaluation = limiter_common::evaluate(&connector.limits, live_total, count.live);
+        out.push(SourceEntry {
+            connector: connector.name.clone(),
+            source: show_source(&key.addr, connectors.config.ipv6_prefix_length),
+            live: count.live,
+            cap: (evaluation.cap != UNLIMITED).then_some(evaluation.cap),
+            rule: evaluation.rule.name().to_string(),
+        });
+    }
+    out.sort_by(|a, b| {
+        b.live
+            .cmp(&a.live)
+            .then_with(|| a.connector.cmp(&b.connector))
+            .then_with(|| a.source.cmp(&b.source))
+    });
+    if let Some(top) = top {
+        out.truncate(top);
+    }
+    Ok(out)
+}
+
+/// Why a connection from an address would be admitted or refused now.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Explanation {
+    pub ip: String,
+    /// The local address and port the connection was assumed to reach.
+    pub local: Option<String>,
+    pub connector: Option<String>,
+    /// The source identity it is counted as.
+    pub source: String,
+    /// Live connections on the connector, and from this source on it.
+    pub live_total: u32,
+    pub live_source: u32,
+    /// The most connections the source may hold with the new one.
+    pub cap: Option<u32>,
+    /// The limit that binds now: the one that refuses, or the tightest.
+    pub rule: String,
+    /// Whether a new connection would be admitted now.
+    pub admitted: bool,
+    /// The event a refusal is reported as.
+    pub event_id: Option<u32>,
+    pub max_inbound_connection: Option<serde_json::Value>,
+    pub max_inbound_connection_per_source: Option<serde_json::Value>,
+    pub max_inbound_connection_percentage_per_source: Option<u32>,
+}
+
+/// Explains a connection from `ip` to `local` (by default: the first
+/// binding, port 25 first, whose connector takes `ip`).
+pub fn explain(
+    connectors: &Connectors,
+    table: &SelectionTable,
+    kernel: &Kernel,
+    ip: IpAddr,
+    local: Option<SocketAddr>,
+) -> Result<Explanation, KernelError> {
+    let ip = canonical(ip);
+    let source_identity =
+        addr::source_identity(&to_addr(ip), connectors.config.ipv6_prefix_length as u32);
+    let candidates: Vec<SocketAddr> = match local {
+        Some(local) => vec![SocketAddr::new(canonical(local.ip()), local.port())],
+        None => {
+            let mut bindings: Vec<SocketAddr> = connectors
+                .config
+                .connectors
+                .iter()
+                .flat_map(|c| c.bindings.iter().map(|b| b.0))
+                .filter(|b| b.is_ipv4() == ip.is_ipv4())
+                .collect();
+            bindings.sort_by_key(|b| (b.port() != 25, !b.ip().is_unspecified()));
+            bindings.dedup();
+            bindings
+        }
+    };
+    let found = candidates.iter().find_map(|local| {
+        table
+            .select(local.ip(), local.port(), ip)
+            .map(|id| (*local, id))
+    });
+    let mut explanation = Explanation {
+        ip: ip.to_string(),
+        local: local.map(|l| l.to_string()),
+        connector: None,
+        source: show_source(&source_identity, connectors.config.ipv6_prefix_length),
+        live_total: 0,
+        live_source: 0,
+        cap: None,
+        rule: Rule::None.name().to_string(),
+        admitted: true,
+        event_id: None,
+        max_inbound_connection: None,
+        max_inbound_connection_per_source: None,
+        max_inbound_connection_percentage_per_source: None,
+    };
+    let Some((local, id)) = found else {
+        return Ok(explanation);
+    };
+    let connector = connectors.by_id(id).expect("ids come from the table");
+    let live_total = kernel.connector_live(id)?;
+    let live_source = kernel.source_live(&SourceKey {
+        connector: id,
+        addr: source_identity,
+    });
+    let evaluation = limiter_common::evaluate(&connector.limits, live_total, live_source);
+    explanation.local = Some(local.to_string());
+    explanation.connector = Some(connector.name.clone());
+    explanation.live_total = live_total;
+    explanation.live_source = live_source;
+    explanation.cap = (evaluation.cap != UNLIMITED).then_some(evaluation.cap);
+    explanation.rule = evaluation.rule.name().to_string();
+    explanation.admitted = evaluation.admitted;
+    explanation.event_id = (!evaluation.admitted).then(|| evaluation.rule.event_id());
+    explanation.max_inbound_connection = Some(limit_json(connector.limits.max_inbound_connection));
+    explanation.max_inbound_connection_per_source = Some(limit_json(
+        connector.limits.max_inbound_connection_per_source,
+    ));
+    explanation.max_inbound_connection_percentage_per_source = Some(
+        connector
+            .limits
+            .max_inbound_connection_percentage_per_source,
+    );
+    Ok(explanation)
+}
+
+/// Counters of the kernel programs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    /// SYNs admitted and counted.
+    pub admitted: u64,
+    /// SYNs refused (or, with action monitor, that would have been).
+    pub rejected: u64,
+    pub rejected_total_limit: u64,
+    pub rejected_per_source: u64,
+    pub rejected_percentage: u64,
+    /// SYNs refused because a table was full.
+    pub rejected_table_full: u64,
+    /// Retransmitted SYNs of handshakes already counted.
+    pub syn_retransmitted: u64,
+    /// Handshakes that completed.
+    pub established: u64,
+    /// Established connections counted without an admitted SYN.
+    pub established_unseen: u64,
+    /// Connections that left ESTABLISHED.
+    pub closed: u64,
+    /// Handshakes released by handshake_timeout.
+    pub handshakes_expired: u64,
+    /// Connections found at start-up, and those of them seen closed.
+    pub seeded: u64,
+    pub seeded_closed: u64,
+}
+
+impl Counters {
+    fn from_row(row: &[u64; stat::COUNT as usize]) -> Counters {
+        let at = |i: u32| row[i as usize];
+        let rejected_total_limit = at(stat::REJECTED_TOTAL);
+        let rejected_per_source = at(stat::REJECTED_PER_SOURCE);
+        let rejected_percentage = at(stat::REJECTED_PERCENTAGE);
+        Counters {
+            admitted: at(stat::ADMITTED),
+            rejected: rejected_total_limit + rejected_per_source + rejected_percentage,
+            rejected_total_limit,
+            rejected_per_source,
+            rejected_percentage,
+            rejected_table_full: at(stat::TABLE_FULL),
+            syn_retransmitted: at(stat::SYN_RETRANSMITTED),
+            established: at(stat::ESTABLISHED),
+            established_unseen: at(stat::ESTABLISHED_UNSEEN),
+            closed: at(stat::CLOSED),
+            handshakes_expired: at(stat::HANDSHAKE_EXPIRED),
+            seeded: at(stat::SEEDED),
+            seeded_closed: at(stat::SEEDED_CLOSED),
+        }
+    }
+
+    fn add(&mut self, other: &Counters) {
+        self.admitted += other.admitted;
+        self.rejected += other.rejected;
+        self.rejected_total_limit += other.rejected_total_limit;
+        self.rejected_per_source += other.rejected_per_source;
+        self.rejected_percentage += other.rejected_percentage;
+        self.rejected_table_full += other.rejected_table_full;
+        self.syn_retransmitted += other.syn_retransmitted;
+        self.established += other.established;
+        self.established_unseen += other.established_unseen;
+        self.closed += other.closed;
+        self.handshakes_expired += other.handshakes_expired;
+        self.seeded += other.seeded;
+        self.seeded_closed += other.seeded_closed;
+    }
+}
+
+/// `limiter stats`: the totals (flattened into the top level) and each
+/// connector's.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatsReport {
+    #[serde(flatten)]
+    pub total: Counters,
+    /// First IP fragments too short to show the TCP header, dropped.
+    pub tiny_fragments_dropped: u64,
+    pub connectors: Vec<ConnectorCounters>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectorCounters {
+    pub name: String,
+    #[serde(flatten)]
+    pub counters: Counters,
+}
+
+pub fn stats(connectors: &Connectors, stats: &Stats) -> StatsReport {
+    let mut report = StatsReport {
+        tiny_fragments_dropped: stats.global[stat::TINY_FRAGMENT as usize],
+        ..Default::default()
+    };
+    for (id, row) in stats
+        .connectors
+        .iter()
+        .enumerate()
+        .take(MAX_CONNECTORS as usize)
+    {
+        let counters = Counters::from_row(row);
+        report.total.add(&counters);
+        if let Some(connector) = connectors.by_id(id as u32) {
+            report.connectors.push(ConnectorCounters {
+                name: connector.name.clone(),
+                counters,
+            });
+        }
+    }
+    // In config order, as `connector list` shows them.
+    report.connectors.sort_by_key(|c| {
+        connectors
+            .config
+            .connectors
+            .iter()
+            .position(|k| k.name == c.name)
+    });
+    report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources_are_shown_as_operators_write_them() {
+        let v4 = to_addr("192.0.2.7".parse().unwrap());
+        assert_eq!(show_source(&v4, 64), "192.0.2.7");
+        let v6 = addr::source_identity(&to_addr("2001:db8:1:2::99".parse().unwrap()), 64);
+        assert_eq!(show_source(&v6, 64), "2001:db8:1:2::/64");
+        assert_eq!(
+            show_source(&to_addr("2001:db8::1".parse().unwrap()), 128),
+            "2001:db8::1"
+        );
+    }
+}

@@ -1,0 +1,139 @@
+//! [`Scenario`]: a lab, a tracked cgroup, a hold server on port 25 in it,
+//! the real daemon, and the moves tests make with real connections.
+
+use std::{
+    io::{BufRead, BufReader, ErrorKind, Write},
+    net::{IpAddr, TcpStream},
+    time::Duration,
+};
+
+use crate::{
+    Cgroup, HoldServer, Lab, Limiter, established,
+    lab::{server_v4, server_v6},
+    wait_until,
+};
+
+/// Long enough for an admitted SYN to be answered on a veth; a dropped SYN
+/// is retransmitted only after 1 s, so a shorter wait sees only the first.
+pub const ADMIT_WAIT: Duration = Duration::from_millis(800);
+/// How long a test waits for the daemon to notice a change.
+pub const SETTLE: Duration = Duration::from_secs(10);
+
+/// A lab, a tracked cgroup, a server on port 25 (IPv4 and IPv6) and 2525
+/// in it, and the limiter. Fields drop in order: the daemon first.
+pub struct Scenario {
+    pub limiter: Limiter,
+    pub server: HoldServer,
+    pub cgroup: Cgroup,
+    pub lab: Lab,
+}
+
+/// The ports the hold server listens on.
+pub const LISTEN: &[&str] = &["10.77.0.1:25", "[fd77::1]:25", "10.77.0.1:2525"];
+
+impl Scenario {
+    /// Everything, with the limiter on `config`.
+    pub fn start(config: &str) -> Scenario {
+        Self::start_with(Some(config), &[])
+    }
+
+    /// Like [`Scenario::start`], with [`Limiter::start_with`]'s options.
+    pub fn start_with(config: Option<&str>, extra: &[&str]) -> Scenario {
+        let lab = Lab::new();
+        let cgroup = Cgroup::new();
+        let server = HoldServer::start(&lab, Some(&cgroup), LISTEN);
+        let limiter = Limiter::start_with(&lab, &cgroup, config, extra);
+        Scenario {
+            limiter,
+            server,
+            cgroup,
+            lab,
+        }
+    }
+}
+
+/// A connector on port 25 (IPv4 and IPv6) in config-file form.
+pub fn connector(name: &str, ranges: &str, max: &str, per_source: &str, pct: u32) -> String {
+    format!(
+        "[[connector]]\nname = \"{name}\"\nbindings = [\"0.0.0.0:25\", \"[::]:25\"]\n\
+         remote_ip_ranges = {ranges}\nmax_inbound_connection = {max}\n\
+         max_inbound_connection_per_source = {per_source}\n\
+         max_inbound_connection_percentage_per_source = {pct}\n"
+    )
+}
+
+impl Scenario {
+    /// Connects from `src` to the server's port 25 of the same family.
+    pub fn connect(&self, src: impl Into<IpAddr>) -> std::io::Result<TcpStream> {
+        let src = src.into();
+        let dst = if src.is_ipv4() {
+            server_v4(25)
+        } else {
+            server_v6(25)
+        };
+        self.lab.connect(src, dst, ADMIT_WAIT)
+    }
+
+    /// Opens `n` connections from `src`, each of which must be admitted.
+    pub fn open(&self, src: impl Into<IpAddr> + Copy, n: usize) -> Vec<TcpStream> {
+        (0..n)
+            .map(|i| {
+                self.connect(src).unwrap_or_else(|e| {
+                    panic!(
+                        "connection {} of {n} from {} was refused: {e}\n{}",
+                        i + 1,
+                        src.into(),
+                        self.limiter.log()
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// A connection from `src` must be refused (its SYN dropped).
+    pub fn refused(&self, src: impl Into<IpAddr> + Copy) {
+        match self.connect(src) {
+            Ok(s) => panic!(
+                "a connection from {} was admitted ({:?}); status: {:?}",
+                src.into(),
+                s.local_addr(),
+                self.limiter.status()
+            ),
+            Err(e) => assert_eq!(e.kind(), ErrorKind::TimedOut, "from {}: {e}", src.into()),
+        }
+    }
+
+    /// The daemon's live count equals what the kernel's socket table holds
+    /// on port 25, once open handshakes have completed.
+    pub fn assert_counts_match_ss(&self) {
+        let ok = wait_until(SETTLE, Duration::from_millis(50), || {
+            let status = self.limiter.status();
+            status.handshakes == 0
+                && status.live_total as usize == established(self.lab.server_ns(), 25).len()
+        });
+        assert!(
+            ok,
+            "live counts {:?} != ss {:?}",
+            self.limiter.status(),
+            established(self.lab.server_ns(), 25)
+        );
+    }
+}
+
+/// Asks the server to close (or reset) its side of `stream`.
+pub fn server_side(stream: &mut TcpStream, command: &str) {
+    stream
+        .write_all(format!("{command}\n").as_bytes())
+        .expect("sending the command");
+}
+
+/// Sends `line` and returns the server's echo.
+pub fn echo(stream: &mut TcpStream, line: &str) -> String {
+    stream.write_all(format!("{line}\n").as_bytes()).unwrap();
+    let mut reply = String::new();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    BufReader::new(&*stream).read_line(&mut reply).unwrap();
+    reply.trim_end().to_string()
+}
