@@ -111,7 +111,7 @@ pub struct Evaluation {
 pub fn evaluate(limits: &Limits, live_total: u32, live_source: u32) -> Evaluation {
     let max = limits.max_inbound_connection;
     let per_source = limits.max_inbound_connection_per_source;
-    let pct = limits.max_inbound_connection_percentage_per_source as u64;
+    let pct = limits.max_inbound_connection_percentage_per_source;
     let total_after = live_total as u64 + 1;
     let source_after = live_source as u64 + 1;
 
@@ -132,8 +132,7 @@ pub fn evaluate(limits: &Limits, live_total: u32, live_source: u32) -> Evaluatio
         rule = Rule::PerSource;
     }
     if pct < 100 && max != UNLIMITED {
-        let remaining = (max as u64).saturating_sub(total_after);
-        let percentage_cap = (remaining * pct).div_ceil(100);
+        let percentage_cap = percentage_cap(limits, live_total) as u64;
         if percentage_cap < cap {
             cap = percentage_cap;
             rule = Rule::Percentage;
@@ -161,6 +160,19 @@ pub fn evaluate(limits: &Limits, live_total: u32, live_source: u32) -> Evaluatio
             cap as u32
         },
     }
+}
+
+/// The percentage rule's cap for a new connection on a connector with
+/// `live_total` live connections: `ceil((max - T) * pct / 100)`, with
+/// `T = live_total + 1` (0 when the total is already reached). Only
+/// meaningful when the rule applies (`pct < 100`, `max` not unlimited).
+#[inline(always)]
+pub fn percentage_cap(limits: &Limits, live_total: u32) -> u32 {
+    let total_after = live_total as u64 + 1;
+    let remaining = (limits.max_inbound_connection as u64).saturating_sub(total_after);
+    let pct = limits.max_inbound_connection_percentage_per_source as u64;
+    // At most (2^31 - 1) * 100 / 100: fits.
+    (remaining * pct).div_ceil(100) as u32
 }
 
 #[cfg(test)]

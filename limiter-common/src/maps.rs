@@ -32,6 +32,8 @@ pub mod names {
     pub const ESTABLISHED: &str = "ESTABLISHED";
     /// `PerCpuArray<u64>`: counters, see [`super::stat`].
     pub const STATS: &str = "STATS";
+    /// `RingBuf` of [`super::RejectionEvent`].
+    pub const EVENTS: &str = "EVENTS";
 }
 
 /// Program names, as they appear in the object file.
@@ -55,6 +57,9 @@ pub const MAX_RANGES: u32 = 65_536;
 pub const DEFAULT_TABLE_ENTRIES: u32 = 262_144;
 /// `BOUND_PORTS` words (65,536 bits).
 pub const BOUND_PORT_WORDS: u32 = 1024;
+/// Bytes of the `EVENTS` ring buffer (a power of two, a multiple of the
+/// page size): about 2,700 events in flight.
+pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
 
 /// Global settings, written by the daemon before it attaches anything.
 #[repr(C)]
@@ -191,8 +196,38 @@ pub mod stat {
     pub const GLOBAL_ROW: u32 = MAX_CONNECTORS;
     /// Global: SYNs in IP fragments too short to show the TCP flags, dropped.
     pub const TINY_FRAGMENT: u32 = 0;
+    /// Global: rejections not reported because the event ring was full.
+    pub const EVENTS_LOST: u32 = 1;
     /// Entries of `STATS`.
     pub const ENTRIES: u32 = (MAX_CONNECTORS + 1) * COUNT;
+}
+
+/// A rejected SYN (or, with action monitor, one that would have been), as the
+/// XDP program reports it on the `EVENTS` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RejectionEvent {
+    /// `bpf_ktime_get_ns()`.
+    pub time_ns: u64,
+    pub connector: u32,
+    /// A [`crate::Rule`] discriminant.
+    pub rule: u32,
+    /// One of [`action`].
+    pub action: u32,
+    /// Live connections on the connector and from the source, before this
+    /// one.
+    pub live_total: u32,
+    pub live_source: u32,
+    /// [`crate::Evaluation::cap`].
+    pub cap: u32,
+    /// The limits the SYN met.
+    pub limits: Limits,
+    pub local_port: u16,
+    pub remote_port: u16,
+    /// The source identity it was counted as.
+    pub source: Addr,
+    pub remote: Addr,
+    pub local: Addr,
 }
 
 /// A request to the `control` program, passed as its context.
@@ -241,6 +276,7 @@ mod pod {
     unsafe impl aya::Pod for super::SourceCount {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowValue {}
+    unsafe impl aya::Pod for super::RejectionEvent {}
 }
 
 #[cfg(test)]
@@ -260,6 +296,7 @@ mod tests {
         assert_eq!(size_of::<FlowKey>(), 36);
         assert_eq!(size_of::<FlowValue>(), 32);
         assert_eq!(align_of::<FlowValue>(), 8);
+        assert_eq!(size_of::<RejectionEvent>(), 96);
         // A raw tracepoint context is at most 12 u64 arguments.
         assert_eq!(size_of::<Control>(), 48);
         assert_eq!(size_of::<Control>() % 8, 0);

@@ -30,9 +30,9 @@ use aya_ebpf::{
 use count::{acquire, bump, release, select_connector, source_key};
 use limiter_common::{
     Rule, addr,
-    maps::{Control, FLOW_SEEDED, FlowKey, FlowValue, action, control as op, stat},
+    maps::{Control, FLOW_SEEDED, FlowKey, FlowValue, RejectionEvent, action, control as op, stat},
 };
-use maps::{CONNECTORS, ESTABLISHED, HANDSHAKES, SETTINGS};
+use maps::{CONNECTORS, ESTABLISHED, EVENTS, HANDSHAKES, SETTINGS};
 use parse::Packet;
 
 const AF_INET: u32 = 2;
@@ -92,6 +92,7 @@ fn admit_syn(flow: &FlowKey, connector: u32) -> u32 {
     let evaluation = limiter_common::evaluate(&config.limits, live_total, live_source);
     if !evaluation.admitted {
         bump(connector, rejected_counter(evaluation.rule));
+        report(flow, &source, &config, &evaluation, live_total, live_source);
         if config.action != action::MONITOR {
             count::release_source(&source);
             return xdp_action::XDP_DROP;
@@ -122,6 +123,40 @@ fn admit_syn(flow: &FlowKey, connector: u32) -> u32 {
             }
         }
     }
+}
+
+/// Puts a rejection on the event ring for the daemon. A full ring loses the
+/// event (counted); the packet path never waits.
+#[inline(always)]
+fn report(
+    flow: &FlowKey,
+    source: &limiter_common::maps::SourceKey,
+    config: &limiter_common::maps::ConnectorConfig,
+    evaluation: &limiter_common::Evaluation,
+    live_total: u32,
+    live_source: u32,
+) {
+    let Some(mut entry) = EVENTS.reserve::<RejectionEvent>(0) else {
+        bump(stat::GLOBAL_ROW, stat::EVENTS_LOST);
+        return;
+    };
+    entry.write(RejectionEvent {
+        // SAFETY: a helper without arguments.
+        time_ns: unsafe { bpf_ktime_get_ns() },
+        connector: source.connector,
+        rule: evaluation.rule as u32,
+        action: config.action,
+        live_total,
+        live_source,
+        cap: evaluation.cap,
+        limits: config.limits,
+        local_port: flow.local_port,
+        remote_port: flow.remote_port,
+        source: source.addr,
+        remote: flow.remote,
+        local: flow.local,
+    });
+    entry.submit(0);
 }
 
 #[inline(always)]

@@ -3,11 +3,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
 use limiter_common::maps::{
-    BOUND_PORT_WORDS, BindingKey, ConnectorConfig, DEFAULT_TABLE_ENTRIES, FlowKey, FlowValue,
-    MAX_BINDINGS, MAX_CONNECTORS, MAX_RANGES, RangeKey, Settings, SourceCount, SourceKey, stat,
+    BOUND_PORT_WORDS, BindingKey, ConnectorConfig, DEFAULT_TABLE_ENTRIES, EVENTS_RING_BYTES,
+    FlowKey, FlowValue, MAX_BINDINGS, MAX_CONNECTORS, MAX_RANGES, RangeKey, Settings, SourceCount,
+    SourceKey, stat,
 };
 
 #[map(name = "SETTINGS")]
@@ -42,3 +43,6 @@ pub static ESTABLISHED: HashMap<FlowKey, FlowValue> =
 
 #[map(name = "STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::ENTRIES, 0);
+
+#[map(name = "EVENTS")]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);

@@ -8,9 +8,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde::de::DeserializeOwned;
 
 use crate::{
-    control::{self, ConnectorStatus, DEFAULT_CONTROL_PATH, Request, Status},
+    control::{self, ConnectorStatus, DEFAULT_CONTROL_PATH, Reply, Request, Status},
     daemon::{self, DEFAULT_BPFFS_PATH, RunOptions},
     edit::ConnectorChanges,
+    events::Event,
     kernel::XdpModeRequest,
     report::{Explanation, SourceEntry, StatsReport},
 };
@@ -60,6 +61,14 @@ enum Command {
     },
     /// Counters of admitted and rejected connections.
     Stats(Common),
+    /// The recent 1009 / 1021 events; with --follow, new ones as they come.
+    Events {
+        /// Keep printing new events until interrupted.
+        #[arg(long)]
+        follow: bool,
+        #[command(flatten)]
+        common: Common,
+    },
 }
 
 #[derive(Subcommand)]
@@ -171,6 +180,17 @@ struct RunArgs {
     /// XDP attach mode: native with fallback to generic, or one of them.
     #[arg(long, value_enum, default_value_t = XdpModeArg::Auto)]
     xdp_mode: XdpModeArg,
+    /// The syslog socket events are written to (RFC 5424, facility mail),
+    /// or `off`.
+    #[arg(long, default_value = "/dev/log", value_name = "PATH|off")]
+    syslog: String,
+    /// Repeats of one (connector, source, rule) are written as one summary
+    /// line per this period.
+    #[arg(long, default_value = "60s", value_name = "DURATION")]
+    event_period: humantime::Duration,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -249,6 +269,12 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                 control: args.control,
                 control_group: args.control_group,
                 xdp_mode: args.xdp_mode.into(),
+                syslog: match args.syslog.as_str() {
+                    "off" => None,
+                    path => Some(PathBuf::from(path)),
+                },
+                event_period: args.event_period.into(),
+                metrics: args.metrics,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -314,6 +340,40 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             })
         }
         Command::Stats(common) => ask(&common, Request::Stats, |s: StatsReport| print_stats(&s)),
+        Command::Events { follow, common } => events(&common, follow),
+    }
+}
+
+/// Prints events: one line each, or one JSON object a line.
+fn events(common: &Common, follow: bool) -> anyhow::Result<()> {
+    let print = |event: &Event| {
+        if common.json {
+            println!("{}", serde_json::to_string(event).unwrap_or_default());
+        } else {
+            println!("{}", event.line());
+        }
+    };
+    let mut replies = control::Replies::open(
+        &common.control,
+        &Request::Events { follow },
+        (!follow).then_some(std::time::Duration::from_secs(30)),
+    )?;
+    loop {
+        match replies.next_reply()? {
+            Reply::Ok(recent) => {
+                let recent: Vec<Event> =
+                    serde_json::from_value(recent).context("reading the daemon's reply")?;
+                recent.iter().for_each(print);
+                if !follow {
+                    return Ok(());
+                }
+            }
+            Reply::Event(event) => print(&event),
+            Reply::Lost(n) => eprintln!("limiter: {n} event(s) lost: this reader was too slow"),
+            Reply::Error(message) => anyhow::bail!(message),
+        }
+        // Flush as events come, also into a pipe.
+        std::io::Write::flush(&mut std::io::stdout())?;
     }
 }
 

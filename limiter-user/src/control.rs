@@ -12,7 +12,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::edit::ConnectorChanges;
+use crate::{edit::ConnectorChanges, events::Event};
 
 /// Default path of the control socket.
 pub const DEFAULT_CONTROL_PATH: &str = "/run/limiter/control.sock";
@@ -56,6 +56,11 @@ pub enum Request {
     },
     /// The kernel programs' counters.
     Stats,
+    /// The recent rejection events; with `follow`, a live stream after them.
+    Events {
+        #[serde(default)]
+        follow: bool,
+    },
 }
 
 /// The daemon's reply.
@@ -64,6 +69,10 @@ pub enum Request {
 pub enum Reply {
     Ok(serde_json::Value),
     Error(String),
+    /// One event, to a follower.
+    Event(Box<Event>),
+    /// A follower read too slowly and missed this many events.
+    Lost(u64),
 }
 
 /// What `status` reports.
@@ -131,28 +140,65 @@ pub enum ClientError {
 
 /// Sends one request and returns the daemon's answer.
 pub fn request(path: &Path, request: &Request) -> Result<serde_json::Value, ClientError> {
-    let shown = path.display().to_string();
-    let io = |source| ClientError::Io {
-        path: shown.clone(),
-        source,
-    };
-    let mut stream = UnixStream::connect(path).map_err(|source| ClientError::Connect {
-        path: shown.clone(),
-        source,
-    })?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .map_err(io)?;
-    let mut line =
-        serde_json::to_string(request).map_err(|e| ClientError::Protocol(e.to_string()))?;
-    line.push('\n');
-    stream.write_all(line.as_bytes()).map_err(io)?;
-    let mut reply = String::new();
-    BufReader::new(&stream).read_line(&mut reply).map_err(io)?;
-    match serde_json::from_str::<Reply>(&reply) {
-        Ok(Reply::Ok(value)) => Ok(value),
-        Ok(Reply::Error(message)) => Err(ClientError::Refused(message)),
-        Err(e) => Err(ClientError::Protocol(e.to_string())),
+    let mut replies = Replies::open(path, request, Some(Duration::from_secs(30)))?;
+    match replies.next_reply()? {
+        Reply::Ok(value) => Ok(value),
+        Reply::Error(message) => Err(ClientError::Refused(message)),
+        other => Err(ClientError::Protocol(format!("unexpected {other:?}"))),
+    }
+}
+
+/// The replies to one request, read line by line (a followed event stream
+/// sends many).
+pub struct Replies {
+    reader: BufReader<UnixStream>,
+    path: String,
+}
+
+impl Replies {
+    /// Connects, sends `request`, and waits at most `timeout` for each
+    /// reply (`None`: forever, for streams).
+    pub fn open(
+        path: &Path,
+        request: &Request,
+        timeout: Option<Duration>,
+    ) -> Result<Replies, ClientError> {
+        let shown = path.display().to_string();
+        let io = |source| ClientError::Io {
+            path: shown.clone(),
+            source,
+        };
+        let mut stream = UnixStream::connect(path).map_err(|source| ClientError::Connect {
+            path: shown.clone(),
+            source,
+        })?;
+        stream.set_read_timeout(timeout).map_err(io)?;
+        let mut line =
+            serde_json::to_string(request).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        line.push('\n');
+        stream.write_all(line.as_bytes()).map_err(io)?;
+        Ok(Replies {
+            reader: BufReader::new(stream),
+            path: shown,
+        })
+    }
+
+    /// The next reply.
+    pub fn next_reply(&mut self) -> Result<Reply, ClientError> {
+        let mut line = String::new();
+        let read = self
+            .reader
+            .read_line(&mut line)
+            .map_err(|source| ClientError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+        if read == 0 {
+            return Err(ClientError::Protocol(
+                "the daemon closed the connection".into(),
+            ));
+        }
+        serde_json::from_str(&line).map_err(|e| ClientError::Protocol(e.to_string()))
     }
 }
 

@@ -18,11 +18,17 @@ use tokio::{
     signal::unix::{SignalKind, signal},
 };
 
+use aya::maps::{MapData, RingBuf};
+use limiter_common::maps::{RejectionEvent, stat};
+use tokio::io::{Interest, unix::AsyncFd};
+
 use crate::{
     config::Config,
     control::{ConnectorStatus, InterfaceStatus, Reply, Request, Status},
     edit::ConfigDocument,
+    events::{Event, EventHub, Folder, SyslogSink},
     kernel::{AttachedMode, Kernel, TableSizes, XdpModeRequest, error_chain},
+    metrics,
     report::{self, Connectors, limit_json},
     selection::{SelectionTable, from_addr},
     sockdiag,
@@ -50,6 +56,12 @@ pub struct RunOptions {
     /// A group whose members may use the control socket besides root.
     pub control_group: Option<String>,
     pub xdp_mode: XdpModeRequest,
+    /// The syslog socket for events; `None`: off.
+    pub syslog: Option<PathBuf>,
+    /// Repeats of a (connector, source, rule) are folded over this period.
+    pub event_period: Duration,
+    /// Where to serve Prometheus metrics.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// The daemon's state, shared by the control socket and the sweeper.
@@ -149,29 +161,129 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         daemon.config_source
     );
     let sweep_every = sweep_interval(daemon.config.handshake_timeout);
+    let ring = daemon
+        .kernel
+        .take_events()
+        .context("the event ring is missing")?;
     let daemon = Arc::new(Mutex::new(daemon));
+    let hub = Arc::new(EventHub::default());
 
+    let mut tasks = Vec::new();
+    if let Some(addr) = options.metrics {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("--metrics {addr}"))?;
+        log::info!("serving metrics at http://{addr}/metrics");
+        let (daemon, hub) = (daemon.clone(), hub.clone());
+        let snapshot = move || -> Result<metrics::Snapshot, String> {
+            daemon
+                .lock()
+                .expect("daemon lock")
+                .metrics(&hub)
+                .map_err(|e| format!("{e:#}"))
+        };
+        tasks.push(tokio::spawn(metrics::serve(listener, Arc::new(snapshot))));
+    }
     let control_path = options.control.clone();
-    let server = tokio::spawn(serve_control(listener, daemon.clone(), control_gid));
+    tasks.push(tokio::spawn(serve_control(
+        listener,
+        daemon.clone(),
+        hub.clone(),
+        control_gid,
+    )));
+    let reporter = tokio::spawn(report_events(
+        ring,
+        daemon.clone(),
+        hub.clone(),
+        options.syslog.clone(),
+        options.event_period,
+    ));
     let sweeper = tokio::spawn(sweep_forever(daemon.clone(), sweep_every));
 
     let mut terminate = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
-    tokio::select! {
-        _ = terminate.recv() => log::info!("SIGTERM: detaching"),
-        _ = interrupt.recv() => log::info!("SIGINT: detaching"),
-        result = sweeper => {
-            // The sweeper only ends on an error, which it has reported.
-            if let Ok(Err(e)) = result {
-                log::error!("{e:#}");
+    let failure = tokio::select! {
+        _ = terminate.recv() => { log::info!("SIGTERM: detaching"); None }
+        _ = interrupt.recv() => { log::info!("SIGINT: detaching"); None }
+        result = sweeper => Some(("sweeper", result)),
+        result = reporter => Some(("event reader", result)),
+    };
+    for task in tasks {
+        task.abort();
+    }
+    let _ = std::fs::remove_file(&control_path);
+    // The links go with the process; the pins are removed here.
+    daemon.lock().expect("daemon lock").kernel.unpin();
+    match failure {
+        None => Ok(()),
+        Some((what, Ok(Err(e)))) => Err(e.context(format!("the {what} failed"))),
+        Some((what, Ok(Ok(())))) => bail!("the {what} stopped"),
+        Some((what, Err(e))) => bail!("the {what} failed: {e}"),
+    }
+}
+
+/// Reads the kernel's rejection reports: each goes to `limiter events`
+/// followers, and, folded, to syslog.
+async fn report_events(
+    ring: RingBuf<MapData>,
+    daemon: Arc<Mutex<Daemon>>,
+    hub: Arc<EventHub>,
+    syslog: Option<PathBuf>,
+    period: Duration,
+) -> anyhow::Result<()> {
+    // SAFETY: the ring buffer owns its map fd, which stays open and the same
+    // for as long as the AsyncFd owns the ring.
+    let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+        .map_err(|e| anyhow!("watching the event ring: {}", e.into_parts().1))?;
+    let mut folder = Folder::new(period);
+    let mut sink = syslog.map(SyslogSink::new);
+    let mut ticker = tokio::time::interval(
+        (period / 4).clamp(Duration::from_millis(100), Duration::from_secs(1)),
+    );
+    loop {
+        let mut batch = Vec::new();
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard.context("waiting on the event ring")?;
+                let ring = guard.get_inner_mut();
+                while let Some(item) = ring.next() {
+                    if item.len() >= size_of::<RejectionEvent>() {
+                        // SAFETY: the kernel wrote a RejectionEvent there;
+                        // the length was checked.
+                        batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<RejectionEvent>()) });
+                    }
+                }
+                guard.clear_ready();
+            }
+            _ = ticker.tick() => {
+                for summary in folder.tick(Instant::now()) {
+                    if let Some(sink) = sink.as_mut() {
+                        sink.write(&summary);
+                    }
+                    hub.publish(summary);
+                }
             }
         }
+        if batch.is_empty() {
+            continue;
+        }
+        let events: Vec<Event> = {
+            let daemon = daemon.lock().expect("daemon lock");
+            batch.iter().map(|raw| daemon.event(raw)).collect()
+        };
+        for event in events {
+            if let Some(first) = folder.offer(event.clone(), Instant::now())
+                && let Some(sink) = sink.as_mut()
+            {
+                sink.write(&first);
+            }
+            hub.publish(event);
+        }
+        if let Some(sink) = &sink {
+            hub.syslog_errors
+                .store(sink.errors, std::sync::atomic::Ordering::Relaxed);
+        }
     }
-    server.abort();
-    let _ = std::fs::remove_file(&control_path);
-    // Dropping the kernel handle detaches the programs and removes the pins.
-    drop(daemon);
-    Ok(())
 }
 
 /// The configuration the daemon starts with.
@@ -569,6 +681,63 @@ impl Daemon {
         })
     }
 
+    /// A kernel rejection report as an event line.
+    fn event(&self, raw: &RejectionEvent) -> Event {
+        let name = self
+            .ids
+            .iter()
+            .position(|id| *id == raw.connector)
+            .map(|i| self.config.connectors[i].name.clone())
+            .unwrap_or_else(|| format!("connector #{} (removed)", raw.connector));
+        let age = Duration::from_nanos(monotonic_ns().saturating_sub(raw.time_ns));
+        let time = std::time::SystemTime::now()
+            .checked_sub(age)
+            .unwrap_or_else(std::time::SystemTime::now);
+        Event::from_kernel(raw, &name, self.config.ipv6_prefix_length, time)
+    }
+
+    /// What a metrics scrape reports.
+    fn metrics(&self, hub: &EventHub) -> anyhow::Result<metrics::Snapshot> {
+        let stats = self.kernel.stats().map_err(|e| anyhow!(error_chain(&e)))?;
+        let report = report::stats(&self.connectors(), &stats);
+        let mut connectors = Vec::new();
+        for (i, counters) in report.connectors.into_iter().enumerate() {
+            let live = self
+                .kernel
+                .connector_live(self.ids[i])
+                .map_err(|e| anyhow!(error_chain(&e)))?;
+            connectors.push((counters.name, counters.counters, live));
+        }
+        let configured: u64 = connectors.iter().map(|(_, _, l)| *l as u64).sum();
+        let live_total = self
+            .kernel
+            .live_total()
+            .map_err(|e| anyhow!(error_chain(&e)))?;
+        let handshakes = self.kernel.handshakes().len() as u64;
+        let sizes = self.kernel.sizes();
+        Ok(metrics::Snapshot {
+            connectors,
+            live_removed: live_total.saturating_sub(configured),
+            open_handshakes: handshakes,
+            events_lost: stats.global[stat::EVENTS_LOST as usize],
+            syslog_errors: hub.syslog_errors.load(std::sync::atomic::Ordering::Relaxed),
+            tiny_fragments_dropped: stats.global[stat::TINY_FRAGMENT as usize],
+            maps: vec![
+                (
+                    "sources",
+                    self.kernel.sources().len() as u64,
+                    sizes.sources as u64,
+                ),
+                ("handshakes", handshakes, sizes.handshakes as u64),
+                (
+                    "established",
+                    self.kernel.established().len() as u64,
+                    sizes.established as u64,
+                ),
+            ],
+        })
+    }
+
     fn connectors(&self) -> Connectors<'_> {
         Connectors {
             config: &self.config,
@@ -718,6 +887,9 @@ impl Daemon {
                         .map_err(|e| anyhow!(error_chain(&e)))?;
                 serde_json::to_value(explanation)?
             }
+            Request::Events { .. } => {
+                bail!("events are answered by the connection handler")
+            }
             Request::Stats => {
                 let stats = self.kernel.stats().map_err(|e| anyhow!(error_chain(&e)))?;
                 serde_json::to_value(report::stats(&self.connectors(), &stats))?
@@ -734,7 +906,12 @@ fn show(flow: &FlowKey) -> String {
     format!("{remote} -> {local}")
 }
 
-async fn serve_control(listener: UnixListener, daemon: Arc<Mutex<Daemon>>, group: Option<u32>) {
+async fn serve_control(
+    listener: UnixListener,
+    daemon: Arc<Mutex<Daemon>>,
+    hub: Arc<EventHub>,
+    group: Option<u32>,
+) {
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -744,11 +921,16 @@ async fn serve_control(listener: UnixListener, daemon: Arc<Mutex<Daemon>>, group
                 continue;
             }
         };
-        tokio::spawn(serve_client(stream, daemon.clone(), group));
+        tokio::spawn(serve_client(stream, daemon.clone(), hub.clone(), group));
     }
 }
 
-async fn serve_client(stream: UnixStream, daemon: Arc<Mutex<Daemon>>, group: Option<u32>) {
+async fn serve_client(
+    stream: UnixStream,
+    daemon: Arc<Mutex<Daemon>>,
+    hub: Arc<EventHub>,
+    group: Option<u32>,
+) {
     let allowed = stream.peer_cred().is_ok_and(|cred| {
         cred.uid() == 0 || group.is_some_and(|g| in_group(cred.pid(), cred.gid(), g))
     });
@@ -768,6 +950,19 @@ async fn serve_client(stream: UnixStream, daemon: Arc<Mutex<Daemon>>, group: Opt
     let mut lines = BufReader::new(tokio::io::AsyncReadExt::take(reader, MAX_REQUEST_LEN)).lines();
     while let Ok(Some(line)) = lines.next_line().await {
         let reply = match serde_json::from_str::<Request>(&line) {
+            Ok(Request::Events { follow }) => {
+                // Subscribed before the snapshot, so nothing falls between.
+                let receiver = follow.then(|| hub.follow());
+                let recent = serde_json::to_value(hub.recent()).unwrap_or_default();
+                if write_reply(&mut writer, &Reply::Ok(recent)).await.is_err() {
+                    return;
+                }
+                if let Some(receiver) = receiver {
+                    stream_events(receiver, &mut writer, &mut lines).await;
+                    return;
+                }
+                continue;
+            }
             Ok(request) => {
                 let daemon = daemon.clone();
                 tokio::task::spawn_blocking(move || {
@@ -779,6 +974,31 @@ async fn serve_client(stream: UnixStream, daemon: Arc<Mutex<Daemon>>, group: Opt
             Err(e) => Reply::Error(format!("malformed request: {e}")),
         };
         if write_reply(&mut writer, &reply).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Sends every event to a follower until it hangs up. A follower that reads
+/// too slowly is skipped ahead and told how many events it lost; the daemon
+/// never waits for it.
+async fn stream_events<R: tokio::io::AsyncBufRead + Unpin>(
+    mut receiver: tokio::sync::broadcast::Receiver<Event>,
+    writer: &mut tokio::net::unix::OwnedWriteHalf,
+    lines: &mut tokio::io::Lines<R>,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let reply = tokio::select! {
+            received = receiver.recv() => match received {
+                Ok(event) => Reply::Event(Box::new(event)),
+                Err(RecvError::Lagged(lost)) => Reply::Lost(lost),
+                Err(RecvError::Closed) => return,
+            },
+            // Anything from the follower, or its hanging up, ends the stream.
+            _ = lines.next_line() => return,
+        };
+        if write_reply(writer, &reply).await.is_err() {
             return;
         }
     }

@@ -9,7 +9,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{
         CgroupAttachMode, RawTracePoint, RawTracePointRunOptions, SockOps, TestRun, Xdp, XdpMode,
     },
@@ -135,6 +135,9 @@ pub struct Kernel {
     handshakes: HashMap<MapData, FlowKey, FlowValue>,
     established: HashMap<MapData, FlowKey, FlowValue>,
     stats: PerCpuArray<MapData, u64>,
+    /// The rejection events, until the daemon's reader takes them.
+    events: Option<RingBuf<MapData>>,
+    sizes: TableSizes,
     pin_dir: Option<PathBuf>,
 }
 
@@ -186,9 +189,21 @@ impl Kernel {
             handshakes: take!(ebpf, names::HANDSHAKES),
             established: take!(ebpf, names::ESTABLISHED),
             stats: take!(ebpf, names::STATS),
+            events: Some(take!(ebpf, names::EVENTS)),
+            sizes,
             ebpf,
             pin_dir,
         })
+    }
+
+    /// The rejection event ring, for one reader.
+    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.events.take()
+    }
+
+    /// The table sizes it was loaded with.
+    pub fn sizes(&self) -> TableSizes {
+        self.sizes
     }
 
     /// Where the maps are pinned, if they are.

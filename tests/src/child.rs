@@ -67,6 +67,31 @@ pub fn spawn_in(ns: &Netns, cgroup: Option<&Cgroup>, mut cmd: Command) -> ChildG
     }
 }
 
+/// Spawns `cmd` in the caller's namespaces, as a [`ChildGuard`] (killed on
+/// drop, and on the death of the spawning thread through
+/// PR_SET_PDEATHSIG).
+pub fn spawn_here(mut cmd: Command) -> ChildGuard {
+    let label = format!("{cmd:?}");
+    // SAFETY: prctl is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot spawn {label}: {e}"));
+    ChildGuard {
+        child: Some(child),
+        status: None,
+        label,
+        capture: None,
+    }
+}
+
 /// Lines read from a child's stdout/stderr by background threads.
 #[derive(Default)]
 struct CaptureState {

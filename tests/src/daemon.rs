@@ -83,6 +83,10 @@ impl Limiter {
             args.push(path.clone().into());
             path
         });
+        if !extra.contains(&"--syslog") {
+            // Tests that look at syslog bring their own rsyslogd.
+            args.extend(["--syslog".into(), "off".into()]);
+        }
         args.extend(extra.iter().map(OsString::from));
         let mut limiter = Limiter {
             child: None,

@@ -45,6 +45,7 @@ pub mod hold;
 pub mod lab;
 pub mod netns;
 mod procs;
+pub mod rsyslog;
 pub mod scenario;
 pub mod ss;
 
@@ -56,6 +57,7 @@ pub use daemon::Limiter;
 pub use hold::{HoldServer, tcp_hold_path};
 pub use lab::Lab;
 pub use netns::{Netns, OwnedNetns};
+pub use rsyslog::Rsyslog;
 pub use ss::{established, sockets_in_state};
 
 use std::process::Command;

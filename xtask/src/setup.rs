@@ -17,9 +17,10 @@ const PACKAGES: &[&str] = &[
     "cargo-web",
     "libstd-rust-web-dev-bpf",
     "llvm-22-dev",
-    // Tests: namespaces, veth, `ss`, `nsenter`.
+    // Tests: namespaces, veth, `ss`, `nsenter`; a real syslog daemon.
     "iproute2",
     "util-linux",
+    "rsyslog",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -1,0 +1,535 @@
+//! Rejection events: Exchange's 1009 / 1021 lines, folded like Exchange's
+//! periodic logging, written to syslog (RFC 5424) and streamed to
+//! `limiter events` followers.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::{Mutex, atomic::AtomicU64},
+    time::{Duration, Instant, SystemTime},
+};
+
+use limiter_common::{Limits, Rule, admission::percentage_cap, maps::RejectionEvent, maps::action};
+use serde::{Deserialize, Serialize};
+use syslog::{Facility, Formatter5424, LogFormat, Logger, LoggerBackend};
+
+/// RFC 5424 structured data: SD-ID to parameters (the shape the syslog
+/// crate's formatter takes).
+type StructuredData =
+    std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>;
+use tokio::sync::broadcast;
+
+use crate::{config::LimitValue, report::show_source, selection::from_addr};
+
+/// The structured-data id of limiter's syslog parameters (32473 is the
+/// private enterprise number RFC 5612 sets aside for examples and
+/// documentation).
+pub const SD_ID: &str = "limiter@32473";
+/// Default period over which repeats are folded into one line.
+pub const DEFAULT_PERIOD: Duration = Duration::from_secs(60);
+/// Events kept for `limiter events` without `--follow`.
+const RECENT: usize = 1000;
+/// Events a follower may fall behind by before it loses some.
+const FOLLOWER_BACKLOG: usize = 4096;
+
+/// One line of the event log: a rejection, or a summary of repeats.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// RFC 3339, UTC.
+    pub time: String,
+    /// 1009 (total) or 1021 (per source, percentage).
+    pub event_id: u32,
+    pub connector: String,
+    /// The remote address, as Exchange prints it.
+    pub source: String,
+    /// The configured value of the limit that fired (the percentage for the
+    /// percentage rule).
+    pub configured: u32,
+    /// The cap the connection met: the limit, or for the percentage rule
+    /// ceil((max - T) * pct / 100).
+    pub effective: u32,
+    /// "total", "per_source" or "percentage".
+    pub rule: String,
+    /// Exchange's text.
+    pub message: String,
+    /// What the source is counted as (an IPv6 /64, say).
+    pub source_identity: String,
+    /// The local address and port it tried.
+    pub local: String,
+    /// Live connections on the connector and from the source, before it.
+    pub live_total: u32,
+    pub live_source: u32,
+    /// "drop" (refused), or "monitor" (admitted, reported only).
+    pub action: String,
+    /// How many rejections this line stands for: 1, or the repeats a
+    /// summary folds.
+    pub count: u64,
+    /// Whether this line sums up repeats over `period_seconds`.
+    pub summary: bool,
+    pub period_seconds: Option<u64>,
+}
+
+/// Exchange's message for a rejection by `rule`.
+pub fn exchange_message(rule: Rule, connector: &str, remote: IpAddr, limits: &Limits) -> String {
+    match rule {
+        Rule::Total => format!(
+            "Receive connector \"{connector}\" rejected an incoming connection. The maximum number of connections ({}) for this connector has been reached.",
+            LimitValue::display(limits.max_inbound_connection)
+        ),
+        _ => format!(
+            "Receive connector \"{connector}\" rejected an incoming connection from IP address {remote}. The maximum number of connections per source ({}) for this connector has been reached by this source IP address.",
+            LimitValue::display(limits.max_inbound_connection_per_source)
+        ),
+    }
+}
+
+impl Event {
+    /// The event for a kernel report; `connector` is its name now.
+    pub fn from_kernel(
+        raw: &RejectionEvent,
+        connector: &str,
+        ipv6_prefix_length: u8,
+        time: SystemTime,
+    ) -> Event {
+        let rule = Rule::from_raw(raw.rule).unwrap_or(Rule::PerSource);
+        let limits = raw.limits;
+        let (configured, effective) = match rule {
+            Rule::Total => (limits.max_inbound_connection, limits.max_inbound_connection),
+            Rule::Percentage => (
+                limits.max_inbound_connection_percentage_per_source,
+                percentage_cap(&limits, raw.live_total),
+            ),
+            Rule::PerSource | Rule::None => (
+                limits.max_inbound_connection_per_source,
+                limits.max_inbound_connection_per_source,
+            ),
+        };
+        let remote = from_addr(&raw.remote);
+        Event {
+            time: humantime::format_rfc3339_millis(time).to_string(),
+            event_id: rule.event_id(),
+            connector: connector.to_string(),
+            source: remote.to_string(),
+            configured,
+            effective,
+            rule: rule.name().to_string(),
+            message: exchange_message(rule, connector, remote, &limits),
+            source_identity: show_source(&raw.source, ipv6_prefix_length),
+            local: SocketAddr::new(from_addr(&raw.local), raw.local_port).to_string(),
+            live_total: raw.live_total,
+            live_source: raw.live_source,
+            action: if raw.action == action::MONITOR {
+                "monitor"
+            } else {
+                "drop"
+            }
+            .to_string(),
+            count: 1,
+            summary: false,
+            period_seconds: None,
+        }
+    }
+
+    /// The structured data of its syslog line.
+    fn structured_data(&self) -> StructuredData {
+        let mut params = std::collections::BTreeMap::new();
+        for (key, value) in [
+            ("connector", self.connector.clone()),
+            ("source", self.source.clone()),
+            ("source_identity", self.source_identity.clone()),
+            ("local", self.local.clone()),
+            ("rule", self.rule.clone()),
+            ("configured", self.configured.to_string()),
+            ("effective", self.effective.to_string()),
+            ("live_total", self.live_total.to_string()),
+            ("live_source", self.live_source.to_string()),
+            ("action", self.action.clone()),
+            ("count", self.count.to_string()),
+        ] {
+            params.insert(key.to_string(), value);
+        }
+        if let Some(period) = self.period_seconds {
+            params.insert("period_seconds".to_string(), period.to_string());
+        }
+        let mut data = StructuredData::new();
+        data.insert(SD_ID.to_string(), params);
+        data
+    }
+
+    /// The line for people.
+    pub fn line(&self) -> String {
+        let repeats = if self.summary {
+            format!(
+                " (repeated {} times in the last {}s)",
+                self.count,
+                self.period_seconds.unwrap_or_default()
+            )
+        } else {
+            String::new()
+        };
+        let monitor = if self.action == "monitor" {
+            " [monitor: admitted]"
+        } else {
+            ""
+        };
+        format!(
+            "{} {} {}{repeats} [{} cap {}, live {} on the connector, {} from the source]{monitor}",
+            self.time,
+            self.event_id,
+            self.message,
+            self.rule,
+            self.effective,
+            self.live_total,
+            self.live_source
+        )
+    }
+}
+
+/// What makes two rejections "the same" for folding.
+type FoldKey = (String, String, String);
+
+struct Window {
+    started: Instant,
+    /// Rejections since the last line written for this key.
+    suppressed: u64,
+    last: Event,
+}
+
+/// Exchange's periodic logging: the first rejection of a (connector,
+/// source, rule) is written at once; the ones after it are counted and
+/// written as one summary per period; a key quiet for a whole period starts
+/// over.
+pub struct Folder {
+    period: Duration,
+    windows: HashMap<FoldKey, Window>,
+}
+
+impl Folder {
+    pub fn new(period: Duration) -> Folder {
+        Folder {
+            period,
+            windows: HashMap::new(),
+        }
+    }
+
+    /// Takes a rejection; returns it if it is to be written now.
+    pub fn offer(&mut self, event: Event, now: Instant) -> Option<Event> {
+        let key = (
+            event.connector.clone(),
+            event.source.clone(),
+            event.rule.clone(),
+        );
+        match self.windows.get_mut(&key) {
+            Some(window) => {
+                window.suppressed += 1;
+                window.last = event;
+                None
+            }
+            None => {
+                self.windows.insert(
+                    key,
+                    Window {
+                        started: now,
+                        suppressed: 0,
+                        last: event.clone(),
+                    },
+                );
+                Some(event)
+            }
+        }
+    }
+
+    /// The summaries of the periods that ended by `now`.
+    pub fn tick(&mut self, now: Instant) -> Vec<Event> {
+        let mut out = Vec::new();
+        let period = self.period;
+        self.windows.retain(|_, window| {
+            if now.duration_since(window.started) < period {
+                return true;
+            }
+            if window.suppressed == 0 {
+                return false;
+            }
+            let mut summary = window.last.clone();
+            summary.count = window.suppressed;
+            summary.summary = true;
+            summary.period_seconds = Some(period.as_secs().max(1));
+            out.push(summary);
+            window.suppressed = 0;
+            window.started = now;
+            true
+        });
+        out.sort_by(|a, b| a.time.cmp(&b.time));
+        out
+    }
+}
+
+/// RFC 5424 over a local syslog socket, facility mail, MSGID the event id.
+pub struct SyslogSink {
+    path: PathBuf,
+    formatter: Formatter5424,
+    logger: Option<Logger<LoggerBackend, Formatter5424>>,
+    /// Lines that could not be written.
+    pub errors: u64,
+}
+
+impl SyslogSink {
+    pub fn new(path: PathBuf) -> SyslogSink {
+        let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty());
+        SyslogSink {
+            path,
+            formatter: Formatter5424 {
+                facility: Facility::LOG_MAIL,
+                hostname,
+                process: "limiter".to_string(),
+                pid: std::process::id(),
+            },
+            logger: None,
+            errors: 0,
+        }
+    }
+
+    /// Writes one event as a warning; reconnects once if the socket went
+    /// away (syslogd restarted).
+    pub fn write(&mut self, event: &Event) {
+        let mut message = event.message.clone();
+        if event.summary {
+            message.push_str(&format!(
+                " Repeated {} times in the last {} seconds.",
+                event.count,
+                event.period_seconds.unwrap_or_default()
+            ));
+        }
+        for _attempt in 0..2 {
+            if self.logger.is_none() {
+                match syslog::unix_custom(self.formatter.clone(), &self.path) {
+                    Ok(logger) => self.logger = Some(logger),
+                    Err(e) => {
+                        let what = format!("connecting to {}: {e}", self.path.display());
+                        self.fail(&what);
+                        return;
+                    }
+                }
+            }
+            let logger = self.logger.as_mut().expect("connected above");
+            match logger.warning((event.event_id, event.structured_data(), &message)) {
+                Ok(()) => return,
+                Err(_) => self.logger = None,
+            }
+        }
+        let what = format!("writing to {}", self.path.display());
+        self.fail(&what);
+    }
+
+    fn fail(&mut self, what: &str) {
+        self.errors += 1;
+        // The first failure, then one in a thousand: a missing syslogd must
+        // not flood the daemon's own log.
+        if self.errors % 1000 == 1 {
+            log::warn!("syslog: {what} ({} line(s) lost so far)", self.errors);
+        }
+    }
+}
+
+/// Formats one line without sending it, for tests of the wire format.
+pub fn syslog_line(event: &Event, formatter: &Formatter5424) -> String {
+    let mut out = Vec::new();
+    formatter
+        .format(
+            &mut out,
+            syslog::Severity::LOG_WARNING,
+            (event.event_id, event.structured_data(), &event.message),
+        )
+        .expect("writing to a Vec");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The events for `limiter events`: the recent ones, and a stream for
+/// followers that never waits for them.
+pub struct EventHub {
+    recent: Mutex<VecDeque<Event>>,
+    stream: broadcast::Sender<Event>,
+    /// Event lines syslog did not take (for the metrics).
+    pub syslog_errors: AtomicU64,
+}
+
+impl Default for EventHub {
+    fn default() -> Self {
+        EventHub {
+            recent: Mutex::new(VecDeque::with_capacity(RECENT)),
+            stream: broadcast::channel(FOLLOWER_BACKLOG).0,
+            syslog_errors: AtomicU64::new(0),
+        }
+    }
+}
+
+impl EventHub {
+    pub fn publish(&self, event: Event) {
+        {
+            let mut recent = self.recent.lock().expect("events lock");
+            if recent.len() == RECENT {
+                recent.pop_front();
+            }
+            recent.push_back(event.clone());
+        }
+        // No follower is not an error.
+        let _ = self.stream.send(event);
+    }
+
+    /// The recent events, oldest first.
+    pub fn recent(&self) -> Vec<Event> {
+        self.recent
+            .lock()
+            .expect("events lock")
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// A live stream from now on; a receiver that falls behind by more than
+    /// the backlog is told how many it lost.
+    pub fn follow(&self) -> broadcast::Receiver<Event> {
+        self.stream.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use limiter_common::{addr, maps::action};
+
+    use super::*;
+
+    fn raw(rule: Rule, remote: &str, live_total: u32, live_source: u32) -> RejectionEvent {
+        let remote: IpAddr = remote.parse().unwrap();
+        let remote = crate::selection::to_addr(remote);
+        RejectionEvent {
+            time_ns: 0,
+            connector: 0,
+            rule: rule as u32,
+            action: action::DROP,
+            live_total,
+            live_source,
+            cap: 0,
+            limits: Limits::EXCHANGE_DEFAULT,
+            local_port: 25,
+            remote_port: 40000,
+            source: addr::source_identity(&remote, 64),
+            remote,
+            local: addr::from_ipv4([192, 0, 2, 1]),
+        }
+    }
+
+    fn at(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + secs)
+    }
+
+    #[test]
+    fn messages_are_exchanges() {
+        let e = Event::from_kernel(
+            &raw(Rule::PerSource, "192.0.2.7", 100, 20),
+            "Default Frontend",
+            64,
+            at(0),
+        );
+        assert_eq!(
+            e.message,
+            "Receive connector \"Default Frontend\" rejected an incoming connection from IP address 192.0.2.7. The maximum number of connections per source (20) for this connector has been reached by this source IP address."
+        );
+        assert_eq!((e.event_id, e.configured, e.effective), (1021, 20, 20));
+        let e = Event::from_kernel(
+            &raw(Rule::Total, "192.0.2.7", 5000, 3),
+            "Default Frontend",
+            64,
+            at(0),
+        );
+        assert_eq!(
+            e.message,
+            "Receive connector \"Default Frontend\" rejected an incoming connection. The maximum number of connections (5000) for this connector has been reached."
+        );
+        assert_eq!((e.event_id, e.configured, e.effective), (1009, 5000, 5000));
+        // The percentage rule: 1021 with the per-source value in the text,
+        // the percentage and the cap it worked out to in the fields.
+        let e = Event::from_kernel(
+            &raw(Rule::Percentage, "2001:db8:1:2::9", 2000, 60),
+            "F",
+            64,
+            at(0),
+        );
+        assert_eq!((e.event_id, e.configured, e.effective), (1021, 2, 60));
+        assert!(
+            e.message.contains("from IP address 2001:db8:1:2::9.")
+                && e.message.contains("per source (20)")
+        );
+        assert_eq!(e.source_identity, "2001:db8:1:2::/64");
+        assert_eq!(e.time, "2027-01-15T08:00:00.000Z");
+    }
+
+    #[test]
+    fn the_syslog_line_carries_msgid_and_structured_data() {
+        let e = Event::from_kernel(
+            &raw(Rule::PerSource, "192.0.2.7", 100, 20),
+            "Relay \"A\"",
+            64,
+            at(0),
+        );
+        let formatter = Formatter5424 {
+            facility: Facility::LOG_MAIL,
+            hostname: Some("mx1".into()),
+            process: "limiter".into(),
+            pid: 42,
+        };
+        let line = syslog_line(&e, &formatter);
+        // <mail.warning> = 2 * 8 + 4.
+        assert!(line.starts_with("<20>1 "), "{line}");
+        assert!(
+            line.contains(" mx1 limiter 42 1021 [limiter@32473 "),
+            "{line}"
+        );
+        assert!(line.contains("connector=\"Relay \\\"A\\\"\""), "{line}");
+        assert!(
+            line.contains("effective=\"20\"") && line.contains("rule=\"per_source\""),
+            "{line}"
+        );
+        assert!(line.ends_with("by this source IP address."), "{line}");
+    }
+
+    #[test]
+    fn repeats_fold_into_one_line_per_period() {
+        let period = Duration::from_secs(60);
+        let mut folder = Folder::new(period);
+        let t0 = Instant::now();
+        let event =
+            |source: &str| Event::from_kernel(&raw(Rule::PerSource, source, 1, 20), "F", 64, at(0));
+        assert!(folder.offer(event("192.0.2.7"), t0).is_some());
+        for i in 1..=500 {
+            assert!(
+                folder
+                    .offer(event("192.0.2.7"), t0 + Duration::from_millis(i))
+                    .is_none()
+            );
+        }
+        // Another source is another key.
+        assert!(folder.offer(event("192.0.2.8"), t0).is_some());
+        assert!(folder.tick(t0 + Duration::from_secs(59)).is_empty());
+        let summaries = folder.tick(t0 + period);
+        assert_eq!(summaries.len(), 1);
+        assert_eq!((summaries[0].count, summaries[0].summary), (500, true));
+        assert_eq!(summaries[0].source, "192.0.2.7");
+        // Still going: counted into the next period.
+        assert!(
+            folder
+                .offer(event("192.0.2.7"), t0 + Duration::from_secs(61))
+                .is_none()
+        );
+        let next = folder.tick(t0 + period * 2);
+        assert_eq!(next.len(), 1);
+        assert_eq!(next[0].count, 1);
+        // A quiet period ends the key: the next one is written at once.
+        assert!(folder.tick(t0 + period * 3).is_empty());
+        assert!(folder.offer(event("192.0.2.7"), t0 + period * 3).is_some());
+    }
+}

@@ -1,0 +1,263 @@
+//! Prometheus text exposition at `http://ADDR/metrics`. No per-source
+//! labels: a flood of sources must not become a flood of series.
+
+use std::{convert::Infallible, sync::Arc};
+
+use http_body_util::Full;
+use hyper::{
+    Request, Response, StatusCode, body::Bytes, header::CONTENT_TYPE, server::conn::http1,
+    service::service_fn,
+};
+use hyper_util::rt::TokioIo;
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+use tokio::net::TcpListener;
+
+use crate::report::Counters;
+
+/// Everything one scrape reports, read from the daemon at scrape time.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    /// (connector, its counters, its live connections)
+    pub connectors: Vec<(String, Counters, u32)>,
+    /// Live connections still held by removed connectors.
+    pub live_removed: u64,
+    pub open_handshakes: u64,
+    /// Rejections the kernel could not report (event ring full).
+    pub events_lost: u64,
+    /// Event lines that could not be written to syslog.
+    pub syslog_errors: u64,
+    pub tiny_fragments_dropped: u64,
+    /// (map, entries, capacity)
+    pub maps: Vec<(&'static str, u64, u64)>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConnectorLabel {
+    connector: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RuleLabel {
+    connector: String,
+    rule: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabel {
+    map: &'static str,
+}
+
+/// The snapshot in Prometheus text format (version 0.0.4).
+pub fn render(s: &Snapshot) -> String {
+    let mut registry = Registry::with_prefix("limiter");
+    let admitted = Family::<ConnectorLabel, Counter>::default();
+    let rejected = Family::<RuleLabel, Counter>::default();
+    let live = Family::<ConnectorLabel, Gauge>::default();
+    let expired = Family::<ConnectorLabel, Counter>::default();
+    let closed = Family::<ConnectorLabel, Counter>::default();
+    for (name, c, live_now) in &s.connectors {
+        let connector = || ConnectorLabel {
+            connector: name.clone(),
+        };
+        admitted.get_or_create(&connector()).inc_by(c.admitted);
+        for (rule, n) in [
+            ("total", c.rejected_total_limit),
+            ("per_source", c.rejected_per_source),
+            ("percentage", c.rejected_percentage),
+            ("table_full", c.rejected_table_full),
+        ] {
+            rejected
+                .get_or_create(&RuleLabel {
+                    connector: name.clone(),
+                    rule,
+                })
+                .inc_by(n);
+        }
+        live.get_or_create(&connector()).set(i64::from(*live_now));
+        expired
+            .get_or_create(&connector())
+            .inc_by(c.handshakes_expired);
+        closed
+            .get_or_create(&connector())
+            .inc_by(c.closed + c.seeded_closed);
+    }
+    registry.register(
+        "connections_admitted",
+        "SYNs admitted and counted",
+        admitted,
+    );
+    registry.register(
+        "connections_rejected",
+        "SYNs rejected (or only reported, with action monitor), by the rule that fired",
+        rejected,
+    );
+    registry.register(
+        "live_connections",
+        "Connections counted now: open handshakes and established connections",
+        live,
+    );
+    registry.register(
+        "handshakes_expired",
+        "Admitted SYNs whose handshake did not complete within handshake_timeout",
+        expired,
+    );
+    registry.register(
+        "connections_closed",
+        "Counted connections that left ESTABLISHED",
+        closed,
+    );
+    let gauge = |value: u64| {
+        let g = Gauge::<i64>::default();
+        g.set(i64::try_from(value).unwrap_or(i64::MAX));
+        g
+    };
+    let counter = |value: u64| {
+        let c = Counter::<u64>::default();
+        c.inc_by(value);
+        c
+    };
+    registry.register(
+        "live_connections_removed_connectors",
+        "Connections still counted for connectors that were removed",
+        gauge(s.live_removed),
+    );
+    registry.register(
+        "open_handshakes",
+        "Admitted SYNs whose handshake is still open",
+        gauge(s.open_handshakes),
+    );
+    registry.register(
+        "events_lost",
+        "Rejections not reported because the kernel's event ring was full",
+        counter(s.events_lost),
+    );
+    registry.register(
+        "syslog_errors",
+        "Event lines that could not be written to syslog",
+        counter(s.syslog_errors),
+    );
+    registry.register(
+        "tiny_fragments_dropped",
+        "First IP fragments to a bound port too short to show the TCP header",
+        counter(s.tiny_fragments_dropped),
+    );
+    let entries = Family::<MapLabel, Gauge>::default();
+    let capacity = Family::<MapLabel, Gauge>::default();
+    for (map, n, max) in &s.maps {
+        entries
+            .get_or_create(&MapLabel { map })
+            .set(i64::try_from(*n).unwrap_or(i64::MAX));
+        capacity
+            .get_or_create(&MapLabel { map })
+            .set(i64::try_from(*max).unwrap_or(i64::MAX));
+    }
+    registry.register("map_entries", "Entries in a kernel table", entries);
+    registry.register("map_capacity", "Entries a kernel table can hold", capacity);
+    let mut text = String::new();
+    prometheus_client::encoding::prometheus_text::encode(&mut text, &registry)
+        .expect("writing to a String");
+    text
+}
+
+/// Serves `GET /metrics` with what `snapshot` returns, until the task is
+/// dropped.
+pub async fn serve<F>(listener: TcpListener, snapshot: Arc<F>)
+where
+    F: Fn() -> Result<Snapshot, String> + Send + Sync + 'static,
+{
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                log::warn!("metrics: {e}");
+                continue;
+            }
+        };
+        let snapshot = snapshot.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request: Request<hyper::body::Incoming>| {
+                let snapshot = snapshot.clone();
+                async move { Ok::<_, Infallible>(respond(&request, snapshot).await) }
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+async fn respond<F>(
+    request: &Request<hyper::body::Incoming>,
+    snapshot: Arc<F>,
+) -> Response<Full<Bytes>>
+where
+    F: Fn() -> Result<Snapshot, String> + Send + Sync + 'static,
+{
+    let reply = |status: StatusCode, content_type: &str, body: String| {
+        Response::builder()
+            .status(status)
+            .header(CONTENT_TYPE, content_type)
+            .body(Full::new(Bytes::from(body)))
+            .expect("a valid response")
+    };
+    if request.uri().path() != "/metrics" {
+        return reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "limiter serves /metrics\n".into(),
+        );
+    }
+    let taken = tokio::task::spawn_blocking(move || snapshot()).await;
+    match taken {
+        Ok(Ok(snapshot)) => reply(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            render(&snapshot),
+        ),
+        Ok(Err(e)) => reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", e),
+        Err(e) => reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            e.to_string(),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let snapshot = Snapshot {
+            connectors: vec![(
+                "Default Frontend".into(),
+                Counters {
+                    admitted: 7,
+                    rejected_per_source: 3,
+                    ..Default::default()
+                },
+                4,
+            )],
+            events_lost: 2,
+            maps: vec![("handshakes", 1, 262_144)],
+            ..Default::default()
+        };
+        let text = render(&snapshot);
+        for line in [
+            "limiter_connections_admitted_total{connector=\"Default Frontend\"} 7",
+            "limiter_connections_rejected_total{connector=\"Default Frontend\",rule=\"per_source\"} 3",
+            "limiter_connections_rejected_total{connector=\"Default Frontend\",rule=\"total\"} 0",
+            "limiter_live_connections{connector=\"Default Frontend\"} 4",
+            "limiter_events_lost_total 2",
+            "limiter_map_capacity{map=\"handshakes\"} 262144",
+            "# TYPE limiter_connections_admitted_total counter",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
+        }
+    }
+}
