@@ -34,6 +34,25 @@ pub mod names {
     pub const STATS: &str = "STATS";
     /// `RingBuf` of [`super::RejectionEvent`].
     pub const EVENTS: &str = "EVENTS";
+    /// `Array<[u8; CONNECTOR_NAME_BYTES]>`: each connector id's name, for a
+    /// daemon that adopts the maps of the one before it. The kernel programs
+    /// never read it.
+    pub const CONNECTOR_NAMES: &str = "CONNECTOR_NAMES";
+    /// Every map, in the order they are pinned.
+    pub const ALL: [&str; 12] = [
+        SETTINGS,
+        BOUND_PORTS,
+        BINDINGS,
+        RANGES,
+        CONNECTORS,
+        CONNECTOR_LIVE,
+        SOURCE_LIVE,
+        HANDSHAKES,
+        ESTABLISHED,
+        STATS,
+        EVENTS,
+        CONNECTOR_NAMES,
+    ];
 }
 
 /// Program names, as they appear in the object file.
@@ -49,6 +68,9 @@ pub mod programs {
 
 /// Connector ids are indices below this.
 pub const MAX_CONNECTORS: u32 = 256;
+/// Bytes of a connector name in `CONNECTOR_NAMES` (64 characters of UTF-8
+/// at most), NUL-padded.
+pub const CONNECTOR_NAME_BYTES: usize = 256;
 /// Binding ids are below this.
 pub const MAX_BINDINGS: u32 = 4096;
 /// Entries of the remote range trie.
@@ -190,8 +212,12 @@ pub mod stat {
     pub const SEEDED: u32 = 10;
     /// Seeded connections the daemon found closed.
     pub const SEEDED_CLOSED: u32 = 11;
+    /// Counted connections the daemon found gone from the socket table
+    /// although no callback had released them (zero unless the daemon or
+    /// the sock_ops program was away).
+    pub const RECONCILED: u32 = 12;
     /// Counters per row.
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 13;
     /// The row for what belongs to no connector.
     pub const GLOBAL_ROW: u32 = MAX_CONNECTORS;
     /// Global: SYNs in IP fragments too short to show the TCP flags, dropped.
@@ -253,6 +279,9 @@ pub mod control {
     pub const SEED: u32 = 2;
     /// Release a seeded connection that is no longer established.
     pub const RELEASE_SEEDED: u32 = 3;
+    /// Release any counted connection that the socket table no longer
+    /// holds (reconciliation after the daemon was away).
+    pub const RELEASE_ESTABLISHED: u32 = 4;
 
     /// The request changed the counts.
     pub const DONE: u32 = 1;

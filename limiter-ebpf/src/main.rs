@@ -15,6 +15,7 @@ mod atomic;
 mod count;
 mod maps;
 mod parse;
+mod reset;
 
 use aya_ebpf::{
     EbpfContext,
@@ -46,7 +47,7 @@ pub fn admit(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn try_admit(ctx: &XdpContext) -> Option<u32> {
-    let flow = match parse::parse(ctx)? {
+    let syn = match parse::parse(ctx)? {
         Packet::Pass => return Some(xdp_action::XDP_PASS),
         Packet::TinyFragment { local_port } => {
             if !count::port_is_bound(local_port) {
@@ -55,28 +56,45 @@ fn try_admit(ctx: &XdpContext) -> Option<u32> {
             bump(stat::GLOBAL_ROW, stat::TINY_FRAGMENT);
             return Some(xdp_action::XDP_DROP);
         }
-        Packet::Syn(flow) => flow,
+        Packet::Syn(syn) => syn,
     };
+    let flow = &syn.flow;
     if !count::port_is_bound(flow.local_port) {
         return Some(xdp_action::XDP_PASS);
     }
     let connector = select_connector(&flow.local, flow.local_port, &flow.remote)?;
-    Some(admit_syn(&flow, connector))
+    Some(match admit_syn(flow, connector) {
+        Verdict::Pass => xdp_action::XDP_PASS,
+        Verdict::Drop => xdp_action::XDP_DROP,
+        Verdict::Reset => match &syn.reply {
+            Some(layout) if reset::reset(ctx, flow, layout).is_some() => xdp_action::XDP_TX,
+            // Headers too unusual to answer in place: drop it instead.
+            _ => xdp_action::XDP_DROP,
+        },
+    })
+}
+
+/// What becomes of a SYN.
+enum Verdict {
+    Pass,
+    Drop,
+    /// Refused, and answered with a RST.
+    Reset,
 }
 
 /// Counts the SYN first, then applies the rule to the counts as they were:
 /// two SYNs on two CPUs see different counts, so together they can never
 /// pass a cap that each alone would not.
 #[inline(always)]
-fn admit_syn(flow: &FlowKey, connector: u32) -> u32 {
+fn admit_syn(flow: &FlowKey, connector: u32) -> Verdict {
     // A retransmitted SYN of a handshake we counted, or a stray SYN on a live
     // connection (answered by a challenge ACK): already counted.
     if HANDSHAKES.get_ptr(flow).is_some() || ESTABLISHED.get_ptr(flow).is_some() {
         bump(connector, stat::SYN_RETRANSMITTED);
-        return xdp_action::XDP_PASS;
+        return Verdict::Pass;
     }
     let Some(config) = CONNECTORS.get(connector).copied() else {
-        return xdp_action::XDP_PASS;
+        return Verdict::Pass;
     };
     let source = source_key(connector, &flow.remote);
     let (Some(total), Some(entry)) = (
@@ -84,7 +102,7 @@ fn admit_syn(flow: &FlowKey, connector: u32) -> u32 {
         count::source_entry(&source),
     ) else {
         bump(connector, stat::TABLE_FULL);
-        return xdp_action::XDP_DROP;
+        return Verdict::Drop;
     };
     let live_total = atomic::increment(total);
     // SAFETY: `entry` points into a live map value.
@@ -93,9 +111,16 @@ fn admit_syn(flow: &FlowKey, connector: u32) -> u32 {
     if !evaluation.admitted {
         bump(connector, rejected_counter(evaluation.rule));
         report(flow, &source, &config, &evaluation, live_total, live_source);
-        if config.action != action::MONITOR {
-            count::release_source(&source);
-            return xdp_action::XDP_DROP;
+        match config.action {
+            action::MONITOR => {}
+            action::RESET => {
+                count::release_source(&source);
+                return Verdict::Reset;
+            }
+            _ => {
+                count::release_source(&source);
+                return Verdict::Drop;
+            }
         }
     }
     let value = FlowValue {
@@ -109,17 +134,17 @@ fn admit_syn(flow: &FlowKey, connector: u32) -> u32 {
             if evaluation.admitted {
                 bump(connector, stat::ADMITTED);
             }
-            xdp_action::XDP_PASS
+            Verdict::Pass
         }
         Err(error) => {
             count::release_source(&source);
             if error == -EEXIST {
                 // The same SYN on another CPU got there first.
                 bump(connector, stat::SYN_RETRANSMITTED);
-                xdp_action::XDP_PASS
+                Verdict::Pass
             } else {
                 bump(connector, stat::TABLE_FULL);
-                xdp_action::XDP_DROP
+                Verdict::Drop
             }
         }
     }
@@ -351,7 +376,8 @@ pub fn control(ctx: *mut core::ffi::c_void) -> u32 {
     match request.op {
         op::EXPIRE_HANDSHAKE => expire_handshake(&request.flow),
         op::SEED => seed(&request.flow),
-        op::RELEASE_SEEDED => release_seeded(&request.flow),
+        op::RELEASE_SEEDED => release_established(&request.flow, true),
+        op::RELEASE_ESTABLISHED => release_established(&request.flow, false),
         _ => op::INVALID,
     }
 }
@@ -404,19 +430,28 @@ fn seed(flow: &FlowKey) -> u32 {
     }
 }
 
+/// Releases a counted connection the daemon found gone from the socket
+/// table; with `only_seeded`, only one counted from the socket table.
 #[inline(always)]
-fn release_seeded(flow: &FlowKey) -> u32 {
-    // SAFETY: the value is copied out at once.
-    let seeded = ESTABLISHED
-        .get_ptr(flow)
-        .is_some_and(|value| unsafe { (*value).flags } & FLOW_SEEDED != 0);
-    if !seeded {
-        return op::NOTHING;
+fn release_established(flow: &FlowKey, only_seeded: bool) -> u32 {
+    if only_seeded {
+        // SAFETY: the value is copied out at once.
+        let seeded = ESTABLISHED
+            .get_ptr(flow)
+            .is_some_and(|value| unsafe { (*value).flags } & FLOW_SEEDED != 0);
+        if !seeded {
+            return op::NOTHING;
+        }
     }
     match claim(&ESTABLISHED, flow) {
         Some(value) => {
             release(&value);
-            bump(value.source.connector, stat::SEEDED_CLOSED);
+            let counter = if value.flags & FLOW_SEEDED != 0 {
+                stat::SEEDED_CLOSED
+            } else {
+                stat::RECONCILED
+            };
+            bump(value.source.connector, counter);
             op::DONE
         }
         None => op::NOTHING,

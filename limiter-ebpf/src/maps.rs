@@ -6,9 +6,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
 use limiter_common::maps::{
-    BOUND_PORT_WORDS, BindingKey, ConnectorConfig, DEFAULT_TABLE_ENTRIES, EVENTS_RING_BYTES,
-    FlowKey, FlowValue, MAX_BINDINGS, MAX_CONNECTORS, MAX_RANGES, RangeKey, Settings, SourceCount,
-    SourceKey, stat,
+    BOUND_PORT_WORDS, BindingKey, CONNECTOR_NAME_BYTES, ConnectorConfig, DEFAULT_TABLE_ENTRIES,
+    EVENTS_RING_BYTES, FlowKey, FlowValue, MAX_BINDINGS, MAX_CONNECTORS, MAX_RANGES, RangeKey,
+    Settings, SourceCount, SourceKey, stat,
 };
 
 #[map(name = "SETTINGS")]
@@ -46,3 +46,9 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::ENTRIES
 
 #[map(name = "EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
+
+/// Only the daemon uses it (see `limiter_common::maps::names`); defined here
+/// so that it is created and pinned with the others.
+#[map(name = "CONNECTOR_NAMES")]
+pub static CONNECTOR_NAMES: Array<[u8; CONNECTOR_NAME_BYTES]> =
+    Array::with_max_entries(MAX_CONNECTORS, 0);

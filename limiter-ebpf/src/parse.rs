@@ -16,9 +16,9 @@ const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 
-const IPV4_MIN_HLEN: usize = 20;
-const IPV6_HLEN: usize = 40;
-const IPPROTO_TCP: u8 = 6;
+pub const IPV4_MIN_HLEN: usize = 20;
+pub const IPV6_HLEN: usize = 40;
+pub const IPPROTO_TCP: u8 = 6;
 const IPV4_FRAG_OFFSET_MASK: u16 = 0x1fff;
 const IPV4_MORE_FRAGMENTS: u16 = 0x2000;
 
@@ -35,22 +35,40 @@ const IPV6_MAX_EXTENSION_HEADERS: usize = 4;
 const TCP_PORTS_END: usize = 4;
 /// The TCP header without options: a SYN must carry it whole to count (a
 /// shorter one is malformed and the kernel drops it).
-const TCP_HDR_LEN: usize = 20;
+pub const TCP_HDR_LEN: usize = 20;
 const TCP_FLAGS_OFFSET: usize = 13;
+const TCP_DATA_OFFSET: usize = 12;
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
-const TCP_RST: u8 = 0x04;
-const TCP_ACK: u8 = 0x10;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 
 /// What the admission program needs to know about a frame.
 pub enum Packet {
     /// Not a connection attempt: pass it untouched.
     Pass,
-    /// A TCP SYN (no ACK, RST or FIN) opening `flow`, seen from the server.
-    Syn(FlowKey),
+    /// A TCP SYN (no ACK, RST or FIN), seen from the server.
+    Syn(Syn),
     /// The first fragment of a fragmented TCP segment, too short to hold the
     /// TCP header: a SYN could hide behind it (RFC 1858).
     TinyFragment { local_port: u16 },
+}
+
+/// A SYN to admit or refuse.
+pub struct Syn {
+    pub flow: FlowKey,
+    /// Where its headers are, when they are simple enough to turn the frame
+    /// into a RST in place (no IP options, no IPv6 extension headers).
+    pub reply: Option<ReplyLayout>,
+}
+
+/// Offsets of the headers of a SYN that can be answered in place: the TCP
+/// header follows the IP header directly.
+pub struct ReplyLayout {
+    pub ip: usize,
+    pub ipv6: bool,
+    /// The SYN's sequence number.
+    pub seq: u32,
 }
 
 /// Where the network header starts and what it is.
@@ -78,7 +96,7 @@ enum Addresses {
 /// A pointer to `len` bytes at `offset` in the frame, or `None` if the frame
 /// is shorter.
 #[inline(always)]
-fn bytes_at(ctx: &XdpContext, offset: usize, len: usize) -> Option<*const u8> {
+pub fn bytes_at(ctx: &XdpContext, offset: usize, len: usize) -> Option<*const u8> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + offset + len > end {
@@ -181,6 +199,8 @@ fn ipv6(ctx: &XdpContext, offset: usize) -> Option<Option<L4>> {
             )
         };
         match next_header {
+            // Hop-by-hop options come first or not at all (RFC 8200 4.1).
+            IPV6_HOP_BY_HOP if seen > 0 => return Some(None),
             IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTIONS => {
                 header += (length as usize + 1) * IPV6_EXTENSION_UNIT;
             }
@@ -206,6 +226,27 @@ fn ipv6(ctx: &XdpContext, offset: usize) -> Option<Option<L4>> {
     }))
 }
 
+/// Whether the IP header's own length holds `tcp_bytes` of the TCP header
+/// and fits in the frame (else the kernel drops the packet as malformed).
+#[inline(always)]
+fn ip_length_holds(ctx: &XdpContext, l4: &L4, tcp_bytes: usize) -> Option<bool> {
+    let (ip, ipv6) = match l4.addresses {
+        Addresses::V4(ip) => (ip, false),
+        Addresses::V6(ip) => (ip, true),
+    };
+    let fields = bytes_at(ctx, ip, 6)?;
+    // SAFETY: 6 bytes checked.
+    let length = unsafe {
+        if ipv6 {
+            IPV6_HLEN + u16::from_be_bytes([*fields.add(4), *fields.add(5)]) as usize
+        } else {
+            u16::from_be_bytes([*fields.add(2), *fields.add(3)]) as usize
+        }
+    };
+    let in_frame = ctx.data_end() - ctx.data() - ip;
+    Some(length >= l4.offset - ip + tcp_bytes && length <= in_frame)
+}
+
 #[inline(always)]
 fn tcp(ctx: &XdpContext, l4: L4) -> Option<Packet> {
     let Some(tcp) = bytes_at(ctx, l4.offset, TCP_HDR_LEN) else {
@@ -215,6 +256,9 @@ fn tcp(ctx: &XdpContext, l4: L4) -> Option<Packet> {
             return Some(Packet::Pass);
         }
         let ports = bytes_at(ctx, l4.offset, TCP_PORTS_END)?;
+        if !ip_length_holds(ctx, &l4, TCP_PORTS_END)? {
+            return Some(Packet::Pass);
+        }
         // SAFETY: within the TCP_PORTS_END bytes checked.
         let local_port = unsafe { u16::from_be_bytes([*ports.add(2), *ports.add(3)]) };
         return Some(Packet::TinyFragment { local_port });
@@ -224,12 +268,26 @@ fn tcp(ctx: &XdpContext, l4: L4) -> Option<Packet> {
     if flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) != TCP_SYN {
         return Some(Packet::Pass);
     }
-    let (remote_port, local_port) = unsafe {
+    let (remote_port, local_port, seq) = unsafe {
         (
             u16::from_be_bytes([*tcp, *tcp.add(1)]),
             u16::from_be_bytes([*tcp.add(2), *tcp.add(3)]),
+            u32::from_be_bytes([*tcp.add(4), *tcp.add(5), *tcp.add(6), *tcp.add(7)]),
         )
     };
+    let (ip, ipv6, plain_header) = match l4.addresses {
+        Addresses::V4(ip) => (ip, false, IPV4_MIN_HLEN),
+        Addresses::V6(ip) => (ip, true, IPV6_HLEN),
+    };
+    // A SYN the kernel will drop as malformed is not counted: its IP length
+    // must fit in the frame and hold the whole TCP header, options included.
+    // SAFETY: within the TCP_HDR_LEN bytes checked.
+    let header_len = ((unsafe { *tcp.add(TCP_DATA_OFFSET) } >> 4) as usize) * 4;
+    if header_len < TCP_HDR_LEN || !ip_length_holds(ctx, &l4, header_len)? {
+        return Some(Packet::Pass);
+    }
+    let reply =
+        (!l4.fragment && l4.offset == ip + plain_header).then_some(ReplyLayout { ip, ipv6, seq });
     let (local, remote) = match l4.addresses {
         Addresses::V4(offset) => {
             let ip = bytes_at(ctx, offset, IPV4_MIN_HLEN)?;
@@ -252,10 +310,13 @@ fn tcp(ctx: &XdpContext, l4: L4) -> Option<Packet> {
             }
         }
     };
-    Some(Packet::Syn(FlowKey {
-        local,
-        remote,
-        local_port,
-        remote_port,
+    Some(Packet::Syn(Syn {
+        flow: FlowKey {
+            local,
+            remote,
+            local_port,
+            remote_port,
+        },
+        reply,
     }))
 }

@@ -61,6 +61,16 @@ enum Command {
     },
     /// Counters of admitted and rejected connections.
     Stats(Common),
+    /// Remove what a stopped daemon left attached (with --keep-attached, or
+    /// killed): its programs, links and pinned maps.
+    Detach {
+        /// Where the daemon pinned them.
+        #[arg(long, default_value = DEFAULT_BPFFS_PATH)]
+        bpffs: PathBuf,
+        /// The daemon's control socket (to refuse while it runs).
+        #[arg(long, env = "LIMITER_CONTROL", default_value = DEFAULT_CONTROL_PATH)]
+        control: PathBuf,
+    },
     /// The recent 1009 / 1021 events; with --follow, new ones as they come.
     Events {
         /// Keep printing new events until interrupted.
@@ -191,6 +201,15 @@ struct RunArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<std::net::SocketAddr>,
+    /// At exit, leave the programs attached and pinned with their counts,
+    /// so that the next `limiter run` takes over without a gap (what the
+    /// systemd unit uses).
+    #[arg(long)]
+    keep_attached: bool,
+    /// Entries of each of the source, handshake and established tables (a
+    /// daemon that adopts pinned tables keeps their size).
+    #[arg(long, default_value_t = limiter_common::maps::DEFAULT_TABLE_ENTRIES, value_name = "N")]
+    table_entries: u32,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -275,6 +294,8 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                 },
                 event_period: args.event_period.into(),
                 metrics: args.metrics,
+                keep_attached: args.keep_attached,
+                table_entries: args.table_entries,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -341,6 +362,23 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         }
         Command::Stats(common) => ask(&common, Request::Stats, |s: StatsReport| print_stats(&s)),
         Command::Events { follow, common } => events(&common, follow),
+        Command::Detach { bpffs, control } => {
+            if let Ok(value) = control::request(&control, &Request::Status) {
+                anyhow::bail!(
+                    "a limiter daemon (pid {}) is running on {}: stop it instead (SIGTERM detaches)",
+                    value["pid"],
+                    control.display()
+                );
+            }
+            let removed = crate::pins::remove_all(&bpffs)?;
+            if removed.is_empty() {
+                println!("nothing attached under {}", bpffs.display());
+            }
+            for dir in removed {
+                println!("detached and removed {}", dir.display());
+            }
+            Ok(())
+        }
     }
 }
 

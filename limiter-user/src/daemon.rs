@@ -29,6 +29,7 @@ use crate::{
     events::{Event, EventHub, Folder, SyslogSink},
     kernel::{AttachedMode, Kernel, TableSizes, XdpModeRequest, error_chain},
     metrics,
+    pins::PinDir,
     report::{self, Connectors, limit_json},
     selection::{SelectionTable, from_addr},
     sockdiag,
@@ -40,6 +41,14 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/limiter/connectors.toml";
 pub const DEFAULT_BPFFS_PATH: &str = "/sys/fs/bpf/limiter";
 /// An idle source (no live connection) is forgotten after this long.
 const SOURCE_IDLE_FORGET: Duration = Duration::from_secs(120);
+/// ...or after this long when the source table is half full.
+const PRESSURE_SOURCE_IDLE: Duration = Duration::from_secs(1);
+/// Handshakes expire after at most this long when the handshake table is
+/// half full.
+const PRESSURE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(1);
+/// The counts are checked against the socket table this often, as a safety
+/// net: a correction is logged and counted (`reconciled`).
+const RECONCILE_EVERY: Duration = Duration::from_secs(30);
 /// Longest accepted control request line.
 const MAX_REQUEST_LEN: u64 = 64 * 1024;
 
@@ -62,6 +71,11 @@ pub struct RunOptions {
     pub event_period: Duration,
     /// Where to serve Prometheus metrics.
     pub metrics: Option<std::net::SocketAddr>,
+    /// Leave the programs attached and pinned at exit, for a restart
+    /// without a gap.
+    pub keep_attached: bool,
+    /// Entries of the source, handshake and established tables.
+    pub table_entries: u32,
 }
 
 /// The daemon's state, shared by the control socket and the sweeper.
@@ -87,6 +101,9 @@ struct Daemon {
     seeded: HashSet<FlowKey>,
     warned_untracked: bool,
     last_source_gc: Instant,
+    last_reconcile: Instant,
+    /// The handshake table is half full: handshakes expire sooner.
+    under_pressure: bool,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -110,31 +127,54 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let listener = bind_control(&options.control, control_gid)?;
     ensure_bpffs(&options.bpffs)?;
 
-    let mut kernel = Kernel::load(TableSizes::default(), Some(&options.bpffs))
-        .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
-    let ids: Vec<u32> = (0..config.connectors.len() as u32).collect();
+    let pins = PinDir::open(&options.bpffs)?;
+    let sizes = TableSizes {
+        sources: options.table_entries,
+        handshakes: options.table_entries,
+        established: options.table_entries,
+    };
+    let mut kernel = Kernel::load(sizes, Some(&pins)).map_err(|e| anyhow!(error_chain(&e)))?;
+    let previous = if kernel.adopted() {
+        log::info!(
+            "adopting the maps, counts and links left in {}",
+            pins.dir().display()
+        );
+        kernel.connector_names()
+    } else {
+        Vec::new()
+    };
+    let ids = assign_ids(
+        &previous,
+        &config,
+        &kernel.connector_ids_in_use(),
+        &HashSet::new(),
+    )?;
     let table = SelectionTable::build_with_ids(&config, &ids);
     kernel
         .set_settings(
             &config,
             netns_cookie().context("reading the network namespace cookie")?,
         )
-        .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
-    kernel
-        .install(&config, &ids, &table)
-        .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+        .map_err(|e| anyhow!(error_chain(&e)))?;
+    install(&mut kernel, &config, &ids, &table)?;
     // sock_ops first: from then on every completed handshake is seen, so the
-    // seeding below misses nothing.
+    // reconciliation below misses nothing.
     kernel
         .attach_sock_ops(&cgroup)
-        .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+        .map_err(|e| anyhow!(error_chain(&e)))?;
     let mut interfaces = Vec::new();
     for iface in &options.ifaces {
         let mode = kernel
             .attach_xdp(iface, options.xdp_mode)
-            .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+            .map_err(|e| anyhow!(error_chain(&e)))?;
         log::info!("enforcing on {iface} ({} XDP)", mode.name());
         interfaces.push((iface.clone(), mode));
+    }
+    for iface in kernel
+        .detach_other_interfaces(&options.ifaces)
+        .map_err(|e| anyhow!(error_chain(&e)))?
+    {
+        log::info!("detached from {iface}, which is no longer given with --iface");
     }
 
     let mut daemon = Daemon {
@@ -153,12 +193,19 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         seeded: HashSet::new(),
         warned_untracked: false,
         last_source_gc: Instant::now(),
+        last_reconcile: Instant::now(),
+        under_pressure: false,
     };
-    let seeded = daemon.seed_from_socket_table()?;
+    let (released, counted) = daemon.reconcile()?;
     log::info!(
-        "counting {seeded} established connection(s) found on bound ports; {} connector(s) from {}",
+        "{} connector(s) from {}; counting {counted} established connection(s) found in the socket table{}",
         daemon.config.connectors.len(),
-        daemon.config_source
+        daemon.config_source,
+        if released > 0 {
+            format!(", releasing {released} that closed while no daemon ran")
+        } else {
+            String::new()
+        }
     );
     let sweep_every = sweep_interval(daemon.config.handshake_timeout);
     let ring = daemon
@@ -212,8 +259,13 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         task.abort();
     }
     let _ = std::fs::remove_file(&control_path);
-    // The links go with the process; the pins are removed here.
-    daemon.lock().expect("daemon lock").kernel.unpin();
+    if options.keep_attached {
+        log::info!(
+            "leaving the programs attached (--keep-attached): the next `limiter run` adopts them"
+        );
+    } else if let Err(e) = daemon.lock().expect("daemon lock").kernel.detach() {
+        log::error!("detaching: {}", error_chain(&e));
+    }
     match failure {
         None => Ok(()),
         Some((what, Ok(Err(e)))) => Err(e.context(format!("the {what} failed"))),
@@ -284,6 +336,64 @@ async fn report_events(
                 .store(sink.errors, std::sync::atomic::Ordering::Relaxed);
         }
     }
+}
+
+/// Kernel ids for the connectors of `config`. A connector that already has
+/// an id (`current`: id and name) keeps it, since its connections hold
+/// counts under it; a new one gets an id that holds no count (`in_use`),
+/// preferably one not handed out before (`used`).
+fn assign_ids(
+    current: &[(u32, String)],
+    config: &Config,
+    in_use: &HashSet<u32>,
+    used: &HashSet<u32>,
+) -> anyhow::Result<Vec<u32>> {
+    let mut taken: HashSet<u32> = HashSet::new();
+    let mut ids: Vec<Option<u32>> = config
+        .connectors
+        .iter()
+        .map(|c| {
+            let id = current
+                .iter()
+                .find(|(_, name)| name.eq_ignore_ascii_case(&c.name))
+                .map(|(id, _)| *id)?;
+            taken.insert(id);
+            Some(id)
+        })
+        .collect();
+    // Ids of connectors that are gone stay reserved while they hold counts.
+    for slot in ids.iter_mut().filter(|s| s.is_none()) {
+        let free = |id: &u32| !taken.contains(id) && !in_use.contains(id);
+        let id = (0..MAX_CONNECTORS)
+            .find(|id| free(id) && !used.contains(id))
+            .or_else(|| (0..MAX_CONNECTORS).find(free))
+            .ok_or_else(|| {
+                anyhow!("no connector slot is free (at most {MAX_CONNECTORS}, and removed connectors keep theirs until their connections close)")
+            })?;
+        taken.insert(id);
+        *slot = Some(id);
+    }
+    Ok(ids.into_iter().map(|id| id.expect("assigned")).collect())
+}
+
+/// Puts a configuration into the kernel, names included.
+fn install(
+    kernel: &mut Kernel,
+    config: &Config,
+    ids: &[u32],
+    table: &SelectionTable,
+) -> anyhow::Result<()> {
+    kernel
+        .install(config, ids, table)
+        .map_err(|e| anyhow!(error_chain(&e)))?;
+    let named: Vec<(u32, &str)> = ids
+        .iter()
+        .copied()
+        .zip(config.connectors.iter().map(|c| c.name.as_str()))
+        .collect();
+    kernel
+        .set_connector_names(&named)
+        .map_err(|e| anyhow!(error_chain(&e)))
 }
 
 /// The configuration the daemon starts with.
@@ -504,39 +614,98 @@ impl Daemon {
         self.table.ports.iter().copied().collect()
     }
 
-    /// Counts the established connections on bound ports that are already
-    /// there. Returns how many were counted.
-    fn seed_from_socket_table(&mut self) -> anyhow::Result<usize> {
-        let flows =
-            sockdiag::established(&self.bound_ports()).context("reading the socket table")?;
+    /// Makes the counts agree with the kernel's socket table: releases
+    /// counted connections that are gone (closed while no daemon or no
+    /// sock_ops program watched), and counts established ones that are not
+    /// counted (they predate the daemon). Returns (released, counted).
+    ///
+    /// The counted ones are read before the socket table, so a connection
+    /// that completes in between is never taken for gone; the missing ones
+    /// after it, so that one is never counted twice (and a count taken
+    /// twice in a race is given back by the kernel's own checks).
+    fn reconcile(&mut self) -> anyhow::Result<(usize, usize)> {
+        let counted_before = self.kernel.established();
+        let live: HashSet<FlowKey> = sockdiag::established(&self.bound_ports())
+            .context("reading the socket table")?
+            .into_iter()
+            .collect();
+        let mut released = 0;
+        for (flow, _) in counted_before.iter().filter(|(f, _)| !live.contains(f)) {
+            if self
+                .kernel
+                .release_established(flow)
+                .map_err(|e| anyhow!(error_chain(&e)))?
+            {
+                released += 1;
+            }
+        }
+        let known: HashSet<FlowKey> = self
+            .kernel
+            .established()
+            .into_iter()
+            .chain(self.kernel.handshakes())
+            .map(|(flow, _)| flow)
+            .collect();
         let mut counted = 0;
-        for flow in flows {
+        for flow in live.iter().filter(|f| !known.contains(f)) {
             match self
                 .kernel
-                .seed(&flow)
-                .map_err(|e| anyhow::anyhow!(error_chain(&e)))?
+                .seed(flow)
+                .map_err(|e| anyhow!(error_chain(&e)))?
             {
-                op::DONE => {
-                    self.seeded.insert(flow);
-                    counted += 1;
+                op::DONE => counted += 1,
+                op::FULL => {
+                    log::warn!("the established table is full; not counting {}", show(flow))
                 }
-                op::FULL => log::warn!(
-                    "the established table is full; not counting {}",
-                    show(&flow)
-                ),
                 _ => {}
             }
         }
-        Ok(counted)
+        // Those counted from the socket table are watched by polling, also
+        // when an earlier daemon counted them.
+        self.seeded = self
+            .kernel
+            .established()
+            .into_iter()
+            .filter(|(_, v)| v.flags & FLOW_SEEDED != 0)
+            .map(|(flow, _)| flow)
+            .collect();
+        self.last_reconcile = Instant::now();
+        Ok((released, counted))
     }
 
     /// One round of housekeeping: expires abandoned handshakes, releases
     /// seeded connections that closed, forgets idle sources.
     fn sweep(&mut self) -> anyhow::Result<()> {
         let now = monotonic_ns();
-        let timeout = self.config.handshake_timeout.as_nanos() as u64;
+        let sizes = self.kernel.sizes();
+        let handshakes = self.kernel.handshakes();
+        // Half the handshake table taken: a SYN flood, most likely spoofed.
+        // Real handshakes complete within a round trip, so waiting less for
+        // the rest costs nothing but keeps the table from filling.
+        let pressure = handshakes.len() as u64 * 2 >= sizes.handshakes as u64;
+        if pressure != self.under_pressure {
+            self.under_pressure = pressure;
+            if pressure {
+                log::warn!(
+                    "{} of {} handshake slots taken (a SYN flood?): handshakes now expire after {}",
+                    handshakes.len(),
+                    sizes.handshakes,
+                    humantime::format_duration(PRESSURE_HANDSHAKE_TIMEOUT)
+                );
+            } else {
+                log::info!("handshake table back below half full");
+            }
+        }
+        let timeout = if pressure {
+            self.config
+                .handshake_timeout
+                .min(PRESSURE_HANDSHAKE_TIMEOUT)
+        } else {
+            self.config.handshake_timeout
+        }
+        .as_nanos() as u64;
         let mut expired = Vec::new();
-        for (flow, value) in self.kernel.handshakes() {
+        for (flow, value) in handshakes {
             if now.saturating_sub(value.since_ns) >= timeout
                 && self
                     .kernel
@@ -594,17 +763,35 @@ impl Daemon {
                 .collect();
             self.seeded.retain(|f| still_seeded.contains(f));
         }
-        if self.last_source_gc.elapsed() >= SOURCE_IDLE_FORGET / 4 {
+        if self.last_reconcile.elapsed() >= RECONCILE_EVERY {
+            let (released, counted) = self.reconcile()?;
+            if released + counted > 0 {
+                log::warn!(
+                    "reconciled with the socket table: released {released}, counted {counted}"
+                );
+            }
+        }
+        // Sources of a flood hold nothing once their handshakes expire: under
+        // pressure they go within a second, else after a while.
+        let sources_crowded = self.kernel.sources_len() * 2 >= sizes.sources as usize;
+        if sources_crowded {
+            self.forget_idle_sources(now, PRESSURE_SOURCE_IDLE);
+        } else if self.last_source_gc.elapsed() >= SOURCE_IDLE_FORGET / 4 {
             self.last_source_gc = Instant::now();
-            self.forget_idle_sources(now);
+            self.forget_idle_sources(now, SOURCE_IDLE_FORGET);
         }
         Ok(())
     }
 
     /// Deletes source entries that have held nothing for a long time, so
     /// that a flood of spoofed sources does not fill the table for good.
-    fn forget_idle_sources(&mut self, now: u64) {
-        let idle = SOURCE_IDLE_FORGET.as_nanos() as u64;
+    ///
+    /// An entry is deleted only after it has been idle for `idle`: an XDP
+    /// program that looked the entry up just before the deletion could
+    /// still count into it, and the wait makes that a matter of the same
+    /// microsecond as a new SYN after `idle` of silence from that source.
+    fn forget_idle_sources(&mut self, now: u64, idle: Duration) {
+        let idle = idle.as_nanos() as u64;
         let stale: Vec<SourceKey> = self
             .kernel
             .sources()
@@ -753,37 +940,20 @@ impl Daemon {
             .ok_or_else(|| anyhow!("there is no connector \"{name}\""))
     }
 
-    /// Kernel ids for the connectors of `config`: a connector keeps its id
-    /// (its connections hold counts under it); a new one gets an id that
-    /// holds no count, preferably one never used since start.
+    /// Kernel ids for the connectors of `config` (see [`assign_ids`]).
     fn assign_ids(&self, config: &Config) -> anyhow::Result<Vec<u32>> {
-        let in_use = self.kernel.connector_ids_in_use();
-        let mut taken: HashSet<u32> = HashSet::new();
-        let mut ids = vec![None; config.connectors.len()];
-        for (slot, connector) in ids.iter_mut().zip(&config.connectors) {
-            if let Some(old) = self.config.connector(&connector.name) {
-                let index = self
-                    .config
-                    .connectors
-                    .iter()
-                    .position(|c| std::ptr::eq(c, old))
-                    .expect("found above");
-                *slot = Some(self.ids[index]);
-                taken.insert(self.ids[index]);
-            }
-        }
-        for slot in ids.iter_mut().filter(|s| s.is_none()) {
-            let free = |id: &u32| !taken.contains(id) && !in_use.contains(id);
-            let id = (0..MAX_CONNECTORS)
-                .find(|id| free(id) && !self.used_ids.contains(id))
-                .or_else(|| (0..MAX_CONNECTORS).find(free))
-                .ok_or_else(|| {
-                    anyhow!("no connector slot is free (at most {MAX_CONNECTORS}, and removed connectors keep theirs until their connections close)")
-                })?;
-            taken.insert(id);
-            *slot = Some(id);
-        }
-        Ok(ids.into_iter().map(|id| id.expect("assigned")).collect())
+        let current: Vec<(u32, String)> = self
+            .ids
+            .iter()
+            .copied()
+            .zip(self.config.connectors.iter().map(|c| c.name.clone()))
+            .collect();
+        assign_ids(
+            &current,
+            config,
+            &self.kernel.connector_ids_in_use(),
+            &self.used_ids,
+        )
     }
 
     /// Applies `edit` to the config: validated like the file, installed in
@@ -834,8 +1004,8 @@ impl Daemon {
 
     /// Puts the current config back into the kernel after a failed change.
     fn restore(&mut self) {
-        if let Err(e) = self.kernel.install(&self.config, &self.ids, &self.table) {
-            log::error!("restoring the kernel tables: {}", error_chain(&e));
+        if let Err(e) = install(&mut self.kernel, &self.config, &self.ids, &self.table) {
+            log::error!("restoring the kernel tables: {e:#}");
         }
     }
 

@@ -60,7 +60,7 @@ pub struct Event {
     /// Live connections on the connector and from the source, before it.
     pub live_total: u32,
     pub live_source: u32,
-    /// "drop" (refused), or "monitor" (admitted, reported only).
+    /// "drop" or "reset" (refused), or "monitor" (admitted, reported only).
     pub action: String,
     /// How many rejections this line stands for: 1, or the repeats a
     /// summary folds.
@@ -119,10 +119,10 @@ impl Event {
             local: SocketAddr::new(from_addr(&raw.local), raw.local_port).to_string(),
             live_total: raw.live_total,
             live_source: raw.live_source,
-            action: if raw.action == action::MONITOR {
-                "monitor"
-            } else {
-                "drop"
+            action: match raw.action {
+                action::MONITOR => "monitor",
+                action::RESET => "reset",
+                _ => "drop",
             }
             .to_string(),
             count: 1,

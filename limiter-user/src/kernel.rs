@@ -4,24 +4,29 @@
 use std::{
     collections::{BTreeMap, HashSet},
     fs::File,
+    os::fd::AsFd,
     path::{Path, PathBuf},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, MapData, MapInfo, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{
         CgroupAttachMode, RawTracePoint, RawTracePointRunOptions, SockOps, TestRun, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
     },
 };
 use limiter_common::maps::{
-    BOUND_PORT_WORDS, BindingKey, ConnectorConfig, Control, DEFAULT_TABLE_ENTRIES, FlowKey,
-    FlowValue, MAP_LAYOUT_VERSION, RangeKey, Settings, SourceCount, SourceKey, control, names,
-    programs, stat,
+    BOUND_PORT_WORDS, BindingKey, CONNECTOR_NAME_BYTES, ConnectorConfig, Control,
+    DEFAULT_TABLE_ENTRIES, FlowKey, FlowValue, MAX_CONNECTORS, RangeKey, Settings, SourceCount,
+    SourceKey, control, names, programs, stat,
 };
 
 use crate::{
+    bpfsys,
     config::Config,
+    pins::{PinDir, PinsError},
     selection::{BindingKeyOrd, RangeEntry, SelectionTable},
 };
 
@@ -52,6 +57,8 @@ pub enum KernelError {
     MissingProgram(&'static str),
     #[error("pinning {path}: {reason}")]
     Pin { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Pins(#[from] PinsError),
     #[error("cgroup {path}: {source}")]
     Cgroup {
         path: PathBuf,
@@ -137,8 +144,13 @@ pub struct Kernel {
     stats: PerCpuArray<MapData, u64>,
     /// The rejection events, until the daemon's reader takes them.
     events: Option<RingBuf<MapData>>,
+    connector_names: Array<MapData, [u8; CONNECTOR_NAME_BYTES]>,
     sizes: TableSizes,
-    pin_dir: Option<PathBuf>,
+    pins: Option<PinDir>,
+    /// Whether the maps were left by an earlier daemon (counts included).
+    adopted: bool,
+    /// Links that are not pinned, kept attached while the handle lives.
+    owned_links: Vec<FdLink>,
 }
 
 macro_rules! take {
@@ -152,11 +164,32 @@ macro_rules! take {
 
 impl Kernel {
     /// Loads the programs into the kernel (nothing is attached yet). With
-    /// `bpffs`, every map is also pinned under `bpffs/v<layout>/`, so that
-    /// operators can look at them with bpftool; the pins go when the
-    /// `Kernel` does.
-    pub fn load(sizes: TableSizes, bpffs: Option<&Path>) -> Result<Kernel, KernelError> {
-        let mut ebpf = EbpfLoader::new()
+    /// `pins`, the maps live in bpffs: those an earlier daemon left there
+    /// are reused, counts and all, and new ones are pinned there.
+    pub fn load(sizes: TableSizes, pins: Option<&PinDir>) -> Result<Kernel, KernelError> {
+        let adopted = pins.is_some_and(PinDir::has_maps);
+        let mut sizes = sizes;
+        let mut loader = EbpfLoader::new();
+        if let Some(pins) = pins {
+            pins.create()?;
+            if adopted {
+                // The pinned tables keep the sizes they were made with.
+                let size = |name| {
+                    MapInfo::from_pin(pins.map(name))
+                        .map(|info| info.max_entries())
+                        .map_err(map_err(name))
+                };
+                sizes = TableSizes {
+                    sources: size(names::SOURCE_LIVE)?,
+                    handshakes: size(names::HANDSHAKES)?,
+                    established: size(names::ESTABLISHED)?,
+                };
+            }
+            for name in names::ALL {
+                loader.map_pin_path(name, pins.map(name));
+            }
+        }
+        let mut ebpf = loader
             .map_max_entries(names::SOURCE_LIVE, sizes.sources)
             .map_max_entries(names::HANDSHAKES, sizes.handshakes)
             .map_max_entries(names::ESTABLISHED, sizes.established)
@@ -174,10 +207,8 @@ impl Kernel {
             let control: &mut RawTracePoint = program(&mut ebpf, programs::CONTROL)?;
             control.load().map_err(prog_err(programs::CONTROL))?;
         }
-        let pin_dir = match bpffs {
-            Some(bpffs) => Some(pin_maps(&ebpf, bpffs)?),
-            None => None,
-        };
+        // The typed handles check key and value sizes: a pinned map of
+        // another shape is refused here.
         Ok(Kernel {
             settings: take!(ebpf, names::SETTINGS),
             bound_ports: take!(ebpf, names::BOUND_PORTS),
@@ -190,10 +221,48 @@ impl Kernel {
             established: take!(ebpf, names::ESTABLISHED),
             stats: take!(ebpf, names::STATS),
             events: Some(take!(ebpf, names::EVENTS)),
+            connector_names: take!(ebpf, names::CONNECTOR_NAMES),
             sizes,
             ebpf,
-            pin_dir,
+            pins: pins.cloned(),
+            adopted,
+            owned_links: Vec::new(),
         })
+    }
+
+    /// Whether the maps (and their counts) were left by an earlier daemon.
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    /// The name each connector id had when its maps were written, for a
+    /// daemon that adopts them.
+    pub fn connector_names(&self) -> Vec<(u32, String)> {
+        (0..MAX_CONNECTORS)
+            .filter_map(|id| {
+                let bytes = self.connector_names.get(&id, 0).ok()?;
+                let len = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
+                (len > 0).then(|| (id, String::from_utf8_lossy(&bytes[..len]).into_owned()))
+            })
+            .collect()
+    }
+
+    /// Records the name of each connector id (empty for the others).
+    pub fn set_connector_names(&mut self, named: &[(u32, &str)]) -> Result<(), KernelError> {
+        for id in 0..MAX_CONNECTORS {
+            let mut bytes = [0u8; CONNECTOR_NAME_BYTES];
+            if let Some((_, name)) = named.iter().find(|(i, _)| *i == id) {
+                let name = name.as_bytes();
+                let len = name.len().min(CONNECTOR_NAME_BYTES);
+                bytes[..len].copy_from_slice(&name[..len]);
+            }
+            if self.connector_names.get(&id, 0).ok() != Some(bytes) {
+                self.connector_names
+                    .set(id, bytes, 0)
+                    .map_err(map_err(names::CONNECTOR_NAMES))?;
+            }
+        }
+        Ok(())
     }
 
     /// The rejection event ring, for one reader.
@@ -206,18 +275,19 @@ impl Kernel {
         self.sizes
     }
 
-    /// Where the maps are pinned, if they are.
+    /// Where the maps and links are pinned, if they are.
     pub fn pin_dir(&self) -> Option<&Path> {
-        self.pin_dir.as_deref()
+        self.pins.as_ref().map(PinDir::dir)
     }
 
-    /// Removes the pins made by [`Kernel::pin`].
-    pub fn unpin(&mut self) {
-        if let Some(dir) = self.pin_dir.take()
-            && let Err(e) = std::fs::remove_dir_all(&dir)
-        {
-            log::warn!("removing pins in {}: {e}", dir.display());
+    /// Detaches everything and removes the pins: what SIGTERM does without
+    /// `--keep-attached`.
+    pub fn detach(&mut self) -> Result<(), KernelError> {
+        self.owned_links.clear();
+        if let Some(pins) = self.pins.take() {
+            pins.remove()?;
         }
+        Ok(())
     }
 
     /// Writes the global settings.
@@ -311,46 +381,142 @@ impl Kernel {
         Ok(())
     }
 
-    /// Attaches the XDP program to `iface`.
+    /// Attaches the XDP program to `iface`: in place of the program of a
+    /// pinned link that an earlier daemon left there (atomically, so that no
+    /// packet goes unchecked), or with a new link, pinned.
     pub fn attach_xdp(
         &mut self,
         iface: &str,
         mode: XdpModeRequest,
     ) -> Result<AttachedMode, KernelError> {
+        let interface_error = |reason: String| KernelError::Interface {
+            iface: iface.to_string(),
+            reason,
+        };
+        let pinned = self
+            .pins
+            .as_ref()
+            .and_then(|p| p.xdp_links().into_iter().find(|(i, _, _)| i == iface));
         let xdp: &mut Xdp = program(&mut self.ebpf, programs::ADMIT)?;
+        if let Some((_, attached, path)) = pinned {
+            let mut replace = || -> Result<(), String> {
+                let pinned = PinnedLink::from_pin(&path).map_err(|e| error_chain(&e))?;
+                let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| error_chain(&e))?;
+                let id = xdp.attach_to_link(link).map_err(|e| error_chain(&e))?;
+                // The pin holds the link; the handle may go.
+                drop(xdp.take_link(id).map_err(|e| error_chain(&e))?);
+                Ok(())
+            };
+            replace().map_err(|e| {
+                interface_error(format!("replacing the program of {}: {e}", path.display()))
+            })?;
+            return Ok(attached);
+        }
         let attach = |xdp: &mut Xdp, mode: XdpMode| {
-            xdp.attach(iface, mode).map_err(|e| KernelError::Interface {
-                iface: iface.to_string(),
-                reason: format!("attaching XDP ({mode:?} mode): {}", error_chain(&e)),
+            xdp.attach(iface, mode).map_err(|e| {
+                interface_error(format!(
+                    "attaching XDP ({mode:?} mode): {}",
+                    error_chain(&e)
+                ))
             })
         };
-        match mode {
-            XdpModeRequest::Driver => attach(xdp, XdpMode::Driver).map(|_| AttachedMode::Driver),
-            XdpModeRequest::Skb => attach(xdp, XdpMode::Skb).map(|_| AttachedMode::Generic),
+        let (id, attached) = match mode {
+            XdpModeRequest::Driver => (attach(xdp, XdpMode::Driver)?, AttachedMode::Driver),
+            XdpModeRequest::Skb => (attach(xdp, XdpMode::Skb)?, AttachedMode::Generic),
             XdpModeRequest::Auto => match attach(xdp, XdpMode::Driver) {
-                Ok(_) => Ok(AttachedMode::Driver),
+                Ok(id) => (id, AttachedMode::Driver),
                 Err(native) => {
                     log::warn!(
                         "{native}; falling back to generic XDP, which runs later in the stack and costs more per packet"
                     );
-                    attach(xdp, XdpMode::Skb).map(|_| AttachedMode::Generic)
+                    (attach(xdp, XdpMode::Skb)?, AttachedMode::Generic)
                 }
             },
+        };
+        let link = xdp.take_link(id).map_err(prog_err(programs::ADMIT))?;
+        match (FdLink::try_from(link), &self.pins) {
+            (Ok(link), Some(pins)) => {
+                let path = pins.xdp_link(iface, attached);
+                link.pin(&path).map_err(|e| KernelError::Pin {
+                    path,
+                    reason: error_chain(&e),
+                })?;
+            }
+            (Ok(link), None) => self.owned_links.push(link),
+            (Err(e), _) => {
+                return Err(interface_error(format!(
+                    "the kernel attached XDP without a bpf_link, which cannot be pinned: {}",
+                    error_chain(&e)
+                )));
+            }
         }
+        Ok(attached)
     }
 
-    /// Attaches the sock_ops program to the cgroup v2 directory `cgroup`.
+    /// Detaches the pinned XDP links of interfaces not in `keep` (a daemon
+    /// restarted with fewer `--iface`s). Returns the interfaces.
+    pub fn detach_other_interfaces(&mut self, keep: &[String]) -> Result<Vec<String>, KernelError> {
+        let mut detached = Vec::new();
+        for (iface, _, path) in self
+            .pins
+            .as_ref()
+            .map(PinDir::xdp_links)
+            .unwrap_or_default()
+        {
+            if !keep.contains(&iface) {
+                std::fs::remove_file(&path).map_err(|e| KernelError::Pin {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+                detached.push(iface);
+            }
+        }
+        Ok(detached)
+    }
+
+    /// Attaches the sock_ops program to the cgroup v2 directory `cgroup`,
+    /// in place of an earlier daemon's program if its link is pinned.
     pub fn attach_sock_ops(&mut self, cgroup: &Path) -> Result<(), KernelError> {
-        let file = File::open(cgroup).map_err(|source| KernelError::Cgroup {
+        let cgroup_error = |source: std::io::Error| KernelError::Cgroup {
             path: cgroup.to_path_buf(),
             source,
-        })?;
+        };
+        let file = File::open(cgroup).map_err(cgroup_error)?;
+        let ino = std::os::unix::fs::MetadataExt::ino(&file.metadata().map_err(cgroup_error)?);
         let track: &mut SockOps = program(&mut self.ebpf, programs::TRACK)?;
+        if let Some(pins) = &self.pins {
+            for (other, path) in pins.sock_ops_links() {
+                if other == ino {
+                    let link = bpfsys::obj_get(&path).map_err(cgroup_error)?;
+                    let program = track.fd().map_err(prog_err(programs::TRACK))?;
+                    bpfsys::link_update(link.as_fd(), program.as_fd()).map_err(cgroup_error)?;
+                    return Ok(());
+                }
+                // A link on another cgroup: --cgroup changed.
+                log::info!("detaching the sock_ops program from the cgroup with inode {other}");
+                std::fs::remove_file(&path).map_err(cgroup_error)?;
+            }
+        }
         // A bpf_link, which shares the cgroup with other programs anyway;
         // link_create refuses the multi-attach flag.
-        track
+        let id = track
             .attach(&file, CgroupAttachMode::Single)
             .map_err(prog_err(programs::TRACK))?;
+        let link = track.take_link(id).map_err(prog_err(programs::TRACK))?;
+        let link = FdLink::try_from(link).map_err(|e| KernelError::Pin {
+            path: cgroup.to_path_buf(),
+            reason: error_chain(&e),
+        })?;
+        match &self.pins {
+            Some(pins) => {
+                let path = pins.sock_ops_link(ino);
+                link.pin(&path).map_err(|e| KernelError::Pin {
+                    path,
+                    reason: error_chain(&e),
+                })?;
+            }
+            None => self.owned_links.push(link),
+        }
         Ok(())
     }
 
@@ -405,6 +571,11 @@ impl Kernel {
     /// Every source entry (live or idle).
     pub fn sources(&self) -> Vec<(SourceKey, SourceCount)> {
         self.source_live.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Entries in the source table.
+    pub fn sources_len(&self) -> usize {
+        self.source_live.keys().count()
     }
 
     /// Live connections of one source (0 when it has no entry).
@@ -463,6 +634,11 @@ impl Kernel {
         Ok(self.control(control::RELEASE_SEEDED, flow)? == control::DONE)
     }
 
+    /// Releases any counted connection that is gone from the socket table.
+    pub fn release_established(&mut self, flow: &FlowKey) -> Result<bool, KernelError> {
+        Ok(self.control(control::RELEASE_ESTABLISHED, flow)? == control::DONE)
+    }
+
     /// The ids of connectors that still hold counts.
     pub fn connector_ids_in_use(&self) -> HashSet<u32> {
         self.connector_live
@@ -473,12 +649,6 @@ impl Kernel {
                 _ => None,
             })
             .collect()
-    }
-}
-
-impl Drop for Kernel {
-    fn drop(&mut self) {
-        self.unpin();
     }
 }
 
@@ -496,28 +666,6 @@ impl Ord for RangeKeyOrd {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
         (self.0.binding, self.0.remote).cmp(&(other.0.binding, other.0.remote))
     }
-}
-
-/// Pins every map of `ebpf` under `bpffs/v<layout>/`.
-fn pin_maps(ebpf: &Ebpf, bpffs: &Path) -> Result<PathBuf, KernelError> {
-    let dir = bpffs.join(format!("v{MAP_LAYOUT_VERSION}"));
-    let pin_error = |path: &Path, reason: String| KernelError::Pin {
-        path: path.to_path_buf(),
-        reason,
-    };
-    if dir.exists() {
-        // Left by a daemon that died without cleaning up. Adopting its
-        // counts is not supported yet: start over.
-        log::warn!("removing stale pins in {}", dir.display());
-        std::fs::remove_dir_all(&dir).map_err(|e| pin_error(&dir, e.to_string()))?;
-    }
-    std::fs::create_dir_all(&dir).map_err(|e| pin_error(&dir, e.to_string()))?;
-    for (name, map) in ebpf.maps() {
-        let path = dir.join(name);
-        map.pin(&path)
-            .map_err(|e| pin_error(&path, error_chain(&e)))?;
-    }
-    Ok(dir)
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, KernelError>

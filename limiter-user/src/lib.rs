@@ -3,6 +3,7 @@
 //! The library holds everything the `limiter` binary does, so that the
 //! end-to-end tests drive the same code.
 
+pub mod bpfsys;
 pub mod cli;
 pub mod config;
 pub mod control;
@@ -11,6 +12,7 @@ pub mod edit;
 pub mod events;
 pub mod kernel;
 pub mod metrics;
+pub mod pins;
 pub mod range;
 pub mod report;
 pub mod selection;

@@ -250,6 +250,9 @@ pub struct Counters {
     /// Connections found at start-up, and those of them seen closed.
     pub seeded: u64,
     pub seeded_closed: u64,
+    /// Counted connections found gone from the socket table without a
+    /// callback (the daemon or sock_ops was away): corrections.
+    pub reconciled: u64,
 }
 
 impl Counters {
@@ -272,6 +275,7 @@ impl Counters {
             handshakes_expired: at(stat::HANDSHAKE_EXPIRED),
             seeded: at(stat::SEEDED),
             seeded_closed: at(stat::SEEDED_CLOSED),
+            reconciled: at(stat::RECONCILED),
         }
     }
 
@@ -289,6 +293,7 @@ impl Counters {
         self.handshakes_expired += other.handshakes_expired;
         self.seeded += other.seeded;
         self.seeded_closed += other.seeded_closed;
+        self.reconciled += other.reconciled;
     }
 }
 

@@ -101,8 +101,9 @@ impl Limiter {
         limiter
     }
 
-    /// Starts the daemon process and waits until it answers.
-    fn spawn(&mut self) {
+    /// Starts the daemon process (again, after [`Limiter::kill`]) with the
+    /// same command line, and waits until it answers.
+    pub fn spawn(&mut self) {
         let mut cmd = Command::new(limiter_bin());
         cmd.args(&self.args)
             .env("RUST_LOG", "info")
@@ -139,7 +140,15 @@ impl Limiter {
         log
     }
 
-    fn terminate(&mut self) -> String {
+    /// SIGKILL: the daemon gets no chance to clean up. Returns its log.
+    pub fn kill(&mut self) -> String {
+        let mut child = self.child.take().expect("running");
+        child.kill();
+        child.stderr_text()
+    }
+
+    /// SIGTERM, and a clean exit. Returns its log.
+    pub fn terminate(&mut self) -> String {
         let mut child = self.child.take().expect("running");
         let status = child.terminate(Duration::from_secs(10));
         let log = child.stderr_text();
@@ -149,6 +158,16 @@ impl Limiter {
 
     fn child(&self) -> &ChildGuard {
         self.child.as_ref().expect("running")
+    }
+
+    /// Whether the daemon process is running.
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// The `--bpffs` directory.
+    pub fn bpffs(&self) -> PathBuf {
+        self._bpffs.path().join("limiter")
     }
 
     fn child_mut(&mut self) -> &mut ChildGuard {
@@ -167,7 +186,10 @@ impl Limiter {
 
     /// The daemon's log so far.
     pub fn log(&self) -> String {
-        self.child().stderr_text()
+        self.child
+            .as_ref()
+            .map(|c| c.stderr_text())
+            .unwrap_or_default()
     }
 
     /// `status`, or why not.

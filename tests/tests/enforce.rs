@@ -386,7 +386,11 @@ fn sigterm_detaches_and_removes_what_it_made() {
     };
     assert!(link().contains("xdp"), "{}", link());
     let pins = std::path::PathBuf::from(limiter.status().pins.expect("pinned"));
-    assert!(pins.join("HANDSHAKES").exists());
+    assert!(pins.join("maps/HANDSHAKES").exists());
+    assert!(
+        pins.join("links").read_dir().unwrap().count() == 2,
+        "an XDP and a sock_ops link"
+    );
     let control = limiter.control().to_path_buf();
     let log = limiter.stop();
     assert!(log.contains("SIGTERM"), "{log}");
@@ -399,4 +403,56 @@ fn sigterm_detaches_and_removes_what_it_made() {
         lab.connect(client_v4(0).into(), server_v4(25), ADMIT_WAIT)
             .expect("no limit once stopped");
     }
+}
+
+#[test]
+fn reset_refuses_at_once_and_monitor_only_reports() {
+    let config = format!(
+        "{}action = \"reset\"\n{}action = \"monitor\"\n",
+        connector("Reset", "[\"10.77.0.10-10.77.0.19\"]", "100", "1", 100),
+        connector("Monitor", "[\"10.77.0.20-10.77.0.29\"]", "100", "1", 100),
+    );
+    let s = setup(&config);
+    let _pass = limiter_tests::passxdp::PassXdp::attach(&s.lab);
+    let _held = s.open(client_v4(0), 1);
+    // The RST comes from XDP: the client learns at once, long before its
+    // SYN would be retransmitted (1 s).
+    let started = std::time::Instant::now();
+    let refused = s
+        .lab
+        .connect(
+            client_v4(0).into(),
+            server_v4(25),
+            Duration::from_millis(900),
+        )
+        .expect_err("over the cap");
+    assert_eq!(refused.kind(), ErrorKind::ConnectionRefused, "{refused}");
+    println!("refused after {:?}", started.elapsed());
+    // Monitor admits everything, and reports what it would have refused.
+    let _monitored = s.open(client_v4(10), 3);
+    assert_eq!(s.limiter.live("Monitor"), 3);
+    let stats = s.limiter.cli_json(&["stats"]);
+    let monitor = stats["connectors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "Monitor")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (
+            monitor["admitted"].as_u64(),
+            monitor["rejected_per_source"].as_u64()
+        ),
+        (Some(1), Some(2))
+    );
+    let events = s.limiter.cli_ok(&["events", "--json"]);
+    let actions: Vec<serde_json::Value> = events
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["action"].clone())
+        .collect();
+    assert!(
+        actions.contains(&"reset".into()) && actions.contains(&"monitor".into()),
+        "{events}"
+    );
 }

@@ -17,6 +17,7 @@ use limiter_tests::frames::{
 
 const ETH_HLEN: usize = 14;
 const XDP_DROP: u32 = 1;
+const XDP_TX: u32 = 3;
 const XDP_PASS: u32 = 2;
 
 const SERVER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
@@ -536,4 +537,83 @@ fn concurrent_syns_on_two_cpus_never_overshoot() {
         }
         assert_eq!(l.live(0), 0);
     }
+}
+
+/// Runs `frame` and returns the verdict and the frame as the program left it.
+fn run_out(l: &Loaded, frame: &[u8]) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; frame.len() + 256];
+    let program = l.kernel.admit_program().unwrap();
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..Default::default()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    out.truncate(result.data_size_out as usize);
+    (result.return_value, out)
+}
+
+#[test]
+fn reset_answers_an_over_cap_syn_with_a_valid_rst() {
+    use etherparse::{NetHeaders, PacketHeaders, TransportHeader};
+    let l = load(&ONE_CONNECTOR.replace(
+        "max_inbound_connection_per_source = 3",
+        "max_inbound_connection_per_source = 1\naction = \"reset\"",
+    ));
+    let shapes = [
+        Segment::syn(v4(1), 40000, SERVER, 25),
+        Segment::syn(v4(2), 40001, SERVER, 25).tags(&[ETH_P_8021Q]),
+        Segment::syn(v6("2001:db8:1::7"), 40002, SERVER6, 25),
+    ];
+    for shape in &shapes {
+        // The first is admitted, the next over the cap.
+        assert_eq!(l.run(&shape.build()), XDP_PASS);
+        let mut again = shape.clone();
+        again.sport += 1;
+        let frame = again.build();
+        let (verdict, out) = run_out(&l, &frame);
+        assert_eq!(verdict, XDP_TX, "{again:?}");
+        let reply = PacketHeaders::from_ethernet_slice(&out).expect("a valid frame");
+        let link = reply.link.clone().unwrap().ethernet2().unwrap();
+        assert_eq!(
+            (link.source, link.destination),
+            ([0x02, 0, 0, 0, 0, 1], [0x02, 0, 0, 0, 0, 2])
+        );
+        assert_eq!(reply.link_exts.len(), again.tags.len(), "VLAN tags kept");
+        let Some(TransportHeader::Tcp(tcp)) = reply.transport.clone() else {
+            panic!("no TCP in {reply:?}");
+        };
+        assert!(tcp.rst && tcp.ack && !tcp.syn, "{tcp:?}");
+        assert_eq!((tcp.source_port, tcp.destination_port), (25, again.sport));
+        assert_eq!(
+            (tcp.sequence_number, tcp.acknowledgment_number),
+            (0, 0x1234_5679)
+        );
+        assert!(reply.payload.slice().is_empty());
+        match reply.net.clone().unwrap() {
+            NetHeaders::Ipv4(ip, _) => {
+                let IpAddr::V4(client) = again.src else {
+                    unreachable!()
+                };
+                assert_eq!(
+                    (ip.source, ip.destination),
+                    (SERVER.octets(), client.octets())
+                );
+                assert_eq!(ip.header_checksum, ip.calc_header_checksum());
+                assert_eq!(ip.total_len, 40);
+                assert_eq!(tcp.checksum, tcp.calc_checksum_ipv4(&ip, &[]).unwrap());
+            }
+            NetHeaders::Ipv6(ip, _) => {
+                assert_eq!(ip.source, SERVER6.octets());
+                assert_eq!(ip.payload_length, 20);
+                assert_eq!(tcp.checksum, tcp.calc_checksum_ipv6(&ip, &[]).unwrap());
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(l.counter(0, stat::REJECTED_PER_SOURCE), 3);
+    // Headers it will not rewrite in place: dropped instead.
+    let with_options = Segment::syn(v4(1), 41000, SERVER, 25).ipv4_options(8);
+    assert_eq!(l.run(&with_options.build()), XDP_DROP);
 }
