@@ -12,25 +12,27 @@ use limiter::control::{self, Request, Status};
 
 use crate::{BpfFs, Cgroup, ChildGuard, Lab, Netns, spawn_in, wait_for};
 
-/// The `limiter` binary: `$LIMITER_BIN` (set by `cargo xtask test` to
-/// target/debug/limiter), else this package's `limiter-under-test` (the same
+/// The `limiter` binary: `$LIMITER_BIN` (set by `cargo xtask test` and
+/// `cargo xtask demo`), else this package's `limiter-under-test` (the same
 /// main.rs), which cargo builds next to the test executables' `deps/`.
 pub fn limiter_bin() -> PathBuf {
     if let Some(path) = std::env::var_os("LIMITER_BIN") {
         return PathBuf::from(path);
     }
     let exe = std::env::current_exe().expect("current_exe");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test executables live in target/<profile>/deps");
-    let candidate = profile_dir.join("limiter-under-test");
-    assert!(
-        candidate.exists(),
-        "{} does not exist: run the tests with cargo (or set LIMITER_BIN)",
-        candidate.display()
-    );
-    candidate
+    let candidates: Vec<PathBuf> = exe
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join("limiter-under-test"))
+        .collect();
+    candidates
+        .iter()
+        .find(|c| c.exists())
+        .cloned()
+        .unwrap_or_else(|| {
+            panic!("none of {candidates:?} exists: run the tests with cargo (or set LIMITER_BIN)")
+        })
 }
 
 /// A running `limiter run`, stopped with SIGTERM (and its files removed)

@@ -37,6 +37,14 @@ enum Task {
     },
     /// cargo fmt --check and cargo clippy -D warnings.
     Lint,
+    /// Set up, build, and run the try-it lab: the limiter in front of a real
+    /// Postfix, with real SMTP clients, in network namespaces it removes
+    /// afterwards (root).
+    Demo {
+        /// Seconds of mail.
+        #[arg(long, default_value_t = 30)]
+        duration: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -69,6 +77,28 @@ fn run(task: Task) -> anyhow::Result<()> {
         Task::Test { args } => {
             setup::setup()?;
             test(&args)
+        }
+        Task::Demo { duration } => {
+            setup::setup()?;
+            cargo(&[
+                "build",
+                "--release",
+                "--package",
+                "limiter-user",
+                "--package",
+                "limiter-tests",
+                "--bins",
+            ])?;
+            let root = workspace_root();
+            let status = Command::new(root.join("target/release/limiter-demo"))
+                .args(["--duration", &duration.to_string()])
+                .env("LIMITER_BIN", root.join("target/release/limiter"))
+                .status()
+                .context("running the demo")?;
+            if !status.success() {
+                bail!("the demo failed ({status})");
+            }
+            Ok(())
         }
         Task::Lint => {
             cargo(&["fmt", "--all", "--check"])?;

@@ -23,6 +23,11 @@ const PACKAGES: &[&str] = &[
     "rsyslog",
     // `systemd-analyze verify` checks the unit in dist/.
     "systemd",
+    // The demo: a real MTA and real SMTP clients (swaks speaks IPv6 with
+    // IO::Socket::INET6).
+    "postfix",
+    "swaks",
+    "libio-socket-inet6-perl",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -49,6 +54,22 @@ fn install_packages() -> anyhow::Result<()> {
     }
     println!("setup: installing {}", missing.join(" "));
     require_root("installing Debian packages")?;
+    // Postfix only runs inside the demo's namespaces, with a config of its
+    // own: the package is installed without a system-wide configuration.
+    let mut preseed = Command::new("debconf-set-selections")
+        .stdin(Stdio::piped())
+        .spawn()
+        .context("running debconf-set-selections")?;
+    std::io::Write::write_all(
+        preseed
+            .stdin
+            .as_mut()
+            .context("debconf-set-selections stdin")?,
+        b"postfix postfix/main_mailer_type select No configuration\n",
+    )?;
+    if !preseed.wait()?.success() {
+        bail!("debconf-set-selections failed");
+    }
     run(Command::new("apt-get").args(["update", "-q"]))?;
     run(Command::new("apt-get")
         .args(["install", "-y", "-q", "--no-install-recommends"])

@@ -1,0 +1,57 @@
+//! `cargo xtask demo`: the limiter in front of a real Postfix, with real
+//! SMTP clients, in network namespaces of its own. See `limiter_tests::demo`.
+
+use std::{
+    process::ExitCode,
+    sync::{Arc, atomic::AtomicBool},
+    time::Duration,
+};
+
+use limiter_tests::demo::{self, Options};
+
+fn main() -> ExitCode {
+    let mut options = Options {
+        duration: Duration::from_secs(30),
+        show: true,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--duration" => match args.next().and_then(|s| s.parse().ok()) {
+                Some(seconds) => options.duration = Duration::from_secs(seconds),
+                None => return usage(),
+            },
+            "--quiet" => options.show = false,
+            _ => return usage(),
+        }
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("limiter-demo: run it as root (network namespaces, XDP, cgroups)");
+        return ExitCode::FAILURE;
+    }
+    // Ctrl-C ends the run early; the lab is taken down either way.
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        if let Err(e) = signal_hook::flag::register(signal, stop.clone()) {
+            eprintln!("limiter-demo: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    println!(
+        "limiter demo: a Postfix in a network namespace, SMTP clients in another, {}s of mail\n\
+         (Ctrl-C stops early; everything is removed at the end)",
+        options.duration.as_secs()
+    );
+    let summary = demo::run(&options, &stop);
+    summary.print();
+    if summary.interrupted {
+        println!("\n(interrupted)");
+    }
+    ExitCode::SUCCESS
+}
+
+fn usage() -> ExitCode {
+    eprintln!("usage: limiter-demo [--duration SECONDS] [--quiet]");
+    ExitCode::FAILURE
+}
