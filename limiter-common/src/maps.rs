@@ -5,10 +5,13 @@
 //! the kernel hashes are the bytes both sides write. Addresses are in
 //! [`crate::addr`] form; ports are in host byte order.
 
-use crate::{addr::Addr, admission::Limits};
+use crate::{
+    addr::{Addr, Words},
+    admission::Limits,
+};
 
 /// Bumped whenever a key or value below changes shape; part of the pin path.
-pub const MAP_LAYOUT_VERSION: u32 = 1;
+pub const MAP_LAYOUT_VERSION: u32 = 2;
 
 /// Map names, as they appear in the object file and under `--bpffs`.
 pub mod names {
@@ -16,6 +19,9 @@ pub mod names {
     pub const SETTINGS: &str = "SETTINGS";
     /// `Array<u64>`: a bitmap of the local ports that some connector binds.
     pub const BOUND_PORTS: &str = "BOUND_PORTS";
+    /// `Array<u64>`: a bitmap of the local ports bound on a specific local
+    /// address (not only the wildcard), so that the others skip a lookup.
+    pub const SPECIFIC_PORTS: &str = "SPECIFIC_PORTS";
     /// `HashMap<BindingKey, u32>`: local address and port to binding id.
     pub const BINDINGS: &str = "BINDINGS";
     /// `LpmTrie<RangeKey, u32>`: binding id and remote prefix to connector id.
@@ -34,14 +40,18 @@ pub mod names {
     pub const STATS: &str = "STATS";
     /// `RingBuf` of [`super::RejectionEvent`].
     pub const EVENTS: &str = "EVENTS";
+    /// `Array<ReportGate>`, indexed by connector id: reports of rejections
+    /// of sources without an entry (see [`super::ReportGate`]).
+    pub const REPORT_GATES: &str = "REPORT_GATES";
     /// `Array<[u8; CONNECTOR_NAME_BYTES]>`: each connector id's name, for a
     /// daemon that adopts the maps of the one before it. The kernel programs
     /// never read it.
     pub const CONNECTOR_NAMES: &str = "CONNECTOR_NAMES";
     /// Every map, in the order they are pinned.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 14] = [
         SETTINGS,
         BOUND_PORTS,
+        SPECIFIC_PORTS,
         BINDINGS,
         RANGES,
         CONNECTORS,
@@ -51,6 +61,7 @@ pub mod names {
         ESTABLISHED,
         STATS,
         EVENTS,
+        REPORT_GATES,
         CONNECTOR_NAMES,
     ];
 }
@@ -97,7 +108,7 @@ pub struct Settings {
 
 /// A local address and port that some connector binds. The address is
 /// [`crate::addr::wildcard`] for `0.0.0.0` and `[::]` bindings.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct BindingKey {
     pub addr: Addr,
@@ -108,11 +119,125 @@ pub struct BindingKey {
 /// The data of a `RANGES` key: a binding id (big endian, always matched in
 /// full) followed by the remote address; the LPM prefix length covers
 /// `32 + address bits`.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct RangeKey {
     pub binding: [u8; 4],
     pub remote: Addr,
+}
+
+/// Keys are built from an address's [`Words`] and read as words: a byte
+/// array would have the eBPF compiler clear and copy it byte by byte. These
+/// twins have the layout of the keys, in words; a transmute checks that the
+/// sizes match, and the keys' 4-byte alignment with their addresses at
+/// multiples of 4 makes the word reads in [`FlowKey::remote_words`] sound.
+mod words {
+    use super::Words;
+
+    #[repr(C)]
+    pub struct BindingKey {
+        pub addr: Words,
+        pub port: u16,
+        pub pad: u16,
+    }
+
+    #[repr(C)]
+    pub struct RangeKey {
+        pub binding: u32,
+        pub remote: Words,
+    }
+
+    #[repr(C)]
+    pub struct SourceKey {
+        pub connector: u32,
+        pub addr: Words,
+    }
+
+    #[repr(C)]
+    pub struct FlowKey {
+        pub local: Words,
+        pub remote: Words,
+        pub local_port: u16,
+        pub remote_port: u16,
+    }
+}
+
+const _: () = {
+    use core::mem::{align_of, offset_of};
+    assert!(align_of::<FlowKey>() == 4 && align_of::<SourceKey>() == 4);
+    assert!(offset_of!(FlowKey, local) == 0 && offset_of!(FlowKey, remote) == 16);
+    assert!(offset_of!(SourceKey, addr) == 4);
+};
+
+/// The words of an address field of a key.
+#[inline(always)]
+fn field_words(field: &Addr) -> Words {
+    // SAFETY: only called on address fields of 4-byte aligned keys at
+    // offsets that are multiples of 4 (asserted above).
+    unsafe { *(field as *const Addr).cast::<Words>() }
+}
+
+impl BindingKey {
+    #[inline(always)]
+    pub fn from_words(addr: Words, port: u16) -> BindingKey {
+        // SAFETY: the same layout, in words (see `words`).
+        unsafe { core::mem::transmute(words::BindingKey { addr, port, pad: 0 }) }
+    }
+}
+
+impl RangeKey {
+    /// The key of `remote` on binding `binding`.
+    #[inline(always)]
+    pub fn from_words(binding: u32, remote: Words) -> RangeKey {
+        let binding = u32::from_ne_bytes(binding.to_be_bytes());
+        // SAFETY: the same layout, in words (see `words`).
+        unsafe { core::mem::transmute(words::RangeKey { binding, remote }) }
+    }
+}
+
+impl SourceKey {
+    #[inline(always)]
+    pub fn from_words(connector: u32, addr: Words) -> SourceKey {
+        // SAFETY: the same layout, in words (see `words`).
+        unsafe { core::mem::transmute(words::SourceKey { connector, addr }) }
+    }
+}
+
+impl FlowKey {
+    #[inline(always)]
+    pub fn from_words(local: Words, remote: Words, local_port: u16, remote_port: u16) -> FlowKey {
+        // SAFETY: the same layout, in words (see `words`).
+        unsafe {
+            core::mem::transmute(words::FlowKey {
+                local,
+                remote,
+                local_port,
+                remote_port,
+            })
+        }
+    }
+
+    #[inline(always)]
+    pub fn local_words(&self) -> Words {
+        field_words(&self.local)
+    }
+
+    #[inline(always)]
+    pub fn remote_words(&self) -> Words {
+        field_words(&self.remote)
+    }
+}
+
+/// Set in the binding id of every wildcard binding, which is
+/// [`wildcard_binding_id`] of its port and family: the kernel computes it
+/// instead of looking it up. Specific bindings get ids from `BINDINGS`,
+/// below this bit.
+pub const WILDCARD_BINDING: u32 = 1 << 31;
+
+/// The binding id of the wildcard binding (`0.0.0.0` or `[::]`) of `port`.
+#[inline(always)]
+pub const fn wildcard_binding_id(port: u16, ipv4: bool) -> u32 {
+    WILDCARD_BINDING | (port as u32) << 1 | ipv4 as u32
 }
 
 /// Bits of a [`RangeKey`] that are always compared: the binding id.
@@ -139,14 +264,15 @@ pub struct ConnectorConfig {
 
 /// A source on a connector: `addr` is the source identity
 /// ([`crate::addr::source_identity`]).
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SourceKey {
     pub connector: u32,
     pub addr: Addr,
 }
 
-/// Live connections of one source. `live` only changes atomically.
+/// Live connections of one source. `live` and `handshakes` only change
+/// atomically.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SourceCount {
@@ -155,10 +281,43 @@ pub struct SourceCount {
     /// `bpf_ktime_get_ns()` of the last change, so that the daemon forgets
     /// only sources that have been idle for a while.
     pub last_change_ns: u64,
+    /// How many of `live` are handshakes, and their remote ports, in one
+    /// word (see [`crate::retransmit`]).
+    pub handshakes: u64,
+    /// The reports of this source's rejections.
+    pub gate: ReportGate,
+}
+
+/// Lets one rejection report a second through, per source (or, for sources
+/// without an entry, per connector), and counts the rest into the next
+/// report: a flood costs the ring, and the daemon, one event a second per
+/// source instead of one per SYN, and the counts stay exact (a full ring
+/// does not lose them). The daemon collects what is left when a source goes
+/// quiet (`control::COLLECT_SOURCE`, `control::COLLECT_CONNECTOR`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReportGate {
+    /// `bpf_ktime_get_ns()` of the last report put on the ring; 0: never.
+    pub reported_ns: u64,
+    /// Rejections since then that no report carries yet. Changes
+    /// atomically.
+    pub unreported: u32,
+    pub _pad: u32,
+}
+
+/// At most one report a second through each [`ReportGate`].
+pub const REPORT_INTERVAL_NS: u64 = 1_000_000_000;
+
+/// Which kind of [`ReportGate`] a report went through.
+pub mod gate {
+    /// The source's entry in `SOURCE_LIVE`.
+    pub const SOURCE: u32 = 0;
+    /// The connector's entry in `REPORT_GATES` (the source had no entry).
+    pub const CONNECTOR: u32 = 1;
 }
 
 /// One TCP connection, from the server's side.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FlowKey {
     pub local: Addr,
@@ -254,6 +413,11 @@ pub struct RejectionEvent {
     pub source: Addr,
     pub remote: Addr,
     pub local: Addr,
+    /// Rejections before this one, through the same gate, that no report
+    /// carried: this report stands for `folded + 1`.
+    pub folded: u32,
+    /// One of [`gate`].
+    pub gate: u32,
 }
 
 /// A request to the `control` program, passed as its context.
@@ -267,8 +431,13 @@ pub struct Control {
     /// One of [`control`].
     pub op: u32,
     pub _pad: u32,
+    /// The connection of the flow operations.
     pub flow: FlowKey,
     pub _pad2: u32,
+    /// The source (or, for `COLLECT_CONNECTOR`, only its connector) of the
+    /// collect operations.
+    pub source: SourceKey,
+    pub _pad3: u32,
 }
 
 /// Operations of the `control` program and its return codes.
@@ -282,6 +451,11 @@ pub mod control {
     /// Release any counted connection that the socket table no longer
     /// holds (reconciliation after the daemon was away).
     pub const RELEASE_ESTABLISHED: u32 = 4;
+    /// Take the rejections a source's [`super::ReportGate`] holds; returns
+    /// how many.
+    pub const COLLECT_SOURCE: u32 = 5;
+    /// The same for a connector's gate.
+    pub const COLLECT_CONNECTOR: u32 = 6;
 
     /// The request changed the counts.
     pub const DONE: u32 = 1;
@@ -303,6 +477,7 @@ mod pod {
     unsafe impl aya::Pod for super::ConnectorConfig {}
     unsafe impl aya::Pod for super::SourceKey {}
     unsafe impl aya::Pod for super::SourceCount {}
+    unsafe impl aya::Pod for super::ReportGate {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowValue {}
     unsafe impl aya::Pod for super::RejectionEvent {}
@@ -321,13 +496,57 @@ mod tests {
         assert_eq!(size_of::<RangeKey>(), 20);
         assert_eq!(size_of::<ConnectorConfig>(), 16);
         assert_eq!(size_of::<SourceKey>(), 20);
-        assert_eq!(size_of::<SourceCount>(), 16);
+        assert_eq!(size_of::<SourceCount>(), 40);
+        assert_eq!(size_of::<ReportGate>(), 16);
         assert_eq!(size_of::<FlowKey>(), 36);
         assert_eq!(size_of::<FlowValue>(), 32);
         assert_eq!(align_of::<FlowValue>(), 8);
-        assert_eq!(size_of::<RejectionEvent>(), 96);
+        assert_eq!(size_of::<RejectionEvent>(), 104);
         // A raw tracepoint context is at most 12 u64 arguments.
-        assert_eq!(size_of::<Control>(), 48);
+        assert_eq!(size_of::<Control>(), 72);
         assert_eq!(size_of::<Control>() % 8, 0);
+    }
+
+    #[test]
+    fn keys_from_words_are_the_keys_from_bytes() {
+        let local: Addr = core::array::from_fn(|i| i as u8);
+        let remote: Addr = core::array::from_fn(|i| 0xf0 - i as u8);
+        let (l, r) = (
+            crate::addr::to_words(&local),
+            crate::addr::to_words(&remote),
+        );
+        let flow = FlowKey::from_words(l, r, 25, 40_000);
+        assert_eq!(
+            flow,
+            FlowKey {
+                local,
+                remote,
+                local_port: 25,
+                remote_port: 40_000
+            }
+        );
+        assert_eq!((flow.local_words(), flow.remote_words()), (l, r));
+        assert_eq!(
+            BindingKey::from_words(l, 25),
+            BindingKey {
+                addr: local,
+                port: 25,
+                _pad: [0; 2]
+            }
+        );
+        assert_eq!(
+            RangeKey::from_words(0x0102_0304, r),
+            RangeKey {
+                binding: [1, 2, 3, 4],
+                remote
+            }
+        );
+        assert_eq!(
+            SourceKey::from_words(7, r),
+            SourceKey {
+                connector: 7,
+                addr: remote
+            }
+        );
     }
 }

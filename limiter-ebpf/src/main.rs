@@ -23,7 +23,7 @@ use aya_ebpf::{
         BPF_NOEXIST, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
         BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_ESTABLISHED, xdp_action,
     },
-    helpers::{bpf_get_netns_cookie, bpf_ktime_get_ns},
+    helpers::{bpf_get_netns_cookie, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     macros::{sock_ops, xdp},
     maps::HashMap,
     programs::{SockOpsContext, XdpContext},
@@ -31,9 +31,13 @@ use aya_ebpf::{
 use count::{acquire, bump, release, select_connector, source_key};
 use limiter_common::{
     Rule, addr,
-    maps::{Control, FLOW_SEEDED, FlowKey, FlowValue, RejectionEvent, action, control as op, stat},
+    maps::{
+        ConnectorConfig, Control, FLOW_SEEDED, FlowKey, FlowValue, REPORT_INTERVAL_NS,
+        RejectionEvent, ReportGate, SourceCount, SourceKey, action, control as op, gate, stat,
+    },
+    retransmit,
 };
-use maps::{CONNECTORS, ESTABLISHED, EVENTS, HANDSHAKES, SETTINGS};
+use maps::{CONNECTORS, ESTABLISHED, EVENTS, HANDSHAKES, REPORT_GATES, SETTINGS, SOURCE_LIVE};
 use parse::Packet;
 
 const AF_INET: u32 = 2;
@@ -49,32 +53,38 @@ pub fn admit(ctx: XdpContext) -> u32 {
 fn try_admit(ctx: &XdpContext) -> Option<u32> {
     let syn = match parse::parse(ctx)? {
         Packet::Pass => return Some(xdp_action::XDP_PASS),
-        Packet::TinyFragment { local_port } => {
-            if !count::port_is_bound(local_port) {
-                return Some(xdp_action::XDP_PASS);
-            }
+        Packet::TinyFragment => {
             bump(stat::GLOBAL_ROW, stat::TINY_FRAGMENT);
             return Some(xdp_action::XDP_DROP);
         }
         Packet::Syn(syn) => syn,
     };
-    let flow = &syn.flow;
-    if !count::port_is_bound(flow.local_port) {
-        return Some(xdp_action::XDP_PASS);
-    }
-    let connector = select_connector(&flow.local, flow.local_port, &flow.remote)?;
-    Some(match admit_syn(flow, connector) {
+    Some(match decide(&syn.flow) {
         Verdict::Pass => xdp_action::XDP_PASS,
         Verdict::Drop => xdp_action::XDP_DROP,
         Verdict::Reset => match &syn.reply {
-            Some(layout) if reset::reset(ctx, flow, layout).is_some() => xdp_action::XDP_TX,
+            Some(layout) if reset::reset(ctx, &syn.flow, layout).is_some() => xdp_action::XDP_TX,
             // Headers too unusual to answer in place: drop it instead.
             _ => xdp_action::XDP_DROP,
         },
     })
 }
 
+/// The verdict on a SYN to a bound port: its connector, then the rule.
+///
+/// Not inlined: the parser reaches here by many paths (VLAN tags, IPv4 or
+/// IPv6, extension headers), and a function of its own is verified without
+/// multiplying them by the paths of the decision.
+#[inline(never)]
+fn decide(flow: &FlowKey) -> Verdict {
+    match select_connector(flow) {
+        Some(connector) => admit_syn(flow, connector),
+        None => Verdict::Pass,
+    }
+}
+
 /// What becomes of a SYN.
+#[repr(u32)]
 enum Verdict {
     Pass,
     Drop,
@@ -82,25 +92,63 @@ enum Verdict {
     Reset,
 }
 
-/// Counts the SYN first, then applies the rule to the counts as they were:
-/// two SYNs on two CPUs see different counts, so together they can never
-/// pass a cap that each alone would not.
+/// Decides on a SYN in two steps.
+///
+/// A SYN over the cap is refused on the counts as they are read: they were
+/// the true counts at that instant, so refusing is what the rule says (and
+/// costs no atomic operation: a flood is refused cheaply).
+///
+/// A SYN that looks admissible is counted first, and the rule applied again
+/// to the counts as they were just before: two SYNs on two CPUs see
+/// different counts, so together they can never pass a cap that each alone
+/// would not. If that second look refuses it, the count is given back.
 #[inline(always)]
 fn admit_syn(flow: &FlowKey, connector: u32) -> Verdict {
-    // A retransmitted SYN of a handshake we counted, or a stray SYN on a live
-    // connection (answered by a challenge ACK): already counted.
-    if HANDSHAKES.get_ptr(flow).is_some() || ESTABLISHED.get_ptr(flow).is_some() {
-        bump(connector, stat::SYN_RETRANSMITTED);
-        return Verdict::Pass;
-    }
     let Some(config) = CONNECTORS.get(connector).copied() else {
         return Verdict::Pass;
     };
-    let source = source_key(connector, &flow.remote);
-    let (Some(total), Some(entry)) = (
-        count::connector_live(connector),
-        count::source_entry(&source),
-    ) else {
+    let Some(total) = count::connector_live(connector) else {
+        return Verdict::Pass;
+    };
+    let source = source_key(connector, flow);
+    let entry = SOURCE_LIVE.get_ptr_mut(&source);
+    // SAFETY: map values, read once each.
+    let (live_total, live_source, handshakes) = unsafe {
+        (
+            core::ptr::read_volatile(total),
+            entry.map_or(0, |e| core::ptr::read_volatile(&raw const (*e).live)),
+            entry.map_or(0, |e| core::ptr::read_volatile(&raw const (*e).handshakes)),
+        )
+    };
+    // Whether this SYN may retransmit one the source has counted already;
+    // if not, no lookup (see `limiter_common::retransmit`).
+    let counted = |flow: &FlowKey| {
+        retransmit::may_retransmit(handshakes, flow.remote_port)
+            && HANDSHAKES.get_ptr(flow).is_some()
+    };
+    let first = limiter_common::evaluate(&config.limits, live_total, live_source);
+    if !first.admitted && config.action != action::MONITOR {
+        // A retransmitted SYN of a handshake counted before the source
+        // reached its cap passes: it is counted already.
+        if counted(flow) {
+            bump(connector, stat::SYN_RETRANSMITTED);
+            return Verdict::Pass;
+        }
+        let counts = Counts {
+            live_total,
+            live_source,
+            entry: entry.unwrap_or(core::ptr::null_mut()),
+        };
+        return refuse(flow, &source, &config, &first, &counts);
+    }
+
+    // A retransmitted SYN, or a stray SYN on a live connection (answered by
+    // a challenge ACK): counted already.
+    if counted(flow) || ESTABLISHED.get_ptr(flow).is_some() {
+        bump(connector, stat::SYN_RETRANSMITTED);
+        return Verdict::Pass;
+    }
+    let Some(entry) = entry.or_else(|| count::new_source_entry(&source)) else {
         bump(connector, stat::TABLE_FULL);
         return Verdict::Drop;
     };
@@ -109,18 +157,17 @@ fn admit_syn(flow: &FlowKey, connector: u32) -> Verdict {
     let live_source = atomic::increment(unsafe { &raw mut (*entry).live });
     let evaluation = limiter_common::evaluate(&config.limits, live_total, live_source);
     if !evaluation.admitted {
-        bump(connector, rejected_counter(evaluation.rule));
-        report(flow, &source, &config, &evaluation, live_total, live_source);
-        match config.action {
-            action::MONITOR => {}
-            action::RESET => {
-                count::release_source(&source);
-                return Verdict::Reset;
-            }
-            _ => {
-                count::release_source(&source);
-                return Verdict::Drop;
-            }
+        if config.action != action::MONITOR {
+            count::release_source(&source);
+        }
+        let counts = Counts {
+            live_total,
+            live_source,
+            entry,
+        };
+        let verdict = refuse(flow, &source, &config, &evaluation, &counts);
+        if config.action != action::MONITOR {
+            return verdict;
         }
     }
     let value = FlowValue {
@@ -129,6 +176,7 @@ fn admit_syn(flow: &FlowKey, connector: u32) -> Verdict {
         // SAFETY: a helper without arguments.
         since_ns: unsafe { bpf_ktime_get_ns() },
     };
+    count::handshake_started(entry, flow.remote_port);
     match HANDSHAKES.insert(flow, value, BPF_NOEXIST as u64) {
         Ok(()) => {
             if evaluation.admitted {
@@ -137,6 +185,7 @@ fn admit_syn(flow: &FlowKey, connector: u32) -> Verdict {
             Verdict::Pass
         }
         Err(error) => {
+            count::handshake_ended(&source);
             count::release_source(&source);
             if error == -EEXIST {
                 // The same SYN on another CPU got there first.
@@ -150,19 +199,89 @@ fn admit_syn(flow: &FlowKey, connector: u32) -> Verdict {
     }
 }
 
+/// The counts a SYN met, before it, and the source's entry (null if it has
+/// none).
+struct Counts {
+    live_total: u32,
+    live_source: u32,
+    entry: *mut SourceCount,
+}
+
+/// Counts and reports a refusal; what the connector's action does with it.
+/// Not inlined: a function of its own keeps the verifier from walking its
+/// paths once for each way into it.
+#[inline(never)]
+fn refuse(
+    flow: &FlowKey,
+    source: &SourceKey,
+    config: &ConnectorConfig,
+    evaluation: &limiter_common::Evaluation,
+    counts: &Counts,
+) -> Verdict {
+    bump(source.connector, rejected_counter(evaluation.rule));
+    let (gate, kind) = if counts.entry.is_null() {
+        (REPORT_GATES.get_ptr_mut(source.connector), gate::CONNECTOR)
+    } else {
+        // SAFETY: a live map value.
+        (Some(unsafe { &raw mut (*counts.entry).gate }), gate::SOURCE)
+    };
+    if let Some(gate) = gate
+        && let Some(folded) = through_gate(gate)
+    {
+        report(flow, source, config, evaluation, counts, folded, kind);
+    }
+    match config.action {
+        action::RESET => Verdict::Reset,
+        action::MONITOR => Verdict::Pass,
+        _ => Verdict::Drop,
+    }
+}
+
+/// Whether a rejection is reported now, carrying how many rejections
+/// before it that no report carried; else it is counted into `gate` (see
+/// [`ReportGate`]).
+#[inline(always)]
+fn through_gate(gate: *mut ReportGate) -> Option<u32> {
+    // SAFETY: a helper without arguments; the coarse clock is a plain read
+    // where the precise one costs a clock source read, per SYN of a flood.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // SAFETY: `gate` points into a live map value.
+    unsafe {
+        let last = core::ptr::read_volatile(&raw const (*gate).reported_ns);
+        if last != 0 && now.wrapping_sub(last) < REPORT_INTERVAL_NS {
+            atomic::increment(&raw mut (*gate).unreported);
+            return None;
+        }
+        // Two CPUs may both get here: two reports, each with its own share.
+        core::ptr::write_volatile(&raw mut (*gate).reported_ns, now);
+        Some(atomic::swap(&raw mut (*gate).unreported, 0))
+    }
+}
+
 /// Puts a rejection on the event ring for the daemon. A full ring loses the
-/// event (counted); the packet path never waits.
+/// report (counted), never the rejections: they go back into the gate.
 #[inline(always)]
 fn report(
     flow: &FlowKey,
-    source: &limiter_common::maps::SourceKey,
-    config: &limiter_common::maps::ConnectorConfig,
+    source: &SourceKey,
+    config: &ConnectorConfig,
     evaluation: &limiter_common::Evaluation,
-    live_total: u32,
-    live_source: u32,
+    counts: &Counts,
+    folded: u32,
+    kind: u32,
 ) {
     let Some(mut entry) = EVENTS.reserve::<RejectionEvent>(0) else {
         bump(stat::GLOBAL_ROW, stat::EVENTS_LOST);
+        let gate = if kind == gate::SOURCE && !counts.entry.is_null() {
+            // SAFETY: a live map value.
+            Some(unsafe { &raw mut (*counts.entry).gate })
+        } else {
+            REPORT_GATES.get_ptr_mut(source.connector)
+        };
+        if let Some(gate) = gate {
+            // SAFETY: a live map value.
+            unsafe { atomic::add32(&raw mut (*gate).unreported, folded.saturating_add(1)) };
+        }
         return;
     };
     entry.write(RejectionEvent {
@@ -171,8 +290,8 @@ fn report(
         connector: source.connector,
         rule: evaluation.rule as u32,
         action: config.action,
-        live_total,
-        live_source,
+        live_total: counts.live_total,
+        live_source: counts.live_source,
         cap: evaluation.cap,
         limits: config.limits,
         local_port: flow.local_port,
@@ -180,6 +299,8 @@ fn report(
         source: source.addr,
         remote: flow.remote,
         local: flow.local,
+        folded,
+        gate: kind,
     });
     entry.submit(0);
 }
@@ -245,21 +366,18 @@ fn socket_flow(ctx: &SockOpsContext) -> Option<FlowKey> {
         )
     };
     let (local, remote) = match family {
-        AF_INET => (
-            addr::from_ipv4(local4.to_ne_bytes()),
-            addr::from_ipv4(remote4.to_ne_bytes()),
-        ),
-        AF_INET6 => (words_to_addr(local6), words_to_addr(remote6)),
+        AF_INET => (addr::ipv4_words(local4), addr::ipv4_words(remote4)),
+        AF_INET6 => (local6, remote6),
         _ => return None,
     };
-    Some(FlowKey {
+    // local_port is in host order; remote_port is a big-endian 32-bit value
+    // (the 16-bit port in network order, shifted up).
+    Some(FlowKey::from_words(
         local,
         remote,
-        // local_port is in host order; remote_port is a big-endian 32-bit
-        // value (the 16-bit port in network order, shifted up).
-        local_port: local_port as u16,
-        remote_port: u32::from_be(remote_port) as u16,
-    })
+        local_port as u16,
+        u32::from_be(remote_port) as u16,
+    ))
 }
 
 /// One load from the context.
@@ -267,21 +385,6 @@ fn socket_flow(ctx: &SockOpsContext) -> Option<FlowKey> {
 unsafe fn read_ctx(field: *const u32) -> u32 {
     // SAFETY: the caller passes a field of the context.
     unsafe { core::ptr::read_volatile(field) }
-}
-
-#[inline(always)]
-fn words_to_addr(words: [u32; 4]) -> addr::Addr {
-    let mut out = [0u8; 16];
-    let mut i = 0;
-    while i < 4 {
-        let bytes = words[i].to_ne_bytes();
-        out[i * 4] = bytes[0];
-        out[i * 4 + 1] = bytes[1];
-        out[i * 4 + 2] = bytes[2];
-        out[i * 4 + 3] = bytes[3];
-        i += 1;
-    }
-    out
 }
 
 /// Sockets of other network namespaces share the cgroup but not our ports.
@@ -304,15 +407,17 @@ fn on_established(ctx: &SockOpsContext) {
         return;
     }
     let value = match claim(&HANDSHAKES, &flow) {
-        Some(value) => value,
+        Some(value) => {
+            count::handshake_ended(&value.source);
+            value
+        }
         None => {
             // Not admitted by XDP here (another interface, or its handshake
             // expired): it is live all the same, so it counts.
-            let Some(connector) = select_connector(&flow.local, flow.local_port, &flow.remote)
-            else {
+            let Some(connector) = select_connector(&flow) else {
                 return;
             };
-            let source = source_key(connector, &flow.remote);
+            let source = source_key(connector, &flow);
             if !acquire(&source) {
                 bump(connector, stat::TABLE_FULL);
                 return;
@@ -363,7 +468,8 @@ fn on_left_established(ctx: &SockOpsContext) {
 }
 
 /// Runs one [`Control`] request from the daemon (passed as the context
-/// through `BPF_PROG_TEST_RUN`) and returns one of `control::DONE`, ...
+/// through `BPF_PROG_TEST_RUN`) and returns one of `control::DONE`, ...,
+/// or for the collect operations a count.
 ///
 /// Written out by hand rather than with `#[raw_tracepoint]`, whose wrapper
 /// discards the return value.
@@ -378,7 +484,24 @@ pub fn control(ctx: *mut core::ffi::c_void) -> u32 {
         op::SEED => seed(&request.flow),
         op::RELEASE_SEEDED => release_established(&request.flow, true),
         op::RELEASE_ESTABLISHED => release_established(&request.flow, false),
+        op::COLLECT_SOURCE => collect(
+            // SAFETY: only the address of the field is taken.
+            SOURCE_LIVE
+                .get_ptr_mut(&request.source)
+                .map(|entry| unsafe { &raw mut (*entry).gate }),
+        ),
+        op::COLLECT_CONNECTOR => collect(REPORT_GATES.get_ptr_mut(request.source.connector)),
         _ => op::INVALID,
+    }
+}
+
+/// Takes the rejections that `gate` holds, for the daemon.
+#[inline(always)]
+fn collect(gate: Option<*mut ReportGate>) -> u32 {
+    match gate {
+        // SAFETY: a live map value.
+        Some(gate) => atomic::swap(unsafe { &raw mut (*gate).unreported }, 0),
+        None => 0,
     }
 }
 
@@ -386,6 +509,7 @@ pub fn control(ctx: *mut core::ffi::c_void) -> u32 {
 fn expire_handshake(flow: &FlowKey) -> u32 {
     match claim(&HANDSHAKES, flow) {
         Some(value) => {
+            count::handshake_ended(&value.source);
             release(&value);
             bump(value.source.connector, stat::HANDSHAKE_EXPIRED);
             op::DONE
@@ -399,10 +523,10 @@ fn seed(flow: &FlowKey) -> u32 {
     if ESTABLISHED.get_ptr(flow).is_some() {
         return op::NOTHING;
     }
-    let Some(connector) = select_connector(&flow.local, flow.local_port, &flow.remote) else {
+    let Some(connector) = select_connector(flow) else {
         return op::NOTHING;
     };
-    let source = source_key(connector, &flow.remote);
+    let source = source_key(connector, flow);
     if !acquire(&source) {
         bump(connector, stat::TABLE_FULL);
         return op::FULL;

@@ -8,7 +8,7 @@ use aya_ebpf::{
 use limiter_common::maps::{
     BOUND_PORT_WORDS, BindingKey, CONNECTOR_NAME_BYTES, ConnectorConfig, DEFAULT_TABLE_ENTRIES,
     EVENTS_RING_BYTES, FlowKey, FlowValue, MAX_BINDINGS, MAX_CONNECTORS, MAX_RANGES, RangeKey,
-    Settings, SourceCount, SourceKey, stat,
+    ReportGate, Settings, SourceCount, SourceKey, stat,
 };
 
 #[map(name = "SETTINGS")]
@@ -16,6 +16,9 @@ pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 
 #[map(name = "BOUND_PORTS")]
 pub static BOUND_PORTS: Array<u64> = Array::with_max_entries(BOUND_PORT_WORDS, 0);
+
+#[map(name = "SPECIFIC_PORTS")]
+pub static SPECIFIC_PORTS: Array<u64> = Array::with_max_entries(BOUND_PORT_WORDS, 0);
 
 #[map(name = "BINDINGS")]
 pub static BINDINGS: HashMap<BindingKey, u32> = HashMap::with_max_entries(MAX_BINDINGS, 0);
@@ -46,6 +49,9 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::ENTRIES
 
 #[map(name = "EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
+
+#[map(name = "REPORT_GATES")]
+pub static REPORT_GATES: Array<ReportGate> = Array::with_max_entries(MAX_CONNECTORS, 0);
 
 /// Only the daemon uses it (see `limiter_common::maps::names`); defined here
 /// so that it is created and pinned with the others.

@@ -4,10 +4,7 @@
 //! [`Packet::Pass`], so the program fails open.
 
 use aya_ebpf::programs::XdpContext;
-use limiter_common::{
-    addr::{self, Addr},
-    maps::FlowKey,
-};
+use limiter_common::{addr, maps::FlowKey};
 
 const ETH_HLEN: usize = 14;
 const VLAN_HLEN: usize = 4;
@@ -47,11 +44,11 @@ pub const TCP_ACK: u8 = 0x10;
 pub enum Packet {
     /// Not a connection attempt: pass it untouched.
     Pass,
-    /// A TCP SYN (no ACK, RST or FIN), seen from the server.
+    /// A TCP SYN (no ACK, RST or FIN) to a bound port, seen from the server.
     Syn(Syn),
-    /// The first fragment of a fragmented TCP segment, too short to hold the
-    /// TCP header: a SYN could hide behind it (RFC 1858).
-    TinyFragment { local_port: u16 },
+    /// The first fragment of a fragmented TCP segment to a bound port, too
+    /// short to hold the TCP header: a SYN could hide behind it (RFC 1858).
+    TinyFragment,
 }
 
 /// A SYN to admit or refuse.
@@ -103,6 +100,17 @@ pub fn bytes_at(ctx: &XdpContext, offset: usize, len: usize) -> Option<*const u8
         return None;
     }
     Some((start + offset) as *const u8)
+}
+
+/// Four bytes of the packet at `from + offset`, in memory order.
+///
+/// # Safety
+///
+/// The four bytes must be in the packet, bounds-checked.
+#[inline(always)]
+unsafe fn word_at(from: *const u8, offset: usize) -> u32 {
+    // SAFETY: the caller checked the bounds; the load may be unaligned.
+    unsafe { core::ptr::read_unaligned(from.add(offset) as *const u32) }
 }
 
 /// A big-endian u16 at `offset`.
@@ -256,22 +264,28 @@ fn tcp(ctx: &XdpContext, l4: L4) -> Option<Packet> {
             return Some(Packet::Pass);
         }
         let ports = bytes_at(ctx, l4.offset, TCP_PORTS_END)?;
-        if !ip_length_holds(ctx, &l4, TCP_PORTS_END)? {
-            return Some(Packet::Pass);
-        }
         // SAFETY: within the TCP_PORTS_END bytes checked.
         let local_port = unsafe { u16::from_be_bytes([*ports.add(2), *ports.add(3)]) };
-        return Some(Packet::TinyFragment { local_port });
+        if !crate::count::port_is_bound(local_port) || !ip_length_holds(ctx, &l4, TCP_PORTS_END)? {
+            return Some(Packet::Pass);
+        }
+        return Some(Packet::TinyFragment);
     };
     // SAFETY: all reads are within the TCP_HDR_LEN bytes checked.
     let flags = unsafe { *tcp.add(TCP_FLAGS_OFFSET) };
     if flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) != TCP_SYN {
         return Some(Packet::Pass);
     }
-    let (remote_port, local_port, seq) = unsafe {
+    // SAFETY: as above.
+    let local_port = unsafe { u16::from_be_bytes([*tcp.add(2), *tcp.add(3)]) };
+    // A SYN to a port nobody binds passes before anything else is read.
+    if !crate::count::port_is_bound(local_port) {
+        return Some(Packet::Pass);
+    }
+    // SAFETY: as above.
+    let (remote_port, seq) = unsafe {
         (
             u16::from_be_bytes([*tcp, *tcp.add(1)]),
-            u16::from_be_bytes([*tcp.add(2), *tcp.add(3)]),
             u32::from_be_bytes([*tcp.add(4), *tcp.add(5), *tcp.add(6), *tcp.add(7)]),
         )
     };
@@ -294,8 +308,8 @@ fn tcp(ctx: &XdpContext, l4: L4) -> Option<Packet> {
             // SAFETY: the addresses end at byte 20, which was checked.
             unsafe {
                 (
-                    addr::from_ipv4(core::ptr::read_unaligned(ip.add(16) as *const [u8; 4])),
-                    addr::from_ipv4(core::ptr::read_unaligned(ip.add(12) as *const [u8; 4])),
+                    addr::ipv4_words(word_at(ip, 16)),
+                    addr::ipv4_words(word_at(ip, 12)),
                 )
             }
         }
@@ -304,19 +318,22 @@ fn tcp(ctx: &XdpContext, l4: L4) -> Option<Packet> {
             // SAFETY: the addresses end at byte 40, which was checked.
             unsafe {
                 (
-                    core::ptr::read_unaligned(ip.add(24) as *const Addr),
-                    core::ptr::read_unaligned(ip.add(8) as *const Addr),
+                    [
+                        word_at(ip, 24),
+                        word_at(ip, 28),
+                        word_at(ip, 32),
+                        word_at(ip, 36),
+                    ],
+                    [
+                        word_at(ip, 8),
+                        word_at(ip, 12),
+                        word_at(ip, 16),
+                        word_at(ip, 20),
+                    ],
                 )
             }
         }
     };
-    Some(Packet::Syn(Syn {
-        flow: FlowKey {
-            local,
-            remote,
-            local_port,
-            remote_port,
-        },
-        reply,
-    }))
+    let flow = FlowKey::from_words(local, remote, local_port, remote_port);
+    Some(Packet::Syn(Syn { flow, reply }))
 }

@@ -17,8 +17,9 @@ const TTL: u8 = 64;
 const IPV4_DONT_FRAGMENT: u16 = 0x4000;
 
 /// Rewrites the frame into the RST for `flow`; `None` if it cannot (the
-/// caller then drops the SYN).
-#[inline(always)]
+/// caller then drops the SYN). Not inlined: its headers, built on the
+/// stack, would otherwise count against the admission path's stack.
+#[inline(never)]
 pub fn reset(ctx: &XdpContext, flow: &FlowKey, layout: &ReplyLayout) -> Option<()> {
     // Bounds the verifier can see (the offsets come back from the stack as
     // plain numbers): at most two VLAN tags before the IP header.

@@ -2,7 +2,7 @@
 //! exists, expires abandoned handshakes, and answers the control socket.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     io::ErrorKind,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
@@ -19,7 +19,7 @@ use tokio::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use limiter_common::maps::{RejectionEvent, stat};
+use limiter_common::maps::{REPORT_INTERVAL_NS, RejectionEvent, gate, stat};
 use tokio::io::{Interest, unix::AsyncFd};
 
 use crate::{
@@ -292,8 +292,13 @@ async fn report_events(
     let mut ticker = tokio::time::interval(
         (period / 4).clamp(Duration::from_millis(100), Duration::from_secs(1)),
     );
+    // The gates that reported lately, and their last event: what a gate
+    // still holds once it goes quiet is collected and folded under that
+    // event (see `ReportGate`).
+    let mut gates: HashMap<(u32, SourceKey), (Instant, Event)> = HashMap::new();
     loop {
         let mut batch = Vec::new();
+        let mut events = Vec::new();
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("waiting on the event ring")?;
@@ -308,6 +313,7 @@ async fn report_events(
                 guard.clear_ready();
             }
             _ = ticker.tick() => {
+                events = collect_quiet_gates(&daemon, &mut gates);
                 for summary in folder.tick(Instant::now()) {
                     if let Some(sink) = sink.as_mut() {
                         sink.write(&summary);
@@ -316,13 +322,14 @@ async fn report_events(
                 }
             }
         }
-        if batch.is_empty() {
-            continue;
-        }
-        let events: Vec<Event> = {
+        if !batch.is_empty() {
             let daemon = daemon.lock().expect("daemon lock");
-            batch.iter().map(|raw| daemon.event(raw)).collect()
-        };
+            for raw in &batch {
+                let event = daemon.event(raw);
+                gates.insert(gate_of(raw), (Instant::now(), event.clone()));
+                events.push(event);
+            }
+        }
         for event in events {
             if let Some(first) = folder.offer(event.clone(), Instant::now())
                 && let Some(sink) = sink.as_mut()
@@ -336,6 +343,55 @@ async fn report_events(
                 .store(sink.errors, std::sync::atomic::Ordering::Relaxed);
         }
     }
+}
+
+/// The gate a report went through: its kind and the source (for a
+/// connector's gate, only the connector).
+fn gate_of(raw: &RejectionEvent) -> (u32, SourceKey) {
+    let addr = if raw.gate == gate::SOURCE {
+        raw.source
+    } else {
+        [0; 16]
+    };
+    (
+        raw.gate,
+        SourceKey {
+            connector: raw.connector,
+            addr,
+        },
+    )
+}
+
+/// Collects the rejections held by gates quiet for longer than the kernel
+/// holds them, as events that repeat each gate's last one.
+fn collect_quiet_gates(
+    daemon: &Mutex<Daemon>,
+    gates: &mut HashMap<(u32, SourceKey), (Instant, Event)>,
+) -> Vec<Event> {
+    // The kernel reports again after REPORT_INTERVAL_NS; a little longer,
+    // and the gate is surely quiet (or has reported anew).
+    let quiet = Duration::from_nanos(REPORT_INTERVAL_NS) + Duration::from_millis(100);
+    let now = Instant::now();
+    let mut repeats = Vec::new();
+    let mut daemon = daemon.lock().expect("daemon lock");
+    gates.retain(|(kind, source), (last_seen, last)| {
+        if now.duration_since(*last_seen) < quiet {
+            return true;
+        }
+        match daemon.kernel.collect_unreported(*kind, source) {
+            Ok(0) => {}
+            Ok(held) => {
+                let mut repeat = last.clone();
+                repeat.count = u64::from(held);
+                repeat.time =
+                    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+                repeats.push(repeat);
+            }
+            Err(e) => log::warn!("collecting held rejection reports: {}", error_chain(&e)),
+        }
+        false
+    });
+    repeats
 }
 
 /// Kernel ids for the connectors of `config`. A connector that already has

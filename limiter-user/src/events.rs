@@ -62,8 +62,10 @@ pub struct Event {
     pub live_source: u32,
     /// "drop" or "reset" (refused), or "monitor" (admitted, reported only).
     pub action: String,
-    /// How many rejections this line stands for: 1, or the repeats a
-    /// summary folds.
+    /// How many rejections this line stands for: 1, or more when the
+    /// kernel folded a source's repeats within a second into one report
+    /// (see `limiter_common::maps::ReportGate`), or the repeats a summary
+    /// folds.
     pub count: u64,
     /// Whether this line sums up repeats over `period_seconds`.
     pub summary: bool,
@@ -125,7 +127,7 @@ impl Event {
                 _ => "drop",
             }
             .to_string(),
-            count: 1,
+            count: u64::from(raw.folded) + 1,
             summary: false,
             period_seconds: None,
         }
@@ -222,7 +224,7 @@ impl Folder {
         );
         match self.windows.get_mut(&key) {
             Some(window) => {
-                window.suppressed += 1;
+                window.suppressed += event.count;
                 window.last = event;
                 None
             }
@@ -420,6 +422,8 @@ mod tests {
             source: addr::source_identity(&remote, 64),
             remote,
             local: addr::from_ipv4([192, 0, 2, 1]),
+            folded: 0,
+            gate: limiter_common::maps::gate::SOURCE,
         }
     }
 
@@ -531,5 +535,21 @@ mod tests {
         // A quiet period ends the key: the next one is written at once.
         assert!(folder.tick(t0 + period * 3).is_empty());
         assert!(folder.offer(event("192.0.2.7"), t0 + period * 3).is_some());
+    }
+
+    #[test]
+    fn a_kernel_report_stands_for_what_it_folded() {
+        let mut folded = raw(Rule::PerSource, "192.0.2.7", 1, 20);
+        folded.folded = 41;
+        let event = Event::from_kernel(&folded, "F", 64, at(0));
+        assert_eq!((event.count, event.summary), (42, false));
+        // Written at once when it opens its key; summed when it does not.
+        let period = Duration::from_secs(60);
+        let mut folder = Folder::new(period);
+        let t0 = Instant::now();
+        assert!(folder.offer(event.clone(), t0).is_some());
+        assert!(folder.offer(event, t0 + Duration::from_secs(1)).is_none());
+        let summaries = folder.tick(t0 + period);
+        assert_eq!(summaries[0].count, 42);
     }
 }

@@ -20,7 +20,7 @@ use aya::{
 use limiter_common::maps::{
     BOUND_PORT_WORDS, BindingKey, CONNECTOR_NAME_BYTES, ConnectorConfig, Control,
     DEFAULT_TABLE_ENTRIES, FlowKey, FlowValue, MAX_CONNECTORS, RangeKey, Settings, SourceCount,
-    SourceKey, control, names, programs, stat,
+    SourceKey, control, gate, names, programs, stat,
 };
 
 use crate::{
@@ -134,6 +134,7 @@ pub struct Kernel {
     ebpf: Ebpf,
     settings: Array<MapData, Settings>,
     bound_ports: Array<MapData, u64>,
+    specific_ports: Array<MapData, u64>,
     bindings: HashMap<MapData, BindingKey, u32>,
     ranges: LpmTrie<MapData, RangeKey, u32>,
     connectors: Array<MapData, ConnectorConfig>,
@@ -212,6 +213,7 @@ impl Kernel {
         Ok(Kernel {
             settings: take!(ebpf, names::SETTINGS),
             bound_ports: take!(ebpf, names::BOUND_PORTS),
+            specific_ports: take!(ebpf, names::SPECIFIC_PORTS),
             bindings: take!(ebpf, names::BINDINGS),
             ranges: take!(ebpf, names::RANGES),
             connectors: take!(ebpf, names::CONNECTORS),
@@ -336,22 +338,12 @@ impl Kernel {
                 .insert(binding.key(), id, 0)
                 .map_err(map_err(names::BINDINGS))?;
         }
-        let mut words = vec![0u64; BOUND_PORT_WORDS as usize];
-        for port in &table.ports {
-            words[(*port >> 6) as usize] |= 1u64 << (port & 63);
-        }
-        for (index, word) in words.iter().enumerate() {
-            let index = index as u32;
-            let current = self
-                .bound_ports
-                .get(&index, 0)
-                .map_err(map_err(names::BOUND_PORTS))?;
-            if current != *word {
-                self.bound_ports
-                    .set(index, word, 0)
-                    .map_err(map_err(names::BOUND_PORTS))?;
-            }
-        }
+        write_bitmap(&mut self.bound_ports, names::BOUND_PORTS, &table.ports)?;
+        write_bitmap(
+            &mut self.specific_ports,
+            names::SPECIFIC_PORTS,
+            &table.specific_ports,
+        )?;
 
         let stale_bindings: Vec<BindingKey> = self
             .bindings
@@ -533,15 +525,51 @@ impl Kernel {
     /// Runs one control request in the kernel and returns its code
     /// (`limiter_common::maps::control::DONE`, ...).
     pub fn control(&mut self, op: u32, flow: &FlowKey) -> Result<u32, KernelError> {
-        let request = Control {
+        self.run_control(Control {
             op,
             _pad: 0,
             flow: *flow,
             _pad2: 0,
+            source: SourceKey {
+                connector: 0,
+                addr: [0; 16],
+            },
+            _pad3: 0,
+        })
+    }
+
+    /// Takes the rejections that a report gate holds (see
+    /// `limiter_common::maps::ReportGate`): the gate of `source`, or with
+    /// `gate::CONNECTOR` the gate of its connector. Returns how many.
+    pub fn collect_unreported(
+        &mut self,
+        kind: u32,
+        source: &SourceKey,
+    ) -> Result<u32, KernelError> {
+        let op = if kind == gate::CONNECTOR {
+            control::COLLECT_CONNECTOR
+        } else {
+            control::COLLECT_SOURCE
         };
+        self.run_control(Control {
+            op,
+            _pad: 0,
+            flow: FlowKey {
+                local: [0; 16],
+                remote: [0; 16],
+                local_port: 0,
+                remote_port: 0,
+            },
+            _pad2: 0,
+            source: *source,
+            _pad3: 0,
+        })
+    }
+
+    fn run_control(&mut self, request: Control) -> Result<u32, KernelError> {
         let mut options = RawTracePointRunOptions::new();
-        // SAFETY: `Control` is `#[repr(C)]` plain data of 48 bytes, a whole
-        // number of u64 arguments (checked in limiter-common's tests).
+        // SAFETY: `Control` is `#[repr(C)]` plain data, a whole number of u64
+        // arguments (checked in limiter-common's tests).
         let bytes: [u8; size_of::<Control>()] = unsafe { std::mem::transmute(request) };
         for (arg, chunk) in options.args.iter_mut().zip(bytes.chunks_exact(8)) {
             *arg = u64::from_ne_bytes(chunk.try_into().expect("chunks of 8"));
@@ -650,6 +678,25 @@ impl Kernel {
             })
             .collect()
     }
+}
+
+/// Sets a port bitmap to exactly `ports`, writing only the words that change.
+fn write_bitmap(
+    map: &mut Array<MapData, u64>,
+    name: &'static str,
+    ports: &[u16],
+) -> Result<(), KernelError> {
+    let mut words = vec![0u64; BOUND_PORT_WORDS as usize];
+    for port in ports {
+        words[(*port >> 6) as usize] |= 1u64 << (port & 63);
+    }
+    for (index, word) in words.iter().enumerate() {
+        let index = index as u32;
+        if map.get(&index, 0).map_err(map_err(name))? != *word {
+            map.set(index, word, 0).map_err(map_err(name))?;
+        }
+    }
+    Ok(())
 }
 
 /// [`RangeKey`] with an order, for diffing tables.

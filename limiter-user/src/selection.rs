@@ -3,8 +3,10 @@
 //! A connection to local `D:p` from `S` belongs to the connector whose
 //! binding matches `D:p` and whose remote range is the most specific match
 //! for `S`; a binding on `D` itself is tried before the wildcard binding of
-//! the family. In the kernel this is two hash lookups (binding ids) and
-//! longest-prefix matches in one LPM trie keyed by (binding id, remote).
+//! the family. In the kernel this is a hash lookup (the binding id of a
+//! specific address, only on ports that have one; a wildcard binding's id
+//! is computed) and longest-prefix matches in one LPM trie keyed by
+//! (binding id, remote).
 //!
 //! Ranges become CIDR blocks. Validation only lets ranges on a binding
 //! overlap when one contains the other, and each block is the largest
@@ -21,7 +23,7 @@ use std::{
 use ipnet::IpNet;
 use limiter_common::{
     addr::{self, Addr, V4_MAPPED_PREFIX_LEN},
-    maps::{BindingKey, RANGE_KEY_BINDING_BITS, RangeKey},
+    maps::{BindingKey, RANGE_KEY_BINDING_BITS, RangeKey, wildcard_binding_id},
 };
 
 use crate::config::{Binding, Config};
@@ -81,6 +83,8 @@ pub struct SelectionTable {
     pub ranges: Vec<RangeEntry>,
     /// Ports some binding uses.
     pub ports: Vec<u16>,
+    /// Ports some binding on a specific local address uses.
+    pub specific_ports: Vec<u16>,
 }
 
 /// [`BindingKey`] with an order, for a deterministic table.
@@ -121,7 +125,12 @@ impl SelectionTable {
                     port: key.port,
                 };
                 let next_id = table.bindings.len() as u32;
-                let binding_id = *table.bindings.entry(ord).or_insert(next_id);
+                let id = if key.addr == addr::wildcard(binding.is_ipv4()) {
+                    wildcard_binding_id(key.port, binding.is_ipv4())
+                } else {
+                    next_id
+                };
+                let binding_id = *table.bindings.entry(ord).or_insert(id);
                 for range in connector
                     .remote_ip_ranges
                     .iter()
@@ -152,6 +161,15 @@ impl SelectionTable {
         ports.sort_unstable();
         ports.dedup();
         table.ports = ports;
+        let mut specific: Vec<u16> = table
+            .bindings
+            .keys()
+            .filter(|b| b.addr != addr::wildcard(addr::is_ipv4(&b.addr)))
+            .map(|b| b.port)
+            .collect();
+        specific.sort_unstable();
+        specific.dedup();
+        table.specific_ports = specific;
         table
     }
 
@@ -349,7 +367,8 @@ mod tests {
         assert_eq!(t.ranges.len(), 1);
         let e = t.ranges[0];
         assert_eq!(e.prefix_len, 32 + 96 + 24);
-        assert_eq!(e.key.binding, [0, 0, 0, 0]);
+        // A wildcard binding's id is computed, not looked up.
+        assert_eq!(e.key.binding, wildcard_binding_id(25, true).to_be_bytes());
         assert_eq!(from_addr(&e.key.remote), ip("10.1.0.0"));
         let b = *t.bindings.keys().next().unwrap();
         assert_eq!(from_addr(&b.addr), ip("0.0.0.0"));

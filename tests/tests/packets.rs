@@ -9,7 +9,7 @@ use limiter::{
     kernel::{Kernel, TableSizes},
     selection::{SelectionTable, from_addr},
 };
-use limiter_common::maps::stat;
+use limiter_common::{maps::stat, retransmit};
 use limiter_tests::frames::{
     ACK, ETH_P_8021AD, ETH_P_8021Q, FIN, IPPROTO_ICMP, IPPROTO_UDP, IPV6_DEST_OPTIONS,
     IPV6_FRAGMENT, IPV6_HOP_BY_HOP, IPV6_ROUTING, PSH, RST, SYN, Segment, arp, ethernet,
@@ -316,6 +316,69 @@ fn a_retransmitted_syn_counts_once() {
     }
     assert_eq!(l.live(0), 1);
     assert_eq!(l.counter(0, stat::SYN_RETRANSMITTED), 4);
+}
+
+/// The source's handshake word (see `limiter_common::retransmit`).
+fn handshake_word(l: &Loaded, source: IpAddr) -> u64 {
+    l.kernel
+        .sources()
+        .into_iter()
+        .find(|(key, _)| from_addr(&key.addr) == source)
+        .map_or(0, |(_, count)| count.handshakes)
+}
+
+#[test]
+fn a_source_at_its_cap_keeps_the_retransmits_of_its_handshakes() {
+    let mut l = load(ONE_CONNECTOR);
+    let source = IpAddr::from(v4(1));
+    // 40000 and 40048 share a bit of the port set; 40001 has its own.
+    let held = [40000, 40001, 40048];
+    for port in held {
+        assert_eq!(
+            l.run(&Segment::syn(v4(1), port, SERVER, 25).build()),
+            XDP_PASS
+        );
+    }
+    let word = handshake_word(&l, source);
+    assert_eq!(retransmit::count(word), 3);
+    // At the cap: new SYNs are refused, whether their bit is set (40096, so
+    // the table is asked) or clear (40002, so it is not).
+    for port in [40096, 40002] {
+        assert_eq!(
+            l.run(&Segment::syn(v4(1), port, SERVER, 25).build()),
+            XDP_DROP,
+            "new SYN from port {port}"
+        );
+    }
+    // Retransmissions of the three pass, counted once.
+    for port in held {
+        assert_eq!(
+            l.run(&Segment::syn(v4(1), port, SERVER, 25).build()),
+            XDP_PASS,
+            "retransmission from port {port}"
+        );
+    }
+    assert_eq!(l.counter(0, stat::SYN_RETRANSMITTED), 3);
+    assert_eq!(l.counter(0, stat::REJECTED_PER_SOURCE), 2);
+    assert_eq!(l.live(0), 3);
+    // When the last handshake goes, so does the port set.
+    for (flow, _) in l.kernel.handshakes() {
+        assert!(l.kernel.expire_handshake(&flow).unwrap());
+        if l.kernel.handshakes().is_empty() {
+            assert_eq!(handshake_word(&l, source), 0);
+        } else {
+            assert_ne!(handshake_word(&l, source), 0);
+        }
+    }
+    assert_eq!(l.live(0), 0);
+    assert_eq!(
+        l.run(&Segment::syn(v4(1), 40002, SERVER, 25).build()),
+        XDP_PASS
+    );
+    assert_eq!(
+        handshake_word(&l, source),
+        retransmit::ONE | retransmit::port_bit(40002)
+    );
 }
 
 #[test]
