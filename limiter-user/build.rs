@@ -1,5 +1,6 @@
 //! Builds the kernel programs (`limiter-ebpf`) for `bpfel-unknown-none` and
-//! puts the object in `OUT_DIR`, where `kernel.rs` embeds it.
+//! puts the objects in `OUT_DIR`, where `kernel.rs` and `baseline.rs` embed
+//! them.
 //!
 //! This does by hand what aya-build does, because aya-build overwrites the
 //! rustflags and the counts need `-C target-cpu=v3` (atomic fetch-and-add
@@ -16,6 +17,9 @@ use std::{
 const TOOLCHAIN: &str = "bpf-debian";
 const TARGET: &str = "bpfel-unknown-none";
 const PACKAGE: &str = "limiter-ebpf";
+/// The objects it builds: the kernel programs, and the baselines and
+/// traffic generator of the benchmarks.
+const OBJECTS: [&str; 2] = ["limiter-ebpf", "baseline"];
 
 fn main() {
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
@@ -82,9 +86,11 @@ fn build(workspace: &Path, out_dir: &Path) -> Result<(), String> {
              if the toolchain or bpf-linker is missing, run `cargo xtask setup`"
         ));
     }
-    let built = target_dir.join(TARGET).join("release").join(PACKAGE);
-    let dest = out_dir.join(PACKAGE);
-    std::fs::copy(&built, &dest)
-        .map_err(|e| format!("copying {} to {}: {e}", built.display(), dest.display()))?;
+    for object in OBJECTS {
+        let built = target_dir.join(TARGET).join("release").join(object);
+        let dest = out_dir.join(object);
+        std::fs::copy(&built, &dest)
+            .map_err(|e| format!("copying {} to {}: {e}", built.display(), dest.display()))?;
+    }
     Ok(())
 }

@@ -3,6 +3,7 @@
 //! The library holds everything the `limiter` binary does, so that the
 //! end-to-end tests drive the same code.
 
+pub mod baseline;
 pub mod bpfsys;
 pub mod cli;
 pub mod config;

@@ -35,6 +35,7 @@
 //! drop(s);
 //! ```
 
+pub mod bench;
 pub mod bpffs;
 pub mod cgroup;
 pub mod child;
@@ -42,6 +43,7 @@ pub mod client;
 pub mod daemon;
 pub mod demo;
 pub mod flood;
+pub mod floodlab;
 pub mod frames;
 pub mod hold;
 pub mod lab;

@@ -4,36 +4,30 @@
 //! A veth delivers the frames that the other end's XDP program sends back
 //! (XDP_TX, as the `reset` action does) only once an XDP program runs on
 //! the receiving end too: it is that program's NAPI that picks them up. A
-//! real NIC needs nothing of the kind. The program is limiter's own `admit`
-//! with no connector configured, which passes everything.
+//! real NIC needs nothing of the kind.
 
-use limiter::kernel::{Kernel, TableSizes, XdpModeRequest};
+use aya::programs::XdpMode;
+use limiter::baseline::{BARE_PASS, Baseline};
 
 use crate::Lab;
 
-/// Detached (with its maps freed) on drop.
+/// Detached on drop.
 pub struct PassXdp {
-    _kernel: Kernel,
+    _baseline: Baseline,
 }
 
 impl PassXdp {
     pub fn attach(lab: &Lab) -> PassXdp {
         let iface = lab.client_iface().to_string();
-        let kernel = lab.client_ns().run(move || {
-            let mut kernel = Kernel::load(
-                TableSizes {
-                    sources: 16,
-                    handshakes: 16,
-                    established: 16,
-                },
-                None,
-            )
-            .expect("loading the XDP program");
-            kernel
-                .attach_xdp(&iface, XdpModeRequest::Driver)
+        let baseline = lab.client_ns().run(move || {
+            let mut baseline = Baseline::load().expect("loading the baseline programs");
+            baseline
+                .attach(BARE_PASS, &iface, XdpMode::Driver)
                 .expect("attaching XDP to the client's veth");
-            kernel
+            baseline
         });
-        PassXdp { _kernel: kernel }
+        PassXdp {
+            _baseline: baseline,
+        }
     }
 }

@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | run | test | lint`.
+//! Project tasks: `cargo xtask setup | run | test | lint | demo | bench`.
 
 mod setup;
 
@@ -44,6 +44,17 @@ enum Task {
         /// Seconds of mail.
         #[arg(long, default_value_t = 30)]
         duration: u64,
+    },
+    /// Set up, build, and benchmark the limiter against a bare XDP program,
+    /// iptables connlimit and nftables ct count (root). Writes
+    /// BENCHMARKS.md and its chart at the top of the workspace.
+    Bench {
+        /// Fewer rounds and shorter floods: under a minute.
+        #[arg(long)]
+        quick: bool,
+        /// Print the figures, targets included, as JSON on stdout.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -97,6 +108,31 @@ fn run(task: Task) -> anyhow::Result<()> {
                 .context("running the demo")?;
             if !status.success() {
                 bail!("the demo failed ({status})");
+            }
+            Ok(())
+        }
+        Task::Bench { quick, json } => {
+            setup::setup()?;
+            cargo(&[
+                "build",
+                "--release",
+                "--package",
+                "limiter-tests",
+                "--bin",
+                "limiter-bench",
+            ])?;
+            let root = workspace_root();
+            let mut bench = Command::new(root.join("target/release/limiter-bench"));
+            bench.arg("--out").arg(&root);
+            if quick {
+                bench.arg("--quick");
+            }
+            if json {
+                bench.arg("--json");
+            }
+            let status = bench.status().context("running the benchmarks")?;
+            if !status.success() {
+                bail!("the benchmarks failed ({status})");
             }
             Ok(())
         }

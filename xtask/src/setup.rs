@@ -28,6 +28,11 @@ const PACKAGES: &[&str] = &[
     "postfix",
     "swaks",
     "libio-socket-inet6-perl",
+    // The benchmarks: what the limiter is compared with, and the veth's
+    // XDP counters and NAPI settings.
+    "iptables",
+    "nftables",
+    "ethtool",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

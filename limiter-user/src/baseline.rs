@@ -1,0 +1,112 @@
+//! The benchmarks' reference programs and traffic generator (see
+//! limiter-ebpf's `baseline` binary): never used by the daemon.
+
+use aya::{
+    Ebpf,
+    maps::{Array, MapData, PerCpuArray},
+    programs::{Xdp, XdpMode, links::FdLink},
+};
+
+use crate::kernel::KernelError;
+
+/// The compiled baseline programs, built by this crate's build script.
+pub static BASELINE_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/baseline"));
+
+/// XDP_PASS and nothing else.
+pub const BARE_PASS: &str = "bare_pass";
+/// XDP_DROP and nothing else.
+pub const BARE_DROP: &str = "bare_drop";
+/// The SYN flood generator, for live-frames BPF_PROG_TEST_RUN.
+pub const FLOOD_GEN: &str = "flood_gen";
+
+/// The loaded baseline programs.
+pub struct Baseline {
+    ebpf: Ebpf,
+    links: Vec<FdLink>,
+}
+
+fn error(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> KernelError {
+    move |source| KernelError::Program { name, source }
+}
+
+impl Baseline {
+    /// Loads the three programs (nothing is attached).
+    pub fn load() -> Result<Baseline, KernelError> {
+        let mut ebpf = Ebpf::load(BASELINE_OBJECT).map_err(KernelError::Load)?;
+        for name in [BARE_PASS, BARE_DROP, FLOOD_GEN] {
+            let program: &mut Xdp = ebpf
+                .program_mut(name)
+                .ok_or(KernelError::MissingProgram(name))?
+                .try_into()
+                .map_err(error(name))?;
+            program.load().map_err(error(name))?;
+        }
+        Ok(Baseline {
+            ebpf,
+            links: Vec::new(),
+        })
+    }
+
+    /// One of the programs, to run or attach.
+    pub fn program(&self, name: &'static str) -> Result<&Xdp, KernelError> {
+        self.ebpf
+            .program(name)
+            .ok_or(KernelError::MissingProgram(name))?
+            .try_into()
+            .map_err(error(name))
+    }
+
+    /// Attaches program `name` to `iface` (in the caller's network
+    /// namespace) until the `Baseline` is dropped.
+    pub fn attach(
+        &mut self,
+        name: &'static str,
+        iface: &str,
+        mode: XdpMode,
+    ) -> Result<(), KernelError> {
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(KernelError::MissingProgram(name))?
+            .try_into()
+            .map_err(error(name))?;
+        let id = program.attach(iface, mode).map_err(error(name))?;
+        let link = program.take_link(id).map_err(error(name))?;
+        let link = FdLink::try_from(link).map_err(|e| KernelError::Interface {
+            iface: iface.to_string(),
+            reason: e.to_string(),
+        })?;
+        self.links.push(link);
+        Ok(())
+    }
+
+    /// Sets how many source addresses the generator cycles through (a power
+    /// of two, at most 65,536).
+    pub fn set_flood_sources(&mut self, sources: u32) -> Result<(), KernelError> {
+        let name = "FLOOD_SOURCES";
+        let mut map: Array<&mut MapData, u32> = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(KernelError::MissingMap(name))?
+            .try_into()
+            .map_err(|source| KernelError::Map { name, source })?;
+        map.set(0, sources, 0)
+            .map_err(|source| KernelError::Map { name, source })
+    }
+
+    /// Frames the generator has produced, on all CPUs.
+    pub fn flood_count(&self) -> Result<u64, KernelError> {
+        let name = "FLOOD_COUNT";
+        let map: PerCpuArray<&MapData, u64> = self
+            .ebpf
+            .map(name)
+            .ok_or(KernelError::MissingMap(name))?
+            .try_into()
+            .map_err(|source| KernelError::Map { name, source })?;
+        let values = map
+            .get(&0, 0)
+            .map_err(|source| KernelError::Map { name, source })?;
+        Ok(values.iter().sum())
+    }
+}
