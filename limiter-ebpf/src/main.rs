@@ -127,24 +127,30 @@ fn admit_syn(flow: &FlowKey, connector: u32) -> Verdict {
             && HANDSHAKES.get_ptr(flow).is_some()
     };
     let first = limiter_common::evaluate(&config.limits, live_total, live_source);
-    if !first.admitted && config.action != action::MONITOR {
+    if !first.admitted {
         // A retransmitted SYN of a handshake counted before the source
         // reached its cap passes: it is counted already.
         if counted(flow) {
             bump(connector, stat::SYN_RETRANSMITTED);
             return Verdict::Pass;
         }
-        let counts = Counts {
-            live_total,
-            live_source,
-            entry: entry.unwrap_or(core::ptr::null_mut()),
-        };
-        return refuse(flow, &source, &config, &first, &counts);
+        if config.action != action::MONITOR {
+            let counts = Counts {
+                live_total,
+                live_source,
+                entry: entry.unwrap_or(core::ptr::null_mut()),
+            };
+            return refuse(flow, &source, &config, &first, &counts);
+        }
     }
 
-    // A retransmitted SYN, or a stray SYN on a live connection (answered by
-    // a challenge ACK): counted already.
-    if counted(flow) || ESTABLISHED.get_ptr(flow).is_some() {
+    // A stray SYN on a live connection (answered by a challenge ACK):
+    // counted already. An established connection holds a count of its
+    // source from before its entry goes in, so a source that holds none has
+    // no entry to look for (a new source under a flood). A retransmitted
+    // SYN is not looked for here: its handshake entry makes the insert
+    // below fail, and that gives the count back.
+    if live_source != 0 && ESTABLISHED.get_ptr(flow).is_some() {
         bump(connector, stat::SYN_RETRANSMITTED);
         return Verdict::Pass;
     }
@@ -159,6 +165,12 @@ fn admit_syn(flow: &FlowKey, connector: u32) -> Verdict {
     if !evaluation.admitted {
         if config.action != action::MONITOR {
             count::release_source(&source);
+            // Another CPU took the last place meanwhile; a retransmission
+            // keeps the place its handshake holds.
+            if counted(flow) {
+                bump(connector, stat::SYN_RETRANSMITTED);
+                return Verdict::Pass;
+            }
         }
         let counts = Counts {
             live_total,

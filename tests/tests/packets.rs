@@ -7,9 +7,13 @@ use aya::programs::{TestRun, TestRunOptions};
 use limiter::{
     config::Config,
     kernel::{Kernel, TableSizes},
-    selection::{SelectionTable, from_addr},
+    selection::{SelectionTable, from_addr, to_addr},
 };
-use limiter_common::{maps::stat, retransmit};
+use limiter_common::{
+    addr,
+    maps::{FlowKey, control, stat},
+    retransmit,
+};
 use limiter_tests::frames::{
     ACK, ETH_P_8021AD, ETH_P_8021Q, FIN, IPPROTO_ICMP, IPPROTO_UDP, IPV6_DEST_OPTIONS,
     IPV6_FRAGMENT, IPV6_HOP_BY_HOP, IPV6_ROUTING, PSH, RST, SYN, Segment, arp, ethernet,
@@ -679,4 +683,31 @@ fn reset_answers_an_over_cap_syn_with_a_valid_rst() {
     // Headers it will not rewrite in place: dropped instead.
     let with_options = Segment::syn(v4(1), 41000, SERVER, 25).ipv4_options(8);
     assert_eq!(l.run(&with_options.build()), XDP_DROP);
+}
+
+#[test]
+fn a_syn_on_an_established_connection_is_not_counted_again() {
+    let mut l = load(ONE_CONNECTOR);
+    let flow = FlowKey::from_words(
+        addr::to_words(&to_addr(SERVER.into())),
+        addr::to_words(&to_addr(v4(1).into())),
+        25,
+        40000,
+    );
+    assert_eq!(l.kernel.seed(&flow).unwrap(), control::DONE);
+    assert_eq!(l.live(0), 1);
+    // A stray SYN on it (the kernel answers with a challenge ACK) holds
+    // nothing new.
+    assert_eq!(
+        l.run(&Segment::syn(v4(1), 40000, SERVER, 25).build()),
+        XDP_PASS
+    );
+    assert_eq!(l.live(0), 1);
+    assert_eq!(l.counter(0, stat::SYN_RETRANSMITTED), 1);
+    // Another connection from the same source is new.
+    l.counted(
+        &Segment::syn(v4(1), 40001, SERVER, 25),
+        "a second connection",
+    );
+    assert_eq!(l.live(0), 2);
 }
