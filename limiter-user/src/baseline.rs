@@ -17,6 +17,8 @@ pub static BASELINE_OBJECT: &[u8] =
 pub const BARE_PASS: &str = "bare_pass";
 /// XDP_DROP and nothing else.
 pub const BARE_DROP: &str = "bare_drop";
+/// Reads the headers and drops SYNs to port 25.
+pub const HEADER_DROP: &str = "header_drop";
 /// The SYN flood generator, for live-frames BPF_PROG_TEST_RUN.
 pub const FLOOD_GEN: &str = "flood_gen";
 
@@ -31,10 +33,10 @@ fn error(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> Kern
 }
 
 impl Baseline {
-    /// Loads the three programs (nothing is attached).
+    /// Loads the programs (nothing is attached).
     pub fn load() -> Result<Baseline, KernelError> {
         let mut ebpf = Ebpf::load(BASELINE_OBJECT).map_err(KernelError::Load)?;
-        for name in [BARE_PASS, BARE_DROP, FLOOD_GEN] {
+        for name in [BARE_PASS, BARE_DROP, HEADER_DROP, FLOOD_GEN] {
             let program: &mut Xdp = ebpf
                 .program_mut(name)
                 .ok_or(KernelError::MissingProgram(name))?

@@ -18,7 +18,7 @@ use std::{
 
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use limiter::{
-    baseline::{BARE_DROP, BARE_PASS, Baseline},
+    baseline::{BARE_DROP, BARE_PASS, Baseline, HEADER_DROP},
     config::Config,
     kernel::{Kernel, TableSizes},
     selection::SelectionTable,
@@ -214,6 +214,7 @@ fn micro(options: &Options, baseline: &Baseline) -> Vec<Micro> {
     let rounds = options.rounds();
     let bare_pass = baseline.program(BARE_PASS).expect("bare_pass");
     let bare_drop = baseline.program(BARE_DROP).expect("bare_drop");
+    let header_drop = baseline.program(HEADER_DROP).expect("header_drop");
     let kernel = limiter(1);
     let admit = kernel.admit_program().expect("admit");
 
@@ -267,6 +268,13 @@ fn micro(options: &Options, baseline: &Baseline) -> Vec<Micro> {
             ratio: ns / pass,
         });
     }
+    let headers = cost(header_drop, &over_cap, rounds);
+    out.push(Micro {
+        case: "SYN dropped by header_drop (headers read, no maps)".into(),
+        ns: headers,
+        baseline: "bare XDP_DROP".into(),
+        ratio: headers / drop,
+    });
     let before = counter(&kernel, stat::REJECTED_PER_SOURCE);
     let rejected = cost(admit, &over_cap, rounds);
     check_moved(
@@ -400,15 +408,19 @@ fn scale(options: &Options) -> Vec<Scale> {
 pub enum Subject {
     Nothing,
     BareDrop,
+    /// Drops SYNs to port 25 after reading their headers: the floor of any
+    /// SYN filter, where `BareDrop` never touches the frame.
+    HeaderDrop,
     Limiter,
     Iptables,
     Nftables,
 }
 
 impl Subject {
-    pub const ALL: [Subject; 5] = [
+    pub const ALL: [Subject; 6] = [
         Subject::Limiter,
         Subject::BareDrop,
+        Subject::HeaderDrop,
         Subject::Iptables,
         Subject::Nftables,
         Subject::Nothing,
@@ -418,6 +430,7 @@ impl Subject {
         match self {
             Subject::Nothing => "nothing attached",
             Subject::BareDrop => "bare XDP_DROP",
+            Subject::HeaderDrop => "header_drop",
             Subject::Limiter => "limiter",
             Subject::Iptables => "iptables connlimit",
             Subject::Nftables => "nftables ct count",
@@ -447,9 +460,14 @@ pub fn install(lab: &FloodLab, subject: Subject) -> Installed {
     let per_source = 20;
     match subject {
         Subject::Nothing => Installed::default(),
-        Subject::BareDrop => {
+        Subject::BareDrop | Subject::HeaderDrop => {
+            let program = if subject == Subject::BareDrop {
+                BARE_DROP
+            } else {
+                HEADER_DROP
+            };
             let mut baseline = Baseline::load().expect("baseline programs");
-            lab.attach_baseline(&mut baseline, BARE_DROP);
+            lab.attach_baseline(&mut baseline, program);
             Installed {
                 _baseline: Some(baseline),
                 ..Default::default()
@@ -770,7 +788,10 @@ pub fn markdown(report: &Report, chart: &str) -> String {
          the other core, with a listener on port 25. Highest rate: packets the server's core got \
          through per second, the generator at full speed. CPU: the share of the server's core the \
          receive path took at {FIXED_RATE} packets per second. Each measurement in fresh namespaces \
-         (fresh conntrack). Per source, every subject allows 20.\n\n\
+         (fresh conntrack). Per source, every subject allows 20. `header_drop` reads the \
+         Ethernet, IPv4 and TCP headers and drops every SYN to port 25, using no map: the \
+         floor of any program that looks at a SYN, where bare XDP_DROP never touches the \
+         frame.\n\n\
          ![flood results]({chart})\n\n\
          | sources | subject | highest rate (pps) | CPU at {FIXED_RATE} pps |\n|---|---|---|---|\n"
     ));
@@ -907,6 +928,7 @@ mod tests {
         for (subject, pps, cpu) in [
             (Subject::Limiter, 4.6e6, 0.011),
             (Subject::BareDrop, 5.0e6, 0.01),
+            (Subject::HeaderDrop, 4.8e6, 0.01),
             (Subject::Iptables, 0.2e6, 0.04),
             (Subject::Nftables, 0.4e6, 0.03),
             (Subject::Nothing, 0.4e6, 0.01),
