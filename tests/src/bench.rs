@@ -311,8 +311,7 @@ fn micro(options: &Options, baseline: &Baseline) -> Vec<Micro> {
 fn scale(options: &Options) -> Vec<Scale> {
     let rounds = options.rounds();
     let mut out = Vec::new();
-    let sizes: &[u32] = &[1, 100, 10_000];
-    for &ranges in sizes {
+    for ranges in [1, 100, 10_000] {
         let kernel = limiter(ranges);
         let admit = kernel.admit_program().expect("admit");
         let first = Segment::syn(CLIENT, 40000, LOCAL, 25).build();
@@ -323,30 +322,14 @@ fn scale(options: &Options) -> Vec<Scale> {
             })
             .expect("BPF_PROG_TEST_RUN");
         let over_cap = Segment::syn(CLIENT, 40001, LOCAL, 25).build();
-        let before = counter(&kernel, stat::REJECTED_PER_SOURCE);
-        let ns = cost(admit, &over_cap, rounds);
-        check_moved(
+        let admitted = fresh_syns(5_000, 7);
+        out.extend(scale_points(
             &kernel,
-            stat::REJECTED_PER_SOURCE,
-            before,
-            1,
-            "SYN rejected",
-        );
-        out.push(Scale {
-            dimension: "remote ranges".into(),
-            case: "SYN rejected".into(),
-            size: ranges,
-            ns,
-        });
-        let before = counter(&kernel, stat::ADMITTED);
-        let ns = single_runs(admit, fresh_syns(5_000, 7));
-        check_moved(&kernel, stat::ADMITTED, before, 5_000, "SYN admitted");
-        out.push(Scale {
-            dimension: "remote ranges".into(),
-            case: "SYN admitted (single runs)".into(),
-            size: ranges,
-            ns,
-        });
+            ("remote ranges", ranges),
+            &over_cap,
+            admitted,
+            rounds,
+        ));
     }
     for sources in [1_000, 10_000, 100_000] {
         let kernel = limiter(1);
@@ -366,21 +349,6 @@ fn scale(options: &Options) -> Vec<Scale> {
             "every source holds a connection"
         );
         let over_cap = Segment::syn(Ipv4Addr::new(203, 0, 0, 5), 9999, LOCAL, 25).build();
-        let before = counter(&kernel, stat::REJECTED_PER_SOURCE);
-        let ns = cost(admit, &over_cap, rounds);
-        check_moved(
-            &kernel,
-            stat::REJECTED_PER_SOURCE,
-            before,
-            1,
-            "SYN rejected",
-        );
-        out.push(Scale {
-            dimension: "live sources".into(),
-            case: "SYN rejected".into(),
-            size: sources,
-            ns,
-        });
         let admitted = (0..5_000u32).map(|i| {
             Segment::syn(
                 Ipv4Addr::from(u32::from(Ipv4Addr::new(203, 64, 0, 0)) + i),
@@ -390,17 +358,43 @@ fn scale(options: &Options) -> Vec<Scale> {
             )
             .build()
         });
-        let before = counter(&kernel, stat::ADMITTED);
-        let ns = single_runs(admit, admitted);
-        check_moved(&kernel, stat::ADMITTED, before, 5_000, "SYN admitted");
-        out.push(Scale {
-            dimension: "live sources".into(),
-            case: "SYN admitted (single runs)".into(),
-            size: sources,
-            ns,
-        });
+        out.extend(scale_points(
+            &kernel,
+            ("live sources", sources),
+            &over_cap,
+            admitted,
+            rounds,
+        ));
     }
     out
+}
+
+/// The two points of a scale curve at one table size: a SYN over its cap,
+/// repeated, and 5,000 `admitted` SYNs, one run each.
+fn scale_points(
+    kernel: &Kernel,
+    (dimension, size): (&str, u32),
+    over_cap: &[u8],
+    admitted: impl Iterator<Item = Vec<u8>>,
+    rounds: usize,
+) -> [Scale; 2] {
+    let admit = kernel.admit_program().expect("admit");
+    let before = counter(kernel, stat::REJECTED_PER_SOURCE);
+    let rejected = cost(admit, over_cap, rounds);
+    check_moved(kernel, stat::REJECTED_PER_SOURCE, before, 1, "SYN rejected");
+    let before = counter(kernel, stat::ADMITTED);
+    let admitted = single_runs(admit, admitted);
+    check_moved(kernel, stat::ADMITTED, before, 5_000, "SYN admitted");
+    [
+        ("SYN rejected", rejected),
+        ("SYN admitted (single runs)", admitted),
+    ]
+    .map(|(case, ns)| Scale {
+        dimension: dimension.into(),
+        case: case.into(),
+        size,
+        ns,
+    })
 }
 
 /// What receives the flood.

@@ -18,14 +18,16 @@ pub fn spoofed_source(i: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + (i % (1 << 23)))
 }
 
-fn sum(bytes: &[u8]) -> u32 {
+/// The ones'-complement sum of `bytes` as 16-bit words (RFC 1071).
+pub(crate) fn sum(bytes: &[u8]) -> u32 {
     bytes
         .chunks(2)
         .map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32)
         .sum()
 }
 
-fn fold(mut total: u32) -> u16 {
+/// Folds a [`sum`] into a checksum.
+pub(crate) fn fold(mut total: u32) -> u16 {
     while total >> 16 != 0 {
         total = (total & 0xffff) + (total >> 16);
     }

@@ -50,20 +50,6 @@ fn mac(ns: &OwnedNetns, iface: &str) -> [u8; 6] {
     mac
 }
 
-fn sum(bytes: &[u8]) -> u32 {
-    bytes
-        .chunks(2)
-        .map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32)
-        .sum()
-}
-
-fn fold(mut total: u32) -> u16 {
-    while total >> 16 != 0 {
-        total = (total & 0xffff) + (total >> 16);
-    }
-    !(total as u16)
-}
-
 /// A SYN from FLOOD_BASE:1024 to SERVER:25, checksums right.
 fn template(destination: [u8; 6], source: [u8; 6]) -> Vec<u8> {
     let mut frame = Vec::with_capacity(54);
@@ -75,7 +61,7 @@ fn template(destination: [u8; 6], source: [u8; 6]) -> Vec<u8> {
     frame.extend_from_slice(&packet);
     // The generator updates the checksums, it does not compute them: they
     // must be right to begin with.
-    assert_eq!(fold(sum(&frame[14..34])), 0);
+    assert_eq!(crate::flood::fold(crate::flood::sum(&frame[14..34])), 0);
     frame
 }
 
