@@ -4,26 +4,30 @@
 
 use std::{path::PathBuf, process::ExitCode};
 
+use clap::Parser;
 use limiter_tests::bench::{self, Options};
 
 const CHART: &str = "BENCHMARKS-flood.svg";
 
+/// Per-packet cost, scale and floods, side by side with bare XDP programs,
+/// iptables connlimit and nftables ct count (root).
+#[derive(Parser)]
+#[command(name = "limiter-bench")]
+struct Args {
+    /// Fewer rounds and shorter floods: under a minute.
+    #[arg(long)]
+    quick: bool,
+    /// Print the figures and the targets as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Where BENCHMARKS.md and its chart go.
+    #[arg(long, default_value = ".")]
+    out: PathBuf,
+}
+
 fn main() -> ExitCode {
-    let mut options = Options { quick: false };
-    let mut json = false;
-    let mut out = PathBuf::from(".");
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--quick" => options.quick = true,
-            "--json" => json = true,
-            "--out" => match args.next() {
-                Some(dir) => out = PathBuf::from(dir),
-                None => return usage(),
-            },
-            _ => return usage(),
-        }
-    }
+    let Args { quick, json, out } = Args::parse();
+    let options = Options { quick };
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("limiter-bench: run it as root (BPF, namespaces, XDP)");
@@ -42,9 +46,4 @@ fn main() -> ExitCode {
         print!("{}", bench::markdown(&report, CHART));
     }
     ExitCode::SUCCESS
-}
-
-fn usage() -> ExitCode {
-    eprintln!("usage: limiter-bench [--quick] [--json] [--out DIR]");
-    ExitCode::FAILURE
 }

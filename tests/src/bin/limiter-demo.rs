@@ -7,24 +7,28 @@ use std::{
     time::Duration,
 };
 
+use clap::Parser;
 use limiter_tests::demo::{self, Options};
 
+/// The limiter in front of a real Postfix, with real SMTP clients, in
+/// network namespaces it removes afterwards (root).
+#[derive(Parser)]
+#[command(name = "limiter-demo")]
+struct Args {
+    /// Seconds of mail.
+    #[arg(long, default_value_t = 30)]
+    duration: u64,
+    /// Print only the summary.
+    #[arg(long)]
+    quiet: bool,
+}
+
 fn main() -> ExitCode {
-    let mut options = Options {
-        duration: Duration::from_secs(30),
-        show: true,
+    let args = Args::parse();
+    let options = Options {
+        duration: Duration::from_secs(args.duration),
+        show: !args.quiet,
     };
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--duration" => match args.next().and_then(|s| s.parse().ok()) {
-                Some(seconds) => options.duration = Duration::from_secs(seconds),
-                None => return usage(),
-            },
-            "--quiet" => options.show = false,
-            _ => return usage(),
-        }
-    }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("limiter-demo: run it as root (network namespaces, XDP, cgroups)");
@@ -49,9 +53,4 @@ fn main() -> ExitCode {
         println!("\n(interrupted)");
     }
     ExitCode::SUCCESS
-}
-
-fn usage() -> ExitCode {
-    eprintln!("usage: limiter-demo [--duration SECONDS] [--quiet]");
-    ExitCode::FAILURE
 }
