@@ -233,15 +233,7 @@ fn micro(options: &Options, baseline: &Baseline) -> Vec<Micro> {
         .flags(PSH | ACK)
         .build();
     let other_port = Segment::syn(CLIENT, 40000, LOCAL, 80).build();
-    // The client takes its one connection, then is over its cap.
-    let first = Segment::syn(CLIENT, 40000, LOCAL, 25).build();
-    admit
-        .test_run(TestRunOptions {
-            data_in: Some(&first),
-            ..Default::default()
-        })
-        .expect("BPF_PROG_TEST_RUN");
-    let over_cap = Segment::syn(CLIENT, 40001, LOCAL, 25).build();
+    let over_cap = over_cap_syn(admit);
 
     let pass = cost(bare_pass, &udp, rounds);
     let drop = cost(bare_drop, &over_cap, rounds);
@@ -316,20 +308,25 @@ fn micro(options: &Options, baseline: &Baseline) -> Vec<Micro> {
     out
 }
 
+/// Lets CLIENT take its one connection through `admit`, and returns a SYN
+/// of a second one: over its cap.
+fn over_cap_syn(admit: &Xdp) -> Vec<u8> {
+    let first = Segment::syn(CLIENT, 40000, LOCAL, 25).build();
+    admit
+        .test_run(TestRunOptions {
+            data_in: Some(&first),
+            ..Default::default()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    Segment::syn(CLIENT, 40001, LOCAL, 25).build()
+}
+
 fn scale(options: &Options) -> Vec<Scale> {
     let rounds = options.rounds();
     let mut out = Vec::new();
     for ranges in [1, 100, 10_000] {
         let kernel = limiter(ranges);
-        let admit = kernel.admit_program().expect("admit");
-        let first = Segment::syn(CLIENT, 40000, LOCAL, 25).build();
-        admit
-            .test_run(TestRunOptions {
-                data_in: Some(&first),
-                ..Default::default()
-            })
-            .expect("BPF_PROG_TEST_RUN");
-        let over_cap = Segment::syn(CLIENT, 40001, LOCAL, 25).build();
+        let over_cap = over_cap_syn(kernel.admit_program().expect("admit"));
         let admitted = fresh_syns(5_000, 7);
         out.extend(scale_points(
             &kernel,
