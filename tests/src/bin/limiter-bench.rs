@@ -33,6 +33,11 @@ fn main() -> ExitCode {
         eprintln!("limiter-bench: run it as root (BPF, namespaces, XDP)");
         return ExitCode::FAILURE;
     }
+    // Before minutes of measuring, not after.
+    if let Err(e) = std::fs::create_dir_all(&out) {
+        eprintln!("limiter-bench: creating {}: {e}", out.display());
+        return ExitCode::FAILURE;
+    }
     let report = bench::run(&options);
     let written = std::fs::write(out.join(CHART), bench::chart_svg(&report))
         .and_then(|()| std::fs::write(out.join("BENCHMARKS.md"), bench::markdown(&report, CHART)));
