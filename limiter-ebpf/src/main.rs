@@ -231,16 +231,18 @@ fn refuse(
     counts: &Counts,
 ) -> Verdict {
     bump(source.connector, rejected_counter(evaluation.rule));
-    let (gate, kind) = if counts.entry.is_null() {
-        (REPORT_GATES.get_ptr_mut(source.connector), gate::CONNECTOR)
+    // The source's own gate, or its connector's for a source without an
+    // entry.
+    let gate = if counts.entry.is_null() {
+        REPORT_GATES.get_ptr_mut(source.connector)
     } else {
         // SAFETY: a live map value.
-        (Some(unsafe { &raw mut (*counts.entry).gate }), gate::SOURCE)
+        Some(unsafe { &raw mut (*counts.entry).gate })
     };
     if let Some(gate) = gate
         && let Some(folded) = through_gate(gate)
     {
-        report(flow, source, config, evaluation, counts, folded, kind);
+        report(flow, source, config, evaluation, counts, gate, folded);
     }
     match config.action {
         action::RESET => Verdict::Reset,
@@ -279,21 +281,13 @@ fn report(
     config: &ConnectorConfig,
     evaluation: &limiter_common::Evaluation,
     counts: &Counts,
+    gate: *mut ReportGate,
     folded: u32,
-    kind: u32,
 ) {
     let Some(mut entry) = EVENTS.reserve::<RejectionEvent>(0) else {
         bump(stat::GLOBAL_ROW, stat::EVENTS_LOST);
-        let gate = if kind == gate::SOURCE && !counts.entry.is_null() {
-            // SAFETY: a live map value.
-            Some(unsafe { &raw mut (*counts.entry).gate })
-        } else {
-            REPORT_GATES.get_ptr_mut(source.connector)
-        };
-        if let Some(gate) = gate {
-            // SAFETY: a live map value.
-            unsafe { atomic::add32(&raw mut (*gate).unreported, folded.saturating_add(1)) };
-        }
+        // SAFETY: `gate` points into a live map value.
+        unsafe { atomic::add32(&raw mut (*gate).unreported, folded.saturating_add(1)) };
         return;
     };
     entry.write(RejectionEvent {
@@ -312,7 +306,11 @@ fn report(
         remote: flow.remote,
         local: flow.local,
         folded,
-        gate: kind,
+        gate: if counts.entry.is_null() {
+            gate::CONNECTOR
+        } else {
+            gate::SOURCE
+        },
     });
     entry.submit(0);
 }

@@ -179,18 +179,23 @@ fn limiter(ranges: u32) -> Kernel {
         quoted.join(", ")
     );
     let config = Config::parse(&text, "bench.toml").expect("a valid bench config");
-    let mut kernel = Kernel::load(
+    load_limiter(
+        &config,
         TableSizes {
             sources: 1 << 18,
             handshakes: 1 << 18,
             established: 16,
         },
-        None,
     )
-    .expect("loading the programs");
-    let table = SelectionTable::build(&config);
-    kernel.set_settings(&config, 0).expect("settings");
-    kernel.install(&config, &[0], &table).expect("tables");
+}
+
+/// The limiter's programs and maps loaded as the daemon loads them, with
+/// `config` installed (nothing attached).
+fn load_limiter(config: &Config, sizes: TableSizes) -> Kernel {
+    let mut kernel = Kernel::load(sizes, None).expect("loading the programs");
+    let table = SelectionTable::build(config);
+    kernel.set_settings(config, 0).expect("settings");
+    kernel.install(config, &[0], &table).expect("tables");
     kernel
 }
 
@@ -482,18 +487,14 @@ pub fn install(lab: &FloodLab, subject: Subject) -> Installed {
             let config = Config::parse(&text, "bench.toml").expect("config");
             let iface = lab.server_iface.clone();
             let kernel = lab.server.run(move || {
-                let mut kernel = Kernel::load(
+                let mut kernel = load_limiter(
+                    &config,
                     TableSizes {
                         sources: 1 << 20,
                         handshakes: 1 << 20,
                         established: 1 << 10,
                     },
-                    None,
-                )
-                .expect("loading the programs");
-                let table = SelectionTable::build(&config);
-                kernel.set_settings(&config, 0).expect("settings");
-                kernel.install(&config, &[0], &table).expect("tables");
+                );
                 kernel
                     .attach_xdp(&iface, limiter::kernel::XdpModeRequest::Driver)
                     .expect("attaching XDP");
