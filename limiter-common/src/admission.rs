@@ -1,8 +1,35 @@
 //! Exchange's admission rule for a receive connector, in one place.
 //!
-//! The XDP program calls [`evaluate`] for every SYN it counts, and the daemon
-//! calls it for `limiter explain` and `limiter sources`, so that what the
-//! operator is told is exactly what the kernel does.
+//! The kernel calls [`evaluate`] twice for a connection: the XDP program on
+//! the live counts when the SYN arrives (a SYN over a cap is refused there,
+//! before the kernel spends anything on it), and the sock_ops program when
+//! the handshake completes, which is the decision that counts: admitted, the
+//! connection is counted; over a cap, it is reset. The daemon calls it for
+//! `limiter explain` and `limiter sources`, so that what the operator is
+//! told is exactly what the kernel does.
+//!
+//! # One decision across CPUs
+//!
+//! The rule reads two counts, the connector's and the source's, and a
+//! connection admitted on one CPU must be seen by the next decision on
+//! another: two handshakes of one source completing together must not both
+//! pass a cap that only one of them fits. So the completion judges and
+//! counts under the connector's lock (a `bpf_spin_lock` in its map entry):
+//!
+//! ```text
+//! lock(connector); t = total; s = source; e = evaluate(t, s);
+//! if e.admitted { total += 1; source += 1 }  (atomic adds)
+//! unlock(connector)
+//! ```
+//!
+//! Releases give counts back with atomic subtractions and no lock: a
+//! decision that reads a count just before a release judges on more
+//! connections than there are, never fewer. The tests below run every
+//! interleaving of two and three decisions and a release, and check that
+//! each outcome is one that some order of the same decisions, one at a
+//! time, would give; they also show that without the lock (count first,
+//! then judge on what the counts were) one source can pass the percentage
+//! rule by one.
 
 /// A limit that is not checked (`unlimited` in the config file).
 pub const UNLIMITED: u32 = u32::MAX;
@@ -330,5 +357,354 @@ mod tests {
                 prop_assert!(e.cap == UNLIMITED || live_source < e.cap);
             }
         }
+    }
+}
+
+/// Every interleaving of concurrent decisions, against the rule applied one
+/// decision at a time (see "One decision across CPUs" above).
+#[cfg(test)]
+mod interleavings {
+    extern crate std;
+    use std::{vec, vec::Vec};
+
+    use super::*;
+
+    /// The shared counts: the connector's total and each source's count.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    struct Counts {
+        total: u32,
+        sources: Vec<u32>,
+    }
+
+    /// What runs on one CPU: a connection of `source` being judged, or a
+    /// connection of `source` being released.
+    #[derive(Clone, Copy, Debug)]
+    enum Actor {
+        Decide { source: usize },
+        Release { source: usize },
+    }
+
+    /// How a decision is made.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    enum Protocol {
+        /// The kernel's: judge and count under the connector's lock.
+        Locked,
+        /// Count first (fetch-and-add on each count), judge on the counts
+        /// as they were, give back if refused: no lock.
+        CountThenJudge,
+    }
+
+    /// One CPU's progress through its steps.
+    #[derive(Clone, Debug, Default)]
+    struct Cpu {
+        step: usize,
+        read_total: u32,
+        read_source: u32,
+        admitted: Option<bool>,
+        /// Global step numbers of its first and last step.
+        first: Option<usize>,
+        last: Option<usize>,
+    }
+
+    fn steps(protocol: Protocol, actor: Actor) -> usize {
+        match (protocol, actor) {
+            // lock, read total, read source, judge (+ add total), add source, unlock
+            (Protocol::Locked, Actor::Decide { .. }) => 6,
+            // add total, add source, judge (+ give both back if refused)
+            (Protocol::CountThenJudge, Actor::Decide { .. }) => 3,
+            // subtract total, subtract source
+            (_, Actor::Release { .. }) => 2,
+        }
+    }
+
+    struct World {
+        limits: Limits,
+        protocol: Protocol,
+        actors: Vec<Actor>,
+        counts: Counts,
+        lock: Option<usize>,
+        cpus: Vec<Cpu>,
+        clock: usize,
+    }
+
+    impl World {
+        fn enabled(&self, cpu: usize) -> bool {
+            let c = &self.cpus[cpu];
+            if c.step == steps(self.protocol, self.actors[cpu]) {
+                return false;
+            }
+            // The lock is the first step of a locked decision.
+            !(self.protocol == Protocol::Locked
+                && matches!(self.actors[cpu], Actor::Decide { .. })
+                && c.step == 0
+                && self.lock.is_some())
+        }
+
+        fn run(&mut self, cpu: usize) {
+            let limits = self.limits;
+            let actor = self.actors[cpu];
+            let c = &mut self.cpus[cpu];
+            c.first.get_or_insert(self.clock);
+            c.last = Some(self.clock);
+            self.clock += 1;
+            let counts = &mut self.counts;
+            match (self.protocol, actor, c.step) {
+                (Protocol::Locked, Actor::Decide { .. }, 0) => self.lock = Some(cpu),
+                (Protocol::Locked, Actor::Decide { .. }, 1) => c.read_total = counts.total,
+                (Protocol::Locked, Actor::Decide { source }, 2) => {
+                    c.read_source = counts.sources[source]
+                }
+                (Protocol::Locked, Actor::Decide { .. }, 3) => {
+                    let admitted = evaluate(&limits, c.read_total, c.read_source).admitted;
+                    c.admitted = Some(admitted);
+                    if admitted {
+                        counts.total += 1;
+                    }
+                }
+                (Protocol::Locked, Actor::Decide { source }, 4) => {
+                    if c.admitted == Some(true) {
+                        counts.sources[source] += 1;
+                    }
+                }
+                (Protocol::Locked, Actor::Decide { .. }, 5) => self.lock = None,
+                (Protocol::CountThenJudge, Actor::Decide { .. }, 0) => {
+                    c.read_total = counts.total;
+                    counts.total += 1;
+                }
+                (Protocol::CountThenJudge, Actor::Decide { source }, 1) => {
+                    c.read_source = counts.sources[source];
+                    counts.sources[source] += 1;
+                }
+                (Protocol::CountThenJudge, Actor::Decide { source }, 2) => {
+                    let admitted = evaluate(&limits, c.read_total, c.read_source).admitted;
+                    c.admitted = Some(admitted);
+                    if !admitted {
+                        counts.total -= 1;
+                        counts.sources[source] -= 1;
+                    }
+                }
+                (_, Actor::Release { .. }, 0) => counts.total -= 1,
+                (_, Actor::Release { source }, 1) => counts.sources[source] -= 1,
+                _ => unreachable!(),
+            }
+            c.step += 1;
+        }
+    }
+
+    /// Whether the outcomes of a finished run are those of some order of the
+    /// same actors, one at a time, that keeps every actor that finished
+    /// before another started before it.
+    fn serializable(world: &World, initial: &Counts) -> bool {
+        let n = world.actors.len();
+        let mut order: Vec<usize> = (0..n).collect();
+        permutations(&mut order, 0, &mut |order| {
+            let respects_time = order.iter().enumerate().all(|(i, &a)| {
+                order[i + 1..]
+                    .iter()
+                    .all(|&b| world.cpus[b].last.unwrap() > world.cpus[a].first.unwrap())
+            });
+            if !respects_time {
+                return false;
+            }
+            let mut counts = initial.clone();
+            for &a in order {
+                match world.actors[a] {
+                    Actor::Decide { source } => {
+                        let admitted =
+                            evaluate(&world.limits, counts.total, counts.sources[source]).admitted;
+                        if Some(admitted) != world.cpus[a].admitted {
+                            return false;
+                        }
+                        if admitted {
+                            counts.total += 1;
+                            counts.sources[source] += 1;
+                        }
+                    }
+                    Actor::Release { source } => {
+                        counts.total -= 1;
+                        counts.sources[source] -= 1;
+                    }
+                }
+            }
+            counts == world.counts
+        })
+    }
+
+    fn permutations(
+        items: &mut [usize],
+        k: usize,
+        check: &mut impl FnMut(&[usize]) -> bool,
+    ) -> bool {
+        if k == items.len() {
+            return check(items);
+        }
+        for i in k..items.len() {
+            items.swap(k, i);
+            if permutations(items, k + 1, check) {
+                items.swap(k, i);
+                return true;
+            }
+            items.swap(k, i);
+        }
+        false
+    }
+
+    /// Runs every interleaving; returns how many there were and the first
+    /// that no serial order explains.
+    fn explore(
+        limits: Limits,
+        protocol: Protocol,
+        actors: &[Actor],
+        initial: &Counts,
+    ) -> (usize, Option<Vec<usize>>) {
+        fn dfs(
+            world: &mut World,
+            initial: &Counts,
+            trace: &mut Vec<usize>,
+            runs: &mut usize,
+            bad: &mut Option<Vec<usize>>,
+        ) {
+            if bad.is_some() {
+                return;
+            }
+            let enabled: Vec<usize> = (0..world.actors.len())
+                .filter(|&c| world.enabled(c))
+                .collect();
+            if enabled.is_empty() {
+                *runs += 1;
+                assert!(
+                    world.lock.is_none()
+                        && (0..world.actors.len())
+                            .all(|c| world.cpus[c].step == steps(world.protocol, world.actors[c])),
+                    "stuck: {trace:?}"
+                );
+                if !serializable(world, initial) {
+                    *bad = Some(trace.clone());
+                }
+                return;
+            }
+            for cpu in enabled {
+                let saved = (
+                    world.counts.clone(),
+                    world.lock,
+                    world.cpus.clone(),
+                    world.clock,
+                );
+                world.run(cpu);
+                trace.push(cpu);
+                dfs(world, initial, trace, runs, bad);
+                trace.pop();
+                (world.counts, world.lock, world.cpus, world.clock) = saved;
+            }
+        }
+        let mut world = World {
+            limits,
+            protocol,
+            actors: actors.to_vec(),
+            counts: initial.clone(),
+            lock: None,
+            cpus: vec![Cpu::default(); actors.len()],
+            clock: 0,
+        };
+        let (mut runs, mut bad) = (0, None);
+        dfs(&mut world, initial, &mut Vec::new(), &mut runs, &mut bad);
+        (runs, bad)
+    }
+
+    fn limits(max: u32, per_source: u32, pct: u32) -> Limits {
+        Limits {
+            max_inbound_connection: max,
+            max_inbound_connection_per_source: per_source,
+            max_inbound_connection_percentage_per_source: pct,
+        }
+    }
+
+    /// Counts near the edge of each rule, so that the order decides.
+    fn cases() -> Vec<(Limits, Counts)> {
+        let counts = |total, sources: &[u32]| Counts {
+            total,
+            sources: sources.to_vec(),
+        };
+        vec![
+            // The percentage rule: one more of source 0 fits, two do not.
+            (limits(10, UNLIMITED, 50), counts(5, &[1, 1])),
+            (limits(10, UNLIMITED, 50), counts(4, &[1, 0])),
+            // Per source: one place left for source 0.
+            (limits(100, 3, 100), counts(4, &[2, 2])),
+            // The total: one place left on the connector.
+            (limits(5, UNLIMITED, 100), counts(4, &[2, 2])),
+            // All three at once.
+            (limits(12, 3, 60), counts(6, &[2, 2])),
+        ]
+    }
+
+    #[test]
+    fn two_decisions_of_one_source_serialize_under_the_lock() {
+        for (limits, initial) in cases() {
+            let actors = [Actor::Decide { source: 0 }, Actor::Decide { source: 0 }];
+            let (runs, bad) = explore(limits, Protocol::Locked, &actors, &initial);
+            assert!(runs >= 2, "{runs}");
+            assert_eq!(bad, None, "{limits:?} {initial:?}");
+        }
+    }
+
+    #[test]
+    fn three_decisions_and_a_release_serialize_under_the_lock() {
+        for (limits, initial) in cases() {
+            for actors in [
+                [
+                    Actor::Decide { source: 0 },
+                    Actor::Decide { source: 0 },
+                    Actor::Decide { source: 1 },
+                    Actor::Release { source: 1 },
+                ],
+                [
+                    Actor::Decide { source: 0 },
+                    Actor::Decide { source: 1 },
+                    Actor::Decide { source: 0 },
+                    Actor::Release { source: 0 },
+                ],
+            ] {
+                let releases_held = actors.iter().all(|a| match a {
+                    Actor::Release { source } => initial.sources[*source] > 0,
+                    Actor::Decide { .. } => true,
+                });
+                if !releases_held {
+                    continue;
+                }
+                let (runs, bad) = explore(limits, Protocol::Locked, &actors, &initial);
+                // The lock orders the decisions; the release interleaves
+                // with their steps.
+                assert!(runs > 100, "{runs}");
+                assert_eq!(bad, None, "{limits:?} {initial:?} {actors:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn without_the_lock_one_source_passes_the_percentage_rule_by_one() {
+        // max 10, 50 %: with 4 live, 1 of them source 0's, one more of
+        // source 0 fits (S = 2 <= ceil((10 - 5) / 2) = 3) and a second does
+        // not (3 > ceil((10 - 6) / 2) = 2). Counted first, each judged on
+        // what the counts were, both can pass.
+        let initial = Counts {
+            total: 4,
+            sources: vec![1],
+        };
+        let actors = [Actor::Decide { source: 0 }, Actor::Decide { source: 0 }];
+        let (_, bad) = explore(
+            limits(10, UNLIMITED, 50),
+            Protocol::CountThenJudge,
+            &actors,
+            &initial,
+        );
+        assert!(bad.is_some(), "the checker must find the lost update");
+        let (_, bad) = explore(
+            limits(10, UNLIMITED, 50),
+            Protocol::Locked,
+            &actors,
+            &initial,
+        );
+        assert_eq!(bad, None);
     }
 }

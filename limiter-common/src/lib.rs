@@ -5,6 +5,5 @@
 pub mod addr;
 pub mod admission;
 pub mod maps;
-pub mod retransmit;
 
 pub use admission::{Evaluation, Limits, Rule, UNLIMITED, evaluate};

@@ -11,7 +11,7 @@ use crate::{
 };
 
 /// Bumped whenever a key or value below changes shape; part of the pin path.
-pub const MAP_LAYOUT_VERSION: u32 = 2;
+pub const MAP_LAYOUT_VERSION: u32 = 3;
 
 /// Map names, as they appear in the object file and under `--bpffs`.
 pub mod names {
@@ -28,52 +28,72 @@ pub mod names {
     pub const RANGES: &str = "RANGES";
     /// `Array<ConnectorConfig>`, indexed by connector id.
     pub const CONNECTORS: &str = "CONNECTORS";
-    /// `Array<u32>`: live connections per connector id.
-    pub const CONNECTOR_LIVE: &str = "CONNECTOR_LIVE";
+    /// `Array<ConnectorState>` (a BTF map: it holds a spin lock), indexed by
+    /// connector id: the connector's live connections.
+    pub const CONNECTOR_STATE: &str = "CONNECTOR_STATE";
     /// `HashMap<SourceKey, SourceCount>`: live connections per source.
     pub const SOURCE_LIVE: &str = "SOURCE_LIVE";
-    /// `HashMap<FlowKey, FlowValue>`: admitted SYNs whose handshake is open.
-    pub const HANDSHAKES: &str = "HANDSHAKES";
-    /// `HashMap<FlowKey, FlowValue>`: established connections being counted.
+    /// `HashMap<FlowKey, FlowValue>`: the connections being counted.
     pub const ESTABLISHED: &str = "ESTABLISHED";
     /// `PerCpuArray<u64>`: counters, see [`super::stat`].
     pub const STATS: &str = "STATS";
     /// `RingBuf` of [`super::RejectionEvent`].
     pub const EVENTS: &str = "EVENTS";
+    /// `RingBuf` of [`super::ResetRequest`]: connections the daemon must
+    /// reset (judged over a cap when their handshake completed).
+    pub const RESETS: &str = "RESETS";
+    /// `HashMap<FlowKey, ResetRequest>`: the reset requests that found
+    /// `RESETS` full, for the daemon to collect.
+    pub const LATE_RESETS: &str = "LATE_RESETS";
     /// `Array<ReportGate>`, indexed by connector id: reports of rejections
     /// of sources without an entry (see [`super::ReportGate`]).
     pub const REPORT_GATES: &str = "REPORT_GATES";
+    /// `PerCpuArray<SynSeen>`: the last SYNs the XDP program passed, by a
+    /// hash of their remote end, so that a handshake the kernel moved to
+    /// another port or network namespace (REDIRECT, DNAT to a container)
+    /// is still found to be the connector's (see [`super::SynSeen`]).
+    pub const SYNS_SEEN: &str = "SYNS_SEEN";
+    /// `LruHashMap<FlowKey, u32>`: handshakes the kernel moved (NAT), as
+    /// the server's socket sees them, to their connector id.
+    pub const MOVED_HANDSHAKES: &str = "MOVED_HANDSHAKES";
     /// `Array<[u8; CONNECTOR_NAME_BYTES]>`: each connector id's name, for a
     /// daemon that adopts the maps of the one before it. The kernel programs
     /// never read it.
     pub const CONNECTOR_NAMES: &str = "CONNECTOR_NAMES";
     /// Every map, in the order they are pinned.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 17] = [
         SETTINGS,
         BOUND_PORTS,
         SPECIFIC_PORTS,
         BINDINGS,
         RANGES,
         CONNECTORS,
-        CONNECTOR_LIVE,
+        CONNECTOR_STATE,
         SOURCE_LIVE,
-        HANDSHAKES,
         ESTABLISHED,
         STATS,
         EVENTS,
+        RESETS,
+        LATE_RESETS,
         REPORT_GATES,
+        SYNS_SEEN,
+        MOVED_HANDSHAKES,
         CONNECTOR_NAMES,
     ];
 }
 
 /// Program names, as they appear in the object file.
 pub mod programs {
-    /// XDP: admits or rejects SYNs.
+    /// XDP on an Ethernet interface: refuses SYNs over a cap.
     pub const ADMIT: &str = "admit";
-    /// sock_ops: follows connections from established to closed.
+    /// XDP on an interface without a link-layer header (`wg0`, `tun0`).
+    pub const ADMIT_L3: &str = "admit_l3";
+    /// sock_ops: judges a connection when its handshake completes, and
+    /// follows it until the server's socket closes.
     pub const TRACK: &str = "track";
-    /// raw_tracepoint, never attached: run by the daemon through
-    /// `BPF_PROG_TEST_RUN` to change counts atomically (see [`super::Control`]).
+    /// XDP, never attached: run by the daemon through `BPF_PROG_TEST_RUN`
+    /// with a [`super::Control`] request as its frame, to change counts
+    /// atomically.
     pub const CONTROL: &str = "control";
 }
 
@@ -86,13 +106,22 @@ pub const CONNECTOR_NAME_BYTES: usize = 256;
 pub const MAX_BINDINGS: u32 = 4096;
 /// Entries of the remote range trie.
 pub const MAX_RANGES: u32 = 65_536;
-/// Default size of the source, handshake and established tables.
+/// Default size of the source and established tables.
 pub const DEFAULT_TABLE_ENTRIES: u32 = 262_144;
 /// `BOUND_PORTS` words (65,536 bits).
 pub const BOUND_PORT_WORDS: u32 = 1024;
 /// Bytes of the `EVENTS` ring buffer (a power of two, a multiple of the
-/// page size): about 2,700 events in flight.
+/// page size): about 2,300 events in flight.
 pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
+/// Bytes of the `RESETS` ring buffer: about 1,300 requests in flight.
+pub const RESETS_RING_BYTES: u32 = 64 * 1024;
+/// Entries of `LATE_RESETS`.
+pub const MAX_LATE_RESETS: u32 = 16_384;
+/// Slots of `SYNS_SEEN`, per CPU: `1 << SYNS_SEEN_SLOT_BITS`.
+pub const SYNS_SEEN_SLOTS: u32 = 1 << SYNS_SEEN_SLOT_BITS;
+const SYNS_SEEN_SLOT_BITS: u32 = 10;
+/// Entries of `MOVED_HANDSHAKES`.
+pub const MAX_MOVED_HANDSHAKES: u32 = 65_536;
 
 /// Global settings, written by the daemon before it attaches anything.
 #[repr(C)]
@@ -101,8 +130,9 @@ pub struct Settings {
     /// IPv6 sources are counted per this prefix length.
     pub ipv6_prefix_len: u32,
     pub _pad: u32,
-    /// Only sockets of this network namespace are tracked (the daemon's,
-    /// where the interfaces are).
+    /// Only sockets of this network namespace are judged (the daemon's,
+    /// where the interfaces are), but for handshakes the kernel moved there
+    /// from a SYN the XDP program passed (DNAT into a container).
     pub netns_cookie: u64,
 }
 
@@ -201,6 +231,19 @@ impl SourceKey {
         // SAFETY: the same layout, in words (see `words`).
         unsafe { core::mem::transmute(words::SourceKey { connector, addr }) }
     }
+
+    /// Whether `self` and `other` are the same key, compared a word at a
+    /// time (a byte array compare becomes a `memcmp` call on the bpf target,
+    /// which the kernel's spin-locked sections do not allow).
+    #[inline(always)]
+    pub fn same(&self, other: &SourceKey) -> bool {
+        let (a, b) = (field_words(&self.addr), field_words(&other.addr));
+        self.connector == other.connector
+            && a[0] == b[0]
+            && a[1] == b[1]
+            && a[2] == b[2]
+            && a[3] == b[3]
+    }
 }
 
 impl FlowKey {
@@ -243,7 +286,7 @@ pub const fn wildcard_binding_id(port: u16, ipv4: bool) -> u32 {
 /// Bits of a [`RangeKey`] that are always compared: the binding id.
 pub const RANGE_KEY_BINDING_BITS: u32 = 32;
 
-/// What the action of a connector does with a SYN over its cap.
+/// What the action of a connector does with a connection over its cap.
 pub mod action {
     /// Drop the SYN; the client retries later.
     pub const DROP: u32 = 0;
@@ -262,6 +305,29 @@ pub struct ConnectorConfig {
     pub action: u32,
 }
 
+/// The kernel's `struct bpf_spin_lock`. The name is the contract: the
+/// kernel finds the lock in a map value by this name in the map's BTF.
+#[allow(
+    non_camel_case_types,
+    reason = "the kernel looks the lock up by this name"
+)]
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct bpf_spin_lock {
+    pub val: u32,
+}
+
+/// A connector's live connections, and the lock under which a connection
+/// is judged and counted: the connector's and the source's counts change
+/// together, as one decision (see `limiter_common::admission`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnectorState {
+    pub lock: bpf_spin_lock,
+    /// Changes atomically: taken under `lock`, given back without it.
+    pub live: u32,
+}
+
 /// A source on a connector: `addr` is the source identity
 /// ([`crate::addr::source_identity`]).
 #[repr(C, align(4))]
@@ -271,22 +337,30 @@ pub struct SourceKey {
     pub addr: Addr,
 }
 
-/// Live connections of one source. `live` and `handshakes` only change
-/// atomically.
+/// Live connections of one source.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SourceCount {
+    /// The entry's own key: a connection is counted into an entry only
+    /// after checking, under the connector's lock, that the entry is still
+    /// this source's (a deleted entry's memory may be reused).
+    pub key: SourceKey,
+    /// Changes atomically: taken under the connector's lock, given back
+    /// without it.
     pub live: u32,
+    /// [`SOURCE_FORGOTTEN`] once the entry is about to be deleted: nothing
+    /// may be counted into it any more.
+    pub flags: u32,
     pub _pad: u32,
-    /// `bpf_ktime_get_ns()` of the last change, so that the daemon forgets
-    /// only sources that have been idle for a while.
+    /// `bpf_ktime_get_ns()` of the last change, so that only sources idle
+    /// for a while are forgotten.
     pub last_change_ns: u64,
-    /// How many of `live` are handshakes, and their remote ports, in one
-    /// word (see [`crate::retransmit`]).
-    pub handshakes: u64,
     /// The reports of this source's rejections.
     pub gate: ReportGate,
 }
+
+/// Set in [`SourceCount::flags`] of an entry being deleted.
+pub const SOURCE_FORGOTTEN: u32 = 1;
 
 /// Lets one rejection report a second through, per source (or, for sources
 /// without an entry, per connector), and counts the rest into the next
@@ -314,6 +388,9 @@ pub mod gate {
     pub const SOURCE: u32 = 0;
     /// The connector's entry in `REPORT_GATES` (the source had no entry).
     pub const CONNECTOR: u32 = 1;
+    /// None: a connection judged when its handshake completed is reported
+    /// every time (each one cost its client a whole handshake).
+    pub const NONE: u32 = 2;
 }
 
 /// One TCP connection, from the server's side.
@@ -331,7 +408,7 @@ pub struct FlowKey {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowValue {
     pub source: SourceKey,
-    /// [`FLOW_SEEDED`] or 0.
+    /// [`FLOW_SEEDED`], [`FLOW_MOVED`], or 0.
     pub flags: u32,
     /// `bpf_ktime_get_ns()` when it started counting.
     pub since_ns: u64,
@@ -340,55 +417,92 @@ pub struct FlowValue {
 /// The flow was found in the socket table when the daemon started, so no
 /// sock_ops callback will report its close: the daemon watches it instead.
 pub const FLOW_SEEDED: u32 = 1;
+/// The server's socket is not where the packets were addressed (NAT: a
+/// REDIRECT to another port, or DNAT into another network namespace): the
+/// daemon's view of its own socket table cannot confirm it, so it leaves
+/// it to the sock_ops program.
+pub const FLOW_MOVED: u32 = 2;
+
+/// A SYN the XDP program passed, remembered per CPU by its remote end (see
+/// `names::SYNS_SEEN`): when the kernel makes a request socket for it on a
+/// port no connector binds, this says which connector it was addressed to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SynSeen {
+    /// The remote address, as [`Words`].
+    pub remote: Words,
+    pub remote_port: u16,
+    /// The port it was addressed to, before any NAT.
+    pub local_port: u16,
+    /// Connector id plus one; 0: an empty slot.
+    pub connector: u32,
+}
+
+/// The slot of `SYNS_SEEN` for a remote end.
+#[inline(always)]
+pub fn syn_seen_slot(remote_last_word: u32, remote_port: u16) -> u32 {
+    // Fibonacci hashing: the top bits of the product mix every input bit.
+    let mixed = (remote_last_word ^ remote_port as u32).wrapping_mul(0x9e37_79b1);
+    mixed >> (32 - SYNS_SEEN_SLOT_BITS)
+}
 
 /// Counters in `STATS`: row `connector id` (or [`stat::GLOBAL_ROW`]) times
 /// [`stat::COUNT`] plus the counter.
 pub mod stat {
     use super::MAX_CONNECTORS;
 
-    /// SYNs admitted and counted.
+    /// Connections admitted and counted when their handshake completed.
     pub const ADMITTED: u32 = 0;
-    /// SYNs rejected by `max_inbound_connection`.
+    /// Connections rejected by `max_inbound_connection` (SYNs refused and
+    /// connections reset when their handshake completed).
     pub const REJECTED_TOTAL: u32 = 1;
-    /// SYNs rejected by `max_inbound_connection_per_source`.
+    /// Rejected by `max_inbound_connection_per_source`.
     pub const REJECTED_PER_SOURCE: u32 = 2;
-    /// SYNs rejected by the percentage rule.
+    /// Rejected by the percentage rule.
     pub const REJECTED_PERCENTAGE: u32 = 3;
-    /// Retransmitted SYNs of a handshake already counted.
-    pub const SYN_RETRANSMITTED: u32 = 4;
-    /// SYNs rejected because a table was full.
+    /// Of the rejections above, those judged when the handshake completed
+    /// (the SYN had passed) and reset then.
+    pub const REJECTED_LATE: u32 = 4;
+    /// Connections reset because a table was full (never counted).
     pub const TABLE_FULL: u32 = 5;
-    /// Handshakes that completed.
-    pub const ESTABLISHED: u32 = 6;
-    /// Established connections counted without a handshake entry (opened
-    /// through an interface without XDP, or after their handshake expired).
-    pub const ESTABLISHED_UNSEEN: u32 = 7;
-    /// Connections that left ESTABLISHED.
-    pub const CLOSED: u32 = 8;
-    /// Handshakes released by `handshake_timeout`.
-    pub const HANDSHAKE_EXPIRED: u32 = 9;
-    /// Connections found at start-up and counted.
-    pub const SEEDED: u32 = 10;
+    /// SYNs the XDP program passed to the kernel.
+    pub const SYN_PASSED: u32 = 6;
+    /// Counted connections the server's socket closed (or lost to a RST).
+    pub const CLOSED: u32 = 7;
+    /// Handshakes the kernel moved to another port or network namespace
+    /// (NAT), found again by their remote end.
+    pub const MOVED: u32 = 8;
+    /// Connections found at start-up (or outside the tracked cgroup) and
+    /// counted without a judgement.
+    pub const SEEDED: u32 = 9;
     /// Seeded connections the daemon found closed.
-    pub const SEEDED_CLOSED: u32 = 11;
+    pub const SEEDED_CLOSED: u32 = 10;
     /// Counted connections the daemon found gone from the socket table
     /// although no callback had released them (zero unless the daemon or
     /// the sock_ops program was away).
-    pub const RECONCILED: u32 = 12;
+    pub const RECONCILED: u32 = 11;
     /// Counters per row.
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 12;
     /// The row for what belongs to no connector.
     pub const GLOBAL_ROW: u32 = MAX_CONNECTORS;
-    /// Global: SYNs in IP fragments too short to show the TCP flags, dropped.
-    pub const TINY_FRAGMENT: u32 = 0;
+    /// Global: SYNs to a bound port that the program could not read whole
+    /// (the TCP header cut by IP fragmentation, more extension headers or
+    /// VLAN tags than it follows), dropped.
+    pub const UNREADABLE: u32 = 0;
     /// Global: rejections not reported because the event ring was full.
     pub const EVENTS_LOST: u32 = 1;
+    /// Global: reset requests that found the `RESETS` ring full and went
+    /// to `LATE_RESETS` instead.
+    pub const RESETS_DEFERRED: u32 = 2;
+    /// Global: reset requests that found both full: the connection stays up,
+    /// uncounted.
+    pub const RESETS_LOST: u32 = 3;
     /// Entries of `STATS`.
     pub const ENTRIES: u32 = (MAX_CONNECTORS + 1) * COUNT;
 }
 
-/// A rejected SYN (or, with action monitor, one that would have been), as the
-/// XDP program reports it on the `EVENTS` ring buffer.
+/// A rejected connection (or, with action monitor, one that would have
+/// been), as the kernel reports it on the `EVENTS` ring buffer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RejectionEvent {
@@ -405,7 +519,7 @@ pub struct RejectionEvent {
     pub live_source: u32,
     /// [`crate::Evaluation::cap`].
     pub cap: u32,
-    /// The limits the SYN met.
+    /// The limits the connection met.
     pub limits: Limits,
     pub local_port: u16,
     pub remote_port: u16,
@@ -418,9 +532,36 @@ pub struct RejectionEvent {
     pub folded: u32,
     /// One of [`gate`].
     pub gate: u32,
+    /// 1: judged when the handshake completed, and reset then; 0: the SYN
+    /// was refused.
+    pub late: u32,
+    pub _pad: u32,
 }
 
-/// A request to the `control` program, passed as its context.
+/// Why a connection is to be reset.
+pub mod reset_reason {
+    /// Over a cap when its handshake completed.
+    pub const OVER_CAP: u32 = 1;
+    /// A table it needed to be counted in was full.
+    pub const TABLE_FULL: u32 = 2;
+}
+
+/// A connection the daemon must reset (sock_diag `SOCK_DESTROY`): only
+/// userspace can reset a socket from outside it on every kernel limiter
+/// runs on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ResetRequest {
+    pub flow: FlowKey,
+    /// One of [`reset_reason`].
+    pub reason: u32,
+    /// The network namespace of the server's socket.
+    pub netns_cookie: u64,
+    /// `bpf_ktime_get_ns()` when it was judged.
+    pub time_ns: u64,
+}
+
+/// A request to the `control` program, passed as its frame.
 ///
 /// The daemon cannot change a count atomically from userspace, so it asks
 /// the kernel: each request claims a flow entry by deleting it (whoever
@@ -430,20 +571,20 @@ pub struct RejectionEvent {
 pub struct Control {
     /// One of [`control`].
     pub op: u32,
-    pub _pad: u32,
+    /// Written by the program: one of `control::DONE`, ..., or for the
+    /// collect operations a count.
+    pub result: u32,
     /// The connection of the flow operations.
     pub flow: FlowKey,
-    pub _pad2: u32,
     /// The source (or, for `COLLECT_CONNECTOR`, only its connector) of the
-    /// collect operations.
+    /// source operations.
     pub source: SourceKey,
-    pub _pad3: u32,
+    /// `FORGET_SOURCE`: how long the source must have held nothing.
+    pub idle_ns: u64,
 }
 
 /// Operations of the `control` program and its return codes.
 pub mod control {
-    /// Release a handshake whose timeout passed, unless it completed.
-    pub const EXPIRE_HANDSHAKE: u32 = 1;
     /// Count an established connection found in the socket table.
     pub const SEED: u32 = 2;
     /// Release a seeded connection that is no longer established.
@@ -456,6 +597,10 @@ pub mod control {
     pub const COLLECT_SOURCE: u32 = 5;
     /// The same for a connector's gate.
     pub const COLLECT_CONNECTOR: u32 = 6;
+    /// Delete a source entry if it holds nothing and has been idle for
+    /// `idle_ns`, checked under the connector's lock at the moment of the
+    /// deletion.
+    pub const FORGET_SOURCE: u32 = 7;
 
     /// The request changed the counts.
     pub const DONE: u32 = 1;
@@ -475,12 +620,15 @@ mod pod {
     unsafe impl aya::Pod for super::BindingKey {}
     unsafe impl aya::Pod for super::RangeKey {}
     unsafe impl aya::Pod for super::ConnectorConfig {}
+    unsafe impl aya::Pod for super::ConnectorState {}
     unsafe impl aya::Pod for super::SourceKey {}
     unsafe impl aya::Pod for super::SourceCount {}
     unsafe impl aya::Pod for super::ReportGate {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowValue {}
     unsafe impl aya::Pod for super::RejectionEvent {}
+    unsafe impl aya::Pod for super::ResetRequest {}
+    unsafe impl aya::Pod for super::SynSeen {}
 }
 
 #[cfg(test)]
@@ -495,16 +643,32 @@ mod tests {
         assert_eq!(size_of::<BindingKey>(), 20);
         assert_eq!(size_of::<RangeKey>(), 20);
         assert_eq!(size_of::<ConnectorConfig>(), 16);
+        assert_eq!(size_of::<ConnectorState>(), 8);
         assert_eq!(size_of::<SourceKey>(), 20);
-        assert_eq!(size_of::<SourceCount>(), 40);
+        assert_eq!(size_of::<SourceCount>(), 56);
+        assert_eq!(core::mem::offset_of!(SourceCount, last_change_ns), 32);
         assert_eq!(size_of::<ReportGate>(), 16);
         assert_eq!(size_of::<FlowKey>(), 36);
         assert_eq!(size_of::<FlowValue>(), 32);
         assert_eq!(align_of::<FlowValue>(), 8);
-        assert_eq!(size_of::<RejectionEvent>(), 104);
-        // A raw tracepoint context is at most 12 u64 arguments.
+        assert_eq!(size_of::<RejectionEvent>(), 112);
+        assert_eq!(size_of::<ResetRequest>(), 56);
+        assert_eq!(core::mem::offset_of!(ResetRequest, netns_cookie), 40);
+        assert_eq!(size_of::<SynSeen>(), 24);
         assert_eq!(size_of::<Control>(), 72);
-        assert_eq!(size_of::<Control>() % 8, 0);
+        assert_eq!(core::mem::offset_of!(Control, idle_ns), 64);
+    }
+
+    #[test]
+    fn syn_seen_slots_are_in_range_and_spread() {
+        let mut used = [false; SYNS_SEEN_SLOTS as usize];
+        for port in 40_000..41_000u16 {
+            let slot = syn_seen_slot(u32::from_ne_bytes([10, 77, 0, 10]), port);
+            assert!(slot < SYNS_SEEN_SLOTS);
+            used[slot as usize] = true;
+        }
+        // A thousand ports of one client land on most of the slots.
+        assert!(used.iter().filter(|u| **u).count() > 600);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! then emits a plain `lock +=` that does not fetch, and the "old value" is
 //! the addend (see TOOLCHAIN.md).
 
-use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_or, atomic_xadd, atomic_xchg};
+use core::intrinsics::{AtomicOrdering, atomic_xadd, atomic_xchg};
 
 /// Adds one to `*counter` and returns the value before.
 #[inline(always)]
@@ -26,31 +26,6 @@ pub fn decrement(counter: *mut u32) {
         // SAFETY: as above.
         unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::SeqCst }>(counter, 1) };
     }
-}
-
-/// Adds `value` to `*word` (wrapping) and returns the value before.
-#[inline(always)]
-pub fn add(word: *mut u64, value: u64) -> u64 {
-    // SAFETY: `word` points into a map value, kept alive and aligned.
-    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(word, value) }
-}
-
-/// Sets `bits` in `*word`.
-#[inline(always)]
-pub fn or(word: *mut u64, bits: u64) {
-    // SAFETY: as above.
-    unsafe { atomic_or::<u64, u64, { AtomicOrdering::SeqCst }>(word, bits) };
-}
-
-/// Replaces `*word` with `new` if it holds `expected`.
-#[inline(always)]
-pub fn compare_and_swap(word: *mut u64, expected: u64, new: u64) {
-    // SAFETY: as above.
-    unsafe {
-        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
-            word, expected, new,
-        )
-    };
 }
 
 /// Adds `value` to `*counter`.

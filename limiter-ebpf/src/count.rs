@@ -1,28 +1,30 @@
-//! Connector selection and the live counts, shared by all three programs.
+//! Connector selection and the live counts, shared by the programs.
 //!
-//! A count is taken by an increment of the connector's total and of the
-//! source's entry, and is owned by exactly one flow entry (a handshake or an
-//! established connection). Whoever deletes that entry releases its count,
-//! and a map deletion succeeds once, so no count is released twice.
+//! A count is taken under the connector's lock, by an increment of the
+//! connector's total and of the source's entry, and is owned by exactly one
+//! entry of `ESTABLISHED`. Whoever deletes that entry releases its count
+//! (atomic subtractions, no lock), and a map deletion succeeds once, so no
+//! count is released twice.
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_ktime_get_ns, bpf_spin_lock, bpf_spin_unlock},
     maps::{Array, lpm_trie::Key},
 };
 use limiter_common::{
+    Evaluation, Limits,
     addr::{self, Words},
     maps::{
-        BindingKey, FlowKey, FlowValue, RANGE_KEY_BINDING_BITS, RangeKey, ReportGate, SourceCount,
-        SourceKey, stat, wildcard_binding_id,
+        BindingKey, ConnectorState, FlowKey, FlowValue, RANGE_KEY_BINDING_BITS, RangeKey,
+        ReportGate, SOURCE_FORGOTTEN, SourceCount, SourceKey, stat, wildcard_binding_id,
     },
-    retransmit::{self, End, MANY, ONE, PORTS, Start},
 };
 
 use crate::{
     atomic,
     maps::{
-        BINDINGS, BOUND_PORTS, CONNECTOR_LIVE, RANGES, SETTINGS, SOURCE_LIVE, SPECIFIC_PORTS, STATS,
+        BINDINGS, BOUND_PORTS, CONNECTOR_STATE, RANGES, SETTINGS, SOURCE_LIVE, SPECIFIC_PORTS,
+        STATS,
     },
 };
 
@@ -89,27 +91,36 @@ pub fn source_key(connector: u32, flow: &FlowKey) -> SourceKey {
     SourceKey::from_words(connector, identity)
 }
 
+/// The connector's live count and lock.
+#[inline(always)]
+pub fn connector_state(connector: u32) -> Option<*mut ConnectorState> {
+    CONNECTOR_STATE.get_ptr_mut(connector)
+}
+
+/// The connector's live connections, read without the lock (one load).
+#[inline(always)]
+pub fn connector_live(state: *mut ConnectorState) -> u32 {
+    // SAFETY: a live map value.
+    unsafe { core::ptr::read_volatile(&raw const (*state).live) }
+}
+
 /// The live count of `source`, created at zero if it is new. `None` when the
 /// table is full.
 #[inline(always)]
-pub fn source_entry(source: &SourceKey) -> Option<*mut SourceCount> {
-    match SOURCE_LIVE.get_ptr_mut(source) {
-        Some(entry) => Some(entry),
-        None => new_source_entry(source),
+fn source_entry(source: &SourceKey) -> Option<*mut SourceCount> {
+    if let Some(entry) = SOURCE_LIVE.get_ptr_mut(source) {
+        return Some(entry);
     }
-}
-
-/// [`source_entry`] for a source just looked up and not found.
-#[inline(always)]
-pub fn new_source_entry(source: &SourceKey) -> Option<*mut SourceCount> {
-    // Zeroes the compiler cannot see: a zeroed 40-byte value becomes a
-    // call to a byte-at-a-time memset on this target.
+    // Zeroes the compiler cannot see: a zeroed value becomes a call to a
+    // byte-at-a-time memset on this target.
     let zero = core::hint::black_box(0u64);
     let fresh = SourceCount {
+        key: *source,
         live: zero as u32,
+        flags: zero as u32,
         _pad: zero as u32,
-        last_change_ns: zero,
-        handshakes: zero,
+        // SAFETY: a helper without arguments.
+        last_change_ns: unsafe { bpf_ktime_get_ns() },
         gate: ReportGate {
             reported_ns: zero,
             unreported: zero as u32,
@@ -121,86 +132,131 @@ pub fn new_source_entry(source: &SourceKey) -> Option<*mut SourceCount> {
     SOURCE_LIVE.get_ptr_mut(source)
 }
 
-/// The connector's total, as a pointer for atomic updates.
-#[inline(always)]
-pub fn connector_live(connector: u32) -> Option<*mut u32> {
-    CONNECTOR_LIVE.get_ptr_mut(connector)
+/// Why a connection could not be counted.
+pub enum CountError {
+    /// The source table is full, or the connector has no entry.
+    Full,
 }
 
-/// Takes a count for `source` with no admission check: for connections that
-/// already exist. Returns false (and takes nothing) when a table is full.
+/// What [`judge_and_count`] decided.
+pub struct Judged {
+    pub evaluation: Evaluation,
+    /// The counts it met, before it.
+    pub live_total: u32,
+    pub live_source: u32,
+    /// Whether it was counted (admitted, or counted regardless).
+    pub counted: bool,
+    pub entry: *mut SourceCount,
+}
+
+/// Judges a connection of `source` by the rule and, when admitted (or with
+/// `regardless`: a connection that exists already, or a connector in
+/// monitor mode), counts it: under the connector's lock, so that the two
+/// counts change as one decision (see `limiter_common::admission`).
 #[inline(always)]
-pub fn acquire(source: &SourceKey) -> bool {
-    let Some(total) = connector_live(source.connector) else {
-        return false;
-    };
-    let Some(entry) = source_entry(source) else {
-        return false;
-    };
-    atomic::increment(total);
-    // SAFETY: `entry` points into a live map value.
-    unsafe {
-        atomic::increment(&raw mut (*entry).live);
-        (*entry).last_change_ns = bpf_ktime_get_ns();
+pub fn judge_and_count(
+    source: &SourceKey,
+    limits: &Limits,
+    regardless: bool,
+) -> Result<Judged, CountError> {
+    let state = connector_state(source.connector).ok_or(CountError::Full)?;
+    // Twice at most: the second time after deleting an entry that was being
+    // forgotten (see `forget_source`).
+    let mut attempt = 0;
+    while attempt < 2 {
+        let entry = source_entry(source).ok_or(CountError::Full)?;
+        if let Some(judged) = judge_locked(state, entry, source, limits, regardless) {
+            if judged.counted {
+                // SAFETY: a live map value, ours: it holds a count now.
+                unsafe { (*entry).last_change_ns = bpf_ktime_get_ns() };
+            }
+            return Ok(judged);
+        }
+        // Being forgotten, or a deleted entry's memory reused for another
+        // source: out of the table with it, and again.
+        let _ = SOURCE_LIVE.remove(source);
+        attempt += 1;
     }
-    true
+    Err(CountError::Full)
+}
+
+/// The locked part of [`judge_and_count`]: no helper calls in here. `None`
+/// when `entry` is no longer this source's live entry.
+#[inline(always)]
+fn judge_locked(
+    state: *mut ConnectorState,
+    entry: *mut SourceCount,
+    source: &SourceKey,
+    limits: &Limits,
+    regardless: bool,
+) -> Option<Judged> {
+    // SAFETY: `state` and `entry` point into live map values; the lock is
+    // the one the kernel found in the map's BTF.
+    unsafe {
+        bpf_spin_lock((&raw mut (*state).lock).cast());
+        let usable = (*entry).flags & SOURCE_FORGOTTEN == 0 && (*entry).key.same(source);
+        let live_total = core::ptr::read_volatile(&raw const (*state).live);
+        let live_source = core::ptr::read_volatile(&raw const (*entry).live);
+        let evaluation = limiter_common::evaluate(limits, live_total, live_source);
+        let counted = usable && (evaluation.admitted || regardless);
+        if counted {
+            atomic::increment(&raw mut (*state).live);
+            atomic::increment(&raw mut (*entry).live);
+        }
+        bpf_spin_unlock((&raw mut (*state).lock).cast());
+        usable.then_some(Judged {
+            evaluation,
+            live_total,
+            live_source,
+            counted,
+            entry,
+        })
+    }
+}
+
+/// Deletes `source`'s entry if it holds nothing and has held nothing for
+/// `idle_ns`: marked forgotten under the connector's lock first, so that
+/// no connection can be counted into it between the check and the
+/// deletion. Returns whether it was deleted.
+#[inline(always)]
+pub fn forget_source(source: &SourceKey, idle_ns: u64) -> bool {
+    let Some(state) = connector_state(source.connector) else {
+        return false;
+    };
+    let Some(entry) = SOURCE_LIVE.get_ptr_mut(source) else {
+        return false;
+    };
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: live map values; the lock is the map's.
+    let forgotten = unsafe {
+        bpf_spin_lock((&raw mut (*state).lock).cast());
+        let idle = core::ptr::read_volatile(&raw const (*entry).live) == 0
+            && now.wrapping_sub((*entry).last_change_ns) >= idle_ns
+            && (*entry).key.same(source);
+        if idle {
+            (*entry).flags |= SOURCE_FORGOTTEN;
+        }
+        bpf_spin_unlock((&raw mut (*state).lock).cast());
+        idle
+    };
+    forgotten && SOURCE_LIVE.remove(source).is_ok()
 }
 
 /// Gives back the count a flow holds.
 #[inline(always)]
 pub fn release(flow: &FlowValue) {
-    release_source(&flow.source);
-}
-
-/// Gives back one count of `source`.
-#[inline(always)]
-pub fn release_source(source: &SourceKey) {
-    if let Some(total) = connector_live(source.connector) {
-        atomic::decrement(total);
+    if let Some(state) = connector_state(flow.source.connector) {
+        // SAFETY: a live map value.
+        atomic::decrement(unsafe { &raw mut (*state).live });
     }
-    if let Some(entry) = SOURCE_LIVE.get_ptr_mut(source) {
+    // An entry that holds a count is never forgotten, so this is the one the
+    // count went into.
+    if let Some(entry) = SOURCE_LIVE.get_ptr_mut(&flow.source) {
         // SAFETY: `entry` points into a live map value.
         unsafe {
             atomic::decrement(&raw mut (*entry).live);
             (*entry).last_change_ns = bpf_ktime_get_ns();
-        }
-    }
-}
-
-/// Counts a handshake of the source at `entry` from `remote_port`, before
-/// its flow entry goes in (see `limiter_common::retransmit`).
-#[inline(always)]
-pub fn handshake_started(entry: *mut SourceCount, remote_port: u16) {
-    // SAFETY: `entry` points into a live map value.
-    let word = unsafe { &raw mut (*entry).handshakes };
-    // SAFETY: as above; one read, acted on by the steps below.
-    match retransmit::start(unsafe { core::ptr::read_volatile(word) }, remote_port) {
-        Start::Nothing => {}
-        Start::TurnOnMany => atomic::or(word, MANY | PORTS),
-        Start::Count(bit) => {
-            atomic::add(word, ONE);
-            atomic::or(word, bit);
-        }
-    }
-}
-
-/// Uncounts a handshake of `source`, after its flow entry was deleted.
-#[inline(always)]
-pub fn handshake_ended(source: &SourceKey) {
-    let Some(entry) = SOURCE_LIVE.get_ptr_mut(source) else {
-        return;
-    };
-    // SAFETY: `entry` points into a live map value.
-    let word = unsafe { &raw mut (*entry).handshakes };
-    // SAFETY: as above.
-    if !retransmit::end_subtracts(unsafe { core::ptr::read_volatile(word) }) {
-        return;
-    }
-    match retransmit::end(atomic::add(word, ONE.wrapping_neg())) {
-        End::Done => {}
-        End::Empty(left) => atomic::compare_and_swap(word, left, 0),
-        End::Undo => {
-            atomic::add(word, ONE);
         }
     }
 }

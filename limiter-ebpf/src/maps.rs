@@ -2,13 +2,15 @@
 //! the daemon may resize the tables at load time.
 
 use aya_ebpf::{
-    macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
+    btf_maps,
+    macros::{btf_map, map},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use limiter_common::maps::{
-    BOUND_PORT_WORDS, BindingKey, CONNECTOR_NAME_BYTES, ConnectorConfig, DEFAULT_TABLE_ENTRIES,
-    EVENTS_RING_BYTES, FlowKey, FlowValue, MAX_BINDINGS, MAX_CONNECTORS, MAX_RANGES, RangeKey,
-    ReportGate, Settings, SourceCount, SourceKey, stat,
+    BOUND_PORT_WORDS, BindingKey, CONNECTOR_NAME_BYTES, ConnectorConfig, ConnectorState,
+    DEFAULT_TABLE_ENTRIES, EVENTS_RING_BYTES, FlowKey, FlowValue, MAX_BINDINGS, MAX_CONNECTORS,
+    MAX_LATE_RESETS, MAX_MOVED_HANDSHAKES, MAX_RANGES, RESETS_RING_BYTES, RangeKey, ReportGate,
+    ResetRequest, SYNS_SEEN_SLOTS, Settings, SourceCount, SourceKey, SynSeen, stat,
 };
 
 #[map(name = "SETTINGS")]
@@ -29,15 +31,13 @@ pub static RANGES: LpmTrie<RangeKey, u32> = LpmTrie::with_max_entries(MAX_RANGES
 #[map(name = "CONNECTORS")]
 pub static CONNECTORS: Array<ConnectorConfig> = Array::with_max_entries(MAX_CONNECTORS, 0);
 
-#[map(name = "CONNECTOR_LIVE")]
-pub static CONNECTOR_LIVE: Array<u32> = Array::with_max_entries(MAX_CONNECTORS, 0);
+/// A BTF map: the kernel finds the spin lock in its value by the BTF.
+#[btf_map]
+pub static CONNECTOR_STATE: btf_maps::Array<ConnectorState, { MAX_CONNECTORS as usize }> =
+    btf_maps::Array::new();
 
 #[map(name = "SOURCE_LIVE")]
 pub static SOURCE_LIVE: HashMap<SourceKey, SourceCount> =
-    HashMap::with_max_entries(DEFAULT_TABLE_ENTRIES, 0);
-
-#[map(name = "HANDSHAKES")]
-pub static HANDSHAKES: HashMap<FlowKey, FlowValue> =
     HashMap::with_max_entries(DEFAULT_TABLE_ENTRIES, 0);
 
 #[map(name = "ESTABLISHED")]
@@ -50,8 +50,22 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::ENTRIES
 #[map(name = "EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
 
+#[map(name = "RESETS")]
+pub static RESETS: RingBuf = RingBuf::with_byte_size(RESETS_RING_BYTES, 0);
+
+#[map(name = "LATE_RESETS")]
+pub static LATE_RESETS: HashMap<FlowKey, ResetRequest> =
+    HashMap::with_max_entries(MAX_LATE_RESETS, 0);
+
 #[map(name = "REPORT_GATES")]
 pub static REPORT_GATES: Array<ReportGate> = Array::with_max_entries(MAX_CONNECTORS, 0);
+
+#[map(name = "SYNS_SEEN")]
+pub static SYNS_SEEN: PerCpuArray<SynSeen> = PerCpuArray::with_max_entries(SYNS_SEEN_SLOTS, 0);
+
+#[map(name = "MOVED_HANDSHAKES")]
+pub static MOVED_HANDSHAKES: LruHashMap<FlowKey, u32> =
+    LruHashMap::with_max_entries(MAX_MOVED_HANDSHAKES, 0);
 
 /// Only the daemon uses it (see `limiter_common::maps::names`); defined here
 /// so that it is created and pinned with the others.

@@ -1,10 +1,19 @@
-//! Finds the SYNs in a frame: Ethernet with up to two VLAN tags (802.1Q,
-//! 802.1ad), IPv4 with options, IPv6 with extension headers, then TCP.
-//! Every header is bounds-checked before it is read; anything unexpected is
-//! [`Packet::Pass`], so the program fails open.
+//! Finds the SYNs in a frame: Ethernet with VLAN tags (or a bare IP packet
+//! on an interface without a link layer), IPv4 with options, IPv6 with
+//! extension headers, then TCP.
+//!
+//! Every header is bounds-checked against the frame before it is read, and
+//! every length is judged by the IP header, never by the frame (a frame may
+//! carry padding past the packet). A SYN to a bound port that cannot be read
+//! whole (its TCP header cut by fragmentation, or behind more extension
+//! headers or VLAN tags than are followed here) is [`Packet::Unreadable`]:
+//! the kernel would reassemble or unwrap it and accept it uncounted.
+//! Anything else unexpected is [`Packet::Pass`]: the program fails open.
 
 use aya_ebpf::programs::XdpContext;
 use limiter_common::{addr, maps::FlowKey};
+
+use crate::count::port_is_bound;
 
 const ETH_HLEN: usize = 14;
 const VLAN_HLEN: usize = 4;
@@ -12,6 +21,9 @@ const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
+/// VLAN tags followed. The kernel strips nested priority tags (VLAN 0) one
+/// after the other, so a frame with more is unreadable, not harmless.
+const MAX_VLAN_TAGS: usize = 4;
 
 pub const IPV4_MIN_HLEN: usize = 20;
 pub const IPV6_HLEN: usize = 40;
@@ -22,16 +34,17 @@ const IPV4_MORE_FRAGMENTS: u16 = 0x2000;
 const IPV6_HOP_BY_HOP: u8 = 0;
 const IPV6_ROUTING: u8 = 43;
 const IPV6_FRAGMENT: u8 = 44;
+const IPV6_AUTH: u8 = 51;
 const IPV6_DEST_OPTIONS: u8 = 60;
-/// Extension header lengths are counted in units of this many bytes.
+/// Extension header lengths are counted in units of this many bytes (the
+/// authentication header's in units of 4).
 const IPV6_EXTENSION_UNIT: usize = 8;
-/// Extension headers followed before giving up (and passing the packet).
-const IPV6_MAX_EXTENSION_HEADERS: usize = 4;
+/// Extension headers followed; a longer chain is unreadable.
+const IPV6_MAX_EXTENSION_HEADERS: usize = 8;
 
 /// Bytes of the TCP header holding the ports.
 const TCP_PORTS_END: usize = 4;
-/// The TCP header without options: a SYN must carry it whole to count (a
-/// shorter one is malformed and the kernel drops it).
+/// The TCP header without options.
 pub const TCP_HDR_LEN: usize = 20;
 const TCP_FLAGS_OFFSET: usize = 13;
 const TCP_DATA_OFFSET: usize = 12;
@@ -40,22 +53,30 @@ const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
+/// Where a frame starts.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum LinkLayer {
+    Ethernet,
+    /// A bare IP packet (`wg0`, `tun0`): the version tells the family.
+    None,
+}
+
 /// What the admission program needs to know about a frame.
 pub enum Packet {
-    /// Not a connection attempt: pass it untouched.
+    /// Not a connection attempt to a bound port: pass it untouched.
     Pass,
     /// A TCP SYN (no ACK, RST or FIN) to a bound port, seen from the server.
     Syn(Syn),
-    /// The first fragment of a fragmented TCP segment to a bound port, too
-    /// short to hold the TCP header: a SYN could hide behind it (RFC 1858).
-    TinyFragment,
+    /// Maybe a SYN to a bound port, but not readable whole: drop it.
+    Unreadable,
 }
 
 /// A SYN to admit or refuse.
 pub struct Syn {
     pub flow: FlowKey,
     /// Where its headers are, when they are simple enough to turn the frame
-    /// into a RST in place (no IP options, no IPv6 extension headers).
+    /// into a RST in place (Ethernet, no IP options, no IPv6 extension
+    /// headers, no fragment).
     pub reply: Option<ReplyLayout>,
 }
 
@@ -68,26 +89,18 @@ pub struct ReplyLayout {
     pub seq: u32,
 }
 
-/// Where the network header starts and what it is.
-struct L3 {
-    offset: usize,
-    ether_type: u16,
-}
-
-/// Where the TCP header starts, where the addresses are, and whether the
-/// segment is a first fragment (reassembled later by the kernel). The
-/// addresses are only read once the segment turns out to be a SYN.
+/// Where the TCP header starts, where the IP packet ends (by its own
+/// length), where the addresses are, and whether the segment is the first
+/// piece of a fragmented packet.
 struct L4 {
     offset: usize,
-    addresses: Addresses,
+    end: usize,
+    ip: usize,
+    ipv6: bool,
     fragment: bool,
-}
-
-enum Addresses {
-    /// Offset of the IPv4 header.
-    V4(usize),
-    /// Offset of the IPv6 header.
-    V6(usize),
+    /// The TCP header follows a plain IP header (no options, no extension
+    /// headers).
+    plain: bool,
 }
 
 /// A pointer to `len` bytes at `offset` in the frame, or `None` if the frame
@@ -121,219 +134,272 @@ fn u16_at(ctx: &XdpContext, offset: usize) -> Option<u16> {
     Some(u16::from_be_bytes(unsafe { [*p, *p.add(1)] }))
 }
 
-/// Classifies a frame. `None` means it was cut short somewhere: pass it.
+/// What a parse step found: go on with `T`, or stop with a verdict.
+type Step<T> = Result<T, Packet>;
+
+/// Classifies a frame.
 #[inline(always)]
-pub fn parse(ctx: &XdpContext) -> Option<Packet> {
-    let l3 = ethernet(ctx)?;
-    let l4 = match l3.ether_type {
-        ETH_P_IP => ipv4(ctx, l3.offset)?,
-        ETH_P_IPV6 => ipv6(ctx, l3.offset)?,
-        _ => return Some(Packet::Pass),
-    };
-    let Some(l4) = l4 else {
-        return Some(Packet::Pass);
-    };
-    tcp(ctx, l4)
+pub fn parse(ctx: &XdpContext, link: LinkLayer) -> Packet {
+    match try_parse(ctx, link) {
+        Ok(packet) | Err(packet) => packet,
+    }
 }
 
 #[inline(always)]
-fn ethernet(ctx: &XdpContext) -> Option<L3> {
-    let mut offset = ETH_HLEN;
-    let mut ether_type = u16_at(ctx, ETH_HLEN - 2)?;
-    // QinQ at most: an outer 802.1ad (or 802.1Q) tag and an inner 802.1Q tag.
-    let mut tag = 0;
-    while tag < 2 {
-        if ether_type != ETH_P_8021Q && ether_type != ETH_P_8021AD {
-            break;
+fn try_parse(ctx: &XdpContext, link: LinkLayer) -> Step<Packet> {
+    let (offset, ether_type) = match link {
+        LinkLayer::Ethernet => ethernet(ctx)?,
+        LinkLayer::None => {
+            // Every IP header is at least this long (and a check of one
+            // byte compiles to a compare the verifier cannot follow).
+            let first = bytes_at(ctx, 0, IPV4_MIN_HLEN).ok_or(Packet::Pass)?;
+            // SAFETY: one byte checked.
+            match unsafe { *first } >> 4 {
+                4 => (0, ETH_P_IP),
+                6 => (0, ETH_P_IPV6),
+                _ => return Err(Packet::Pass),
+            }
         }
-        ether_type = u16_at(ctx, offset + 2)?;
+    };
+    let l4 = match ether_type {
+        ETH_P_IP => ipv4(ctx, offset)?,
+        ETH_P_IPV6 => ipv6(ctx, offset)?,
+        _ => return Err(Packet::Pass),
+    };
+    tcp(ctx, l4, link)
+}
+
+#[inline(always)]
+fn ethernet(ctx: &XdpContext) -> Step<(usize, u16)> {
+    let mut offset = ETH_HLEN;
+    let mut ether_type = u16_at(ctx, ETH_HLEN - 2).ok_or(Packet::Pass)?;
+    let mut tag = 0;
+    while tag < MAX_VLAN_TAGS {
+        if ether_type != ETH_P_8021Q && ether_type != ETH_P_8021AD {
+            return Ok((offset, ether_type));
+        }
+        ether_type = u16_at(ctx, offset + 2).ok_or(Packet::Pass)?;
         offset += VLAN_HLEN;
         tag += 1;
     }
-    Some(L3 { offset, ether_type })
+    if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
+        return Err(Packet::Unreadable);
+    }
+    Ok((offset, ether_type))
 }
 
-/// `Some(None)`: not TCP, or a later fragment; pass it.
 #[inline(always)]
-fn ipv4(ctx: &XdpContext, offset: usize) -> Option<Option<L4>> {
-    // The fixed part, with a constant length the verifier can follow; the
-    // options are covered by the TCP header's own check further on.
-    let ip = bytes_at(ctx, offset, IPV4_MIN_HLEN)?;
+fn ipv4(ctx: &XdpContext, offset: usize) -> Step<L4> {
+    // The fixed part, with a constant length the verifier can follow.
+    let ip = bytes_at(ctx, offset, IPV4_MIN_HLEN).ok_or(Packet::Pass)?;
     // SAFETY: all reads below are within the IPV4_MIN_HLEN bytes checked.
-    let (version_ihl, protocol, fragment_field) = unsafe {
+    let (version_ihl, total_len, fragment_field, protocol) = unsafe {
         (
             *ip,
-            *ip.add(9),
+            u16::from_be_bytes([*ip.add(2), *ip.add(3)]) as usize,
             u16::from_be_bytes([*ip.add(6), *ip.add(7)]),
+            *ip.add(9),
         )
     };
     let header_len = ((version_ihl & 0x0f) as usize) * 4;
-    if version_ihl >> 4 != 4 || header_len < IPV4_MIN_HLEN || protocol != IPPROTO_TCP {
-        return Some(None);
+    // A header or a length the kernel drops as malformed, or a packet the
+    // frame does not hold whole (dropped as truncated): nothing to count.
+    if version_ihl >> 4 != 4
+        || header_len < IPV4_MIN_HLEN
+        || total_len < header_len
+        || offset + total_len > ctx.data_end() - ctx.data()
+        || protocol != IPPROTO_TCP
+    {
+        return Err(Packet::Pass);
     }
     if fragment_field & IPV4_FRAG_OFFSET_MASK != 0 {
-        // A later fragment carries no TCP header of its own.
-        return Some(None);
+        // A later fragment carries no TCP header of its own, and the kernel
+        // drops fragments that overlap the first.
+        return Err(Packet::Pass);
     }
-    Some(Some(L4 {
+    Ok(L4 {
         offset: offset + header_len,
-        addresses: Addresses::V4(offset),
+        end: offset + total_len,
+        ip: offset,
+        ipv6: false,
         fragment: fragment_field & IPV4_MORE_FRAGMENTS != 0,
-    }))
+        plain: header_len == IPV4_MIN_HLEN,
+    })
 }
 
-/// `Some(None)`: not TCP, or a later fragment; pass it.
 #[inline(always)]
-fn ipv6(ctx: &XdpContext, offset: usize) -> Option<Option<L4>> {
-    let ip = bytes_at(ctx, offset, IPV6_HLEN)?;
+fn ipv6(ctx: &XdpContext, offset: usize) -> Step<L4> {
+    let ip = bytes_at(ctx, offset, IPV6_HLEN).ok_or(Packet::Pass)?;
     // SAFETY: within the IPV6_HLEN bytes checked.
-    let (version, mut next_header) = unsafe { (*ip >> 4, *ip.add(6)) };
-    if version != 6 {
-        return Some(None);
+    let (version, payload_len, mut next_header) = unsafe {
+        (
+            *ip >> 4,
+            u16::from_be_bytes([*ip.add(4), *ip.add(5)]) as usize,
+            *ip.add(6),
+        )
+    };
+    let end = offset + IPV6_HLEN + payload_len;
+    if version != 6 || end > ctx.data_end() - ctx.data() {
+        return Err(Packet::Pass);
     }
     let mut header = offset + IPV6_HLEN;
     let mut fragment = false;
     let mut seen = 0;
-    while seen < IPV6_MAX_EXTENSION_HEADERS && next_header != IPPROTO_TCP {
-        // Every extension header is a multiple of 8 bytes: check 8 at once
-        // and read them through that one pointer.
-        let ext = bytes_at(ctx, header, IPV6_EXTENSION_UNIT)?;
+    while seen < IPV6_MAX_EXTENSION_HEADERS {
+        if next_header == IPPROTO_TCP {
+            return Ok(L4 {
+                offset: header,
+                end,
+                ip: offset,
+                ipv6: true,
+                fragment,
+                plain: seen == 0,
+            });
+        }
+        // Every extension header starts with 8 bytes: check them at once
+        // and read through that one pointer.
+        let ext = bytes_at(ctx, header, IPV6_EXTENSION_UNIT).ok_or(Packet::Pass)?;
+        if header + IPV6_EXTENSION_UNIT > end {
+            return Err(Packet::Pass);
+        }
         // SAFETY: within the IPV6_EXTENSION_UNIT bytes checked.
         let (next, length, offset_and_flags) = unsafe {
             (
                 *ext,
-                *ext.add(1),
+                *ext.add(1) as usize,
                 u16::from_be_bytes([*ext.add(2), *ext.add(3)]),
             )
         };
-        match next_header {
+        header += match next_header {
             // Hop-by-hop options come first or not at all (RFC 8200 4.1).
-            IPV6_HOP_BY_HOP if seen > 0 => return Some(None),
+            IPV6_HOP_BY_HOP if seen > 0 => return Err(Packet::Pass),
             IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTIONS => {
-                header += (length as usize + 1) * IPV6_EXTENSION_UNIT;
+                (length + 1) * IPV6_EXTENSION_UNIT
             }
+            IPV6_AUTH => (length + 2) * 4,
             IPV6_FRAGMENT => {
                 if offset_and_flags >> 3 != 0 {
-                    return Some(None);
+                    // A later fragment.
+                    return Err(Packet::Pass);
                 }
                 fragment = offset_and_flags & 1 != 0;
-                header += IPV6_EXTENSION_UNIT;
+                IPV6_EXTENSION_UNIT
             }
-            _ => return Some(None),
-        }
+            // Not TCP (ESP, no next header, another protocol): what it
+            // carries, if anything, is judged when its handshake completes.
+            _ => return Err(Packet::Pass),
+        };
         next_header = next;
         seen += 1;
     }
-    if next_header != IPPROTO_TCP {
-        return Some(None);
+    match next_header {
+        IPPROTO_TCP => Ok(L4 {
+            offset: header,
+            end,
+            ip: offset,
+            ipv6: true,
+            fragment,
+            plain: false,
+        }),
+        // Another extension header: the chain goes on past what is followed.
+        IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_FRAGMENT | IPV6_AUTH | IPV6_DEST_OPTIONS => {
+            Err(Packet::Unreadable)
+        }
+        _ => Err(Packet::Pass),
     }
-    Some(Some(L4 {
-        offset: header,
-        addresses: Addresses::V6(offset),
-        fragment,
-    }))
-}
-
-/// Whether the IP header's own length holds `tcp_bytes` of the TCP header
-/// and fits in the frame (else the kernel drops the packet as malformed).
-#[inline(always)]
-fn ip_length_holds(ctx: &XdpContext, l4: &L4, tcp_bytes: usize) -> Option<bool> {
-    let (ip, ipv6) = match l4.addresses {
-        Addresses::V4(ip) => (ip, false),
-        Addresses::V6(ip) => (ip, true),
-    };
-    let fields = bytes_at(ctx, ip, 6)?;
-    // SAFETY: 6 bytes checked.
-    let length = unsafe {
-        if ipv6 {
-            IPV6_HLEN + u16::from_be_bytes([*fields.add(4), *fields.add(5)]) as usize
-        } else {
-            u16::from_be_bytes([*fields.add(2), *fields.add(3)]) as usize
-        }
-    };
-    let in_frame = ctx.data_end() - ctx.data() - ip;
-    Some(length >= l4.offset - ip + tcp_bytes && length <= in_frame)
 }
 
 #[inline(always)]
-fn tcp(ctx: &XdpContext, l4: L4) -> Option<Packet> {
-    let Some(tcp) = bytes_at(ctx, l4.offset, TCP_HDR_LEN) else {
-        // A fragment's first piece always carries the ports (8 bytes at
-        // least), but may stop before the flags: RFC 1858's tiny fragment.
-        if !l4.fragment {
-            return Some(Packet::Pass);
+fn tcp(ctx: &XdpContext, l4: L4, link: LinkLayer) -> Step<Packet> {
+    // The segment's bytes, by the IP header's own length.
+    let available = l4.end.saturating_sub(l4.offset);
+    if available < TCP_HDR_LEN {
+        // A whole packet this short is malformed and dropped by the kernel.
+        // A first fragment this short hides its flags and maybe its options
+        // (RFC 1858); one shorter than 8 bytes is dropped by the kernel's
+        // reassembly.
+        if !l4.fragment || available < IPV6_EXTENSION_UNIT {
+            return Err(Packet::Pass);
         }
-        let ports = bytes_at(ctx, l4.offset, TCP_PORTS_END)?;
+        let ports = bytes_at(ctx, l4.offset, TCP_PORTS_END).ok_or(Packet::Pass)?;
         // SAFETY: within the TCP_PORTS_END bytes checked.
         let local_port = unsafe { u16::from_be_bytes([*ports.add(2), *ports.add(3)]) };
-        if !crate::count::port_is_bound(local_port) || !ip_length_holds(ctx, &l4, TCP_PORTS_END)? {
-            return Some(Packet::Pass);
-        }
-        return Some(Packet::TinyFragment);
-    };
+        return Err(if port_is_bound(local_port) {
+            Packet::Unreadable
+        } else {
+            Packet::Pass
+        });
+    }
+    let tcp = bytes_at(ctx, l4.offset, TCP_HDR_LEN).ok_or(Packet::Pass)?;
     // SAFETY: all reads are within the TCP_HDR_LEN bytes checked.
-    let flags = unsafe { *tcp.add(TCP_FLAGS_OFFSET) };
-    if flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) != TCP_SYN {
-        return Some(Packet::Pass);
-    }
-    // SAFETY: as above.
-    let local_port = unsafe { u16::from_be_bytes([*tcp.add(2), *tcp.add(3)]) };
+    let (flags, local_port, header_len) = unsafe {
+        (
+            *tcp.add(TCP_FLAGS_OFFSET),
+            u16::from_be_bytes([*tcp.add(2), *tcp.add(3)]),
+            ((*tcp.add(TCP_DATA_OFFSET) >> 4) as usize) * 4,
+        )
+    };
     // A SYN to a port nobody binds passes before anything else is read.
-    if !crate::count::port_is_bound(local_port) {
-        return Some(Packet::Pass);
+    if !port_is_bound(local_port) {
+        return Err(Packet::Pass);
     }
-    // SAFETY: as above.
+    if header_len < TCP_HDR_LEN {
+        // Malformed: the kernel drops it.
+        return Err(Packet::Pass);
+    }
+    if header_len > available {
+        // Options cut off: a malformed packet the kernel drops, or the first
+        // piece of one it will reassemble.
+        return Err(if l4.fragment {
+            Packet::Unreadable
+        } else {
+            Packet::Pass
+        });
+    }
+    if flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) != TCP_SYN {
+        return Err(Packet::Pass);
+    }
+    // SAFETY: within the TCP_HDR_LEN bytes checked.
     let (remote_port, seq) = unsafe {
         (
             u16::from_be_bytes([*tcp, *tcp.add(1)]),
             u32::from_be_bytes([*tcp.add(4), *tcp.add(5), *tcp.add(6), *tcp.add(7)]),
         )
     };
-    let (ip, ipv6, plain_header) = match l4.addresses {
-        Addresses::V4(ip) => (ip, false, IPV4_MIN_HLEN),
-        Addresses::V6(ip) => (ip, true, IPV6_HLEN),
-    };
-    // A SYN the kernel will drop as malformed is not counted: its IP length
-    // must fit in the frame and hold the whole TCP header, options included.
-    // SAFETY: within the TCP_HDR_LEN bytes checked.
-    let header_len = ((unsafe { *tcp.add(TCP_DATA_OFFSET) } >> 4) as usize) * 4;
-    if header_len < TCP_HDR_LEN || !ip_length_holds(ctx, &l4, header_len)? {
-        return Some(Packet::Pass);
-    }
-    let reply =
-        (!l4.fragment && l4.offset == ip + plain_header).then_some(ReplyLayout { ip, ipv6, seq });
-    let (local, remote) = match l4.addresses {
-        Addresses::V4(offset) => {
-            let ip = bytes_at(ctx, offset, IPV4_MIN_HLEN)?;
-            // SAFETY: the addresses end at byte 20, which was checked.
-            unsafe {
-                (
-                    addr::ipv4_words(word_at(ip, 16)),
-                    addr::ipv4_words(word_at(ip, 12)),
-                )
-            }
+    let reply = (link == LinkLayer::Ethernet && l4.plain && !l4.fragment).then_some(ReplyLayout {
+        ip: l4.ip,
+        ipv6: l4.ipv6,
+        seq,
+    });
+    let (local, remote) = if l4.ipv6 {
+        let ip = bytes_at(ctx, l4.ip, IPV6_HLEN).ok_or(Packet::Pass)?;
+        // SAFETY: the addresses end at byte 40, which was checked.
+        unsafe {
+            (
+                [
+                    word_at(ip, 24),
+                    word_at(ip, 28),
+                    word_at(ip, 32),
+                    word_at(ip, 36),
+                ],
+                [
+                    word_at(ip, 8),
+                    word_at(ip, 12),
+                    word_at(ip, 16),
+                    word_at(ip, 20),
+                ],
+            )
         }
-        Addresses::V6(offset) => {
-            let ip = bytes_at(ctx, offset, IPV6_HLEN)?;
-            // SAFETY: the addresses end at byte 40, which was checked.
-            unsafe {
-                (
-                    [
-                        word_at(ip, 24),
-                        word_at(ip, 28),
-                        word_at(ip, 32),
-                        word_at(ip, 36),
-                    ],
-                    [
-                        word_at(ip, 8),
-                        word_at(ip, 12),
-                        word_at(ip, 16),
-                        word_at(ip, 20),
-                    ],
-                )
-            }
+    } else {
+        let ip = bytes_at(ctx, l4.ip, IPV4_MIN_HLEN).ok_or(Packet::Pass)?;
+        // SAFETY: the addresses end at byte 20, which was checked.
+        unsafe {
+            (
+                addr::ipv4_words(word_at(ip, 16)),
+                addr::ipv4_words(word_at(ip, 12)),
+            )
         }
     };
     let flow = FlowKey::from_words(local, remote, local_port, remote_port);
-    Some(Packet::Syn(Syn { flow, reply }))
+    Ok(Packet::Syn(Syn { flow, reply }))
 }

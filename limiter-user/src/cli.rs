@@ -31,8 +31,16 @@ struct Cli {
 enum Command {
     /// Attach to the interfaces and enforce the connectors' limits.
     Run(RunArgs),
-    /// Connectors, interfaces and live totals of the running daemon.
-    Status(Common),
+    /// Connectors, interfaces and live totals of the running daemon (or,
+    /// without one, what it left attached).
+    Status {
+        /// Where a daemon pins its maps and links (to tell whether programs
+        /// are still attached when no daemon answers).
+        #[arg(long, default_value = DEFAULT_BPFFS_PATH)]
+        bpffs: PathBuf,
+        #[command(flatten)]
+        common: Common,
+    },
     /// Show or change the receive connectors (like Get-/Set-ReceiveConnector).
     #[command(subcommand)]
     Connector(ConnectorCommand),
@@ -261,6 +269,14 @@ fn one_line(e: &anyhow::Error) -> String {
     text.replace('\n', " ")
 }
 
+/// Whether `error` is that nothing answers on the control socket.
+fn connect_failed(error: &anyhow::Error) -> bool {
+    matches!(
+        error.downcast_ref::<control::ClientError>(),
+        Some(control::ClientError::Connect { .. })
+    )
+}
+
 /// Sends `request`; prints the reply as JSON, or as `T` through `show`.
 fn ask<T: DeserializeOwned>(
     common: &Common,
@@ -304,7 +320,20 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                 .context("starting the runtime")?;
             runtime.block_on(daemon::run(options))
         }
-        Command::Status(common) => ask(&common, Request::Status, |s: Status| print_status(&s)),
+        Command::Status { bpffs, common } => {
+            ask(&common, Request::Status, |s: Status| print_status(&s)).map_err(|e| {
+                match (connect_failed(&e), crate::pins::PinDir::open(&bpffs)) {
+                    (true, Ok(pins)) if pins.has_maps() => anyhow::anyhow!(
+                        "no limiter daemon answers on {}, but its programs are still attached and enforcing the last config from {} ({}): `limiter run` takes them over, `limiter detach --bpffs {}` removes them",
+                        common.control.display(),
+                        pins.dir().display(),
+                        pins.describe(),
+                        bpffs.display()
+                    ),
+                    _ => e,
+                }
+            })
+        }
         Command::Connector(ConnectorCommand::List(common)) => ask(
             &common,
             Request::ConnectorList,
@@ -427,10 +456,7 @@ fn print_status(s: &Status) {
         .collect();
     println!("interfaces: {}", ifaces.join(", "));
     println!("cgroup: {}", s.cgroup);
-    println!(
-        "live: {} ({} established, {} in handshake)",
-        s.live_total, s.established, s.handshakes
-    );
+    println!("live: {} connection(s) held", s.live_total);
     if s.live_removed_connectors > 0 {
         println!(
             "  of which {} on removed connectors, until they close",
@@ -581,8 +607,8 @@ fn print_stats(s: &StatsReport) {
             c.rejected_total_limit.to_string(),
             c.rejected_per_source.to_string(),
             c.rejected_percentage.to_string(),
+            c.rejected_late.to_string(),
             c.rejected_table_full.to_string(),
-            c.handshakes_expired.to_string(),
             c.closed.to_string(),
         ]
     };
@@ -600,14 +626,20 @@ fn print_stats(s: &StatsReport) {
             "TOTAL",
             "PER SOURCE",
             "PERCENTAGE",
+            "OF THEM LATE",
             "TABLE FULL",
-            "EXPIRED",
             "CLOSED",
         ],
         &rows,
     );
-    if s.tiny_fragments_dropped > 0 {
-        println!("tiny fragments dropped: {}", s.tiny_fragments_dropped);
+    for (what, n) in [
+        ("unreadable SYNs dropped", s.unreadable_dropped),
+        ("resets deferred", s.resets_deferred),
+        ("resets lost", s.resets_lost),
+    ] {
+        if n > 0 {
+            println!("{what}: {n}");
+        }
     }
 }
 

@@ -24,7 +24,6 @@ use crate::range::IpRange;
 /// The name of the built-in connector used when there is no config file.
 pub const DEFAULT_CONNECTOR_NAME: &str = "Default Frontend";
 const DEFAULT_IPV6_PREFIX_LENGTH: u8 = 64;
-const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const MIN_HANDSHAKE_TIMEOUT: Duration = Duration::from_millis(100);
 const MAX_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(600);
 /// Exchange's limit on the length of a connector name.
@@ -35,9 +34,6 @@ const MAX_NAME_LEN: usize = 64;
 pub struct Config {
     /// IPv6 sources are counted per prefix of this length.
     pub ipv6_prefix_length: u8,
-    /// An admitted SYN counts at most this long before its handshake
-    /// completes.
-    pub handshake_timeout: Duration,
     pub connectors: Vec<Connector>,
 }
 
@@ -278,7 +274,6 @@ impl Config {
     pub fn builtin_default() -> Config {
         Config {
             ipv6_prefix_length: DEFAULT_IPV6_PREFIX_LENGTH,
-            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             connectors: vec![Connector {
                 name: DEFAULT_CONNECTOR_NAME.to_string(),
                 bindings: vec![
@@ -345,22 +340,21 @@ impl Config {
             Some(n) if (1..=128).contains(&n) => n as u8,
             Some(n) => return Err(global(format!("ipv6_prefix_length {n} is not 1 to 128"))),
         };
-        let handshake_timeout = match &raw.handshake_timeout {
-            None => DEFAULT_HANDSHAKE_TIMEOUT,
-            Some(text) => {
-                let d = humantime::parse_duration(text).map_err(|e| {
-                    global(format!("handshake_timeout {text:?} is not a duration: {e}"))
-                })?;
-                if !(MIN_HANDSHAKE_TIMEOUT..=MAX_HANDSHAKE_TIMEOUT).contains(&d) {
-                    return Err(global(format!(
-                        "handshake_timeout {text:?} is not between {} and {}",
-                        humantime::format_duration(MIN_HANDSHAKE_TIMEOUT),
-                        humantime::format_duration(MAX_HANDSHAKE_TIMEOUT)
-                    )));
-                }
-                d
+        // No longer used (a connection counts from the moment its handshake
+        // completes), but still checked, so that a file that was valid stays
+        // valid and a typo is still caught.
+        if let Some(text) = &raw.handshake_timeout {
+            let d = humantime::parse_duration(text).map_err(|e| {
+                global(format!("handshake_timeout {text:?} is not a duration: {e}"))
+            })?;
+            if !(MIN_HANDSHAKE_TIMEOUT..=MAX_HANDSHAKE_TIMEOUT).contains(&d) {
+                return Err(global(format!(
+                    "handshake_timeout {text:?} is not between {} and {}",
+                    humantime::format_duration(MIN_HANDSHAKE_TIMEOUT),
+                    humantime::format_duration(MAX_HANDSHAKE_TIMEOUT)
+                )));
             }
-        };
+        }
         if raw.connectors.len() > MAX_CONNECTORS as usize {
             return Err(global(format!(
                 "{} connectors; at most {MAX_CONNECTORS} are supported",
@@ -386,7 +380,6 @@ impl Config {
         }
         let config = Config {
             ipv6_prefix_length,
-            handshake_timeout,
             connectors,
         };
         config
@@ -570,7 +563,7 @@ mod tests {
 
     const EXAMPLE: &str = r#"
 ipv6_prefix_length = 64          # sources in IPv6 are counted per this prefix
-handshake_timeout = "10s"        # an admitted SYN counts until then at most
+handshake_timeout = "10s"        # accepted, no longer used
 
 [[connector]]
 name = "Default Frontend"
@@ -601,7 +594,6 @@ max_inbound_connection_percentage_per_source = 100
     fn the_interface_example_parses() {
         let c = parse(EXAMPLE).unwrap();
         assert_eq!(c.ipv6_prefix_length, 64);
-        assert_eq!(c.handshake_timeout, Duration::from_secs(10));
         assert_eq!(c.connectors.len(), 2);
         assert_eq!(c.connectors[0], Config::builtin_default().connectors[0]);
         let u = &c.connectors[1];
@@ -622,7 +614,6 @@ max_inbound_connection_percentage_per_source = 100
     fn defaults_apply_to_what_is_left_out() {
         let c = parse("[[connector]]\nname = \"a\"\nbindings = [\"0.0.0.0:587\"]\n").unwrap();
         assert_eq!(c.ipv6_prefix_length, 64);
-        assert_eq!(c.handshake_timeout, Duration::from_secs(10));
         assert_eq!(c.connectors[0].limits, Limits::EXCHANGE_DEFAULT);
         assert_eq!(c.connectors[0].remote_ip_ranges.len(), 2);
     }
@@ -718,8 +709,8 @@ max_inbound_connection_percentage_per_source = 100
         assert!(error("ipv6_prefix_length = 129").contains("ipv6_prefix_length 129"));
         assert!(error("handshake_timeout = \"soon\"").contains("not a duration"));
         assert!(error("handshake_timeout = \"1h\"").contains("not between"));
+        // Accepted (and checked) for the files that have it; not used.
         let c = parse("handshake_timeout = \"1500ms\"\nipv6_prefix_length = 48").unwrap();
-        assert_eq!(c.handshake_timeout, Duration::from_millis(1500));
         assert_eq!(c.ipv6_prefix_length, 48);
     }
 

@@ -91,10 +91,6 @@ pub struct Status {
     pub live_total: u64,
     /// Of those, the ones still held by removed connectors.
     pub live_removed_connectors: u64,
-    /// Admitted SYNs whose handshake is still open.
-    pub handshakes: u64,
-    /// Established connections being counted.
-    pub established: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,5 +1,7 @@
-//! `limiter run`: loads the programs, attaches them, counts what already
-//! exists, expires abandoned handshakes, and answers the control socket.
+//! `limiter run`: checks what it can, loads the programs, attaches them,
+//! counts what already exists, resets the connections the kernel judged
+//! over a cap, and answers the control socket. A start that fails undoes
+//! what it made.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -11,25 +13,26 @@ use std::{
 };
 
 use anyhow::{Context, anyhow, bail};
-use limiter_common::maps::{FLOW_SEEDED, FlowKey, MAX_CONNECTORS, SourceKey, control as op};
+use aya::maps::{MapData, RingBuf};
+use limiter_common::maps::{
+    FLOW_MOVED, FLOW_SEEDED, FlowKey, MAX_CONNECTORS, REPORT_INTERVAL_NS, RejectionEvent,
+    ResetRequest, SourceKey, control as op, gate, reset_reason, stat,
+};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Interest, unix::AsyncFd},
     net::{UnixListener, UnixStream},
     signal::unix::{SignalKind, signal},
 };
-
-use aya::maps::{MapData, RingBuf};
-use limiter_common::maps::{REPORT_INTERVAL_NS, RejectionEvent, gate, stat};
-use tokio::io::{Interest, unix::AsyncFd};
 
 use crate::{
     config::Config,
     control::{ConnectorStatus, InterfaceStatus, Reply, Request, Status},
     edit::ConfigDocument,
     events::{Event, EventHub, Folder, SyslogSink},
-    kernel::{AttachedMode, Kernel, TableSizes, XdpModeRequest, error_chain},
-    metrics,
+    kernel::{AttachedMode, Kernel, LinkLayer, TableSizes, XdpModeRequest, error_chain},
+    metrics, netns,
     pins::PinDir,
+    preflight::{self, Bpffs},
     report::{self, Connectors, limit_json},
     selection::{SelectionTable, from_addr},
     sockdiag,
@@ -43,12 +46,12 @@ pub const DEFAULT_BPFFS_PATH: &str = "/sys/fs/bpf/limiter";
 const SOURCE_IDLE_FORGET: Duration = Duration::from_secs(120);
 /// ...or after this long when the source table is half full.
 const PRESSURE_SOURCE_IDLE: Duration = Duration::from_secs(1);
-/// Handshakes expire after at most this long when the handshake table is
-/// half full.
-const PRESSURE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(1);
 /// The counts are checked against the socket table this often, as a safety
 /// net: a correction is logged and counted (`reconciled`).
 const RECONCILE_EVERY: Duration = Duration::from_secs(30);
+/// Housekeeping runs this often: seeded connections that closed, resets
+/// that found the ring full, connections outside the tracked cgroup.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// Longest accepted control request line.
 const MAX_REQUEST_LEN: u64 = 64 * 1024;
 
@@ -74,7 +77,7 @@ pub struct RunOptions {
     /// Leave the programs attached and pinned at exit, for a restart
     /// without a gap.
     pub keep_attached: bool,
-    /// Entries of the source, handshake and established tables.
+    /// Entries of the source and established tables.
     pub table_entries: u32,
 }
 
@@ -96,131 +99,109 @@ struct Daemon {
     cgroup: PathBuf,
     interfaces: Vec<(String, AttachedMode)>,
     started: Instant,
+    /// The daemon's network namespace: where it resets connections itself.
+    netns_cookie: u64,
     /// Connections counted from the socket table, which only the daemon
     /// sees close.
     seeded: HashSet<FlowKey>,
+    /// Held connections on bound ports that were not counted at the last
+    /// sweep: counted at the next if they still are not (their server is
+    /// outside the tracked cgroup).
+    uncounted: HashSet<FlowKey>,
     warned_untracked: bool,
     last_source_gc: Instant,
     last_reconcile: Instant,
-    /// The handshake table is half full: handshakes expire sooner.
-    under_pressure: bool,
+}
+
+/// What a start made before the kernel's own undo list: undone if the
+/// start fails.
+#[derive(Default)]
+struct Made {
+    mounted: Option<PathBuf>,
+    control_socket: Option<PathBuf>,
+}
+
+impl Made {
+    fn undo(self) {
+        if let Some(path) = self.control_socket {
+            let _ = std::fs::remove_file(path);
+        }
+        if let Some(at) = self.mounted {
+            preflight::unmount_bpffs(&at);
+        }
+    }
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(options: RunOptions) -> anyhow::Result<()> {
+    // Everything that can be checked, before anything is made.
     let loaded = load_config(options.config.as_deref())?;
-    let config = loaded.config;
     if options.ifaces.is_empty() {
         bail!("no interface given: use --iface IFACE (repeatable)");
     }
+    let links = options
+        .ifaces
+        .iter()
+        .map(|iface| preflight::interface(iface).map(|link| (iface.clone(), link)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let cgroup = match &options.cgroup {
         Some(path) => path.clone(),
         None => cgroup2_root().context("finding the cgroup v2 mount (use --cgroup)")?,
     };
-    if !cgroup.join("cgroup.procs").exists() {
-        bail!("{} is not a cgroup v2 directory", cgroup.display());
-    }
+    preflight::cgroup(&cgroup)?;
     let control_gid = match &options.control_group {
         Some(group) => Some(group_id(group)?),
         None => None,
     };
-    let listener = bind_control(&options.control, control_gid)?;
-    ensure_bpffs(&options.bpffs)?;
-
+    preflight::control_socket(&options.control)?;
+    let bpffs = preflight::bpffs(&options.bpffs)?;
     let pins = PinDir::open(&options.bpffs)?;
-    let sizes = TableSizes {
-        sources: options.table_entries,
-        handshakes: options.table_entries,
-        established: options.table_entries,
-    };
-    let mut kernel = Kernel::load(sizes, Some(&pins)).map_err(|e| anyhow!(error_chain(&e)))?;
-    let previous = if kernel.adopted() {
+    let metrics_listener = options.metrics.map(preflight::metrics).transpose()?;
+    let netns_cookie = netns::current_cookie().context("reading the network namespace's cookie")?;
+    if loaded.document.sets("handshake_timeout") {
         log::info!(
-            "adopting the maps, counts and links left in {}",
-            pins.dir().display()
+            "{}: handshake_timeout is no longer used: a connection counts from the moment its handshake completes",
+            loaded.source
         );
-        kernel.connector_names()
-    } else {
-        Vec::new()
-    };
-    let ids = assign_ids(
-        &previous,
-        &config,
-        &kernel.connector_ids_in_use(),
-        &HashSet::new(),
-    )?;
-    let table = SelectionTable::build_with_ids(&config, &ids);
-    kernel
-        .set_settings(
-            &config,
-            netns_cookie().context("reading the network namespace cookie")?,
-        )
-        .map_err(|e| anyhow!(error_chain(&e)))?;
-    install(&mut kernel, &config, &ids, &table)?;
-    // sock_ops first: from then on every completed handshake is seen, so the
-    // reconciliation below misses nothing.
-    kernel
-        .attach_sock_ops(&cgroup)
-        .map_err(|e| anyhow!(error_chain(&e)))?;
-    let mut interfaces = Vec::new();
-    for iface in &options.ifaces {
-        let mode = kernel
-            .attach_xdp(iface, options.xdp_mode)
-            .map_err(|e| anyhow!(error_chain(&e)))?;
-        log::info!("enforcing on {iface} ({} XDP)", mode.name());
-        interfaces.push((iface.clone(), mode));
-    }
-    for iface in kernel
-        .detach_other_interfaces(&options.ifaces)
-        .map_err(|e| anyhow!(error_chain(&e)))?
-    {
-        log::info!("detached from {iface}, which is no longer given with --iface");
     }
 
-    let mut daemon = Daemon {
-        kernel,
-        config,
-        config_source: loaded.source,
-        document: loaded.document,
-        config_path: loaded.path,
-        config_on_disk: loaded.text,
-        used_ids: ids.iter().copied().collect(),
-        ids,
-        table,
-        cgroup,
-        interfaces,
-        started: Instant::now(),
-        seeded: HashSet::new(),
-        warned_untracked: false,
-        last_source_gc: Instant::now(),
-        last_reconcile: Instant::now(),
-        under_pressure: false,
-    };
-    let (released, counted) = daemon.reconcile()?;
-    log::info!(
-        "{} connector(s) from {}; counting {counted} established connection(s) found in the socket table{}",
-        daemon.config.connectors.len(),
-        daemon.config_source,
-        if released > 0 {
-            format!(", releasing {released} that closed while no daemon ran")
-        } else {
-            String::new()
-        }
+    // Then make things, undoing them all if a step fails.
+    let mut made = Made::default();
+    let started = start(
+        &options,
+        loaded,
+        &links,
+        &cgroup,
+        &pins,
+        bpffs,
+        control_gid,
+        netns_cookie,
+        &mut made,
     );
-    let sweep_every = sweep_interval(daemon.config.handshake_timeout);
+    let (mut daemon, listener) = match started {
+        Ok(started) => started,
+        Err(e) => {
+            made.undo();
+            return Err(e);
+        }
+    };
     let ring = daemon
         .kernel
         .take_events()
         .context("the event ring is missing")?;
+    let resets = daemon
+        .kernel
+        .take_resets()
+        .context("the reset ring is missing")?;
     let daemon = Arc::new(Mutex::new(daemon));
     let hub = Arc::new(EventHub::default());
 
     let mut tasks = Vec::new();
-    if let Some(addr) = options.metrics {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("--metrics {addr}"))?;
-        log::info!("serving metrics at http://{addr}/metrics");
+    if let Some(listener) = metrics_listener {
+        let listener = tokio::net::TcpListener::from_std(listener).context("--metrics")?;
+        if let Ok(addr) = listener.local_addr() {
+            log::info!("serving metrics at http://{addr}/metrics");
+        }
         let (daemon, hub) = (daemon.clone(), hub.clone());
         let snapshot = move || -> Result<metrics::Snapshot, String> {
             daemon
@@ -245,15 +226,17 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         options.syslog.clone(),
         options.event_period,
     ));
-    let sweeper = tokio::spawn(sweep_forever(daemon.clone(), sweep_every));
+    let resetter = tokio::spawn(reset_connections(resets, daemon.clone()));
+    let sweeper = tokio::spawn(sweep_forever(daemon.clone()));
 
     let mut terminate = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
     let failure = tokio::select! {
-        _ = terminate.recv() => { log::info!("SIGTERM: detaching"); None }
-        _ = interrupt.recv() => { log::info!("SIGINT: detaching"); None }
+        _ = terminate.recv() => { log::info!("SIGTERM: stopping"); None }
+        _ = interrupt.recv() => { log::info!("SIGINT: stopping"); None }
         result = sweeper => Some(("sweeper", result)),
         result = reporter => Some(("event reader", result)),
+        result = resetter => Some(("resetter", result)),
     };
     for task in tasks {
         task.abort();
@@ -261,10 +244,13 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&control_path);
     if options.keep_attached {
         log::info!(
-            "leaving the programs attached (--keep-attached): the next `limiter run` adopts them"
+            "leaving the programs attached (--keep-attached): they keep enforcing, and the next `limiter run` adopts them"
         );
-    } else if let Err(e) = daemon.lock().expect("daemon lock").kernel.detach() {
-        log::error!("detaching: {}", error_chain(&e));
+    } else {
+        log::info!("detaching");
+        if let Err(e) = daemon.lock().expect("daemon lock").kernel.detach() {
+            log::error!("detaching: {}", error_chain(&e));
+        }
     }
     match failure {
         None => Ok(()),
@@ -272,6 +258,138 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         Some((what, Ok(Ok(())))) => bail!("the {what} stopped"),
         Some((what, Err(e))) => bail!("the {what} failed: {e}"),
     }
+}
+
+/// Makes what a run needs, in order: the bpffs mount, the control socket,
+/// the programs and maps, the config in the kernel, sock_ops, XDP on each
+/// interface, the counts of the connections that exist. Anything it made
+/// is recorded in `made` (or in the kernel's own undo list) until the start
+/// succeeds; a failure rolls the kernel back here and leaves `made` to the
+/// caller.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the checked inputs of a start, once each"
+)]
+fn start(
+    options: &RunOptions,
+    loaded: LoadedConfig,
+    links: &[(String, LinkLayer)],
+    cgroup: &Path,
+    pins: &PinDir,
+    bpffs: Bpffs,
+    control_gid: Option<u32>,
+    netns_cookie: u64,
+    made: &mut Made,
+) -> anyhow::Result<(Daemon, UnixListener)> {
+    if let Bpffs::Mount(at) = bpffs {
+        preflight::mount_bpffs(&at)?;
+        made.mounted = Some(at);
+    }
+    let listener = bind_control(&options.control, control_gid)?;
+    made.control_socket = Some(options.control.clone());
+
+    let sizes = TableSizes {
+        sources: options.table_entries,
+        established: options.table_entries,
+    };
+    let mut kernel = Kernel::load(sizes, Some(pins)).map_err(|e| anyhow!(error_chain(&e)))?;
+    let result = attach_and_count(options, loaded, links, cgroup, netns_cookie, &mut kernel);
+    match result {
+        Ok(parts) => {
+            let mut daemon = Daemon::new(kernel, parts, cgroup.to_path_buf(), netns_cookie);
+            daemon.kernel.commit();
+            for what in daemon
+                .kernel
+                .detach_others(&options.ifaces, cgroup)
+                .map_err(|e| anyhow!(error_chain(&e)))?
+            {
+                log::info!("detached {what}, which this run was not given");
+            }
+            daemon.reset_waiting();
+            Ok((daemon, listener))
+        }
+        Err(e) => {
+            kernel.roll_back();
+            Err(e)
+        }
+    }
+}
+
+/// What a start found and installed, for [`Daemon::new`].
+struct StartParts {
+    loaded: LoadedConfig,
+    ids: Vec<u32>,
+    table: SelectionTable,
+    interfaces: Vec<(String, AttachedMode)>,
+    /// Connections released and counted by the first reconciliation.
+    reconciled: (usize, usize),
+    /// Flows counted from the socket table.
+    seeded: HashSet<FlowKey>,
+}
+
+fn attach_and_count(
+    options: &RunOptions,
+    loaded: LoadedConfig,
+    links: &[(String, LinkLayer)],
+    cgroup: &Path,
+    netns_cookie: u64,
+    kernel: &mut Kernel,
+) -> anyhow::Result<StartParts> {
+    let config = &loaded.config;
+    let previous = if kernel.adopted() {
+        log::info!(
+            "adopting the maps, counts and links that a daemon that is gone left in {}: {}",
+            options.bpffs.display(),
+            PinDir::open(&options.bpffs)
+                .map(|pins| pins.describe())
+                .unwrap_or_default()
+        );
+        kernel.connector_names()
+    } else {
+        Vec::new()
+    };
+    let ids = assign_ids(
+        &previous,
+        config,
+        &kernel.connector_ids_in_use(),
+        &HashSet::new(),
+    )?;
+    let table = SelectionTable::build_with_ids(config, &ids);
+    kernel
+        .set_settings(config, netns_cookie)
+        .map_err(|e| anyhow!(error_chain(&e)))?;
+    install(kernel, config, &ids, &table)?;
+    // sock_ops first: from then on every completed handshake is judged and
+    // counted, so the reconciliation below misses nothing.
+    kernel
+        .attach_sock_ops(cgroup)
+        .map_err(|e| anyhow!(error_chain(&e)))?;
+    let mut interfaces = Vec::new();
+    for (iface, link) in links {
+        let mode = kernel
+            .attach_xdp(iface, *link, options.xdp_mode)
+            .map_err(|e| anyhow!(error_chain(&e)))?;
+        log::info!(
+            "enforcing on {iface} ({} XDP{})",
+            mode.name(),
+            if *link == LinkLayer::None {
+                ", no link layer"
+            } else {
+                ""
+            }
+        );
+        interfaces.push((iface.clone(), mode));
+    }
+    let ports: HashSet<u16> = table.ports.iter().copied().collect();
+    let (reconciled, seeded) = reconcile(kernel, &ports)?;
+    Ok(StartParts {
+        loaded,
+        ids,
+        table,
+        interfaces,
+        reconciled,
+        seeded,
+    })
 }
 
 /// Reads the kernel's rejection reports: each goes to `limiter events`
@@ -326,7 +444,10 @@ async fn report_events(
             let daemon = daemon.lock().expect("daemon lock");
             for raw in &batch {
                 let event = daemon.event(raw);
-                gates.insert(gate_of(raw), (Instant::now(), event.clone()));
+                // A report judged at completion went through no gate.
+                if raw.gate != gate::NONE {
+                    gates.insert(gate_of(raw), (Instant::now(), event.clone()));
+                }
                 events.push(event);
             }
         }
@@ -524,77 +645,9 @@ pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
         .context("no cgroup2 file system is mounted")
 }
 
-/// Makes sure `dir`'s parent is on a bpffs, mounting one at /sys/fs/bpf
-/// when that is where it should be and nothing is mounted there yet.
-fn ensure_bpffs(dir: &Path) -> anyhow::Result<()> {
-    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
-    let parent = dir
-        .parent()
-        .with_context(|| format!("--bpffs {} has no parent directory", dir.display()))?;
-    let on_bpffs = |path: &Path| -> bool {
-        let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-            return false;
-        };
-        // SAFETY: a valid C string and a zeroed out-parameter.
-        let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-        unsafe { libc::statfs(c_path.as_ptr(), &mut stat) == 0 && stat.f_type == BPF_FS_MAGIC }
-    };
-    if on_bpffs(parent) {
-        return Ok(());
-    }
-    if parent == Path::new("/sys/fs/bpf") {
-        std::fs::create_dir_all(parent).context("creating /sys/fs/bpf")?;
-        let status = std::process::Command::new("mount")
-            .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
-            .status()
-            .context("running mount")?;
-        if status.success() && on_bpffs(parent) {
-            log::info!("mounted a bpffs at /sys/fs/bpf");
-            return Ok(());
-        }
-        bail!("cannot mount a bpffs at /sys/fs/bpf");
-    }
-    bail!(
-        "--bpffs {}: {} is not a bpffs (mount one with `mount -t bpf bpf {}`)",
-        dir.display(),
-        parent.display(),
-        parent.display()
-    )
-}
-
-/// The cookie of the daemon's network namespace, which is the namespace of
-/// the interfaces it attaches to and of the sockets it counts.
-fn netns_cookie() -> std::io::Result<u64> {
-    const SO_NETNS_COOKIE: libc::c_int = 71;
-    let socket = std::net::UdpSocket::bind("127.0.0.1:0")
-        .or_else(|_| std::net::UdpSocket::bind("[::1]:0"))?;
-    let mut cookie: u64 = 0;
-    let mut len = size_of::<u64>() as libc::socklen_t;
-    // SAFETY: a valid socket and an out-parameter of the given size.
-    let rc = unsafe {
-        libc::getsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(&socket),
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(cookie)
-}
-
-/// Binds the control socket, refusing to start when another daemon answers
-/// on it. Mode 0600 (root), or 0660 with group `gid`.
+/// Binds the control socket (checked free by `preflight::control_socket`),
+/// mode 0600 (root), or 0660 with group `gid`.
 fn bind_control(path: &Path, gid: Option<u32>) -> anyhow::Result<UnixListener> {
-    if std::os::unix::net::UnixStream::connect(path).is_ok() {
-        bail!(
-            "another limiter daemon is running on {} (stop it first)",
-            path.display()
-        );
-    }
     match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == ErrorKind::NotFound => {}
@@ -635,10 +688,6 @@ fn in_group(pid: Option<i32>, gid: u32, group: u32) -> bool {
         })
 }
 
-fn sweep_interval(handshake_timeout: Duration) -> Duration {
-    (handshake_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
-}
-
 /// `bpf_ktime_get_ns()` now.
 fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -650,8 +699,8 @@ fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-async fn sweep_forever(daemon: Arc<Mutex<Daemon>>, every: Duration) -> anyhow::Result<()> {
-    let mut ticker = tokio::time::interval(every);
+async fn sweep_forever(daemon: Arc<Mutex<Daemon>>) -> anyhow::Result<()> {
+    let mut ticker = tokio::time::interval(SWEEP_EVERY);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
@@ -665,200 +714,285 @@ async fn sweep_forever(daemon: Arc<Mutex<Daemon>>, every: Duration) -> anyhow::R
     }
 }
 
+/// Resets the connections the kernel judged over a cap when their
+/// handshake completed, as it asks on the `RESETS` ring.
+async fn reset_connections(
+    ring: RingBuf<MapData>,
+    daemon: Arc<Mutex<Daemon>>,
+) -> anyhow::Result<()> {
+    // SAFETY: the ring buffer owns its map fd, which stays open and the same
+    // for as long as the AsyncFd owns the ring.
+    let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+        .map_err(|e| anyhow!("watching the reset ring: {}", e.into_parts().1))?;
+    loop {
+        let mut guard = ring
+            .readable_mut()
+            .await
+            .context("waiting on the reset ring")?;
+        let mut requests = Vec::new();
+        let inner = guard.get_inner_mut();
+        while let Some(item) = inner.next() {
+            if item.len() >= size_of::<ResetRequest>() {
+                // SAFETY: the kernel wrote a ResetRequest there; the length
+                // was checked.
+                requests.push(unsafe {
+                    std::ptr::read_unaligned(item.as_ptr().cast::<ResetRequest>())
+                });
+            }
+        }
+        guard.clear_ready();
+        if requests.is_empty() {
+            continue;
+        }
+        let daemon = daemon.clone();
+        tokio::task::spawn_blocking(move || {
+            let daemon = daemon.lock().expect("daemon lock");
+            for request in &requests {
+                daemon.reset(request);
+            }
+        })
+        .await
+        .context("resetter task")?;
+    }
+}
+
+/// The counts made to agree with the kernel's socket table: counted
+/// connections that are gone (closed while no daemon or no sock_ops program
+/// watched) are released, held ones that are not counted (they predate the
+/// daemon) are counted. Returns (released, counted) and the flows counted
+/// from the socket table, which only the daemon sees close.
+///
+/// The counted ones are read before the socket table, so a connection that
+/// completes in between is never taken for gone; the missing ones after it,
+/// so that one is never counted twice (and a count taken twice in a race is
+/// given back by the kernel's own checks). Connections the kernel moved to
+/// another port or network namespace (NAT) are left to the sock_ops program:
+/// this namespace's table may not show them.
+fn reconcile(
+    kernel: &mut Kernel,
+    ports: &HashSet<u16>,
+) -> anyhow::Result<((usize, usize), HashSet<FlowKey>)> {
+    let counted_before = kernel.established();
+    let held: HashSet<FlowKey> = sockdiag::held_connections(ports)
+        .context("reading the socket table")?
+        .into_iter()
+        .collect();
+    let mut released = 0;
+    for (flow, _) in counted_before
+        .iter()
+        .filter(|(f, v)| v.flags & FLOW_MOVED == 0 && !held.contains(f))
+    {
+        if kernel
+            .release_established(flow)
+            .map_err(|e| anyhow!(error_chain(&e)))?
+        {
+            released += 1;
+        }
+    }
+    let known: HashSet<FlowKey> = kernel
+        .established()
+        .into_iter()
+        .map(|(flow, _)| flow)
+        .collect();
+    let mut counted = 0;
+    for flow in held.iter().filter(|f| !known.contains(f)) {
+        match kernel.seed(flow).map_err(|e| anyhow!(error_chain(&e)))? {
+            op::DONE => counted += 1,
+            op::FULL => log::warn!("a table is full; not counting {}", show(flow)),
+            _ => {}
+        }
+    }
+    let seeded = kernel
+        .established()
+        .into_iter()
+        .filter(|(_, v)| v.flags & FLOW_SEEDED != 0)
+        .map(|(flow, _)| flow)
+        .collect();
+    Ok(((released, counted), seeded))
+}
+
 impl Daemon {
+    fn new(kernel: Kernel, parts: StartParts, cgroup: PathBuf, netns_cookie: u64) -> Daemon {
+        let StartParts {
+            loaded,
+            ids,
+            table,
+            interfaces,
+            reconciled,
+            seeded,
+        } = parts;
+        let daemon = Daemon {
+            kernel,
+            config: loaded.config,
+            config_source: loaded.source,
+            document: loaded.document,
+            config_path: loaded.path,
+            config_on_disk: loaded.text,
+            used_ids: ids.iter().copied().collect(),
+            ids,
+            table,
+            cgroup,
+            interfaces,
+            started: Instant::now(),
+            netns_cookie,
+            seeded,
+            uncounted: HashSet::new(),
+            warned_untracked: false,
+            last_source_gc: Instant::now(),
+            last_reconcile: Instant::now(),
+        };
+        let (released, counted) = reconciled;
+        log::info!(
+            "{} connector(s) from {}; counting {counted} connection(s) found in the socket table{}",
+            daemon.config.connectors.len(),
+            daemon.config_source,
+            if released > 0 {
+                format!(", releasing {released} that closed while no daemon ran")
+            } else {
+                String::new()
+            }
+        );
+        daemon
+    }
+
+    /// Resets what the kernel asked to reset while no daemon ran.
+    fn reset_waiting(&mut self) {
+        let waiting = self.kernel.take_late_resets();
+        for request in &waiting {
+            self.reset(request);
+        }
+    }
+
     fn bound_ports(&self) -> HashSet<u16> {
         self.table.ports.iter().copied().collect()
     }
 
-    /// Makes the counts agree with the kernel's socket table: releases
-    /// counted connections that are gone (closed while no daemon or no
-    /// sock_ops program watched), and counts established ones that are not
-    /// counted (they predate the daemon). Returns (released, counted).
-    ///
-    /// The counted ones are read before the socket table, so a connection
-    /// that completes in between is never taken for gone; the missing ones
-    /// after it, so that one is never counted twice (and a count taken
-    /// twice in a race is given back by the kernel's own checks).
-    fn reconcile(&mut self) -> anyhow::Result<(usize, usize)> {
-        let counted_before = self.kernel.established();
-        let live: HashSet<FlowKey> = sockdiag::established(&self.bound_ports())
+    /// Resets a connection the kernel judged over a cap when its handshake
+    /// completed (or could not count): in the network namespace of its
+    /// server's socket.
+    fn reset(&self, request: &ResetRequest) {
+        let flow = request.flow;
+        let result = if request.netns_cookie == self.netns_cookie || request.netns_cookie == 0 {
+            sockdiag::destroy(&flow)
+        } else {
+            match netns::run_in(request.netns_cookie, || sockdiag::destroy(&flow)) {
+                Ok(Some(result)) => result,
+                Ok(None) => Ok(false),
+                Err(e) => Err(e),
+            }
+        };
+        let why = if request.reason == reset_reason::TABLE_FULL {
+            "a table it needed was full"
+        } else {
+            "over a cap when its handshake completed"
+        };
+        match result {
+            Ok(true) => log::debug!("reset {} ({why})", show(&flow)),
+            Ok(false) => log::debug!("{} closed before its reset ({why})", show(&flow)),
+            Err(e) => log::warn!("resetting {} ({why}): {e}", show(&flow)),
+        }
+    }
+
+    /// One round of housekeeping: resets that found the ring full, seeded
+    /// connections that closed, connections outside the tracked cgroup,
+    /// the periodic reconciliation, idle sources.
+    fn sweep(&mut self) -> anyhow::Result<()> {
+        for request in self.kernel.take_late_resets() {
+            self.reset(&request);
+        }
+        let held: HashSet<FlowKey> = sockdiag::held_connections(&self.bound_ports())
             .context("reading the socket table")?
             .into_iter()
             .collect();
-        let mut released = 0;
-        for (flow, _) in counted_before.iter().filter(|(f, _)| !live.contains(f)) {
-            if self
-                .kernel
-                .release_established(flow)
-                .map_err(|e| anyhow!(error_chain(&e)))?
-            {
-                released += 1;
-            }
-        }
-        let known: HashSet<FlowKey> = self
+        let counted: HashMap<FlowKey, u32> = self
             .kernel
             .established()
             .into_iter()
-            .chain(self.kernel.handshakes())
-            .map(|(flow, _)| flow)
+            .map(|(flow, value)| (flow, value.flags))
             .collect();
-        let mut counted = 0;
-        for flow in live.iter().filter(|f| !known.contains(f)) {
-            match self
+        // Seeded entries that sock_ops took over (the 4-tuple was reused).
+        self.seeded
+            .retain(|f| counted.get(f).is_some_and(|flags| flags & FLOW_SEEDED != 0));
+        let gone: Vec<FlowKey> = self
+            .seeded
+            .iter()
+            .filter(|f| !held.contains(f))
+            .copied()
+            .collect();
+        for flow in gone {
+            self.kernel
+                .release_seeded(&flow)
+                .map_err(|e| anyhow!(error_chain(&e)))?;
+            self.seeded.remove(&flow);
+        }
+        // Held and still not counted a sweep later: the sock_ops program
+        // never saw its handshake complete (its server is outside the
+        // tracked cgroup). Counted from here on, and watched by polling.
+        let uncounted: HashSet<FlowKey> = held
+            .iter()
+            .filter(|f| !counted.contains_key(f))
+            .copied()
+            .collect();
+        for flow in uncounted.intersection(&self.uncounted) {
+            if self
                 .kernel
                 .seed(flow)
                 .map_err(|e| anyhow!(error_chain(&e)))?
+                == op::DONE
             {
-                op::DONE => counted += 1,
-                op::FULL => {
-                    log::warn!("the established table is full; not counting {}", show(flow))
-                }
-                _ => {}
-            }
-        }
-        // Those counted from the socket table are watched by polling, also
-        // when an earlier daemon counted them.
-        self.seeded = self
-            .kernel
-            .established()
-            .into_iter()
-            .filter(|(_, v)| v.flags & FLOW_SEEDED != 0)
-            .map(|(flow, _)| flow)
-            .collect();
-        self.last_reconcile = Instant::now();
-        Ok((released, counted))
-    }
-
-    /// One round of housekeeping: expires abandoned handshakes, releases
-    /// seeded connections that closed, forgets idle sources.
-    fn sweep(&mut self) -> anyhow::Result<()> {
-        let now = monotonic_ns();
-        let sizes = self.kernel.sizes();
-        let handshakes = self.kernel.handshakes();
-        // Half the handshake table taken: a SYN flood, most likely spoofed.
-        // Real handshakes complete within a round trip, so waiting less for
-        // the rest costs nothing but keeps the table from filling.
-        let pressure = handshakes.len() as u64 * 2 >= sizes.handshakes as u64;
-        if pressure != self.under_pressure {
-            self.under_pressure = pressure;
-            if pressure {
-                log::warn!(
-                    "{} of {} handshake slots taken (a SYN flood?): handshakes now expire after {}",
-                    handshakes.len(),
-                    sizes.handshakes,
-                    humantime::format_duration(PRESSURE_HANDSHAKE_TIMEOUT)
-                );
-            } else {
-                log::info!("handshake table back below half full");
-            }
-        }
-        let timeout = if pressure {
-            self.config
-                .handshake_timeout
-                .min(PRESSURE_HANDSHAKE_TIMEOUT)
-        } else {
-            self.config.handshake_timeout
-        }
-        .as_nanos() as u64;
-        let mut expired = Vec::new();
-        for (flow, value) in handshakes {
-            if now.saturating_sub(value.since_ns) >= timeout
-                && self
-                    .kernel
-                    .expire_handshake(&flow)
-                    .map_err(|e| anyhow::anyhow!(error_chain(&e)))?
-            {
-                expired.push(flow);
-            }
-        }
-        if !expired.is_empty() || !self.seeded.is_empty() {
-            let live: HashSet<FlowKey> = sockdiag::established(&self.bound_ports())
-                .context("reading the socket table")?
-                .into_iter()
-                .collect();
-            // A handshake that expired although its connection is up: the
-            // server's socket is outside the tracked cgroup (or completed
-            // just now). Count it and watch it here.
-            for flow in expired.iter().filter(|f| live.contains(f)) {
-                if self
-                    .kernel
-                    .seed(flow)
-                    .map_err(|e| anyhow::anyhow!(error_chain(&e)))?
-                    == op::DONE
-                {
-                    self.seeded.insert(*flow);
-                    if !self.warned_untracked {
-                        self.warned_untracked = true;
-                        log::warn!(
-                            "connection {} completed without passing the sock_ops program: is the mail server in cgroup {}? Counting it by polling instead.",
-                            show(flow),
-                            self.cgroup.display()
-                        );
-                    }
+                self.seeded.insert(*flow);
+                if !self.warned_untracked {
+                    self.warned_untracked = true;
+                    log::warn!(
+                        "connection {} completed without passing the sock_ops program: is the mail server in cgroup {}? It is counted, but by polling and without a judgement.",
+                        show(flow),
+                        self.cgroup.display()
+                    );
                 }
             }
-            let gone: Vec<FlowKey> = self
-                .seeded
-                .iter()
-                .filter(|f| !live.contains(f))
-                .copied()
-                .collect();
-            for flow in gone {
-                self.kernel
-                    .release_seeded(&flow)
-                    .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
-                self.seeded.remove(&flow);
-            }
-            // Seeded entries that sock_ops took over (the 4-tuple was reused).
-            let still_seeded: HashSet<FlowKey> = self
-                .kernel
-                .established()
-                .into_iter()
-                .filter(|(_, v)| v.flags & FLOW_SEEDED != 0)
-                .map(|(k, _)| k)
-                .collect();
-            self.seeded.retain(|f| still_seeded.contains(f));
         }
+        self.uncounted = uncounted;
         if self.last_reconcile.elapsed() >= RECONCILE_EVERY {
-            let (released, counted) = self.reconcile()?;
+            let ports = self.bound_ports();
+            let ((released, counted), seeded) = reconcile(&mut self.kernel, &ports)?;
+            self.seeded = seeded;
+            self.last_reconcile = Instant::now();
             if released + counted > 0 {
                 log::warn!(
                     "reconciled with the socket table: released {released}, counted {counted}"
                 );
             }
         }
-        // Sources of a flood hold nothing once their handshakes expire: under
-        // pressure they go within a second, else after a while.
-        let sources_crowded = self.kernel.sources_len() * 2 >= sizes.sources as usize;
+        let sources_crowded = self.kernel.sources_len() * 2 >= self.kernel.sizes().sources as usize;
         if sources_crowded {
-            self.forget_idle_sources(now, PRESSURE_SOURCE_IDLE);
+            self.forget_idle_sources(PRESSURE_SOURCE_IDLE);
         } else if self.last_source_gc.elapsed() >= SOURCE_IDLE_FORGET / 4 {
             self.last_source_gc = Instant::now();
-            self.forget_idle_sources(now, SOURCE_IDLE_FORGET);
+            self.forget_idle_sources(SOURCE_IDLE_FORGET);
         }
         Ok(())
     }
 
-    /// Deletes source entries that have held nothing for a long time, so
-    /// that a flood of spoofed sources does not fill the table for good.
-    ///
-    /// An entry is deleted only after it has been idle for `idle`: an XDP
-    /// program that looked the entry up just before the deletion could
-    /// still count into it, and the wait makes that a matter of the same
-    /// microsecond as a new SYN after `idle` of silence from that source.
-    fn forget_idle_sources(&mut self, now: u64, idle: Duration) {
-        let idle = idle.as_nanos() as u64;
+    /// Deletes source entries that have held nothing for `idle`, so that
+    /// sources that come and go do not fill the table for good. The kernel
+    /// checks again, under the connector's lock, at the moment of each
+    /// deletion: a connection counted meanwhile keeps its entry.
+    fn forget_idle_sources(&mut self, idle: Duration) {
+        let now = monotonic_ns();
+        let idle_ns = idle.as_nanos() as u64;
         let stale: Vec<SourceKey> = self
             .kernel
             .sources()
             .into_iter()
             .filter(|(_, count)| {
-                count.live == 0 && now.saturating_sub(count.last_change_ns) >= idle
+                count.live == 0 && now.saturating_sub(count.last_change_ns) >= idle_ns
             })
             .map(|(key, _)| key)
             .collect();
         for key in stale {
-            let _ = self.kernel.forget_source(&key);
+            if let Err(e) = self.kernel.forget_source(&key, idle) {
+                log::warn!("forgetting an idle source: {}", error_chain(&e));
+            }
         }
     }
 
@@ -919,8 +1053,6 @@ impl Daemon {
             live_total,
             live_removed_connectors: live_total.saturating_sub(configured),
             connectors,
-            handshakes: self.kernel.handshakes().len() as u64,
-            established: self.kernel.established().len() as u64,
         })
     }
 
@@ -956,22 +1088,20 @@ impl Daemon {
             .kernel
             .live_total()
             .map_err(|e| anyhow!(error_chain(&e)))?;
-        let handshakes = self.kernel.handshakes().len() as u64;
         let sizes = self.kernel.sizes();
         Ok(metrics::Snapshot {
             connectors,
             live_removed: live_total.saturating_sub(configured),
-            open_handshakes: handshakes,
             events_lost: stats.global[stat::EVENTS_LOST as usize],
             syslog_errors: hub.syslog_errors.load(std::sync::atomic::Ordering::Relaxed),
-            tiny_fragments_dropped: stats.global[stat::TINY_FRAGMENT as usize],
+            unreadable_dropped: stats.global[stat::UNREADABLE as usize],
+            resets_lost: stats.global[stat::RESETS_LOST as usize],
             maps: vec![
                 (
                     "sources",
-                    self.kernel.sources().len() as u64,
+                    self.kernel.sources_len() as u64,
                     sizes.sources as u64,
                 ),
-                ("handshakes", handshakes, sizes.handshakes as u64),
                 (
                     "established",
                     self.kernel.established().len() as u64,
@@ -1023,10 +1153,8 @@ impl Daemon {
         edit(&mut document).map_err(|e| anyhow!(e))?;
         let file = self.config_path.display().to_string();
         let config = document.validate(&file).map_err(|e| anyhow!(e))?;
-        if config.ipv6_prefix_length != self.config.ipv6_prefix_length
-            || config.handshake_timeout != self.config.handshake_timeout
-        {
-            bail!("ipv6_prefix_length and handshake_timeout take effect only at start");
+        if config.ipv6_prefix_length != self.config.ipv6_prefix_length {
+            bail!("ipv6_prefix_length takes effect only at start");
         }
         let on_disk = std::fs::read_to_string(&self.config_path).ok();
         if on_disk != self.config_on_disk {

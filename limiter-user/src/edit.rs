@@ -42,6 +42,11 @@ pub struct ConfigDocument {
 pub type EditError = String;
 
 impl ConfigDocument {
+    /// Whether the file sets `key` at its top level.
+    pub fn sets(&self, key: &str) -> bool {
+        self.doc.contains_key(key)
+    }
+
     /// The document of a config file's text.
     pub fn parse(text: &str) -> Result<ConfigDocument, EditError> {
         let doc = text
@@ -55,10 +60,8 @@ impl ConfigDocument {
     pub fn from_config(config: &Config) -> ConfigDocument {
         let mut text = format!(
             "# limiter connectors (see `limiter connector --help`).\n\
-             ipv6_prefix_length = {}\n\
-             handshake_timeout = \"{}\"\n",
+             ipv6_prefix_length = {}\n",
             config.ipv6_prefix_length,
-            humantime::format_duration(config.handshake_timeout)
         );
         for c in &config.connectors {
             let list = |items: Vec<String>| {

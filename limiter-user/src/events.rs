@@ -67,6 +67,10 @@ pub struct Event {
     /// (see `limiter_common::maps::ReportGate`), or the repeats a summary
     /// folds.
     pub count: u64,
+    /// The connection was reset when its handshake completed over a cap
+    /// (its SYN had passed), not refused at its SYN.
+    #[serde(default)]
+    pub late: bool,
     /// Whether this line sums up repeats over `period_seconds`.
     pub summary: bool,
     pub period_seconds: Option<u64>,
@@ -128,6 +132,7 @@ impl Event {
             }
             .to_string(),
             count: u64::from(raw.folded) + 1,
+            late: raw.late != 0,
             summary: false,
             period_seconds: None,
         }
@@ -148,6 +153,7 @@ impl Event {
             ("live_source", self.live_source.to_string()),
             ("action", self.action.clone()),
             ("count", self.count.to_string()),
+            ("late", self.late.to_string()),
         ] {
             params.insert(key.to_string(), value);
         }
@@ -172,6 +178,8 @@ impl Event {
         };
         let monitor = if self.action == "monitor" {
             " [monitor: admitted]"
+        } else if self.late {
+            " [late: reset when its handshake completed]"
         } else {
             ""
         };
@@ -188,8 +196,9 @@ impl Event {
     }
 }
 
-/// What makes two rejections "the same" for folding.
-type FoldKey = (String, String, String);
+/// What makes two rejections "the same" for folding: connector, source,
+/// rule, and whether they were late.
+type FoldKey = (String, String, String, bool);
 
 struct Window {
     started: Instant,
@@ -221,6 +230,7 @@ impl Folder {
             event.connector.clone(),
             event.source.clone(),
             event.rule.clone(),
+            event.late,
         );
         match self.windows.get_mut(&key) {
             Some(window) => {
@@ -424,6 +434,8 @@ mod tests {
             local: addr::from_ipv4([192, 0, 2, 1]),
             folded: 0,
             gate: limiter_common::maps::gate::SOURCE,
+            late: 0,
+            _pad: 0,
         }
     }
 

@@ -4,7 +4,7 @@
 use std::{
     collections::{BTreeMap, HashSet},
     fs::File,
-    os::fd::AsFd,
+    os::fd::{AsFd, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
 };
 
@@ -12,15 +12,14 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, MapInfo, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{
-        CgroupAttachMode, RawTracePoint, RawTracePointRunOptions, SockOps, TestRun, Xdp, XdpMode,
+        CgroupAttachMode, SockOps, TestRun, TestRunOptions, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
-        xdp::XdpLink,
     },
 };
 use limiter_common::maps::{
-    BOUND_PORT_WORDS, BindingKey, CONNECTOR_NAME_BYTES, ConnectorConfig, Control,
-    DEFAULT_TABLE_ENTRIES, FlowKey, FlowValue, MAX_CONNECTORS, RangeKey, Settings, SourceCount,
-    SourceKey, control, gate, names, programs, stat,
+    BOUND_PORT_WORDS, BindingKey, CONNECTOR_NAME_BYTES, ConnectorConfig, ConnectorState, Control,
+    DEFAULT_TABLE_ENTRIES, FlowKey, FlowValue, MAX_CONNECTORS, RangeKey, ResetRequest, Settings,
+    SourceCount, SourceKey, control, gate, names, programs, stat,
 };
 
 use crate::{
@@ -93,6 +92,24 @@ impl AttachedMode {
     }
 }
 
+/// What a frame on an interface starts with, which decides the XDP program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkLayer {
+    /// An Ethernet header (and maybe VLAN tags): `admit`.
+    Ethernet,
+    /// None: the IP header (`wg0`, `tun0`): `admit_l3`.
+    None,
+}
+
+impl LinkLayer {
+    fn program(self) -> &'static str {
+        match self {
+            LinkLayer::Ethernet => programs::ADMIT,
+            LinkLayer::None => programs::ADMIT_L3,
+        }
+    }
+}
+
 /// Which XDP mode to ask for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum XdpModeRequest {
@@ -107,7 +124,6 @@ pub enum XdpModeRequest {
 #[derive(Clone, Copy, Debug)]
 pub struct TableSizes {
     pub sources: u32,
-    pub handshakes: u32,
     pub established: u32,
 }
 
@@ -115,7 +131,6 @@ impl Default for TableSizes {
     fn default() -> Self {
         TableSizes {
             sources: DEFAULT_TABLE_ENTRIES,
-            handshakes: DEFAULT_TABLE_ENTRIES,
             established: DEFAULT_TABLE_ENTRIES,
         }
     }
@@ -138,13 +153,15 @@ pub struct Kernel {
     bindings: HashMap<MapData, BindingKey, u32>,
     ranges: LpmTrie<MapData, RangeKey, u32>,
     connectors: Array<MapData, ConnectorConfig>,
-    connector_live: Array<MapData, u32>,
+    connector_state: Array<MapData, ConnectorState>,
     source_live: HashMap<MapData, SourceKey, SourceCount>,
-    handshakes: HashMap<MapData, FlowKey, FlowValue>,
     established: HashMap<MapData, FlowKey, FlowValue>,
     stats: PerCpuArray<MapData, u64>,
     /// The rejection events, until the daemon's reader takes them.
     events: Option<RingBuf<MapData>>,
+    /// The reset requests, until the daemon's resetter takes them.
+    resets: Option<RingBuf<MapData>>,
+    late_resets: HashMap<MapData, FlowKey, ResetRequest>,
     connector_names: Array<MapData, [u8; CONNECTOR_NAME_BYTES]>,
     sizes: TableSizes,
     pins: Option<PinDir>,
@@ -152,6 +169,8 @@ pub struct Kernel {
     adopted: bool,
     /// Links that are not pinned, kept attached while the handle lives.
     owned_links: Vec<FdLink>,
+    /// What this start did, to undo if it fails (see [`Kernel::roll_back`]).
+    undo: Vec<Undo>,
 }
 
 macro_rules! take {
@@ -167,8 +186,30 @@ impl Kernel {
     /// Loads the programs into the kernel (nothing is attached yet). With
     /// `pins`, the maps live in bpffs: those an earlier daemon left there
     /// are reused, counts and all, and new ones are pinned there.
+    ///
+    /// A load that fails removes what it pinned, unless it adopted it.
     pub fn load(sizes: TableSizes, pins: Option<&PinDir>) -> Result<Kernel, KernelError> {
         let adopted = pins.is_some_and(PinDir::has_maps);
+        let root_existed = pins.is_some_and(|p| p.root().exists());
+        let loaded = Self::load_adopting(sizes, pins, adopted, !root_existed);
+        if loaded.is_err()
+            && !adopted
+            && let Some(pins) = pins
+        {
+            let _ = pins.remove();
+            if !root_existed {
+                let _ = std::fs::remove_dir(pins.root());
+            }
+        }
+        loaded
+    }
+
+    fn load_adopting(
+        sizes: TableSizes,
+        pins: Option<&PinDir>,
+        adopted: bool,
+        made_root: bool,
+    ) -> Result<Kernel, KernelError> {
         let mut sizes = sizes;
         let mut loader = EbpfLoader::new();
         if let Some(pins) = pins {
@@ -182,7 +223,6 @@ impl Kernel {
                 };
                 sizes = TableSizes {
                     sources: size(names::SOURCE_LIVE)?,
-                    handshakes: size(names::HANDSHAKES)?,
                     established: size(names::ESTABLISHED)?,
                 };
             }
@@ -192,21 +232,16 @@ impl Kernel {
         }
         let mut ebpf = loader
             .map_max_entries(names::SOURCE_LIVE, sizes.sources)
-            .map_max_entries(names::HANDSHAKES, sizes.handshakes)
             .map_max_entries(names::ESTABLISHED, sizes.established)
             .load(EBPF_OBJECT)
             .map_err(KernelError::Load)?;
-        {
-            let xdp: &mut Xdp = program(&mut ebpf, programs::ADMIT)?;
-            xdp.load().map_err(prog_err(programs::ADMIT))?;
+        for name in [programs::ADMIT, programs::ADMIT_L3, programs::CONTROL] {
+            let xdp: &mut Xdp = program(&mut ebpf, name)?;
+            xdp.load().map_err(prog_err(name))?;
         }
         {
             let track: &mut SockOps = program(&mut ebpf, programs::TRACK)?;
             track.load().map_err(prog_err(programs::TRACK))?;
-        }
-        {
-            let control: &mut RawTracePoint = program(&mut ebpf, programs::CONTROL)?;
-            control.load().map_err(prog_err(programs::CONTROL))?;
         }
         // The typed handles check key and value sizes: a pinned map of
         // another shape is refused here.
@@ -217,18 +252,26 @@ impl Kernel {
             bindings: take!(ebpf, names::BINDINGS),
             ranges: take!(ebpf, names::RANGES),
             connectors: take!(ebpf, names::CONNECTORS),
-            connector_live: take!(ebpf, names::CONNECTOR_LIVE),
+            connector_state: take!(ebpf, names::CONNECTOR_STATE),
             source_live: take!(ebpf, names::SOURCE_LIVE),
-            handshakes: take!(ebpf, names::HANDSHAKES),
             established: take!(ebpf, names::ESTABLISHED),
             stats: take!(ebpf, names::STATS),
             events: Some(take!(ebpf, names::EVENTS)),
+            resets: Some(take!(ebpf, names::RESETS)),
+            late_resets: take!(ebpf, names::LATE_RESETS),
             connector_names: take!(ebpf, names::CONNECTOR_NAMES),
             sizes,
             ebpf,
             pins: pins.cloned(),
             adopted,
             owned_links: Vec::new(),
+            undo: match pins {
+                Some(pins) if !adopted => vec![Undo::RemoveMaps {
+                    pins: pins.clone(),
+                    made_root,
+                }],
+                _ => Vec::new(),
+            },
         })
     }
 
@@ -270,6 +313,21 @@ impl Kernel {
     /// The rejection event ring, for one reader.
     pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
         self.events.take()
+    }
+
+    /// The reset request ring, for one reader.
+    pub fn take_resets(&mut self) -> Option<RingBuf<MapData>> {
+        self.resets.take()
+    }
+
+    /// Takes the reset requests that found the ring full.
+    pub fn take_late_resets(&mut self) -> Vec<ResetRequest> {
+        let requests: Vec<(FlowKey, ResetRequest)> =
+            self.late_resets.iter().filter_map(Result::ok).collect();
+        requests
+            .into_iter()
+            .filter_map(|(flow, request)| self.late_resets.remove(&flow).ok().map(|()| request))
+            .collect()
     }
 
     /// The table sizes it was loaded with.
@@ -373,12 +431,14 @@ impl Kernel {
         Ok(())
     }
 
-    /// Attaches the XDP program to `iface`: in place of the program of a
-    /// pinned link that an earlier daemon left there (atomically, so that no
-    /// packet goes unchecked), or with a new link, pinned.
+    /// Attaches the XDP program for `link` frames to `iface`: in place of
+    /// the program of a pinned link that an earlier daemon left there
+    /// (atomically, so that no packet goes unchecked), or with a new link,
+    /// pinned.
     pub fn attach_xdp(
         &mut self,
         iface: &str,
+        link: LinkLayer,
         mode: XdpModeRequest,
     ) -> Result<AttachedMode, KernelError> {
         let interface_error = |reason: String| KernelError::Interface {
@@ -389,21 +449,17 @@ impl Kernel {
             .pins
             .as_ref()
             .and_then(|p| p.xdp_links().into_iter().find(|(i, _, _)| i == iface));
-        let xdp: &mut Xdp = program(&mut self.ebpf, programs::ADMIT)?;
+        let name = link.program();
         if let Some((_, attached, path)) = pinned {
-            let mut replace = || -> Result<(), String> {
-                let pinned = PinnedLink::from_pin(&path).map_err(|e| error_chain(&e))?;
-                let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| error_chain(&e))?;
-                let id = xdp.attach_to_link(link).map_err(|e| error_chain(&e))?;
-                // The pin holds the link; the handle may go.
-                drop(xdp.take_link(id).map_err(|e| error_chain(&e))?);
-                Ok(())
-            };
-            replace().map_err(|e| {
+            let xdp: &Xdp = program_ref(&self.ebpf, name)?;
+            let program = xdp.fd().map_err(prog_err(name))?;
+            let undo = swap_program(&path, program.as_fd()).map_err(|e| {
                 interface_error(format!("replacing the program of {}: {e}", path.display()))
             })?;
+            self.undo.push(undo);
             return Ok(attached);
         }
+        let xdp: &mut Xdp = program(&mut self.ebpf, name)?;
         let attach = |xdp: &mut Xdp, mode: XdpMode| {
             xdp.attach(iface, mode).map_err(|e| {
                 interface_error(format!(
@@ -417,24 +473,34 @@ impl Kernel {
             XdpModeRequest::Skb => (attach(xdp, XdpMode::Skb)?, AttachedMode::Generic),
             XdpModeRequest::Auto => match attach(xdp, XdpMode::Driver) {
                 Ok(id) => (id, AttachedMode::Driver),
-                Err(native) => {
-                    log::warn!(
-                        "{native}; falling back to generic XDP, which runs later in the stack and costs more per packet"
-                    );
-                    (attach(xdp, XdpMode::Skb)?, AttachedMode::Generic)
-                }
+                Err(native) => match attach(xdp, XdpMode::Skb) {
+                    Ok(id) => {
+                        log::warn!(
+                            "{native}; fell back to generic XDP, which runs later in the stack and costs more per packet"
+                        );
+                        (id, AttachedMode::Generic)
+                    }
+                    Err(generic) => {
+                        return Err(interface_error(format!(
+                            "the kernel refused XDP in driver mode ({}) and in generic mode ({})",
+                            reason_of(&native),
+                            reason_of(&generic)
+                        )));
+                    }
+                },
             },
         };
-        let link = xdp.take_link(id).map_err(prog_err(programs::ADMIT))?;
-        match (FdLink::try_from(link), &self.pins) {
-            (Ok(link), Some(pins)) => {
+        let taken = xdp.take_link(id).map_err(prog_err(name))?;
+        match (FdLink::try_from(taken), &self.pins) {
+            (Ok(taken), Some(pins)) => {
                 let path = pins.xdp_link(iface, attached);
-                link.pin(&path).map_err(|e| KernelError::Pin {
-                    path,
+                taken.pin(&path).map_err(|e| KernelError::Pin {
+                    path: path.clone(),
                     reason: error_chain(&e),
                 })?;
+                self.undo.push(Undo::RemovePin(path));
             }
-            (Ok(link), None) => self.owned_links.push(link),
+            (Ok(taken), None) => self.owned_links.push(taken),
             (Err(e), _) => {
                 return Err(interface_error(format!(
                     "the kernel attached XDP without a bpf_link, which cannot be pinned: {}",
@@ -445,23 +511,42 @@ impl Kernel {
         Ok(attached)
     }
 
-    /// Detaches the pinned XDP links of interfaces not in `keep` (a daemon
-    /// restarted with fewer `--iface`s). Returns the interfaces.
-    pub fn detach_other_interfaces(&mut self, keep: &[String]) -> Result<Vec<String>, KernelError> {
+    /// Detaches what an earlier daemon left attached and this one was not
+    /// asked for: the XDP links of interfaces not in `keep_ifaces`, the
+    /// sock_ops links of other cgroups than `cgroup`. Only once a start has
+    /// succeeded: a start that fails leaves adopted state as it found it.
+    /// Returns what it detached, for the log.
+    pub fn detach_others(
+        &mut self,
+        keep_ifaces: &[String],
+        cgroup: &Path,
+    ) -> Result<Vec<String>, KernelError> {
+        let Some(pins) = &self.pins else {
+            return Ok(Vec::new());
+        };
+        let keep_ino = std::fs::metadata(cgroup)
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+            .map_err(|source| KernelError::Cgroup {
+                path: cgroup.to_path_buf(),
+                source,
+            })?;
         let mut detached = Vec::new();
-        for (iface, _, path) in self
-            .pins
-            .as_ref()
-            .map(PinDir::xdp_links)
-            .unwrap_or_default()
-        {
-            if !keep.contains(&iface) {
-                std::fs::remove_file(&path).map_err(|e| KernelError::Pin {
-                    path: path.clone(),
-                    reason: e.to_string(),
-                })?;
-                detached.push(iface);
-            }
+        let xdp = pins
+            .xdp_links()
+            .into_iter()
+            .filter(|(iface, _, _)| !keep_ifaces.contains(iface))
+            .map(|(iface, _, path)| (format!("XDP on {iface}"), path));
+        let sock_ops = pins
+            .sock_ops_links()
+            .into_iter()
+            .filter(|(ino, _)| *ino != keep_ino)
+            .map(|(ino, path)| (format!("sock_ops on the cgroup with inode {ino}"), path));
+        for (what, path) in xdp.chain(sock_ops).collect::<Vec<_>>() {
+            std::fs::remove_file(&path).map_err(|e| KernelError::Pin {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+            detached.push(what);
         }
         Ok(detached)
     }
@@ -475,20 +560,22 @@ impl Kernel {
         };
         let file = File::open(cgroup).map_err(cgroup_error)?;
         let ino = std::os::unix::fs::MetadataExt::ino(&file.metadata().map_err(cgroup_error)?);
-        let track: &mut SockOps = program(&mut self.ebpf, programs::TRACK)?;
-        if let Some(pins) = &self.pins {
-            for (other, path) in pins.sock_ops_links() {
-                if other == ino {
-                    let link = bpfsys::obj_get(&path).map_err(cgroup_error)?;
-                    let program = track.fd().map_err(prog_err(programs::TRACK))?;
-                    bpfsys::link_update(link.as_fd(), program.as_fd()).map_err(cgroup_error)?;
-                    return Ok(());
-                }
-                // A link on another cgroup: --cgroup changed.
-                log::info!("detaching the sock_ops program from the cgroup with inode {other}");
-                std::fs::remove_file(&path).map_err(cgroup_error)?;
-            }
+        let adopted = self.pins.as_ref().and_then(|pins| {
+            pins.sock_ops_links()
+                .into_iter()
+                .find(|(other, _)| *other == ino)
+        });
+        if let Some((_, path)) = adopted {
+            let track: &SockOps = program_ref(&self.ebpf, programs::TRACK)?;
+            let program = track.fd().map_err(prog_err(programs::TRACK))?;
+            let undo = swap_program(&path, program.as_fd()).map_err(|reason| KernelError::Pin {
+                path: path.clone(),
+                reason,
+            })?;
+            self.undo.push(undo);
+            return Ok(());
         }
+        let track: &mut SockOps = program(&mut self.ebpf, programs::TRACK)?;
         // A bpf_link, which shares the cgroup with other programs anyway;
         // link_create refuses the multi-attach flag.
         let id = track
@@ -503,38 +590,72 @@ impl Kernel {
             Some(pins) => {
                 let path = pins.sock_ops_link(ino);
                 link.pin(&path).map_err(|e| KernelError::Pin {
-                    path,
+                    path: path.clone(),
                     reason: error_chain(&e),
                 })?;
+                self.undo.push(Undo::RemovePin(path));
             }
             None => self.owned_links.push(link),
         }
         Ok(())
     }
 
-    /// The XDP program, for `BPF_PROG_TEST_RUN` and benchmarks (shareable
-    /// between threads, to run it on several CPUs at once).
-    pub fn admit_program(&self) -> Result<&Xdp, KernelError> {
-        let program = self
-            .ebpf
-            .program(programs::ADMIT)
-            .ok_or(KernelError::MissingProgram(programs::ADMIT))?;
-        program.try_into().map_err(prog_err(programs::ADMIT))
+    /// Undoes what this start attached and pinned, in reverse order: new
+    /// links are detached, adopted links get their earlier program back,
+    /// maps this start created are removed. What it adopted stays as it was
+    /// found, enforcing. Errors are logged: the rollback goes on.
+    pub fn roll_back(&mut self) {
+        self.owned_links.clear();
+        while let Some(undo) = self.undo.pop() {
+            let result = match &undo {
+                Undo::RemovePin(path) => std::fs::remove_file(path).map_err(|e| e.to_string()),
+                Undo::RestoreProgram { link, program } => {
+                    bpfsys::link_update(link.as_fd(), program.as_fd()).map_err(|e| e.to_string())
+                }
+                Undo::RemoveMaps { pins, made_root } => {
+                    let removed = pins.remove().map_err(|e| error_chain(&e));
+                    if *made_root {
+                        let _ = std::fs::remove_dir(pins.root());
+                    }
+                    removed
+                }
+            };
+            if let Err(e) = result {
+                log::error!("rolling back the start: {undo:?}: {e}");
+            }
+        }
+        self.pins = None;
     }
 
-    /// Runs one control request in the kernel and returns its code
-    /// (`limiter_common::maps::control::DONE`, ...).
+    /// The start succeeded: what it attached stays.
+    pub fn commit(&mut self) {
+        self.undo.clear();
+    }
+
+    /// The XDP program for Ethernet frames, for `BPF_PROG_TEST_RUN` and
+    /// benchmarks (shareable between threads, to run it on several CPUs at
+    /// once).
+    pub fn admit_program(&self) -> Result<&Xdp, KernelError> {
+        self.admit_program_for(LinkLayer::Ethernet)
+    }
+
+    /// The XDP program for frames that start with `link`.
+    pub fn admit_program_for(&self, link: LinkLayer) -> Result<&Xdp, KernelError> {
+        program_ref(&self.ebpf, link.program())
+    }
+
+    /// Runs one control request for `flow` in the kernel and returns its
+    /// code (`limiter_common::maps::control::DONE`, ...).
     pub fn control(&mut self, op: u32, flow: &FlowKey) -> Result<u32, KernelError> {
         self.run_control(Control {
             op,
-            _pad: 0,
+            result: 0,
             flow: *flow,
-            _pad2: 0,
             source: SourceKey {
                 connector: 0,
                 addr: [0; 16],
             },
-            _pad3: 0,
+            idle_ns: 0,
         })
     }
 
@@ -551,48 +672,55 @@ impl Kernel {
         } else {
             control::COLLECT_SOURCE
         };
-        self.run_control(Control {
-            op,
-            _pad: 0,
-            flow: FlowKey {
-                local: [0; 16],
-                remote: [0; 16],
-                local_port: 0,
-                remote_port: 0,
-            },
-            _pad2: 0,
-            source: *source,
-            _pad3: 0,
-        })
+        self.run_control(source_request(op, source, 0))
+    }
+
+    /// Deletes `source`'s entry if it holds nothing and has held nothing
+    /// for `idle`, checked in the kernel at the moment of the deletion.
+    pub fn forget_source(
+        &mut self,
+        source: &SourceKey,
+        idle: std::time::Duration,
+    ) -> Result<bool, KernelError> {
+        let request = source_request(control::FORGET_SOURCE, source, idle.as_nanos() as u64);
+        Ok(self.run_control(request)? == control::DONE)
     }
 
     fn run_control(&mut self, request: Control) -> Result<u32, KernelError> {
-        let mut options = RawTracePointRunOptions::new();
-        // SAFETY: `Control` is `#[repr(C)]` plain data, a whole number of u64
-        // arguments (checked in limiter-common's tests).
+        // SAFETY: `Control` is `#[repr(C)]` plain data with no implicit
+        // padding (checked in limiter-common's tests).
         let bytes: [u8; size_of::<Control>()] = unsafe { std::mem::transmute(request) };
-        for (arg, chunk) in options.args.iter_mut().zip(bytes.chunks_exact(8)) {
-            *arg = u64::from_ne_bytes(chunk.try_into().expect("chunks of 8"));
-        }
-        let program: &mut RawTracePoint = program(&mut self.ebpf, programs::CONTROL)?;
-        let result = program
-            .test_run(options)
+        let mut out = [0u8; size_of::<Control>()];
+        let program: &Xdp = program_ref(&self.ebpf, programs::CONTROL)?;
+        program
+            .test_run(TestRunOptions {
+                data_in: Some(&bytes),
+                data_out: Some(&mut out),
+                ..TestRunOptions::default()
+            })
             .map_err(prog_err(programs::CONTROL))?;
-        Ok(result.return_value)
+        // SAFETY: the program's frame is a `Control`, written back whole.
+        let answer: Control = unsafe { std::mem::transmute(out) };
+        Ok(answer.result)
     }
 
     /// Live connections of the connector with id `id`.
     pub fn connector_live(&self, id: u32) -> Result<u32, KernelError> {
-        self.connector_live
+        self.connector_state
             .get(&id, 0)
-            .map_err(map_err(names::CONNECTOR_LIVE))
+            .map(|state| state.live)
+            .map_err(map_err(names::CONNECTOR_STATE))
     }
 
     /// Live connections on every connector id.
     pub fn live_total(&self) -> Result<u64, KernelError> {
-        self.connector_live
+        self.connector_state
             .iter()
-            .map(|live| live.map(u64::from).map_err(map_err(names::CONNECTOR_LIVE)))
+            .map(|state| {
+                state
+                    .map(|s| u64::from(s.live))
+                    .map_err(map_err(names::CONNECTOR_STATE))
+            })
             .sum()
     }
 
@@ -609,18 +737,6 @@ impl Kernel {
     /// Live connections of one source (0 when it has no entry).
     pub fn source_live(&self, key: &SourceKey) -> u32 {
         self.source_live.get(key, 0).map(|c| c.live).unwrap_or(0)
-    }
-
-    /// Forgets a source entry (only ever one with no live connection).
-    pub fn forget_source(&mut self, key: &SourceKey) -> Result<(), KernelError> {
-        self.source_live
-            .remove(key)
-            .map_err(map_err(names::SOURCE_LIVE))
-    }
-
-    /// Open handshakes.
-    pub fn handshakes(&self) -> Vec<(FlowKey, FlowValue)> {
-        self.handshakes.iter().filter_map(Result::ok).collect()
     }
 
     /// Counted established connections.
@@ -647,11 +763,6 @@ impl Kernel {
         Ok(stats)
     }
 
-    /// Expires `flow` if it is still an open handshake.
-    pub fn expire_handshake(&mut self, flow: &FlowKey) -> Result<bool, KernelError> {
-        Ok(self.control(control::EXPIRE_HANDSHAKE, flow)? == control::DONE)
-    }
-
     /// Counts an established connection found in the socket table.
     pub fn seed(&mut self, flow: &FlowKey) -> Result<u32, KernelError> {
         self.control(control::SEED, flow)
@@ -669,11 +780,11 @@ impl Kernel {
 
     /// The ids of connectors that still hold counts.
     pub fn connector_ids_in_use(&self) -> HashSet<u32> {
-        self.connector_live
+        self.connector_state
             .iter()
             .enumerate()
-            .filter_map(|(id, live)| match live {
-                Ok(n) if n > 0 => Some(id as u32),
+            .filter_map(|(id, state)| match state {
+                Ok(s) if s.live > 0 => Some(id as u32),
                 _ => None,
             })
             .collect()
@@ -713,6 +824,88 @@ impl Ord for RangeKeyOrd {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
         (self.0.binding, self.0.remote).cmp(&(other.0.binding, other.0.remote))
     }
+}
+
+/// A `Control` request about `source`.
+fn source_request(op: u32, source: &SourceKey, idle_ns: u64) -> Control {
+    Control {
+        op,
+        result: 0,
+        flow: FlowKey {
+            local: [0; 16],
+            remote: [0; 16],
+            local_port: 0,
+            remote_port: 0,
+        },
+        source: *source,
+        idle_ns,
+    }
+}
+
+/// Something a start did, and how to take it back if the start fails.
+enum Undo {
+    /// A link this start made and pinned: removing the pin detaches it.
+    RemovePin(PathBuf),
+    /// An adopted link whose program this start replaced: the link gets
+    /// `program` back.
+    RestoreProgram { link: OwnedFd, program: OwnedFd },
+    /// Maps this start created and pinned (nothing was adopted), and the
+    /// `--bpffs` directory if it made that too.
+    RemoveMaps { pins: PinDir, made_root: bool },
+}
+
+impl std::fmt::Debug for Undo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Undo::RemovePin(path) => write!(f, "removing {}", path.display()),
+            Undo::RestoreProgram { .. } => write!(f, "restoring an adopted link's program"),
+            Undo::RemoveMaps { pins, .. } => write!(f, "removing {}", pins.dir().display()),
+        }
+    }
+}
+
+/// Makes the link pinned at `path` run `program` instead of its own, and
+/// returns how to give it its own back.
+fn swap_program(path: &Path, program: BorrowedFd<'_>) -> Result<Undo, String> {
+    let pinned = PinnedLink::from_pin(path).map_err(|e| error_chain(&e))?;
+    let link = FdLink::from(pinned);
+    let old_id = link.info().map_err(|e| error_chain(&e))?.program_id();
+    let old = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == old_id)
+        .ok_or_else(|| format!("the program (id {old_id}) of the link is gone"))?;
+    let old = old.fd().map_err(|e| error_chain(&e))?;
+    let link_fd = bpfsys::obj_get(path).map_err(|e| e.to_string())?;
+    bpfsys::link_update(link_fd.as_fd(), program).map_err(|e| e.to_string())?;
+    Ok(Undo::RestoreProgram {
+        link: link_fd,
+        program: old
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| e.to_string())?,
+    })
+}
+
+/// The kernel's reason in an attach error, without what the caller says
+/// already.
+fn reason_of(error: &KernelError) -> String {
+    match error {
+        KernelError::Interface { reason, .. } => reason
+            .split_once(": ")
+            .map_or(reason.as_str(), |(_, r)| r)
+            .to_string(),
+        other => other.to_string(),
+    }
+}
+
+fn program_ref<'a, T>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a T, KernelError>
+where
+    &'a T: TryFrom<&'a aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let program = ebpf
+        .program(name)
+        .ok_or(KernelError::MissingProgram(name))?;
+    program.try_into().map_err(prog_err(name))
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, KernelError>

@@ -25,12 +25,14 @@ pub struct Snapshot {
     pub connectors: Vec<(String, Counters, u32)>,
     /// Live connections still held by removed connectors.
     pub live_removed: u64,
-    pub open_handshakes: u64,
     /// Rejections the kernel could not report (event ring full).
     pub events_lost: u64,
     /// Event lines that could not be written to syslog.
     pub syslog_errors: u64,
-    pub tiny_fragments_dropped: u64,
+    /// SYNs to a bound port the XDP program could not read whole, dropped.
+    pub unreadable_dropped: u64,
+    /// Resets that found no room in the kernel's ring nor its table.
+    pub resets_lost: u64,
     /// (map, entries, capacity)
     pub maps: Vec<(&'static str, u64, u64)>,
 }
@@ -57,7 +59,7 @@ pub fn render(s: &Snapshot) -> String {
     let admitted = Family::<ConnectorLabel, Counter>::default();
     let rejected = Family::<RuleLabel, Counter>::default();
     let live = Family::<ConnectorLabel, Gauge>::default();
-    let expired = Family::<ConnectorLabel, Counter>::default();
+    let late = Family::<ConnectorLabel, Counter>::default();
     let closed = Family::<ConnectorLabel, Counter>::default();
     for (name, c, live_now) in &s.connectors {
         let connector = || ConnectorLabel {
@@ -78,36 +80,34 @@ pub fn render(s: &Snapshot) -> String {
                 .inc_by(n);
         }
         live.get_or_create(&connector()).set(i64::from(*live_now));
-        expired
-            .get_or_create(&connector())
-            .inc_by(c.handshakes_expired);
+        late.get_or_create(&connector()).inc_by(c.rejected_late);
         closed
             .get_or_create(&connector())
             .inc_by(c.closed + c.seeded_closed);
     }
     registry.register(
         "connections_admitted",
-        "SYNs admitted and counted",
+        "Connections admitted and counted when their handshake completed",
         admitted,
     );
     registry.register(
         "connections_rejected",
-        "SYNs rejected (or only reported, with action monitor), by the rule that fired",
+        "Connections rejected (or only reported, with action monitor), by the rule that fired: SYNs refused, and connections reset when their handshake completed",
         rejected,
     );
     registry.register(
+        "connections_rejected_late",
+        "Of the rejections, connections judged over a cap when their handshake completed, and reset",
+        late,
+    );
+    registry.register(
         "live_connections",
-        "Connections counted now: open handshakes and established connections",
+        "Connections the mail server holds now, as counted",
         live,
     );
     registry.register(
-        "handshakes_expired",
-        "Admitted SYNs whose handshake did not complete within handshake_timeout",
-        expired,
-    );
-    registry.register(
         "connections_closed",
-        "Counted connections that left ESTABLISHED",
+        "Counted connections whose server socket closed",
         closed,
     );
     let gauge = |value: u64| {
@@ -126,11 +126,6 @@ pub fn render(s: &Snapshot) -> String {
         gauge(s.live_removed),
     );
     registry.register(
-        "open_handshakes",
-        "Admitted SYNs whose handshake is still open",
-        gauge(s.open_handshakes),
-    );
-    registry.register(
         "events_lost",
         "Rejections not reported because the kernel's event ring was full",
         counter(s.events_lost),
@@ -141,9 +136,14 @@ pub fn render(s: &Snapshot) -> String {
         counter(s.syslog_errors),
     );
     registry.register(
-        "tiny_fragments_dropped",
-        "First IP fragments to a bound port too short to show the TCP header",
-        counter(s.tiny_fragments_dropped),
+        "unreadable_syns_dropped",
+        "Possible SYNs to a bound port that could not be read whole (cut by IP fragmentation, or behind more headers than are followed), dropped",
+        counter(s.unreadable_dropped),
+    );
+    registry.register(
+        "resets_lost",
+        "Connections judged over a cap that could not be queued for their reset",
+        counter(s.resets_lost),
     );
     let entries = Family::<MapLabel, Gauge>::default();
     let capacity = Family::<MapLabel, Gauge>::default();
@@ -244,7 +244,7 @@ mod tests {
                 4,
             )],
             events_lost: 2,
-            maps: vec![("handshakes", 1, 262_144)],
+            maps: vec![("established", 1, 262_144)],
             ..Default::default()
         };
         let text = render(&snapshot);
@@ -254,7 +254,7 @@ mod tests {
             "limiter_connections_rejected_total{connector=\"Default Frontend\",rule=\"total\"} 0",
             "limiter_live_connections{connector=\"Default Frontend\"} 4",
             "limiter_events_lost_total 2",
-            "limiter_map_capacity{map=\"handshakes\"} 262144",
+            "limiter_map_capacity{map=\"established\"} 262144",
             "# TYPE limiter_connections_admitted_total counter",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");

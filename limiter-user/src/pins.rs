@@ -176,6 +176,25 @@ impl PinDir {
         remove_version(&self.dir)
     }
 
+    /// What the links pinned here attach, for people.
+    pub fn describe(&self) -> String {
+        let mut what: Vec<String> = self
+            .xdp_links()
+            .into_iter()
+            .map(|(iface, mode, _)| format!("XDP on {iface} ({})", mode.name()))
+            .collect();
+        what.extend(
+            self.sock_ops_links()
+                .into_iter()
+                .map(|(ino, _)| format!("sock_ops on the cgroup with inode {ino}")),
+        );
+        if what.is_empty() {
+            "maps only, nothing attached".to_string()
+        } else {
+            what.join(", ")
+        }
+    }
+
     /// The root given to `--bpffs`.
     pub fn root(&self) -> &Path {
         &self.root

@@ -228,26 +228,28 @@ pub fn explain(
 /// Counters of the kernel programs.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counters {
-    /// SYNs admitted and counted.
+    /// Connections admitted and counted when their handshake completed.
     pub admitted: u64,
-    /// SYNs refused (or, with action monitor, that would have been).
+    /// Connections refused (or, with action monitor, that would have been):
+    /// SYNs refused, and connections reset when their handshake completed.
     pub rejected: u64,
     pub rejected_total_limit: u64,
     pub rejected_per_source: u64,
     pub rejected_percentage: u64,
-    /// SYNs refused because a table was full.
+    /// Of the rejections, those judged when the handshake completed (the
+    /// SYN had passed) and reset then.
+    pub rejected_late: u64,
+    /// Connections reset because a table they needed was full.
     pub rejected_table_full: u64,
-    /// Retransmitted SYNs of handshakes already counted.
-    pub syn_retransmitted: u64,
-    /// Handshakes that completed.
-    pub established: u64,
-    /// Established connections counted without an admitted SYN.
-    pub established_unseen: u64,
-    /// Connections that left ESTABLISHED.
+    /// SYNs passed to the kernel.
+    pub syn_passed: u64,
+    /// Counted connections the server's socket closed.
     pub closed: u64,
-    /// Handshakes released by handshake_timeout.
-    pub handshakes_expired: u64,
-    /// Connections found at start-up, and those of them seen closed.
+    /// Handshakes the kernel moved to another port or network namespace
+    /// (NAT), found again by their remote end.
+    pub moved: u64,
+    /// Connections found in the socket table and counted without a
+    /// judgement, and those of them seen closed.
     pub seeded: u64,
     pub seeded_closed: u64,
     /// Counted connections found gone from the socket table without a
@@ -267,12 +269,11 @@ impl Counters {
             rejected_total_limit,
             rejected_per_source,
             rejected_percentage,
+            rejected_late: at(stat::REJECTED_LATE),
             rejected_table_full: at(stat::TABLE_FULL),
-            syn_retransmitted: at(stat::SYN_RETRANSMITTED),
-            established: at(stat::ESTABLISHED),
-            established_unseen: at(stat::ESTABLISHED_UNSEEN),
+            syn_passed: at(stat::SYN_PASSED),
             closed: at(stat::CLOSED),
-            handshakes_expired: at(stat::HANDSHAKE_EXPIRED),
+            moved: at(stat::MOVED),
             seeded: at(stat::SEEDED),
             seeded_closed: at(stat::SEEDED_CLOSED),
             reconciled: at(stat::RECONCILED),
@@ -285,12 +286,11 @@ impl Counters {
         self.rejected_total_limit += other.rejected_total_limit;
         self.rejected_per_source += other.rejected_per_source;
         self.rejected_percentage += other.rejected_percentage;
+        self.rejected_late += other.rejected_late;
         self.rejected_table_full += other.rejected_table_full;
-        self.syn_retransmitted += other.syn_retransmitted;
-        self.established += other.established;
-        self.established_unseen += other.established_unseen;
+        self.syn_passed += other.syn_passed;
         self.closed += other.closed;
-        self.handshakes_expired += other.handshakes_expired;
+        self.moved += other.moved;
         self.seeded += other.seeded;
         self.seeded_closed += other.seeded_closed;
         self.reconciled += other.reconciled;
@@ -303,8 +303,14 @@ impl Counters {
 pub struct StatsReport {
     #[serde(flatten)]
     pub total: Counters,
-    /// First IP fragments too short to show the TCP header, dropped.
-    pub tiny_fragments_dropped: u64,
+    /// SYNs to a bound port the XDP program could not read whole (cut by
+    /// fragmentation, or behind more headers than it follows), dropped.
+    pub unreadable_dropped: u64,
+    /// Resets of connections judged over a cap that found the reset ring
+    /// full (done later by the daemon's sweep), and that found no room at
+    /// all (the connection stays up, uncounted).
+    pub resets_deferred: u64,
+    pub resets_lost: u64,
     pub connectors: Vec<ConnectorCounters>,
 }
 
@@ -316,8 +322,11 @@ pub struct ConnectorCounters {
 }
 
 pub fn stats(connectors: &Connectors, stats: &Stats) -> StatsReport {
+    let global = |counter: u32| stats.global[counter as usize];
     let mut report = StatsReport {
-        tiny_fragments_dropped: stats.global[stat::TINY_FRAGMENT as usize],
+        unreadable_dropped: global(stat::UNREADABLE),
+        resets_deferred: global(stat::RESETS_DEFERRED),
+        resets_lost: global(stat::RESETS_LOST),
         ..Default::default()
     };
     for (id, row) in stats

@@ -256,7 +256,6 @@ mod tests {
     fn config(connectors: Vec<Connector>) -> Config {
         Config {
             ipv6_prefix_length: 64,
-            handshake_timeout: std::time::Duration::from_secs(10),
             connectors,
         }
     }

@@ -1,25 +1,33 @@
-//! The kernel's own table of TCP sockets, read through netlink sock_diag:
-//! what `ss` shows. The daemon counts what it finds at start-up and keeps
-//! its counts honest against it.
+//! The kernel's own table of TCP sockets, through netlink sock_diag: what
+//! `ss` shows. The daemon counts what it finds at start-up, keeps its counts
+//! honest against it, and resets through it the connections the kernel
+//! judged over a cap when their handshake completed (`SOCK_DESTROY`).
 
 use std::{collections::HashSet, io, net::IpAddr};
 
 use limiter_common::maps::FlowKey;
 use netlink_packet_core::{
-    NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+    NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkDeserializable, NetlinkHeader, NetlinkMessage,
+    NetlinkPayload, NetlinkSerializable,
 };
 use netlink_packet_sock_diag::{
-    SockDiagMessage,
+    SockDiagDestroy, SockDiagMessage,
     constants::{AF_INET, AF_INET6, IPPROTO_TCP},
     inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
 
-use crate::selection::to_addr;
+use crate::selection::{from_addr, to_addr};
 
-/// The established TCP connections of this network namespace whose local
-/// port is in `ports`, as flow keys from the server's side.
-pub fn established(ports: &HashSet<u16>) -> io::Result<Vec<FlowKey>> {
+/// The states in which the server holds a connection: open, or half-closed
+/// by the client (CLOSE_WAIT), which the server still serves.
+fn held() -> StateFlags {
+    StateFlags::ESTABLISHED | StateFlags::CLOSE_WAIT
+}
+
+/// The connections of this network namespace that a server holds on a
+/// local port in `ports`, as flow keys from the server's side.
+pub fn held_connections(ports: &HashSet<u16>) -> io::Result<Vec<FlowKey>> {
     let mut flows = Vec::new();
     for family in [AF_INET, AF_INET6] {
         dump(family, |id| {
@@ -36,53 +44,82 @@ pub fn established(ports: &HashSet<u16>) -> io::Result<Vec<FlowKey>> {
     Ok(flows)
 }
 
-fn dump(family: u8, mut each: impl FnMut(&SocketId)) -> io::Result<()> {
+fn connect() -> io::Result<Socket> {
     let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
     socket.bind_auto()?;
     socket.connect(&SocketAddr::new(0, 0))?;
+    Ok(socket)
+}
 
+fn send<T: NetlinkSerializable + std::fmt::Debug>(
+    socket: &Socket,
+    flags: u16,
+    payload: T,
+) -> io::Result<()>
+where
+    NetlinkPayload<T>: From<T>,
+{
     let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    header.flags = flags;
+    let mut request = NetlinkMessage::new(header, NetlinkPayload::from(payload));
+    request.finalize();
+    let mut buf = vec![0u8; request.buffer_len()];
+    request.serialize(&mut buf);
+    socket.send(&buf, 0)?;
+    Ok(())
+}
+
+fn dump(family: u8, mut each: impl FnMut(&SocketId)) -> io::Result<()> {
+    let socket = connect()?;
     let socket_id = if family == AF_INET {
         SocketId::new_v4()
     } else {
         SocketId::new_v6()
     };
-    let mut request = NetlinkMessage::new(
-        header,
+    send(
+        &socket,
+        NLM_F_REQUEST | NLM_F_DUMP,
         SockDiagMessage::InetRequest(InetRequest {
             family,
             protocol: IPPROTO_TCP,
             extensions: ExtensionFlags::empty(),
-            states: StateFlags::ESTABLISHED,
+            states: held(),
             socket_id,
-        })
-        .into(),
-    );
-    request.finalize();
-    let mut buf = vec![0u8; request.buffer_len()];
-    request.serialize(&mut buf);
-    socket.send(&buf, 0)?;
+        }),
+    )?;
+    receive::<SockDiagMessage>(&socket, |message| {
+        if let SockDiagMessage::InetResponse(response) = message {
+            let id = &response.header.socket_id;
+            // Only what a connection's addresses can be.
+            if matches!(id.source_address, IpAddr::V4(_) | IpAddr::V6(_)) {
+                each(id);
+            }
+        }
+    })
+}
 
+/// Reads replies until the kernel says it is done (or acknowledges).
+fn receive<T>(socket: &Socket, mut each: impl FnMut(T)) -> io::Result<()>
+where
+    T: NetlinkDeserializable,
+{
     let mut receive = vec![0u8; 64 * 1024];
     loop {
         let size = socket.recv(&mut &mut receive[..], 0)?;
         let mut offset = 0;
         while offset < size {
-            let message = NetlinkMessage::<SockDiagMessage>::deserialize(&receive[offset..size])
+            let message = NetlinkMessage::<T>::deserialize(&receive[offset..size])
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
             let length = message.header.length as usize;
             match message.payload {
-                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
-                    let id = &response.header.socket_id;
-                    // Only what a connection's addresses can be.
-                    if matches!(id.source_address, IpAddr::V4(_) | IpAddr::V6(_)) {
-                        each(id);
-                    }
-                }
+                NetlinkPayload::InnerMessage(inner) => each(inner),
                 NetlinkPayload::Done(_) => return Ok(()),
+                // An acknowledgement is an error message with code 0.
                 NetlinkPayload::Error(e) => {
-                    return Err(e.to_io());
+                    return match e.code {
+                        None => Ok(()),
+                        Some(_) => Err(e.to_io()),
+                    };
                 }
                 _ => {}
             }
@@ -91,5 +128,42 @@ fn dump(family: u8, mut each: impl FnMut(&SocketId)) -> io::Result<()> {
             }
             offset += length;
         }
+    }
+}
+
+/// Resets the connection `flow` of this network namespace, as
+/// `ss --kill` does: the server's socket is aborted (its application sees
+/// ECONNABORTED) and the client gets a RST. `Ok(false)`: no such socket
+/// (it closed meanwhile).
+pub fn destroy(flow: &FlowKey) -> io::Result<bool> {
+    let socket = connect()?;
+    // An IPv4 connection is found by its IPv4 addresses, whichever family
+    // the server's socket has (a dual-stack socket's is hashed as IPv4).
+    let (local, remote) = (from_addr(&flow.local), from_addr(&flow.remote));
+    let family = if local.is_ipv4() { AF_INET } else { AF_INET6 };
+    let request = SockDiagMessage::InetRequest(InetRequest {
+        family,
+        protocol: IPPROTO_TCP,
+        extensions: ExtensionFlags::empty(),
+        states: StateFlags::all(),
+        socket_id: SocketId {
+            source_port: flow.local_port,
+            destination_port: flow.remote_port,
+            source_address: local,
+            destination_address: remote,
+            interface_id: 0,
+            // INET_DIAG_NOCOOKIE: any socket with these addresses.
+            cookie: [0xff; 8],
+        },
+    });
+    send(
+        &socket,
+        NLM_F_REQUEST | NLM_F_ACK,
+        SockDiagDestroy::new(request),
+    )?;
+    match receive::<SockDiagDestroy>(&socket, |_| {}) {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
     }
 }

@@ -19,6 +19,11 @@ use crate::{OwnedNetns, run_checked, wait_for};
 pub const SERVER: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
 const GENERATOR: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 2);
 const FLOOD_BASE: Ipv4Addr = Ipv4Addr::new(10, 128, 0, 0);
+/// The flood's `i`-th source address.
+pub fn flood_source(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(FLOOD_BASE) + i)
+}
+
 /// The core the server's receive path is pinned to, and the generator's.
 pub const SERVER_CPU: usize = 1;
 const GENERATOR_CPU: usize = 0;

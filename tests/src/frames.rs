@@ -25,6 +25,7 @@ pub const IPV6_HOP_BY_HOP: u8 = 0;
 pub const IPV6_ROUTING: u8 = 43;
 pub const IPV6_FRAGMENT: u8 = 44;
 pub const IPV6_DEST_OPTIONS: u8 = 60;
+pub const IPV6_AUTH: u8 = 51;
 
 /// A TCP segment (or another protocol's payload) in a frame.
 #[derive(Clone, Debug)]
@@ -47,8 +48,23 @@ pub struct Segment {
     pub ipv6_extensions: Vec<u8>,
     /// IPv6 fragment header contents: (offset in 8-byte units, more).
     pub ipv6_fragment: (u16, bool),
-    /// Bytes of the L4 header actually written (20 for a whole TCP header).
-    pub l4_len: usize,
+    /// Bytes of TCP options (a multiple of 4, at most 40), counted in the
+    /// data offset.
+    pub tcp_options: usize,
+    /// Bytes of the L4 header actually written (the whole TCP header, its
+    /// options included, when not cut with [`Segment::l4_len`]).
+    pub l4_len: Option<usize>,
+    /// Bytes after the IP packet that its length does not count (Ethernet
+    /// padding, or trailing junk).
+    pub padding: usize,
+    /// Fill in the IPv4 header and TCP checksums, as a real host's kernel
+    /// checks them (the XDP program does not look at them).
+    pub checksums: bool,
+    /// The source MAC and the destination MAC of the frame.
+    pub macs: ([u8; 6], [u8; 6]),
+    /// VLAN ids of the tags (0: priority tags), in order; 100, 101, ...
+    /// when not given.
+    pub vlan_ids: Vec<u16>,
 }
 
 impl Segment {
@@ -66,7 +82,12 @@ impl Segment {
             ipv4_fragment: None,
             ipv6_extensions: Vec::new(),
             ipv6_fragment: (0, false),
-            l4_len: 20,
+            tcp_options: 0,
+            l4_len: None,
+            padding: 0,
+            checksums: false,
+            macs: ([0x02, 0, 0, 0, 0, 2], [0x02, 0, 0, 0, 0, 1]),
+            vlan_ids: Vec::new(),
         }
     }
 
@@ -107,24 +128,84 @@ impl Segment {
     }
 
     pub fn l4_len(mut self, len: usize) -> Self {
-        self.l4_len = len;
+        self.l4_len = Some(len);
+        self
+    }
+
+    pub fn tcp_options(mut self, bytes: usize) -> Self {
+        assert!(bytes.is_multiple_of(4) && bytes <= 40);
+        self.tcp_options = bytes;
+        self
+    }
+
+    pub fn padding(mut self, bytes: usize) -> Self {
+        self.padding = bytes;
+        self
+    }
+
+    /// Valid checksums, for frames a real kernel is to accept.
+    pub fn checksummed(mut self) -> Self {
+        self.checksums = true;
+        self
+    }
+
+    /// The frame goes from `source` to `destination` (MACs).
+    pub fn macs(mut self, source: [u8; 6], destination: [u8; 6]) -> Self {
+        self.macs = (source, destination);
+        self
+    }
+
+    /// Priority tags (VLAN 0), `n` of them, as the kernel strips them.
+    pub fn priority_tags(mut self, n: usize) -> Self {
+        self.tags = vec![ETH_P_8021Q; n];
+        self.vlan_ids = vec![0; n];
         self
     }
 
     fn l4(&self) -> Vec<u8> {
-        let mut tcp = vec![0u8; 20];
+        let len = 20 + self.tcp_options;
+        let mut tcp = vec![0u8; len];
         tcp[0..2].copy_from_slice(&self.sport.to_be_bytes());
         tcp[2..4].copy_from_slice(&self.dport.to_be_bytes());
         tcp[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes());
-        tcp[12] = 5 << 4;
+        tcp[12] = ((len / 4) as u8) << 4;
         tcp[13] = self.flags;
         tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
-        tcp.truncate(self.l4_len);
+        // Options: an MSS, then NOPs.
+        if self.tcp_options >= 4 {
+            tcp[20..24].copy_from_slice(&[2, 4, 0x05, 0xb4]);
+            for byte in tcp.iter_mut().skip(24) {
+                *byte = 1;
+            }
+        }
+        tcp.truncate(self.l4_len.unwrap_or(len));
         tcp
     }
 
     /// The whole frame.
     pub fn build(&self) -> Vec<u8> {
+        let (ether_type, network) = self.ip_packet();
+        let (source, destination) = self.macs;
+        let mut frame = destination.to_vec();
+        frame.extend_from_slice(&source);
+        for (i, tpid) in self.tags.iter().enumerate() {
+            let id = self.vlan_ids.get(i).copied().unwrap_or(100 + i as u16);
+            frame.extend_from_slice(&tpid.to_be_bytes());
+            frame.extend_from_slice(&id.to_be_bytes());
+        }
+        frame.extend_from_slice(&ether_type.to_be_bytes());
+        frame.extend_from_slice(&network);
+        frame
+    }
+
+    /// The IP packet alone, as an interface without a link layer (`wg0`,
+    /// `tun0`) carries it.
+    pub fn build_l3(&self) -> Vec<u8> {
+        self.ip_packet().1
+    }
+
+    /// The ether type and the IP packet, padding included.
+    fn ip_packet(&self) -> (u16, Vec<u8>) {
         let l4 = self.l4();
         let (ether_type, network) = match (self.src, self.dst) {
             (IpAddr::V4(src), IpAddr::V4(dst)) => {
@@ -148,6 +229,17 @@ impl Segment {
                 if self.ipv4_options > 0 {
                     ip[header_len - 1] = 0;
                 }
+                let mut l4 = l4;
+                if self.checksums {
+                    let check = crate::flood::fold(crate::flood::sum(&ip));
+                    ip[10..12].copy_from_slice(&check.to_be_bytes());
+                    let mut pseudo = Vec::new();
+                    pseudo.extend_from_slice(&src.octets());
+                    pseudo.extend_from_slice(&dst.octets());
+                    pseudo.extend_from_slice(&[0, self.protocol]);
+                    pseudo.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+                    tcp_checksum(&mut l4, pseudo);
+                }
                 ip.extend_from_slice(&l4);
                 (ETH_P_IP, ip)
             }
@@ -163,6 +255,10 @@ impl Segment {
                         let (offset, more) = self.ipv6_fragment;
                         let field = (offset << 3) | u16::from(more);
                         header[2..4].copy_from_slice(&field.to_be_bytes());
+                    } else if *kind == IPV6_AUTH {
+                        // Length 2, in 4-byte units minus 2: 16 bytes.
+                        header[1] = 2;
+                        header.extend_from_slice(&[0u8; 8]);
                     } else {
                         // Length 1: 16 bytes, padded with a PadN option.
                         header[1] = 1;
@@ -180,16 +276,36 @@ impl Segment {
                 ip[7] = 64;
                 ip[8..24].copy_from_slice(&src.octets());
                 ip[24..40].copy_from_slice(&dst.octets());
+                let mut l4 = l4;
+                if self.checksums {
+                    let mut pseudo = Vec::new();
+                    pseudo.extend_from_slice(&src.octets());
+                    pseudo.extend_from_slice(&dst.octets());
+                    pseudo.extend_from_slice(&(l4.len() as u32).to_be_bytes());
+                    pseudo.extend_from_slice(&[0, 0, 0, self.protocol]);
+                    tcp_checksum(&mut l4, pseudo);
+                }
                 ip.extend_from_slice(&extensions);
                 ip.extend_from_slice(&l4);
                 (ETH_P_IPV6, ip)
             }
             _ => panic!("mixed address families"),
         };
-        let mut frame = ethernet(&self.tags, ether_type);
-        frame.extend_from_slice(&network);
-        frame
+        let mut network = network;
+        network.extend(std::iter::repeat_n(0u8, self.padding));
+        (ether_type, network)
     }
+}
+
+/// Writes the TCP checksum of `l4` (checksum field zero), given its
+/// pseudo-header.
+fn tcp_checksum(l4: &mut [u8], mut pseudo: Vec<u8>) {
+    if l4.len() < 18 {
+        return;
+    }
+    pseudo.extend_from_slice(l4);
+    let check = crate::flood::fold(crate::flood::sum(&pseudo));
+    l4[16..18].copy_from_slice(&check.to_be_bytes());
 }
 
 /// An Ethernet header with VLAN `tags` (each a TPID) and `ether_type`.

@@ -51,6 +51,7 @@ pub mod netns;
 pub mod passxdp;
 pub mod postfix;
 mod procs;
+pub mod rawtcp;
 pub mod rsyslog;
 pub mod scenario;
 pub mod ss;

@@ -399,7 +399,7 @@ fn explain_tells_the_seeds_three_cases() {
     assert!(wait_until(
         Duration::from_secs(10),
         Duration::from_millis(100),
-        || { s.limiter.status().handshakes == 0 }
+        || { s.limiter.status().live_total == 2000 }
     ));
     let e = s.limiter.cli_json(&["explain", new_source]);
     assert_eq!(e["live_total"], 2000, "{e}");
