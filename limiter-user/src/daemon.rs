@@ -305,7 +305,6 @@ fn start(
             {
                 log::info!("detached {what}, which this run was not given");
             }
-            daemon.reset_waiting();
             Ok((daemon, listener))
         }
         Err(e) => {
@@ -379,6 +378,12 @@ fn attach_and_count(
             }
         );
         interfaces.push((iface.clone(), mode));
+    }
+    // What the kernel judged over a cap while no daemon ran is reset first,
+    // or the reconciliation would count it as a connection that predates
+    // the daemon.
+    for request in kernel.waiting_resets() {
+        reset_connection(netns_cookie, &request);
     }
     let ports: HashSet<u16> = table.ports.iter().copied().collect();
     let (reconciled, seeded) = reconcile(kernel, &ports)?;
@@ -756,6 +761,32 @@ async fn reset_connections(
     }
 }
 
+/// Resets a connection the kernel judged over a cap when its handshake
+/// completed (or could not count), in the network namespace of its server's
+/// socket; `own_netns` is the daemon's.
+fn reset_connection(own_netns: u64, request: &ResetRequest) {
+    let flow = request.flow;
+    let result = if request.netns_cookie == own_netns || request.netns_cookie == 0 {
+        sockdiag::destroy(&flow)
+    } else {
+        match netns::run_in(request.netns_cookie, || sockdiag::destroy(&flow)) {
+            Ok(Some(result)) => result,
+            Ok(None) => Ok(false),
+            Err(e) => Err(e),
+        }
+    };
+    let why = if request.reason == reset_reason::TABLE_FULL {
+        "a table it needed was full"
+    } else {
+        "over a cap when its handshake completed"
+    };
+    match result {
+        Ok(true) => log::debug!("reset {} ({why})", show(&flow)),
+        Ok(false) => log::debug!("{} closed before its reset ({why})", show(&flow)),
+        Err(e) => log::warn!("resetting {} ({why}): {e}", show(&flow)),
+    }
+}
+
 /// The counts made to agree with the kernel's socket table: counted
 /// connections that are gone (closed while no daemon or no sock_ops program
 /// watched) are released, held ones that are not counted (they predate the
@@ -855,42 +886,12 @@ impl Daemon {
         daemon
     }
 
-    /// Resets what the kernel asked to reset while no daemon ran.
-    fn reset_waiting(&mut self) {
-        let waiting = self.kernel.take_late_resets();
-        for request in &waiting {
-            self.reset(request);
-        }
-    }
-
     fn bound_ports(&self) -> HashSet<u16> {
         self.table.ports.iter().copied().collect()
     }
 
-    /// Resets a connection the kernel judged over a cap when its handshake
-    /// completed (or could not count): in the network namespace of its
-    /// server's socket.
     fn reset(&self, request: &ResetRequest) {
-        let flow = request.flow;
-        let result = if request.netns_cookie == self.netns_cookie || request.netns_cookie == 0 {
-            sockdiag::destroy(&flow)
-        } else {
-            match netns::run_in(request.netns_cookie, || sockdiag::destroy(&flow)) {
-                Ok(Some(result)) => result,
-                Ok(None) => Ok(false),
-                Err(e) => Err(e),
-            }
-        };
-        let why = if request.reason == reset_reason::TABLE_FULL {
-            "a table it needed was full"
-        } else {
-            "over a cap when its handshake completed"
-        };
-        match result {
-            Ok(true) => log::debug!("reset {} ({why})", show(&flow)),
-            Ok(false) => log::debug!("{} closed before its reset ({why})", show(&flow)),
-            Err(e) => log::warn!("resetting {} ({why}): {e}", show(&flow)),
-        }
+        reset_connection(self.netns_cookie, request);
     }
 
     /// One round of housekeeping: resets that found the ring full, seeded

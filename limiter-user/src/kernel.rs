@@ -320,6 +320,25 @@ impl Kernel {
         self.resets.take()
     }
 
+    /// The reset requests waiting in the ring and in `LATE_RESETS` (those a
+    /// daemon that is gone never saw), taken.
+    pub fn waiting_resets(&mut self) -> Vec<ResetRequest> {
+        let mut requests = Vec::new();
+        if let Some(ring) = self.resets.as_mut() {
+            while let Some(item) = ring.next() {
+                if item.len() >= size_of::<ResetRequest>() {
+                    // SAFETY: the kernel wrote a ResetRequest there; the
+                    // length was checked.
+                    requests.push(unsafe {
+                        std::ptr::read_unaligned(item.as_ptr().cast::<ResetRequest>())
+                    });
+                }
+            }
+        }
+        requests.extend(self.take_late_resets());
+        requests
+    }
+
     /// Takes the reset requests that found the ring full.
     pub fn take_late_resets(&mut self) -> Vec<ResetRequest> {
         let requests: Vec<(FlowKey, ResetRequest)> =

@@ -259,12 +259,15 @@ impl Segment {
                         // Length 2, in 4-byte units minus 2: 16 bytes.
                         header[1] = 2;
                         header.extend_from_slice(&[0u8; 8]);
-                    } else {
-                        // Length 1: 16 bytes, padded with a PadN option.
+                    } else if *kind == IPV6_ROUTING {
+                        // Length 1: 16 bytes; type 0, no segments left.
                         header[1] = 1;
                         header.extend_from_slice(&[0u8; 8]);
+                    } else {
+                        // Length 0: 8 bytes, padded with a PadN option of
+                        // four zeros (the kernel refuses longer padding).
                         header[2] = 1;
-                        header[3] = 12;
+                        header[3] = 4;
                     }
                     extensions.extend_from_slice(&header);
                 }

@@ -63,13 +63,24 @@ impl HoldServer {
         cgroup: Option<&Cgroup>,
         listen: &[&str],
     ) -> HoldServer {
+        Self::start_in(bin, lab.server_ns(), cgroup, listen)
+    }
+
+    /// Like [`start_with`](Self::start_with), in namespace `ns` (a
+    /// "container" behind the lab's server, say).
+    pub fn start_in(
+        bin: &Path,
+        ns: &crate::Netns,
+        cgroup: Option<&Cgroup>,
+        listen: &[&str],
+    ) -> HoldServer {
         assert!(!listen.is_empty(), "HoldServer needs at least one address");
         let mut cmd = Command::new(bin);
         cmd.args(listen)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut child = spawn_in(lab.server_ns(), cgroup, cmd);
+        let mut child = spawn_in(ns, cgroup, cmd);
         child.capture();
         if child
             .wait_for_line(Duration::from_secs(10), |l| l == "listening")

@@ -1,7 +1,8 @@
 //! tcp-hold: a TCP server that holds connections open for tests.
 //!
-//! Usage: `tcp-hold ADDR:PORT [ADDR:PORT ...]` (IPv6 as `[::]:25`; IPv6
-//! listeners are IPV6_V6ONLY so a v4 and a v6 listener can share a port).
+//! Usage: `tcp-hold [--unread] ADDR:PORT [ADDR:PORT ...]` (IPv6 as
+//! `[::]:25`; IPv6 listeners are IPV6_V6ONLY so a v4 and a v6 listener can
+//! share a port).
 //!
 //! Prints `listening` on stdout once every listener is bound. Each
 //! connection is served by its own thread, line by line:
@@ -9,6 +10,10 @@
 //! - `reset` → the server closes with SO_LINGER {on, 0}, so a RST is sent;
 //! - any other line is echoed back;
 //! - EOF from the client → the server closes.
+//!
+//! With `--unread`, a connection is accepted and never read: the server
+//! holds it until it exits, also once the client has half-closed it (as a
+//! busy MTA, or Postfix's postscreen before it reads, does).
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -17,9 +22,13 @@ use std::time::Duration;
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let unread = args.first().is_some_and(|a| a == "--unread");
+    if unread {
+        args.remove(0);
+    }
     if args.is_empty() || args.iter().any(|a| a == "-h" || a == "--help") {
-        eprintln!("usage: tcp-hold ADDR:PORT [ADDR:PORT ...]");
+        eprintln!("usage: tcp-hold [--unread] ADDR:PORT [ADDR:PORT ...]");
         std::process::exit(2);
     }
     raise_nofile_limit();
@@ -40,7 +49,7 @@ fn main() {
     }
     let handles: Vec<_> = listeners
         .into_iter()
-        .map(|(addr, l)| std::thread::spawn(move || accept_loop(addr, l)))
+        .map(|(addr, l)| std::thread::spawn(move || accept_loop(addr, l, unread)))
         .collect();
     for h in handles {
         let _ = h.join();
@@ -80,9 +89,11 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     Ok(s.into())
 }
 
-fn accept_loop(addr: SocketAddr, l: TcpListener) {
+fn accept_loop(addr: SocketAddr, l: TcpListener, unread: bool) {
+    let mut held = Vec::new();
     loop {
         match l.accept() {
+            Ok((stream, _peer)) if unread => held.push(stream),
             Ok((stream, _peer)) => {
                 let spawned = std::thread::Builder::new()
                     .stack_size(128 * 1024)
