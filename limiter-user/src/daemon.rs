@@ -292,7 +292,13 @@ fn start(
         sources: options.table_entries,
         established: options.table_entries,
     };
-    let mut kernel = Kernel::load(sizes, Some(pins)).map_err(|e| anyhow!(error_chain(&e)))?;
+    let mut kernel = Kernel::load(sizes, Some(pins)).map_err(|e| {
+        anyhow!(
+            "loading the programs and maps (--table-entries {}): {}",
+            options.table_entries,
+            error_chain(&e)
+        )
+    })?;
     let result = attach_and_count(options, loaded, links, cgroup, netns_cookie, &mut kernel);
     match result {
         Ok(parts) => {

@@ -65,6 +65,46 @@ impl Cgroup {
         read_procs(&self.path)
     }
 
+    /// How many sock_ops programs are attached to this cgroup itself
+    /// (`BPF_PROG_QUERY`, as `bpftool cgroup show` asks).
+    pub fn sock_ops_programs(&self) -> u32 {
+        const BPF_PROG_QUERY: libc::c_long = 16;
+        const BPF_CGROUP_SOCK_OPS: u32 = 3;
+        /// `union bpf_attr` for BPF_PROG_QUERY, padded to the union's size.
+        #[repr(C)]
+        struct QueryAttr {
+            target_fd: u32,
+            attach_type: u32,
+            query_flags: u32,
+            attach_flags: u32,
+            prog_ids: u64,
+            prog_cnt: u32,
+            _pad: [u8; 100],
+        }
+        let dir = std::fs::File::open(&self.path).expect("opening the cgroup");
+        let mut attr = QueryAttr {
+            target_fd: std::os::fd::AsRawFd::as_raw_fd(&dir) as u32,
+            attach_type: BPF_CGROUP_SOCK_OPS,
+            query_flags: 0,
+            attach_flags: 0,
+            prog_ids: 0,
+            prog_cnt: 0,
+            _pad: [0; 100],
+        };
+        // SAFETY: a zero-padded bpf_attr of the size passed; no buffer for
+        // the ids, so the kernel writes only the count.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_QUERY,
+                &mut attr as *mut QueryAttr,
+                size_of::<QueryAttr>() as libc::c_uint,
+            )
+        };
+        assert_eq!(rc, 0, "BPF_PROG_QUERY: {}", io::Error::last_os_error());
+        attr.prog_cnt
+    }
+
     /// Moves process `pid` into this cgroup.
     pub fn add(&self, pid: u32) {
         std::fs::write(self.path.join("cgroup.procs"), pid.to_string())

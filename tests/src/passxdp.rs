@@ -9,7 +9,7 @@
 use aya::programs::XdpMode;
 use limiter::baseline::{BARE_PASS, Baseline};
 
-use crate::Lab;
+use crate::{Lab, Netns};
 
 /// Detached on drop.
 pub struct PassXdp {
@@ -18,12 +18,18 @@ pub struct PassXdp {
 
 impl PassXdp {
     pub fn attach(lab: &Lab) -> PassXdp {
-        let iface = lab.client_iface().to_string();
-        let baseline = lab.client_ns().run(move || {
+        Self::attach_to(lab.client_ns(), lab.client_iface(), XdpMode::Driver)
+    }
+
+    /// The program on `iface` in `ns`, in `mode` (another program already
+    /// there, say, for a limiter that must fail to attach).
+    pub fn attach_to(ns: &Netns, iface: &str, mode: XdpMode) -> PassXdp {
+        let iface = iface.to_string();
+        let baseline = ns.run(move || {
             let mut baseline = Baseline::load().expect("loading the baseline programs");
             baseline
-                .attach(BARE_PASS, &iface, XdpMode::Driver)
-                .expect("attaching XDP to the client's veth");
+                .attach(BARE_PASS, &iface, mode)
+                .expect("attaching XDP");
             baseline
         });
         PassXdp {
