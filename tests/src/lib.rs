@@ -55,6 +55,7 @@ pub mod rawtcp;
 pub mod rsyslog;
 pub mod scenario;
 pub mod ss;
+pub mod tunlink;
 
 pub use bpffs::BpfFs;
 pub use cgroup::Cgroup;

@@ -468,3 +468,39 @@ fn reset_refuses_at_once_and_monitor_only_reports() {
         "{events}"
     );
 }
+
+#[test]
+fn an_interface_without_a_link_layer_is_enforced_from_the_ip_header() {
+    use limiter_tests::tunlink::{self, TunLink};
+    let lab = Lab::new();
+    let cgroup = Cgroup::new();
+    let link = TunLink::new(&lab);
+    let _server = HoldServer::start_with(tcp_hold_bin!(), &lab, Some(&cgroup), &["10.78.0.1:25"]);
+    let limiter = Limiter::start_with(
+        &lab,
+        &cgroup,
+        Some(&connector("Frontend", "[\"0.0.0.0/0\"]", "100", "2", 100)),
+        &["--iface", link.server_iface()],
+    );
+    let status = limiter.status();
+    assert!(
+        status
+            .interfaces
+            .iter()
+            .any(|i| i.name == link.server_iface()),
+        "{status:?}"
+    );
+    let server = std::net::SocketAddr::from((tunlink::SERVER, 25));
+    let connect = || lab.connect(tunlink::CLIENT.into(), server, ADMIT_WAIT);
+    let _held: Vec<TcpStream> = (0..2).map(|_| connect().expect("within the cap")).collect();
+    // Refused at its SYN, by the program that reads bare IP packets.
+    let refused = connect().expect_err("over the cap");
+    assert_eq!(refused.kind(), ErrorKind::TimedOut);
+    let stats = limiter.cli_json(&["stats"]);
+    assert!(
+        stats["rejected_per_source"].as_u64().unwrap() >= 1,
+        "{stats}"
+    );
+    assert_eq!(stats["rejected_late"], 0, "{stats}");
+    assert_eq!(limiter.live("Frontend"), 2);
+}
