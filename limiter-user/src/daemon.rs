@@ -28,7 +28,7 @@ use crate::{
     edit::ConfigDocument,
     events::{Event, EventHub, Folder, SyslogSink},
     kernel::{AttachedMode, Kernel, TableSizes, XdpModeRequest, error_chain},
-    metrics,
+    metrics, notify,
     pins::PinDir,
     report::{self, Connectors, limit_json},
     selection::{SelectionTable, from_addr},
@@ -65,8 +65,8 @@ pub struct RunOptions {
     /// A group whose members may use the control socket besides root.
     pub control_group: Option<String>,
     pub xdp_mode: XdpModeRequest,
-    /// The syslog socket for events; `None`: off.
-    pub syslog: Option<PathBuf>,
+    /// Where events go; `None`: off.
+    pub syslog: Option<crate::logging::Destination>,
     /// Repeats of a (connector, source, rule) are folded over this period.
     pub event_period: Duration,
     /// Where to serve Prometheus metrics.
@@ -246,6 +246,10 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         options.event_period,
     ));
     let sweeper = tokio::spawn(sweep_forever(daemon.clone(), sweep_every));
+    let status = daemon.clone();
+    tasks.push(notify::ready(move || {
+        status.lock().expect("daemon lock").status()
+    }));
 
     let mut terminate = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
@@ -255,6 +259,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         result = sweeper => Some(("sweeper", result)),
         result = reporter => Some(("event reader", result)),
     };
+    notify::stopping();
     for task in tasks {
         task.abort();
     }
@@ -280,7 +285,7 @@ async fn report_events(
     ring: RingBuf<MapData>,
     daemon: Arc<Mutex<Daemon>>,
     hub: Arc<EventHub>,
-    syslog: Option<PathBuf>,
+    syslog: Option<crate::logging::Destination>,
     period: Duration,
 ) -> anyhow::Result<()> {
     // SAFETY: the ring buffer owns its map fd, which stays open and the same
@@ -1019,6 +1024,7 @@ impl Daemon {
         &mut self,
         edit: impl FnOnce(&mut ConfigDocument) -> Result<(), String>,
     ) -> anyhow::Result<()> {
+        let _reloading = notify::Reloading::start();
         let mut document = self.document.clone();
         edit(&mut document).map_err(|e| anyhow!(e))?;
         let file = self.config_path.display().to_string();
