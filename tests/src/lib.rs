@@ -49,6 +49,7 @@ pub mod hold;
 pub mod journald;
 pub mod lab;
 pub mod netns;
+pub mod package;
 pub mod passxdp;
 pub mod postfix;
 mod procs;
