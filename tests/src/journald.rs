@@ -106,6 +106,19 @@ impl Journald {
         }
     }
 
+    /// Like [`Journald::launch`], with stderr connected to the journal as
+    /// systemd connects a service's: `JOURNAL_STREAM` names it (here a
+    /// pipe to the test, standing in for journald's stream socket).
+    pub fn launch_as_service(&self) -> Launch {
+        let script = format!(
+            "JOURNAL_STREAM=$(stat -L -c %d:%i /proc/self/fd/2); export JOURNAL_STREAM; {WITH_JOURNAL_SOCKETS}"
+        );
+        Launch {
+            wrapper: mount_namespace_wrapper(&script, &self.dir.join("run")),
+            ..Launch::default()
+        }
+    }
+
     /// The entries `journalctl` finds with `matches` (`FIELD=VALUE`, or
     /// `-t IDENTIFIER`), oldest first.
     pub fn entries(&self, matches: &[&str]) -> Vec<JournalEntry> {

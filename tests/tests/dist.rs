@@ -91,6 +91,7 @@ fn the_package_installs_into_a_fresh_debian_12_root() {
         echo "== man"; chroot "$ROOT" env MANWIDTH=80 man -P cat -l /usr/share/man/man8/limiter.8.gz 2>&1
         echo "== man run"; chroot "$ROOT" env MANWIDTH=80 man -P cat -l /usr/share/man/man8/limiter-run.8.gz 2>&1
         echo "== verify"; chroot "$ROOT" systemd-analyze verify --man=no /lib/systemd/system/limiter.service 2>&1
+        echo "== enabled"; chroot "$ROOT" systemctl is-enabled limiter.service 2>&1 || true
         echo "== conffiles"; chroot "$ROOT" dpkg-query -W -f '${Conffiles}\n' limiter
         echo "== bash"; chroot "$ROOT" bash -c '. /usr/share/bash-completion/completions/limiter; complete -p limiter'
         cp -r "$ROOT/usr/share/man/man8" "$OUT/man8"
@@ -130,6 +131,8 @@ fn the_package_installs_into_a_fresh_debian_12_root() {
         "",
         "systemd-analyze verify"
     );
+    // Installed, not enabled: the interface is the operator's to set first.
+    assert_eq!(section(&stdout, "enabled").trim(), "disabled", "{stdout}");
     let conffiles = section(&stdout, "conffiles");
     assert!(
         conffiles.contains("/etc/limiter/connectors.toml")
