@@ -60,7 +60,7 @@ fn make_deb() -> PathBuf {
         out.status
     );
     workspace.join(format!(
-        "target/dist/limiter_{}_amd64.deb",
+        "target/dist/dev/limiter_{}_amd64.deb",
         env!("CARGO_PKG_VERSION")
     ))
 }

@@ -42,7 +42,8 @@ enum Task {
     /// unit, /etc/default/limiter, an example connectors.toml, the man
     /// pages and the shell completions.
     Dist {
-        /// The cargo profile to build with.
+        /// The cargo profile to build with (a package of another profile
+        /// than release goes to target/dist/PROFILE/).
         #[arg(long, default_value = "release")]
         profile: String,
     },
@@ -206,7 +207,12 @@ fn dist(profile: &str) -> anyhow::Result<PathBuf> {
         bail!("gzip of the man pages failed ({status})");
     }
     let version = env!("CARGO_PKG_VERSION");
-    let deb = root.join(format!("target/dist/limiter_{version}_amd64.deb"));
+    // Another profile's package (the tests') never overwrites the release's.
+    let out = match profile {
+        "release" => root.join("target/dist"),
+        other => root.join("target/dist").join(other),
+    };
+    let deb = out.join(format!("limiter_{version}_amd64.deb"));
     let deb_arg = deb.to_str().context("a UTF-8 target directory")?;
     cargo(&[
         "deb",
