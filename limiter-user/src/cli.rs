@@ -304,13 +304,6 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                 .resolve(args.syslog_format)
                 .map_err(anyhow::Error::msg)?;
             DaemonLog::install(syslog.clone()).context("installing the logger")?;
-            log::info!(
-                "limiter {} starting; events and log lines go to {}",
-                env!("CARGO_PKG_VERSION"),
-                syslog
-                    .as_ref()
-                    .map_or("stderr only (--syslog off)".to_string(), |d| d.to_string())
-            );
             let options = RunOptions {
                 ifaces: args.ifaces,
                 config: args.config,

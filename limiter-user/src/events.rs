@@ -302,6 +302,7 @@ pub struct SyslogSink {
 
 impl SyslogSink {
     pub fn new(destination: Destination) -> SyslogSink {
+        log::info!("events and log lines go to {destination}");
         SyslogSink {
             writer: Writer::new(destination),
             errors: 0,
