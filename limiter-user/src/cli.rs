@@ -249,7 +249,8 @@ pub fn command() -> clap::Command {
 /// line.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    // `limiter run` logs where its events go (see `dispatch`).
+    // `limiter run` installs a logger that also takes its --syslog way
+    // (see `dispatch`).
     if !matches!(cli.command, Command::Run(_)) {
         env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
             .format_target(false)
