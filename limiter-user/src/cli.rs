@@ -13,6 +13,7 @@ use crate::{
     edit::ConnectorChanges,
     events::Event,
     kernel::XdpModeRequest,
+    logging::{self, DaemonLog},
     report::{Explanation, SourceEntry, StatsReport},
 };
 
@@ -198,10 +199,19 @@ struct RunArgs {
     /// XDP attach mode: native with fallback to generic, or one of them.
     #[arg(long, value_enum, default_value_t = XdpModeArg::Auto)]
     xdp_mode: XdpModeArg,
-    /// The syslog socket events are written to (RFC 5424, facility mail),
-    /// or `off`.
-    #[arg(long, default_value = "/dev/log", value_name = "PATH|off")]
-    syslog: String,
+    /// Where events (facility mail) and the daemon's own log lines go:
+    /// `auto` (the systemd journal, with structured fields, when journald
+    /// runs, else /dev/log), `journal`, a syslog socket path,
+    /// `udp://HOST:PORT` or `tcp://HOST:PORT` (a collector), or `off`.
+    #[arg(
+        long,
+        default_value = "auto",
+        value_name = "auto|journal|PATH|udp://HOST:PORT|tcp://HOST:PORT|off"
+    )]
+    syslog: logging::Setting,
+    /// The syslog format for a socket or collector [default: rfc5424].
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    syslog_format: Option<logging::Format>,
     /// Repeats of one (connector, source, rule) are written as one summary
     /// line per this period.
     #[arg(long, default_value = "60s", value_name = "DURATION")]
@@ -237,13 +247,23 @@ impl From<XdpModeArg> for XdpModeRequest {
     }
 }
 
+/// The command line's definition: what the binary parses, and what its man
+/// pages and shell completions are made from (see [`crate::docs`]).
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
+}
+
 /// Parses the command line, runs the command, and prints an error as one
 /// line.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_target(false)
-        .init();
+    // `limiter run` installs a logger that also takes its --syslog way
+    // (see `dispatch`).
+    if !matches!(cli.command, Command::Run(_)) {
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+            .format_target(false)
+            .init();
+    }
     match dispatch(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -296,6 +316,11 @@ fn ask<T: DeserializeOwned>(
 fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run(args) => {
+            let syslog = args
+                .syslog
+                .resolve(args.syslog_format)
+                .map_err(anyhow::Error::msg)?;
+            DaemonLog::install(syslog.clone()).context("installing the logger")?;
             let options = RunOptions {
                 ifaces: args.ifaces,
                 config: args.config,
@@ -304,10 +329,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                 control: args.control,
                 control_group: args.control_group,
                 xdp_mode: args.xdp_mode.into(),
-                syslog: match args.syslog.as_str() {
-                    "off" => None,
-                    path => Some(PathBuf::from(path)),
-                },
+                syslog,
                 event_period: args.event_period.into(),
                 metrics: args.metrics,
                 keep_attached: args.keep_attached,

@@ -582,6 +582,15 @@ max_inbound_connection_per_source = "unlimited"
 max_inbound_connection_percentage_per_source = 100
 "#;
 
+    #[test]
+    fn the_packaged_example_is_the_built_in_default() {
+        let shipped = include_str!("../../dist/connectors.toml");
+        assert_eq!(
+            Config::parse(shipped, "connectors.toml").unwrap(),
+            Config::builtin_default()
+        );
+    }
+
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, "connectors.toml")
     }

@@ -30,7 +30,7 @@ use crate::{
     edit::ConfigDocument,
     events::{Event, EventHub, Folder, SyslogSink},
     kernel::{AttachedMode, Kernel, LinkLayer, TableSizes, XdpModeRequest, error_chain},
-    metrics, netns,
+    metrics, netns, notify,
     pins::PinDir,
     preflight::{self, Bpffs},
     report::{self, Connectors, limit_json},
@@ -68,8 +68,8 @@ pub struct RunOptions {
     /// A group whose members may use the control socket besides root.
     pub control_group: Option<String>,
     pub xdp_mode: XdpModeRequest,
-    /// The syslog socket for events; `None`: off.
-    pub syslog: Option<PathBuf>,
+    /// Where events go; `None`: off.
+    pub syslog: Option<crate::logging::Destination>,
     /// Repeats of a (connector, source, rule) are folded over this period.
     pub event_period: Duration,
     /// Where to serve Prometheus metrics.
@@ -228,6 +228,10 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     ));
     let resetter = tokio::spawn(reset_connections(resets, daemon.clone()));
     let sweeper = tokio::spawn(sweep_forever(daemon.clone()));
+    let status = daemon.clone();
+    tasks.push(notify::ready(move || {
+        status.lock().expect("daemon lock").status()
+    }));
 
     let mut terminate = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
@@ -238,6 +242,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         result = reporter => Some(("event reader", result)),
         result = resetter => Some(("resetter", result)),
     };
+    notify::stopping();
     for task in tasks {
         task.abort();
     }
@@ -409,7 +414,7 @@ async fn report_events(
     ring: RingBuf<MapData>,
     daemon: Arc<Mutex<Daemon>>,
     hub: Arc<EventHub>,
-    syslog: Option<PathBuf>,
+    syslog: Option<crate::logging::Destination>,
     period: Duration,
 ) -> anyhow::Result<()> {
     // SAFETY: the ring buffer owns its map fd, which stays open and the same
@@ -1156,6 +1161,7 @@ impl Daemon {
         &mut self,
         edit: impl FnOnce(&mut ConfigDocument) -> Result<(), String>,
     ) -> anyhow::Result<()> {
+        let _reloading = notify::Reloading::start();
         let mut document = self.document.clone();
         edit(&mut document).map_err(|e| anyhow!(e))?;
         let file = self.config_path.display().to_string();

@@ -1,31 +1,36 @@
 //! Rejection events: Exchange's 1009 / 1021 lines, folded like Exchange's
-//! periodic logging, written to syslog (RFC 5424) and streamed to
-//! `limiter events` followers.
+//! periodic logging, written to the journal or syslog (see
+//! [`crate::logging`]) and streamed to `limiter events` followers.
 
 use std::{
     collections::{HashMap, VecDeque},
     net::{IpAddr, SocketAddr},
-    path::PathBuf,
     sync::{Mutex, atomic::AtomicU64},
     time::{Duration, Instant, SystemTime},
 };
 
+use fasyslog::Facility;
 use limiter_common::{Limits, Rule, admission::percentage_cap, maps::RejectionEvent, maps::action};
 use serde::{Deserialize, Serialize};
-use syslog::{Facility, Formatter5424, LogFormat, Logger, LoggerBackend};
 
-/// RFC 5424 structured data: SD-ID to parameters (the shape the syslog
-/// crate's formatter takes).
-type StructuredData =
-    std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>;
 use tokio::sync::broadcast;
 
-use crate::{config::LimitValue, report::show_source, selection::from_addr};
+use crate::{
+    config::LimitValue,
+    logging::{Destination, Entry, Writer},
+    report::show_source,
+    selection::from_addr,
+};
 
 /// The structured-data id of limiter's syslog parameters (32473 is the
 /// private enterprise number RFC 5612 sets aside for examples and
 /// documentation).
 pub const SD_ID: &str = "limiter@32473";
+/// The journal's MESSAGE_ID of event 1009 (`journalctl MESSAGE_ID=...`):
+/// fixed 128-bit ids, made once with `journalctl --new-id128`'s recipe.
+pub const MESSAGE_ID_1009: &str = "2c6fcf6927d84099a90dafd0ad35b394";
+/// The journal's MESSAGE_ID of event 1021.
+pub const MESSAGE_ID_1021: &str = "d5f9771a94124104b64b28621d78327a";
 /// Default period over which repeats are folded into one line.
 pub const DEFAULT_PERIOD: Duration = Duration::from_secs(60);
 /// Events kept for `limiter events` without `--follow`.
@@ -138,10 +143,11 @@ impl Event {
         }
     }
 
-    /// The structured data of its syslog line.
-    fn structured_data(&self) -> StructuredData {
-        let mut params = std::collections::BTreeMap::new();
-        for (key, value) in [
+    /// The details syslog and the journal carry besides the text: RFC 5424
+    /// parameters, and `LIMITER_<NAME>` fields in the journal.
+    pub fn fields(&self) -> Vec<(&'static str, String)> {
+        let mut fields = vec![
+            ("event_id", self.event_id.to_string()),
             ("connector", self.connector.clone()),
             ("source", self.source.clone()),
             ("source_identity", self.source_identity.clone()),
@@ -154,15 +160,34 @@ impl Event {
             ("action", self.action.clone()),
             ("count", self.count.to_string()),
             ("late", self.late.to_string()),
-        ] {
-            params.insert(key.to_string(), value);
-        }
+        ];
         if let Some(period) = self.period_seconds {
-            params.insert("period_seconds".to_string(), period.to_string());
+            fields.push(("period_seconds", period.to_string()));
         }
-        let mut data = StructuredData::new();
-        data.insert(SD_ID.to_string(), params);
-        data
+        fields
+    }
+
+    /// The text of its syslog or journal line: Exchange's, and for a
+    /// summary how often it repeated.
+    pub fn log_message(&self) -> String {
+        let mut message = self.message.clone();
+        if self.summary {
+            message.push_str(&format!(
+                " Repeated {} times in the last {} seconds.",
+                self.count,
+                self.period_seconds.unwrap_or_default()
+            ));
+        }
+        message
+    }
+
+    /// The journal's MESSAGE_ID for its event id.
+    pub fn message_id(&self) -> &'static str {
+        if self.event_id == 1009 {
+            MESSAGE_ID_1009
+        } else {
+            MESSAGE_ID_1021
+        }
     }
 
     /// The line for people.
@@ -277,87 +302,68 @@ impl Folder {
     }
 }
 
-/// RFC 5424 over a local syslog socket, facility mail, MSGID the event id.
+/// Events to the journal or syslog: facility mail, severity warning,
+/// MSGID (RFC 5424) the event id, MESSAGE_ID (journal) the event's.
 pub struct SyslogSink {
-    path: PathBuf,
-    formatter: Formatter5424,
-    logger: Option<Logger<LoggerBackend, Formatter5424>>,
+    writer: Writer,
     /// Lines that could not be written.
     pub errors: u64,
 }
 
 impl SyslogSink {
-    pub fn new(path: PathBuf) -> SyslogSink {
-        let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .ok()
-            .map(|h| h.trim().to_string())
-            .filter(|h| !h.is_empty());
+    pub fn new(destination: Destination) -> SyslogSink {
+        log::info!("events and log lines go to {destination}");
         SyslogSink {
-            path,
-            formatter: Formatter5424 {
-                facility: Facility::LOG_MAIL,
-                hostname,
-                process: "limiter".to_string(),
-                pid: std::process::id(),
-            },
-            logger: None,
+            writer: Writer::new(destination),
             errors: 0,
         }
     }
 
-    /// Writes one event as a warning; reconnects once if the socket went
-    /// away (syslogd restarted).
+    /// Writes one event; reconnects once if the other end went away.
     pub fn write(&mut self, event: &Event) {
-        let mut message = event.message.clone();
-        if event.summary {
-            message.push_str(&format!(
-                " Repeated {} times in the last {} seconds.",
-                event.count,
-                event.period_seconds.unwrap_or_default()
-            ));
-        }
-        for _attempt in 0..2 {
-            if self.logger.is_none() {
-                match syslog::unix_custom(self.formatter.clone(), &self.path) {
-                    Ok(logger) => self.logger = Some(logger),
-                    Err(e) => {
-                        let what = format!("connecting to {}: {e}", self.path.display());
-                        self.fail(&what);
-                        return;
-                    }
-                }
+        let message = event.log_message();
+        let fields = event.fields();
+        let msgid = event.event_id.to_string();
+        let result = self.writer.send(&entry(event, &msgid, &message, &fields));
+        if let Err(e) = result {
+            self.errors += 1;
+            // The first failure, then one in a thousand: a missing syslogd
+            // must not flood the daemon's own log.
+            if self.errors % 1000 == 1 {
+                log::warn!(
+                    "events to {}: {e} ({} line(s) lost so far)",
+                    self.writer.destination(),
+                    self.errors
+                );
             }
-            let logger = self.logger.as_mut().expect("connected above");
-            match logger.warning((event.event_id, event.structured_data(), &message)) {
-                Ok(()) => return,
-                Err(_) => self.logger = None,
-            }
-        }
-        let what = format!("writing to {}", self.path.display());
-        self.fail(&what);
-    }
-
-    fn fail(&mut self, what: &str) {
-        self.errors += 1;
-        // The first failure, then one in a thousand: a missing syslogd must
-        // not flood the daemon's own log.
-        if self.errors % 1000 == 1 {
-            log::warn!("syslog: {what} ({} line(s) lost so far)", self.errors);
         }
     }
 }
 
-/// Formats one line without sending it, for tests of the wire format.
-pub fn syslog_line(event: &Event, formatter: &Formatter5424) -> String {
-    let mut out = Vec::new();
-    formatter
-        .format(
-            &mut out,
-            syslog::Severity::LOG_WARNING,
-            (event.event_id, event.structured_data(), &event.message),
-        )
-        .expect("writing to a Vec");
-    String::from_utf8_lossy(&out).into_owned()
+fn entry<'a>(
+    event: &Event,
+    msgid: &'a str,
+    message: &'a str,
+    fields: &'a [(&'a str, String)],
+) -> Entry<'a> {
+    Entry {
+        level: log::Level::Warn,
+        facility: Facility::MAIL,
+        msgid: Some(msgid),
+        message_id: Some(event.message_id()),
+        message,
+        fields,
+        sd_id: SD_ID,
+    }
+}
+
+/// Formats one event's syslog line without sending it, for tests of the
+/// wire format.
+pub fn syslog_line(event: &Event, destination: Destination) -> String {
+    let message = event.log_message();
+    let fields = event.fields();
+    let msgid = event.event_id.to_string();
+    Writer::new(destination).format(&entry(event, &msgid, &message, &fields))
 }
 
 /// The events for `limiter events`: the recent ones, and a stream for
@@ -492,17 +498,20 @@ mod tests {
             64,
             at(0),
         );
-        let formatter = Formatter5424 {
-            facility: Facility::LOG_MAIL,
-            hostname: Some("mx1".into()),
-            process: "limiter".into(),
-            pid: 42,
-        };
-        let line = syslog_line(&e, &formatter);
+        let line = syslog_line(
+            &e,
+            Destination {
+                target: crate::logging::Target::Socket("/dev/log".into()),
+                format: crate::logging::Format::Rfc5424,
+            },
+        );
         // <mail.warning> = 2 * 8 + 4.
         assert!(line.starts_with("<20>1 "), "{line}");
         assert!(
-            line.contains(" mx1 limiter 42 1021 [limiter@32473 "),
+            line.contains(&format!(
+                " limiter {} 1021 [limiter@32473 event_id=\"1021\" ",
+                std::process::id()
+            )),
             "{line}"
         );
         assert!(line.contains("connector=\"Relay \\\"A\\\"\""), "{line}");
@@ -511,6 +520,16 @@ mod tests {
             "{line}"
         );
         assert!(line.ends_with("by this source IP address."), "{line}");
+        assert_eq!(e.message_id(), MESSAGE_ID_1021);
+        let mut summary = e.clone();
+        (summary.summary, summary.count, summary.period_seconds) = (true, 7, Some(60));
+        assert!(
+            summary
+                .log_message()
+                .ends_with("address. Repeated 7 times in the last 60 seconds."),
+            "{}",
+            summary.log_message()
+        );
     }
 
     #[test]

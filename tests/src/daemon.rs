@@ -35,10 +35,25 @@ pub fn limiter_bin() -> PathBuf {
         })
 }
 
+/// How the daemon's process is started, beyond its arguments.
+#[derive(Clone, Debug, Default)]
+pub struct Launch {
+    /// The binary, for the daemon and the CLI (default: [`limiter_bin`]).
+    pub bin: Option<PathBuf>,
+    /// A command that takes the daemon's command line as its arguments and
+    /// execs it (into a mount namespace, say), so that the pid stays the
+    /// daemon's.
+    pub wrapper: Vec<OsString>,
+    /// Variables set for the daemon.
+    pub env: Vec<(OsString, OsString)>,
+}
+
 /// A running `limiter run`, stopped with SIGTERM (and its files removed)
 /// on drop.
 pub struct Limiter {
     child: Option<ChildGuard>,
+    bin: PathBuf,
+    launch: Launch,
     ns: Netns,
     args: Vec<OsString>,
     dir: PathBuf,
@@ -59,6 +74,17 @@ impl Limiter {
     /// Like [`Limiter::start`]; `config: None` runs without `--config`, and
     /// `extra` is appended to the command line.
     pub fn start_with(lab: &Lab, cgroup: &Cgroup, config: Option<&str>, extra: &[&str]) -> Limiter {
+        Self::start_launched(lab, cgroup, config, extra, Launch::default())
+    }
+
+    /// Like [`Limiter::start_with`], started as `launch` says.
+    pub fn start_launched(
+        lab: &Lab,
+        cgroup: &Cgroup,
+        config: Option<&str>,
+        extra: &[&str],
+        launch: Launch,
+    ) -> Limiter {
         let dir = std::env::temp_dir().join(format!(
             "limiter-test-{}-{}",
             std::process::id(),
@@ -92,6 +118,8 @@ impl Limiter {
         args.extend(extra.iter().map(OsString::from));
         let mut limiter = Limiter {
             child: None,
+            bin: launch.bin.clone().unwrap_or_else(limiter_bin),
+            launch,
             ns: lab.server_ns().clone(),
             args,
             dir,
@@ -106,8 +134,16 @@ impl Limiter {
     /// Starts the daemon process (again, after [`Limiter::kill`]) with the
     /// same command line, and waits until it answers.
     pub fn spawn(&mut self) {
-        let mut cmd = Command::new(limiter_bin());
+        let mut cmd = match self.launch.wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(rest).arg(&self.bin);
+                cmd
+            }
+            None => Command::new(&self.bin),
+        };
         cmd.args(&self.args)
+            .envs(self.launch.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -219,7 +255,7 @@ impl Limiter {
 
     /// Runs `limiter ARGS --control SOCKET`.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(limiter_bin())
+        Command::new(&self.bin)
             .args(args)
             .arg("--control")
             .arg(&self.control)

@@ -8,7 +8,9 @@ use std::{
 };
 
 use crate::{
-    Cgroup, HoldServer, Lab, Limiter, established,
+    Cgroup, HoldServer, Lab, Limiter,
+    daemon::Launch,
+    established,
     lab::{server_v4, server_v6},
     wait_until,
 };
@@ -39,10 +41,15 @@ impl Scenario {
 
     /// Like [`Scenario::start`], with [`Limiter::start_with`]'s options.
     pub fn start_with(config: Option<&str>, extra: &[&str]) -> Scenario {
+        Self::start_launched(config, extra, Launch::default())
+    }
+
+    /// Like [`Scenario::start_with`], the daemon started as `launch` says.
+    pub fn start_launched(config: Option<&str>, extra: &[&str], launch: Launch) -> Scenario {
         let lab = Lab::new();
         let cgroup = Cgroup::new();
         let server = HoldServer::start(&lab, Some(&cgroup), LISTEN);
-        let limiter = Limiter::start_with(&lab, &cgroup, config, extra);
+        let limiter = Limiter::start_launched(&lab, &cgroup, config, extra, launch);
         Scenario {
             limiter,
             server,

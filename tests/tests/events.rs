@@ -61,12 +61,14 @@ fn sd_param(line: &Line, key: &str) -> String {
     line.sd[start..end].to_string()
 }
 
+/// The event lines: MSGID 1009 or 1021 (the daemon's own lines, MSGID "-",
+/// take the same way).
 fn limiter_lines(rsyslog: &Rsyslog) -> Vec<Line> {
     rsyslog
         .lines()
         .iter()
         .map(|l| parse(l))
-        .filter(|l| l.app == "limiter")
+        .filter(|l| l.app == "limiter" && ["1009", "1021"].contains(&l.msgid.as_str()))
         .collect()
 }
 

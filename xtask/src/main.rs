@@ -37,6 +37,16 @@ enum Task {
     },
     /// cargo fmt --check and cargo clippy -D warnings.
     Lint,
+    /// Set up, build, and make the Debian package
+    /// target/dist/limiter_<version>_amd64.deb: the binary, the systemd
+    /// unit, /etc/default/limiter, an example connectors.toml, the man
+    /// pages and the shell completions.
+    Dist {
+        /// The cargo profile to build with (a package of another profile
+        /// than release goes to target/dist/PROFILE/).
+        #[arg(long, default_value = "release")]
+        profile: String,
+    },
     /// Set up, build, and run the try-it lab: the limiter in front of a real
     /// Postfix, with real SMTP clients, in network namespaces it removes
     /// afterwards (root).
@@ -136,6 +146,11 @@ fn run(task: Task) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Task::Dist { profile } => {
+            setup::setup()?;
+            dist(&profile)?;
+            Ok(())
+        }
         Task::Lint => {
             cargo(&["fmt", "--all", "--check"])?;
             cargo(&[
@@ -150,6 +165,68 @@ fn run(task: Task) -> anyhow::Result<()> {
             ])
         }
     }
+}
+
+/// Builds the Debian package with `profile`; returns its path.
+fn dist(profile: &str) -> anyhow::Result<PathBuf> {
+    let root = workspace_root();
+    cargo(&[
+        "build",
+        "--profile",
+        profile,
+        "--package",
+        "limiter-user",
+        "--bins",
+    ])?;
+    let profile_dir = if profile == "dev" { "debug" } else { profile };
+    // The man pages and completions, from the clap definitions the binary
+    // parses its arguments with; the package's assets name them here.
+    let built = root.join("target").join(profile_dir);
+    let generated = built.join("limiter-dist-docs");
+    let _ = std::fs::remove_dir_all(&generated);
+    let status = Command::new(built.join("limiter-docs"))
+        .arg(&generated)
+        .status()
+        .context("running limiter-docs")?;
+    if !status.success() {
+        bail!("limiter-docs failed ({status})");
+    }
+    // Debian ships man pages gzipped (policy 12.1); cargo-deb leaves files
+    // from the target directory as they are.
+    let man = generated.join("man/man8");
+    let pages: Vec<PathBuf> = std::fs::read_dir(&man)
+        .with_context(|| format!("reading {}", man.display()))?
+        .map(|entry| entry.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
+    let status = Command::new("gzip")
+        .arg("-9n")
+        .args(&pages)
+        .status()
+        .context("running gzip")?;
+    if !status.success() {
+        bail!("gzip of the man pages failed ({status})");
+    }
+    let version = env!("CARGO_PKG_VERSION");
+    // Another profile's package (the tests') never overwrites the release's.
+    let out = match profile {
+        "release" => root.join("target/dist"),
+        other => root.join("target/dist").join(other),
+    };
+    let deb = out.join(format!("limiter_{version}_amd64.deb"));
+    let deb_arg = deb.to_str().context("a UTF-8 target directory")?;
+    cargo(&[
+        "deb",
+        "--package",
+        "limiter-user",
+        "--no-build",
+        "--profile",
+        profile,
+        "--deb-version",
+        version,
+        "--output",
+        deb_arg,
+    ])?;
+    Ok(deb)
 }
 
 /// Runs the whole test suite and checks that nothing was skipped.

@@ -21,8 +21,12 @@ const PACKAGES: &[&str] = &[
     "iproute2",
     "util-linux",
     "rsyslog",
-    // `systemd-analyze verify` checks the unit in dist/.
+    // `systemd-analyze verify` checks the unit in dist/; the journal tests
+    // run a real systemd-journald.
     "systemd",
+    // The package test installs the .deb into a Debian 12 root made with
+    // debootstrap from Debian's archive.
+    "debootstrap",
     // The demo: a real MTA and real SMTP clients (swaks speaks IPv6 with
     // IO::Socket::INET6).
     "postfix",
@@ -36,6 +40,8 @@ const PACKAGES: &[&str] = &[
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Builds the .deb (`cargo xtask dist`).
+const CARGO_DEB_VERSION: &str = "3.8.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// The rustup name for Debian's toolchain (sysroot /usr), used by
 /// limiter-user's build script.
@@ -44,6 +50,7 @@ const BPF_TOOLCHAIN: &str = "bpf-debian";
 pub fn setup() -> anyhow::Result<()> {
     install_packages()?;
     install_bpf_linker()?;
+    install_cargo_deb()?;
     link_toolchain()?;
     Ok(())
 }
@@ -119,6 +126,21 @@ fn install_bpf_linker() -> anyhow::Result<()> {
         .args(["--no-default-features", "--features", "llvm-22"])
         .env("LLVM_PREFIX", LLVM_PREFIX))?;
     Ok(())
+}
+
+fn install_cargo_deb() -> anyhow::Result<()> {
+    let installed = Command::new(cargo_bin_dir().join("cargo-deb"))
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(CARGO_DEB_VERSION))
+        .unwrap_or(false);
+    if installed {
+        return Ok(());
+    }
+    println!("setup: building cargo-deb {CARGO_DEB_VERSION} (a minute or two)");
+    run(Command::new(crate::cargo_bin())
+        .args(["install", "--locked"])
+        .arg(format!("cargo-deb@{CARGO_DEB_VERSION}")))
 }
 
 fn link_toolchain() -> anyhow::Result<()> {
