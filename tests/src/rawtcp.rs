@@ -202,6 +202,8 @@ pub struct RawClient {
 /// A segment the client received.
 #[derive(Clone, Copy, Debug)]
 pub struct Received {
+    /// When it was read.
+    pub at: Instant,
     pub from_port: u16,
     pub to_port: u16,
     pub seq: u32,
@@ -307,6 +309,7 @@ impl RawClient {
                 continue;
             }
             out.push(Received {
+                at: Instant::now(),
                 from_port,
                 to_port: u16::from_be_bytes([tcp[2], tcp[3]]),
                 seq: u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]),

@@ -504,3 +504,43 @@ fn an_interface_without_a_link_layer_is_enforced_from_the_ip_header() {
     assert_eq!(stats["rejected_late"], 0, "{stats}");
     assert_eq!(limiter.live("Frontend"), 2);
 }
+
+#[test]
+fn a_server_outside_the_tracked_cgroup_is_counted_by_polling_with_a_warning() {
+    let lab = Lab::new();
+    let tracked = Cgroup::new();
+    // The server runs elsewhere: its handshakes never pass the sock_ops
+    // program.
+    let _server = HoldServer::start_with(tcp_hold_bin!(), &lab, None, &["10.77.0.1:25"]);
+    let limiter = Limiter::start(
+        &lab,
+        &tracked,
+        &connector("Frontend", "[\"0.0.0.0/0\"]", "100", "2", 100),
+    );
+    let _held: Vec<TcpStream> = (0..3)
+        .map(|_| {
+            lab.connect(client_v4(0).into(), server_v4(25), ADMIT_WAIT)
+                .expect("nothing judges them")
+        })
+        .collect();
+    assert!(
+        wait_until(
+            Duration::from_secs(5),
+            Duration::from_millis(50),
+            || limiter.live("Frontend") == 3
+        ),
+        "{:?}",
+        limiter.status()
+    );
+    let log = limiter.log();
+    assert!(
+        log.contains("without passing the sock_ops program")
+            && log.contains("is the mail server in cgroup"),
+        "{log}"
+    );
+    // Counted, they are refused at the SYN from then on.
+    let refused = lab
+        .connect(client_v4(0).into(), server_v4(25), ADMIT_WAIT)
+        .expect_err("over the cap");
+    assert_eq!(refused.kind(), ErrorKind::TimedOut);
+}

@@ -246,10 +246,24 @@ fn syns_split_across_fragments_never_pass_a_cap() {
     assert_eq!(syn_acks.len(), 6, "{syn_acks:?}");
     // ...and when the handshakes complete, two are admitted and the rest
     // reset.
+    let completed = Instant::now();
     for &port in &ports {
         raw.ack(port, syn_acks[&port]);
     }
     let received = raw.receive(Duration::from_millis(1500));
+    // How long a connection over the cap lived: the last RST's arrival,
+    // from the first ACK sent.
+    if let Some(last) = received
+        .iter()
+        .filter(|r| r.flags & 0x04 != 0)
+        .map(|r| r.at)
+        .max()
+    {
+        println!(
+            "over-cap connections reset within {:?} of completing",
+            last - completed
+        );
+    }
     let reset = ports
         .iter()
         .filter(|port| RawClient::reset(&received, **port))
