@@ -33,7 +33,7 @@ pub mod names {
     pub const CONNECTOR_STATE: &str = "CONNECTOR_STATE";
     /// `HashMap<SourceKey, SourceCount>`: live connections per source.
     pub const SOURCE_LIVE: &str = "SOURCE_LIVE";
-    /// `HashMap<FlowKey, FlowValue>`: the connections being counted.
+    /// `HashMap<ConnKey, FlowValue>`: the connections being counted.
     pub const ESTABLISHED: &str = "ESTABLISHED";
     /// `PerCpuArray<u64>`: counters, see [`super::stat`].
     pub const STATS: &str = "STATS";
@@ -42,20 +42,22 @@ pub mod names {
     /// `RingBuf` of [`super::ResetRequest`]: connections the daemon must
     /// reset (judged over a cap when their handshake completed).
     pub const RESETS: &str = "RESETS";
-    /// `HashMap<FlowKey, ResetRequest>`: the reset requests that found
-    /// `RESETS` full, for the daemon to collect.
-    pub const LATE_RESETS: &str = "LATE_RESETS";
+    /// `LruHashMap<ConnKey, ResetRequest>`: every reset requested and not
+    /// yet done: the daemon retries what failed, collects what found
+    /// `RESETS` full, and never counts these as connections that predate it.
+    pub const PENDING_RESETS: &str = "PENDING_RESETS";
     /// `Array<ReportGate>`, indexed by connector id: reports of rejections
     /// of sources without an entry (see [`super::ReportGate`]).
     pub const REPORT_GATES: &str = "REPORT_GATES";
     /// `PerCpuArray<SynSeen>`: the last SYNs the XDP program passed, by a
-    /// hash of their remote end, so that a handshake the kernel moved to
-    /// another port or network namespace (REDIRECT, DNAT to a container)
-    /// is still found to be the connector's (see [`super::SynSeen`]).
+    /// hash of their remote end, to notice a handshake the kernel moved to
+    /// another port or network namespace that no connector's
+    /// `forwarded_to` names (see [`super::SynSeen`]).
     pub const SYNS_SEEN: &str = "SYNS_SEEN";
-    /// `LruHashMap<FlowKey, u32>`: handshakes the kernel moved (NAT), as
-    /// the server's socket sees them, to their connector id.
-    pub const MOVED_HANDSHAKES: &str = "MOVED_HANDSHAKES";
+    /// `LruHashMap<Endpoint, u32>`: server endpoints that SYNs to a bound
+    /// port were seen to end up at, undeclared, to the connector id they
+    /// were addressed to: for the daemon to warn about.
+    pub const UNDECLARED_FORWARDS: &str = "UNDECLARED_FORWARDS";
     /// `Array<[u8; CONNECTOR_NAME_BYTES]>`: each connector id's name, for a
     /// daemon that adopts the maps of the one before it. The kernel programs
     /// never read it.
@@ -74,10 +76,10 @@ pub mod names {
         STATS,
         EVENTS,
         RESETS,
-        LATE_RESETS,
+        PENDING_RESETS,
         REPORT_GATES,
         SYNS_SEEN,
-        MOVED_HANDSHAKES,
+        UNDECLARED_FORWARDS,
         CONNECTOR_NAMES,
     ];
 }
@@ -115,13 +117,13 @@ pub const BOUND_PORT_WORDS: u32 = 1024;
 pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
 /// Bytes of the `RESETS` ring buffer: about 1,300 requests in flight.
 pub const RESETS_RING_BYTES: u32 = 64 * 1024;
-/// Entries of `LATE_RESETS`.
-pub const MAX_LATE_RESETS: u32 = 16_384;
+/// Entries of `PENDING_RESETS`.
+pub const MAX_PENDING_RESETS: u32 = 65_536;
 /// Slots of `SYNS_SEEN`, per CPU: `1 << SYNS_SEEN_SLOT_BITS`.
 pub const SYNS_SEEN_SLOTS: u32 = 1 << SYNS_SEEN_SLOT_BITS;
 const SYNS_SEEN_SLOT_BITS: u32 = 10;
-/// Entries of `MOVED_HANDSHAKES`.
-pub const MAX_MOVED_HANDSHAKES: u32 = 65_536;
+/// Entries of `UNDECLARED_FORWARDS`.
+pub const MAX_UNDECLARED_FORWARDS: u32 = 256;
 
 /// Global settings, written by the daemon before it attaches anything.
 #[repr(C)]
@@ -277,6 +279,12 @@ impl FlowKey {
 /// below this bit.
 pub const WILDCARD_BINDING: u32 = 1 << 31;
 
+/// Set in the id of a binding that is a `forwarded_to` endpoint: where a
+/// connector's connections end up after NAT (REDIRECT to another port, DNAT
+/// into a container). The server's socket there may be in another network
+/// namespace, and is judged all the same.
+pub const FORWARDED_BINDING: u32 = 1 << 30;
+
 /// The binding id of the wildcard binding (`0.0.0.0` or `[::]`) of `port`.
 #[inline(always)]
 pub const fn wildcard_binding_id(port: u16, ipv4: bool) -> u32 {
@@ -408,7 +416,7 @@ pub struct FlowKey {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowValue {
     pub source: SourceKey,
-    /// [`FLOW_SEEDED`], [`FLOW_MOVED`], or 0.
+    /// [`FLOW_SEEDED`], or 0.
     pub flags: u32,
     /// `bpf_ktime_get_ns()` when it started counting.
     pub since_ns: u64,
@@ -417,15 +425,31 @@ pub struct FlowValue {
 /// The flow was found in the socket table when the daemon started, so no
 /// sock_ops callback will report its close: the daemon watches it instead.
 pub const FLOW_SEEDED: u32 = 1;
-/// The server's socket is not where the packets were addressed (NAT: a
-/// REDIRECT to another port, or DNAT into another network namespace): the
-/// daemon's view of its own socket table cannot confirm it, so it leaves
-/// it to the sock_ops program.
-pub const FLOW_MOVED: u32 = 2;
+
+/// A counted connection: the server's socket, in its network namespace
+/// (two containers may hold the same addresses).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    pub flow: FlowKey,
+    pub _pad: u32,
+    /// The cookie of the socket's network namespace.
+    pub netns: u64,
+}
+
+/// A server's local address and port, in the [`Words`] of its address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    pub addr: Addr,
+    pub port: u16,
+    pub _pad: u16,
+}
 
 /// A SYN the XDP program passed, remembered per CPU by its remote end (see
 /// `names::SYNS_SEEN`): when the kernel makes a request socket for it on a
-/// port no connector binds, this says which connector it was addressed to.
+/// port no connector binds, or in another network namespace, this says
+/// which connector it was addressed to, for a warning.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SynSeen {
@@ -469,9 +493,8 @@ pub mod stat {
     pub const SYN_PASSED: u32 = 6;
     /// Counted connections the server's socket closed (or lost to a RST).
     pub const CLOSED: u32 = 7;
-    /// Handshakes the kernel moved to another port or network namespace
-    /// (NAT), found again by their remote end.
-    pub const MOVED: u32 = 8;
+    /// Connections judged at a `forwarded_to` endpoint (after NAT).
+    pub const FORWARDED: u32 = 8;
     /// Connections found at start-up (or outside the tracked cgroup) and
     /// counted without a judgement.
     pub const SEEDED: u32 = 9;
@@ -491,12 +514,12 @@ pub mod stat {
     pub const UNREADABLE: u32 = 0;
     /// Global: rejections not reported because the event ring was full.
     pub const EVENTS_LOST: u32 = 1;
-    /// Global: reset requests that found the `RESETS` ring full and went
-    /// to `LATE_RESETS` instead.
+    /// Global: reset requests that found the `RESETS` ring full, left to
+    /// the daemon's sweep of `PENDING_RESETS`.
     pub const RESETS_DEFERRED: u32 = 2;
-    /// Global: reset requests that found both full: the connection stays up,
-    /// uncounted.
-    pub const RESETS_LOST: u32 = 3;
+    /// Global: handshakes the kernel moved to a port or network namespace
+    /// that no `forwarded_to` names: not counted.
+    pub const UNDECLARED_FORWARDS: u32 = 3;
     /// Entries of `STATS`.
     pub const ENTRIES: u32 = (MAX_CONNECTORS + 1) * COUNT;
 }
@@ -552,11 +575,14 @@ pub mod reset_reason {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ResetRequest {
-    pub flow: FlowKey,
+    /// The server's socket, in its network namespace.
+    pub conn: ConnKey,
+    /// The socket's cookie, so that a reset never hits a later socket of
+    /// the same 4-tuple.
+    pub socket_cookie: u64,
     /// One of [`reset_reason`].
     pub reason: u32,
-    /// The network namespace of the server's socket.
-    pub netns_cookie: u64,
+    pub _pad: u32,
     /// `bpf_ktime_get_ns()` when it was judged.
     pub time_ns: u64,
 }
@@ -629,6 +655,8 @@ mod pod {
     unsafe impl aya::Pod for super::RejectionEvent {}
     unsafe impl aya::Pod for super::ResetRequest {}
     unsafe impl aya::Pod for super::SynSeen {}
+    unsafe impl aya::Pod for super::ConnKey {}
+    unsafe impl aya::Pod for super::Endpoint {}
 }
 
 #[cfg(test)]
@@ -652,8 +680,10 @@ mod tests {
         assert_eq!(size_of::<FlowValue>(), 32);
         assert_eq!(align_of::<FlowValue>(), 8);
         assert_eq!(size_of::<RejectionEvent>(), 112);
-        assert_eq!(size_of::<ResetRequest>(), 56);
-        assert_eq!(core::mem::offset_of!(ResetRequest, netns_cookie), 40);
+        assert_eq!(size_of::<ConnKey>(), 48);
+        assert_eq!(size_of::<Endpoint>(), 20);
+        assert_eq!(size_of::<ResetRequest>(), 72);
+        assert_eq!(core::mem::offset_of!(ResetRequest, time_ns), 64);
         assert_eq!(size_of::<SynSeen>(), 24);
         assert_eq!(size_of::<Control>(), 72);
         assert_eq!(core::mem::offset_of!(Control, idle_ns), 64);

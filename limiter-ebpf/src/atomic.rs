@@ -5,7 +5,7 @@
 //! then emits a plain `lock +=` that does not fetch, and the "old value" is
 //! the addend (see TOOLCHAIN.md).
 
-use core::intrinsics::{AtomicOrdering, atomic_xadd, atomic_xchg};
+use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd, atomic_xchg};
 
 /// Adds one to `*counter` and returns the value before.
 #[inline(always)]
@@ -15,16 +15,31 @@ pub fn increment(counter: *mut u32) -> u32 {
     unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::SeqCst }>(counter, 1) }
 }
 
-/// Subtracts one from `*counter`, and puts it back if it was already zero,
-/// so that a bug elsewhere can never leave a count at four billion and lock
-/// a source out. No loop: the verifier walks every path of every call site.
+/// Subtracts one from `*counter` unless it is zero (compare-and-swap), so
+/// that a bug elsewhere can never leave a count at four billion and lock a
+/// source out. A few tries: the verifier walks every path of every call
+/// site, and the counter moves only when another CPU changes it.
 #[inline(always)]
 pub fn decrement(counter: *mut u32) {
-    // SAFETY: as above.
-    let before = unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::SeqCst }>(counter, u32::MAX) };
-    if before == 0 {
+    let mut tries = 0;
+    while tries < 8 {
+        // SAFETY: `counter` points into a map value, kept alive and aligned.
+        let seen = unsafe { core::ptr::read_volatile(counter) };
+        if seen == 0 {
+            return;
+        }
         // SAFETY: as above.
-        unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::SeqCst }>(counter, 1) };
+        let (_, swapped) = unsafe {
+            atomic_cxchg::<u32, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+                counter,
+                seen,
+                seen - 1,
+            )
+        };
+        if swapped {
+            return;
+        }
+        tries += 1;
     }
 }
 

@@ -11,13 +11,13 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use limiter_common::maps::{
-    Control, FLOW_SEEDED, FlowKey, FlowValue, ReportGate, control as op, stat,
+    ConnKey, Control, FLOW_SEEDED, FlowKey, FlowValue, ReportGate, control as op, stat,
 };
 
 use crate::{
     atomic,
     count::{bump, forget_source, judge_and_count, release, select_connector, source_key},
-    maps::{CONNECTORS, ESTABLISHED, REPORT_GATES, SOURCE_LIVE},
+    maps::{CONNECTORS, ESTABLISHED, REPORT_GATES, SETTINGS, SOURCE_LIVE},
     parse::bytes_at,
     track::claim,
 };
@@ -67,11 +67,23 @@ fn collect(gate: Option<*mut ReportGate>) -> u32 {
     }
 }
 
+/// A connection of the daemon's network namespace (the only one whose
+/// socket table it reads).
+#[inline(always)]
+fn own(flow: &FlowKey) -> ConnKey {
+    ConnKey {
+        flow: *flow,
+        _pad: 0,
+        netns: SETTINGS.get(0).map_or(0, |settings| settings.netns_cookie),
+    }
+}
+
 /// Counts a connection that exists already (found in the socket table):
 /// no judgement, it is live whatever the rule says.
 #[inline(always)]
 fn seed(flow: &FlowKey) -> u32 {
-    if ESTABLISHED.get_ptr(flow).is_some() {
+    let conn = own(flow);
+    if ESTABLISHED.get_ptr(&conn).is_some() {
         return op::NOTHING;
     }
     let Some(connector) = select_connector(flow) else {
@@ -81,7 +93,7 @@ fn seed(flow: &FlowKey) -> u32 {
         return op::NOTHING;
     };
     let source = source_key(connector, flow);
-    if judge_and_count(&source, &config.limits, true).is_err() {
+    if judge_and_count(&source, &config.limits, true).is_none() {
         bump(connector, stat::TABLE_FULL);
         return op::FULL;
     }
@@ -91,7 +103,7 @@ fn seed(flow: &FlowKey) -> u32 {
         // SAFETY: a helper without arguments.
         since_ns: unsafe { bpf_ktime_get_ns() },
     };
-    match ESTABLISHED.insert(flow, value, BPF_NOEXIST as u64) {
+    match ESTABLISHED.insert(&conn, value, BPF_NOEXIST as u64) {
         Ok(()) => {
             bump(connector, stat::SEEDED);
             op::DONE
@@ -112,16 +124,17 @@ fn seed(flow: &FlowKey) -> u32 {
 /// table; with `only_seeded`, only one counted from the socket table.
 #[inline(always)]
 fn release_established(flow: &FlowKey, only_seeded: bool) -> u32 {
+    let conn = own(flow);
     if only_seeded {
         // SAFETY: the value is copied out at once.
         let seeded = ESTABLISHED
-            .get_ptr(flow)
+            .get_ptr(&conn)
             .is_some_and(|value| unsafe { (*value).flags } & FLOW_SEEDED != 0);
         if !seeded {
             return op::NOTHING;
         }
     }
-    match claim(&ESTABLISHED, flow) {
+    match claim(&ESTABLISHED, &conn) {
         Some(value) => {
             release(&value);
             let counter = if value.flags & FLOW_SEEDED != 0 {

@@ -15,8 +15,8 @@ use limiter_common::{
     Evaluation, Limits,
     addr::{self, Words},
     maps::{
-        BindingKey, ConnectorState, FlowKey, FlowValue, RANGE_KEY_BINDING_BITS, RangeKey,
-        ReportGate, SOURCE_FORGOTTEN, SourceCount, SourceKey, stat, wildcard_binding_id,
+        BindingKey, ConnectorState, FORWARDED_BINDING, FlowKey, FlowValue, RANGE_KEY_BINDING_BITS,
+        RangeKey, ReportGate, SOURCE_FORGOTTEN, SourceCount, SourceKey, stat, wildcard_binding_id,
     },
 };
 
@@ -58,6 +58,23 @@ pub fn select_connector(flow: &FlowKey) -> Option<u32> {
         wildcard_binding_id(port, addr::words_are_ipv4(&local)),
         remote,
     )
+}
+
+/// The connector for `flow` whose server socket is in another network
+/// namespace than the daemon's: only a `forwarded_to` endpoint of a
+/// connector names it (a container behind DNAT).
+#[inline(always)]
+pub fn select_forwarded(flow: &FlowKey) -> Option<u32> {
+    let (local, port) = (flow.local_words(), flow.local_port);
+    if !bit_is_set(&SPECIFIC_PORTS, port) {
+        return None;
+    }
+    // SAFETY: the value is a plain u32 copied out at once.
+    let id = unsafe { BINDINGS.get(&BindingKey::from_words(local, port)).copied() }?;
+    if id & FORWARDED_BINDING == 0 {
+        return None;
+    }
+    connector_on_binding(id, flow.remote_words())
 }
 
 #[inline(always)]
@@ -111,6 +128,16 @@ fn source_entry(source: &SourceKey) -> Option<*mut SourceCount> {
     if let Some(entry) = SOURCE_LIVE.get_ptr_mut(source) {
         return Some(entry);
     }
+    let entry = new_source_entry(source);
+    (!entry.is_null()).then_some(entry)
+}
+
+/// [`source_entry`] for a source not in the table: null when it is full.
+/// Not inlined: the fresh entry is built on its own stack (the verifier
+/// allows 512 bytes along a chain of calls), and it returns a plain
+/// pointer (a Rust enum in a signature becomes BTF the kernel refuses).
+#[inline(never)]
+fn new_source_entry(source: &SourceKey) -> *mut SourceCount {
     // Zeroes the compiler cannot see: a zeroed value becomes a call to a
     // byte-at-a-time memset on this target.
     let zero = core::hint::black_box(0u64);
@@ -129,13 +156,9 @@ fn source_entry(source: &SourceKey) -> Option<*mut SourceCount> {
     };
     // Another CPU may insert the same key first; either way it exists after.
     let _ = SOURCE_LIVE.insert(source, fresh, BPF_NOEXIST as u64);
-    SOURCE_LIVE.get_ptr_mut(source)
-}
-
-/// Why a connection could not be counted.
-pub enum CountError {
-    /// The source table is full, or the connector has no entry.
-    Full,
+    SOURCE_LIVE
+        .get_ptr_mut(source)
+        .unwrap_or(core::ptr::null_mut())
 }
 
 /// What [`judge_and_count`] decided.
@@ -152,32 +175,28 @@ pub struct Judged {
 /// Judges a connection of `source` by the rule and, when admitted (or with
 /// `regardless`: a connection that exists already, or a connector in
 /// monitor mode), counts it: under the connector's lock, so that the two
-/// counts change as one decision (see `limiter_common::admission`).
+/// counts change as one decision (see `limiter_common::admission`). `None`
+/// when a table is full (nothing judged, nothing counted).
 #[inline(always)]
-pub fn judge_and_count(
-    source: &SourceKey,
-    limits: &Limits,
-    regardless: bool,
-) -> Result<Judged, CountError> {
-    let state = connector_state(source.connector).ok_or(CountError::Full)?;
-    // Twice at most: the second time after deleting an entry that was being
-    // forgotten (see `forget_source`).
+pub fn judge_and_count(source: &SourceKey, limits: &Limits, regardless: bool) -> Option<Judged> {
+    let state = connector_state(source.connector)?;
+    // An entry being forgotten is deleted by its forgetter right after it
+    // marked it (see `forget_source`); look again until it is gone. Only the
+    // forgetter deletes: a judge that deleted too could delete the fresh
+    // entry another judge made and counted into meanwhile.
     let mut attempt = 0;
-    while attempt < 2 {
-        let entry = source_entry(source).ok_or(CountError::Full)?;
+    while attempt < 4 {
+        let entry = source_entry(source)?;
         if let Some(judged) = judge_locked(state, entry, source, limits, regardless) {
             if judged.counted {
                 // SAFETY: a live map value, ours: it holds a count now.
                 unsafe { (*entry).last_change_ns = bpf_ktime_get_ns() };
             }
-            return Ok(judged);
+            return Some(judged);
         }
-        // Being forgotten, or a deleted entry's memory reused for another
-        // source: out of the table with it, and again.
-        let _ = SOURCE_LIVE.remove(source);
         attempt += 1;
     }
-    Err(CountError::Full)
+    None
 }
 
 /// The locked part of [`judge_and_count`]: no helper calls in here. `None`
@@ -217,7 +236,8 @@ fn judge_locked(
 /// Deletes `source`'s entry if it holds nothing and has held nothing for
 /// `idle_ns`: marked forgotten under the connector's lock first, so that
 /// no connection can be counted into it between the check and the
-/// deletion. Returns whether it was deleted.
+/// deletion, which only this does (a judge that meets the mark looks the
+/// entry up again until it is gone). Returns whether it was deleted.
 #[inline(always)]
 pub fn forget_source(source: &SourceKey, idle_ns: u64) -> bool {
     let Some(state) = connector_state(source.connector) else {

@@ -7,10 +7,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use limiter_common::maps::{
-    BOUND_PORT_WORDS, BindingKey, CONNECTOR_NAME_BYTES, ConnectorConfig, ConnectorState,
-    DEFAULT_TABLE_ENTRIES, EVENTS_RING_BYTES, FlowKey, FlowValue, MAX_BINDINGS, MAX_CONNECTORS,
-    MAX_LATE_RESETS, MAX_MOVED_HANDSHAKES, MAX_RANGES, RESETS_RING_BYTES, RangeKey, ReportGate,
-    ResetRequest, SYNS_SEEN_SLOTS, Settings, SourceCount, SourceKey, SynSeen, stat,
+    BOUND_PORT_WORDS, BindingKey, CONNECTOR_NAME_BYTES, ConnKey, ConnectorConfig, ConnectorState,
+    DEFAULT_TABLE_ENTRIES, EVENTS_RING_BYTES, Endpoint, FlowValue, MAX_BINDINGS, MAX_CONNECTORS,
+    MAX_PENDING_RESETS, MAX_RANGES, MAX_UNDECLARED_FORWARDS, RESETS_RING_BYTES, RangeKey,
+    ReportGate, ResetRequest, SYNS_SEEN_SLOTS, Settings, SourceCount, SourceKey, SynSeen, stat,
 };
 
 #[map(name = "SETTINGS")]
@@ -41,7 +41,7 @@ pub static SOURCE_LIVE: HashMap<SourceKey, SourceCount> =
     HashMap::with_max_entries(DEFAULT_TABLE_ENTRIES, 0);
 
 #[map(name = "ESTABLISHED")]
-pub static ESTABLISHED: HashMap<FlowKey, FlowValue> =
+pub static ESTABLISHED: HashMap<ConnKey, FlowValue> =
     HashMap::with_max_entries(DEFAULT_TABLE_ENTRIES, 0);
 
 #[map(name = "STATS")]
@@ -53,9 +53,9 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
 #[map(name = "RESETS")]
 pub static RESETS: RingBuf = RingBuf::with_byte_size(RESETS_RING_BYTES, 0);
 
-#[map(name = "LATE_RESETS")]
-pub static LATE_RESETS: HashMap<FlowKey, ResetRequest> =
-    HashMap::with_max_entries(MAX_LATE_RESETS, 0);
+#[map(name = "PENDING_RESETS")]
+pub static PENDING_RESETS: LruHashMap<ConnKey, ResetRequest> =
+    LruHashMap::with_max_entries(MAX_PENDING_RESETS, 0);
 
 #[map(name = "REPORT_GATES")]
 pub static REPORT_GATES: Array<ReportGate> = Array::with_max_entries(MAX_CONNECTORS, 0);
@@ -63,9 +63,9 @@ pub static REPORT_GATES: Array<ReportGate> = Array::with_max_entries(MAX_CONNECT
 #[map(name = "SYNS_SEEN")]
 pub static SYNS_SEEN: PerCpuArray<SynSeen> = PerCpuArray::with_max_entries(SYNS_SEEN_SLOTS, 0);
 
-#[map(name = "MOVED_HANDSHAKES")]
-pub static MOVED_HANDSHAKES: LruHashMap<FlowKey, u32> =
-    LruHashMap::with_max_entries(MAX_MOVED_HANDSHAKES, 0);
+#[map(name = "UNDECLARED_FORWARDS")]
+pub static UNDECLARED_FORWARDS: LruHashMap<Endpoint, u32> =
+    LruHashMap::with_max_entries(MAX_UNDECLARED_FORWARDS, 0);
 
 /// Only the daemon uses it (see `limiter_common::maps::names`); defined here
 /// so that it is created and pinned with the others.

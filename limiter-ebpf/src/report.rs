@@ -6,15 +6,15 @@ use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 use limiter_common::{
     Evaluation, Rule,
     maps::{
-        ConnectorConfig, FlowKey, REPORT_INTERVAL_NS, RejectionEvent, ReportGate, ResetRequest,
-        SourceCount, SourceKey, gate, stat,
+        ConnKey, ConnectorConfig, FlowKey, REPORT_INTERVAL_NS, RejectionEvent, ReportGate,
+        ResetRequest, SourceCount, SourceKey, gate, stat,
     },
 };
 
 use crate::{
     atomic,
     count::bump,
-    maps::{EVENTS, LATE_RESETS, REPORT_GATES, RESETS},
+    maps::{EVENTS, PENDING_RESETS, REPORT_GATES, RESETS},
 };
 
 /// A connection the rule refuses (or, with action monitor, would refuse).
@@ -128,30 +128,27 @@ fn report(rejection: &Rejection, gate: Option<*mut ReportGate>, folded: u32) {
 }
 
 /// Asks the daemon to reset a connection (only userspace can reset a socket
-/// from outside it): on the `RESETS` ring, or when that is full in
-/// `LATE_RESETS`, which the daemon sweeps.
+/// from outside it): recorded in `PENDING_RESETS` until it is done (so the
+/// daemon retries a reset that failed, and never counts the connection as
+/// one that predates it), and rung on the `RESETS` ring. A full ring leaves
+/// it to the daemon's sweep.
 #[inline(never)]
-pub fn request_reset(flow: &FlowKey, reason: u32, netns_cookie: u64) {
+pub fn request_reset(conn: &ConnKey, socket_cookie: u64, reason: u32) {
     let request = ResetRequest {
-        flow: *flow,
+        conn: *conn,
+        socket_cookie,
         reason,
-        netns_cookie,
+        _pad: 0,
         // SAFETY: a helper without arguments.
         time_ns: unsafe { bpf_ktime_get_ns() },
     };
+    let _ = PENDING_RESETS.insert(conn, request, 0);
     match RESETS.reserve::<ResetRequest>(0) {
         Some(mut slot) => {
             slot.write(request);
             slot.submit(0);
         }
-        None => {
-            let counter = if LATE_RESETS.insert(flow, request, 0).is_ok() {
-                stat::RESETS_DEFERRED
-            } else {
-                stat::RESETS_LOST
-            };
-            bump(stat::GLOBAL_ROW, counter);
-        }
+        None => bump(stat::GLOBAL_ROW, stat::RESETS_DEFERRED),
     }
 }
 

@@ -2,8 +2,9 @@
 //! it judges the connection by the rule on the connections alone, under
 //! the connector's lock: admitted, it is counted until the server's socket
 //! closes; over a cap, it is reported and the daemon is asked to reset it.
-//! It also finds handshakes that the kernel moved to another port or
-//! network namespace (REDIRECT, DNAT) from the SYN the XDP program passed.
+//! A server socket in another network namespace (a container behind DNAT)
+//! is judged when its endpoint is a connector's `forwarded_to`; a handshake
+//! the kernel moved anywhere else is noticed, for a warning.
 
 use aya_ebpf::{
     EbpfContext,
@@ -11,20 +12,23 @@ use aya_ebpf::{
         BPF_NOEXIST, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RWND_INIT,
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE_WAIT, BPF_TCP_ESTABLISHED,
     },
-    helpers::{bpf_get_netns_cookie, bpf_ktime_get_ns},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
     maps::HashMap,
     programs::SockOpsContext,
 };
 use limiter_common::{
     addr,
-    maps::{FLOW_MOVED, FlowKey, FlowValue, action, reset_reason, stat, syn_seen_slot},
+    maps::{
+        ConnKey, Endpoint, FlowKey, FlowValue, SourceKey, action, reset_reason, stat, syn_seen_slot,
+    },
 };
 
 use crate::{
     count::{
-        CountError, bump, judge_and_count, port_is_bound, release, select_connector, source_key,
+        bump, judge_and_count, port_is_bound, release, select_connector, select_forwarded,
+        source_key,
     },
-    maps::{CONNECTORS, ESTABLISHED, MOVED_HANDSHAKES, SETTINGS, SYNS_SEEN},
+    maps::{CONNECTORS, ESTABLISHED, SETTINGS, SYNS_SEEN, UNDECLARED_FORWARDS},
     report::{Rejection, reject, request_reset},
 };
 
@@ -107,27 +111,48 @@ fn netns_cookie(ctx: &SockOpsContext) -> u64 {
     unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
 }
 
-/// Sockets of other network namespaces share the cgroup but not our ports.
+/// The server's socket of `flow`, in its network namespace.
 #[inline(always)]
-fn in_our_netns(ctx: &SockOpsContext) -> bool {
-    let Some(settings) = SETTINGS.get(0) else {
-        return false;
-    };
-    settings.netns_cookie == 0 || netns_cookie(ctx) == settings.netns_cookie
+fn conn_key(ctx: &SockOpsContext, flow: &FlowKey) -> ConnKey {
+    ConnKey {
+        flow: *flow,
+        _pad: 0,
+        netns: netns_cookie(ctx),
+    }
 }
 
-/// Whether the server's socket of `flow` is where the XDP program saw its
-/// SYN go: a bound port in our network namespace.
+/// Whether the socket is in the daemon's network namespace (where the
+/// interfaces are), or in another (a container).
 #[inline(always)]
-fn ours(ctx: &SockOpsContext, flow: &FlowKey) -> bool {
-    port_is_bound(flow.local_port) && in_our_netns(ctx)
+fn in_our_netns(conn: &ConnKey) -> bool {
+    match SETTINGS.get(0) {
+        Some(settings) => settings.netns_cookie == 0 || conn.netns == settings.netns_cookie,
+        None => false,
+    }
 }
 
-/// A request socket (the kernel accepted a SYN) on a port no connector
-/// binds, or in another network namespace: if this CPU just passed a SYN
-/// from the same remote end to a bound port, the kernel moved it there
-/// (NAT), and its handshake belongs to that SYN's connector.
+/// The connector of a server socket: by its bindings in our network
+/// namespace; elsewhere only by a `forwarded_to` endpoint (the others are
+/// not ours: unrelated services in containers that share the cgroup).
 #[inline(always)]
+fn connector_of(conn: &ConnKey) -> Option<u32> {
+    if !port_is_bound(conn.flow.local_port) {
+        return None;
+    }
+    if in_our_netns(conn) {
+        select_connector(&conn.flow)
+    } else {
+        select_forwarded(&conn.flow)
+    }
+}
+
+/// A request socket (the kernel accepted a SYN) that no connector's
+/// bindings or `forwarded_to` take: if this CPU just passed a SYN from the
+/// same remote end to a bound port, the kernel moved it there (NAT) and
+/// nobody said so. Noted, for the daemon to warn about; never counted.
+/// Not inlined: each callback's stack is its own (the verifier allows 512
+/// bytes along a chain of calls).
+#[inline(never)]
 fn on_request(ctx: &SockOpsContext) {
     // SAFETY: a field of the context.
     if unsafe { read_ctx(&raw const (*ctx.ops).is_fullsock) } != 0 {
@@ -137,7 +162,8 @@ fn on_request(ctx: &SockOpsContext) {
     let Some(flow) = socket_flow(ctx) else {
         return;
     };
-    if ours(ctx, &flow) {
+    let conn = conn_key(ctx, &flow);
+    if connector_of(&conn).is_some() {
         return;
     }
     let remote = flow.remote_words();
@@ -150,93 +176,91 @@ fn on_request(ctx: &SockOpsContext) {
         && seen.remote[1] == remote[1]
         && seen.remote[2] == remote[2]
         && seen.remote[3] == remote[3];
-    if matches
-        && MOVED_HANDSHAKES
-            .insert(&flow, seen.connector - 1, 0)
-            .is_ok()
-    {
-        bump(seen.connector - 1, stat::MOVED);
+    if matches {
+        let endpoint = Endpoint {
+            addr: flow.local,
+            port: flow.local_port,
+            _pad: 0,
+        };
+        let _ = UNDECLARED_FORWARDS.insert(&endpoint, seen.connector - 1, 0);
+        bump(stat::GLOBAL_ROW, stat::UNDECLARED_FORWARDS);
     }
 }
 
-#[inline(always)]
+/// Not inlined: each callback's stack is its own (the verifier allows 512
+/// bytes along a chain of calls).
+#[inline(never)]
 fn on_established(ctx: &SockOpsContext) {
     let Some(flow) = socket_flow(ctx) else {
         return;
     };
-    let (connector, flags) = if ours(ctx, &flow) {
-        match select_connector(&flow) {
-            Some(connector) => (connector, 0),
-            None => return,
-        }
-    } else {
-        // SAFETY: the value is a plain u32 copied out at once.
-        match unsafe { MOVED_HANDSHAKES.get(&flow).copied() } {
-            Some(connector) => {
-                let _ = MOVED_HANDSHAKES.remove(&flow);
-                (connector, FLOW_MOVED)
-            }
-            None => return,
-        }
-    };
-    // An entry under this 4-tuple can only be a connection counted from the
-    // socket table that has since closed: its count goes back.
-    if let Some(stale) = claim(&ESTABLISHED, &flow) {
-        release(&stale);
-    }
-    let Some(config) = CONNECTORS.get(connector).copied() else {
-        return;
-    };
-    let cookie = netns_cookie(ctx);
-    let source = source_key(connector, &flow);
-    let monitor = config.action == action::MONITOR;
-    let judged = match judge_and_count(&source, &config.limits, monitor) {
-        Ok(judged) => judged,
-        Err(CountError::Full) => {
-            // A full table never admits a connection it cannot count.
-            bump(connector, stat::TABLE_FULL);
-            request_reset(&flow, reset_reason::TABLE_FULL, cookie);
-            return;
-        }
-    };
-    if judged.counted {
-        let value = FlowValue {
-            source,
-            flags,
-            // SAFETY: a helper without arguments.
-            since_ns: unsafe { bpf_ktime_get_ns() },
-        };
-        if !count_flow(ctx, &flow, connector, value) {
-            request_reset(&flow, reset_reason::TABLE_FULL, cookie);
-            return;
-        }
-    }
-    if judged.evaluation.admitted {
-        bump(connector, stat::ADMITTED);
-    } else {
-        reject(&Rejection {
-            flow: &flow,
-            source: &source,
-            config: &config,
-            evaluation: &judged.evaluation,
-            live_total: judged.live_total,
-            live_source: judged.live_source,
-            entry: judged.entry,
-            at_completion: true,
-            // Monitor mode judges only here, and resets nothing.
-            late: !monitor,
-        });
-        if !monitor {
-            request_reset(&flow, reset_reason::OVER_CAP, cookie);
-        }
+    let conn = conn_key(ctx, &flow);
+    if let Some(connector) = connector_of(&conn) {
+        judge_completed(ctx, &conn, connector);
     }
 }
 
-/// Records a counted connection, and asks for its close. False (and the
-/// count given back) when it cannot be followed.
-#[inline(always)]
-fn count_flow(ctx: &SockOpsContext, flow: &FlowKey, connector: u32, value: FlowValue) -> bool {
-    if ESTABLISHED.insert(flow, value, BPF_NOEXIST as u64).is_err() {
+/// The decision that counts, for a connection of `connector` whose
+/// handshake just completed. Not inlined, for the stack (see above).
+#[inline(never)]
+fn judge_completed(ctx: &SockOpsContext, conn: &ConnKey, connector: u32) {
+    // An entry under this socket can only be a connection counted from the
+    // socket table that has since closed: its count goes back.
+    if let Some(stale) = claim(&ESTABLISHED, conn) {
+        release(&stale);
+    }
+    let Some(config) = CONNECTORS.get(connector) else {
+        return;
+    };
+    if !in_our_netns(conn) {
+        bump(connector, stat::FORWARDED);
+    }
+    // SAFETY: the sock_ops context is valid for this helper.
+    let socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let source = source_key(connector, &conn.flow);
+    let monitor = config.action == action::MONITOR;
+    let Some(judged) = judge_and_count(&source, &config.limits, monitor) else {
+        // A full table never admits a connection it cannot count.
+        bump(connector, stat::TABLE_FULL);
+        request_reset(conn, socket_cookie, reset_reason::TABLE_FULL);
+        return;
+    };
+    if judged.counted && !count_flow(ctx, conn, connector, &source) {
+        request_reset(conn, socket_cookie, reset_reason::TABLE_FULL);
+        return;
+    }
+    if judged.evaluation.admitted {
+        bump(connector, stat::ADMITTED);
+        return;
+    }
+    reject(&Rejection {
+        flow: &conn.flow,
+        source: &source,
+        config,
+        evaluation: &judged.evaluation,
+        live_total: judged.live_total,
+        live_source: judged.live_source,
+        entry: judged.entry,
+        at_completion: true,
+        // Monitor mode judges only here, and resets nothing.
+        late: !monitor,
+    });
+    if !monitor {
+        request_reset(conn, socket_cookie, reset_reason::OVER_CAP);
+    }
+}
+
+/// Records a counted connection of `source`, and asks for its close. False
+/// (and the count given back) when it cannot be followed.
+#[inline(never)]
+fn count_flow(ctx: &SockOpsContext, conn: &ConnKey, connector: u32, source: &SourceKey) -> bool {
+    let value = FlowValue {
+        source: *source,
+        flags: 0,
+        // SAFETY: a helper without arguments.
+        since_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    if ESTABLISHED.insert(conn, value, BPF_NOEXIST as u64).is_err() {
         release(&value);
         bump(connector, stat::TABLE_FULL);
         return false;
@@ -244,7 +268,7 @@ fn count_flow(ctx: &SockOpsContext, flow: &FlowKey, connector: u32, value: FlowV
     let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
     if ctx.set_cb_flags(flags as i32).is_err() {
         // Without the state callback the close would go unseen.
-        if let Some(value) = claim(&ESTABLISHED, flow) {
+        if let Some(value) = claim(&ESTABLISHED, conn) {
             release(&value);
         }
         return false;
@@ -252,23 +276,25 @@ fn count_flow(ctx: &SockOpsContext, flow: &FlowKey, connector: u32, value: FlowV
     true
 }
 
-#[inline(always)]
+/// Not inlined: each callback's stack is its own (the verifier allows 512
+/// bytes along a chain of calls).
+#[inline(never)]
 fn on_closed(ctx: &SockOpsContext) {
     let Some(flow) = socket_flow(ctx) else {
         return;
     };
-    if let Some(value) = claim(&ESTABLISHED, &flow) {
+    if let Some(value) = claim(&ESTABLISHED, &conn_key(ctx, &flow)) {
         release(&value);
         bump(value.source.connector, stat::CLOSED);
     }
 }
 
-/// Deletes `flow` from `map` and returns what it held, if this call is the
+/// Deletes `conn` from `map` and returns what it held, if this call is the
 /// one that deleted it (and so owns its count).
 #[inline(always)]
-pub fn claim(map: &HashMap<FlowKey, FlowValue>, flow: &FlowKey) -> Option<FlowValue> {
+pub fn claim(map: &HashMap<ConnKey, FlowValue>, conn: &ConnKey) -> Option<FlowValue> {
     // SAFETY: the value is copied out before the entry is deleted.
-    let value = unsafe { *map.get(flow)? };
-    map.remove(flow).ok()?;
+    let value = unsafe { *map.get(conn)? };
+    map.remove(conn).ok()?;
     Some(value)
 }

@@ -132,6 +132,11 @@ struct Settings {
     /// local address).
     #[arg(long, value_delimiter = ',', value_name = "B[,B...]")]
     bindings: Option<Vec<String>>,
+    /// Where connections to the bindings end up after NAT (REDIRECT to
+    /// another port, DNAT into a container): the server's own IP:PORT,
+    /// comma-separated; an empty value removes them.
+    #[arg(long, value_delimiter = ',', value_name = "IP:PORT[,...]")]
+    forwarded_to: Option<Vec<String>>,
     /// Remote ranges, comma-separated: addresses, CIDR blocks, first-last.
     #[arg(long, value_delimiter = ',', value_name = "R[,R...]")]
     remote_ip_ranges: Option<Vec<String>>,
@@ -153,6 +158,9 @@ impl From<Settings> for ConnectorChanges {
     fn from(s: Settings) -> Self {
         ConnectorChanges {
             bindings: s.bindings,
+            forwarded_to: s
+                .forwarded_to
+                .map(|list| list.into_iter().filter(|e| !e.is_empty()).collect()),
             remote_ip_ranges: s.remote_ip_ranges,
             max_inbound_connection: s.max_inbound_connection,
             max_inbound_connection_per_source: s.max_inbound_connection_per_source,
@@ -479,6 +487,11 @@ fn print_status(s: &Status) {
     println!("interfaces: {}", ifaces.join(", "));
     println!("cgroup: {}", s.cgroup);
     println!("live: {} connection(s) held", s.live_total);
+    for endpoint in &s.undeclared_forwards {
+        println!(
+            "warning: connections end up at {endpoint} (NAT), which no connector's forwarded_to names: not counted"
+        );
+    }
     if s.live_removed_connectors > 0 {
         println!(
             "  of which {} on removed connectors, until they close",
@@ -531,6 +544,12 @@ fn print_connector(c: &ConnectorStatus) {
         "Bindings                                  : {}",
         c.bindings.join(", ")
     );
+    if !c.forwarded_to.is_empty() {
+        println!(
+            "ForwardedTo                               : {}",
+            c.forwarded_to.join(", ")
+        );
+    }
     println!(
         "RemoteIPRanges                            : {}",
         c.remote_ip_ranges.join(", ")
@@ -657,7 +676,10 @@ fn print_stats(s: &StatsReport) {
     for (what, n) in [
         ("unreadable SYNs dropped", s.unreadable_dropped),
         ("resets deferred", s.resets_deferred),
-        ("resets lost", s.resets_lost),
+        (
+            "handshakes moved by NAT to an undeclared endpoint",
+            s.undeclared_forwards,
+        ),
     ] {
         if n > 0 {
             println!("{what}: {n}");

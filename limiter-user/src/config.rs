@@ -42,6 +42,10 @@ pub struct Config {
 pub struct Connector {
     pub name: String,
     pub bindings: Vec<Binding>,
+    /// Where the connections to the bindings end up after NAT (a REDIRECT
+    /// to another port, DNAT into a container): the server's sockets, judged
+    /// as this connector's, in whatever network namespace they are.
+    pub forwarded_to: Vec<Binding>,
     pub remote_ip_ranges: Vec<IpRange>,
     pub limits: Limits,
     pub action: Action,
@@ -259,6 +263,7 @@ pub struct RawConfig {
 pub struct RawConnector {
     pub name: String,
     pub bindings: Vec<String>,
+    pub forwarded_to: Option<Vec<String>>,
     pub remote_ip_ranges: Option<Vec<String>>,
     /// Limits stay untyped here so that a bad value is reported with the
     /// connector's name.
@@ -280,6 +285,7 @@ impl Config {
                     Binding("0.0.0.0:25".parse().expect("valid")),
                     Binding("[::]:25".parse().expect("valid")),
                 ],
+                forwarded_to: Vec::new(),
                 remote_ip_ranges: vec![IpRange::everything(true), IpRange::everything(false)],
                 limits: Limits::EXCHANGE_DEFAULT,
                 action: Action::Drop,
@@ -396,10 +402,29 @@ impl Config {
     /// pair twice, and two ranges overlap only when one contains the other.
     /// Returns the connector to blame and why.
     fn check_pairs(&self) -> Result<(), (String, String)> {
+        // An endpoint is a binding of some connectors or a forward target of
+        // some, never both: the kernel gives it one binding id.
+        for c in &self.connectors {
+            for endpoint in &c.forwarded_to {
+                if let Some(other) = self
+                    .connectors
+                    .iter()
+                    .find(|o| o.bindings.contains(endpoint))
+                {
+                    return Err((
+                        c.name.clone(),
+                        format!(
+                            "forwarded_to {endpoint} is a binding of connector \"{}\"",
+                            other.name
+                        ),
+                    ));
+                }
+            }
+        }
         let mut bindings: Vec<Binding> = self
             .connectors
             .iter()
-            .flat_map(|c| c.bindings.iter().copied())
+            .flat_map(|c| c.endpoints().copied())
             .collect();
         bindings.sort();
         bindings.dedup();
@@ -409,7 +434,7 @@ impl Config {
                 .connectors
                 .iter()
                 .enumerate()
-                .filter(|(_, c)| c.bindings.contains(&binding))
+                .filter(|(_, c)| c.endpoints().any(|e| *e == binding))
                 .flat_map(|(i, c)| {
                     c.remote_ip_ranges
                         .iter()
@@ -480,6 +505,12 @@ fn connector_at_line(text: &str, line: usize) -> Option<String> {
 }
 
 impl Connector {
+    /// Its bindings and its `forwarded_to` endpoints: where its connections
+    /// are judged.
+    pub fn endpoints(&self) -> impl Iterator<Item = &Binding> {
+        self.bindings.iter().chain(&self.forwarded_to)
+    }
+
     fn from_raw(rc: &RawConnector) -> Result<Connector, String> {
         let name = rc.name.trim().to_string();
         if name.is_empty() {
@@ -501,6 +532,19 @@ impl Connector {
                 return Err(format!("binding {binding} is listed twice"));
             }
             bindings.push(binding);
+        }
+        let mut forwarded_to = Vec::new();
+        for f in rc.forwarded_to.iter().flatten() {
+            let endpoint: Binding = f.parse()?;
+            if endpoint.is_wildcard() {
+                return Err(format!(
+                    "forwarded_to {endpoint} is not an address: give the server's own (a container's, say)"
+                ));
+            }
+            if forwarded_to.contains(&endpoint) || bindings.contains(&endpoint) {
+                return Err(format!("{endpoint} is listed twice"));
+            }
+            forwarded_to.push(endpoint);
         }
         let remote_ip_ranges = match &rc.remote_ip_ranges {
             None => vec![IpRange::everything(true), IpRange::everything(false)],
@@ -550,6 +594,7 @@ impl Connector {
         Ok(Connector {
             name,
             bindings,
+            forwarded_to,
             remote_ip_ranges,
             limits,
             action,

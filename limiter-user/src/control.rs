@@ -91,6 +91,11 @@ pub struct Status {
     pub live_total: u64,
     /// Of those, the ones still held by removed connectors.
     pub live_removed_connectors: u64,
+    /// Server endpoints that connections to a bound port were seen to end
+    /// up at (NAT) and that no connector's `forwarded_to` names: those
+    /// connections are not counted.
+    #[serde(default)]
+    pub undeclared_forwards: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,6 +109,9 @@ pub struct InterfaceStatus {
 pub struct ConnectorStatus {
     pub name: String,
     pub bindings: Vec<String>,
+    /// The server's own endpoints after NAT, judged as this connector's.
+    #[serde(default)]
+    pub forwarded_to: Vec<String>,
     pub remote_ip_ranges: Vec<String>,
     /// A number, or "unlimited".
     pub max_inbound_connection: serde_json::Value,

@@ -15,8 +15,8 @@ use std::{
 use anyhow::{Context, anyhow, bail};
 use aya::maps::{MapData, RingBuf};
 use limiter_common::maps::{
-    FLOW_MOVED, FLOW_SEEDED, FlowKey, MAX_CONNECTORS, REPORT_INTERVAL_NS, RejectionEvent,
-    ResetRequest, SourceKey, control as op, gate, reset_reason, stat,
+    ConnKey, FLOW_SEEDED, FlowKey, MAX_CONNECTORS, REPORT_INTERVAL_NS, RejectionEvent,
+    ResetRequest, SourceKey, control as op, gate, stat,
 };
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Interest, unix::AsyncFd},
@@ -34,6 +34,7 @@ use crate::{
     pins::PinDir,
     preflight::{self, Bpffs},
     report::{self, Connectors, limit_json},
+    resets::Resetter,
     selection::{SelectionTable, from_addr},
     sockdiag,
 };
@@ -99,8 +100,11 @@ struct Daemon {
     cgroup: PathBuf,
     interfaces: Vec<(String, AttachedMode)>,
     started: Instant,
-    /// The daemon's network namespace: where it resets connections itself.
+    /// The daemon's network namespace: the one whose socket table it reads.
     netns_cookie: u64,
+    resetter: Arc<Resetter>,
+    /// Undeclared NAT targets already warned about.
+    warned_forwards: HashSet<String>,
     /// Connections counted from the socket table, which only the daemon
     /// sees close.
     seeded: HashSet<FlowKey>,
@@ -158,6 +162,12 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let pins = PinDir::open(&options.bpffs)?;
     let metrics_listener = options.metrics.map(preflight::metrics).transpose()?;
     let netns_cookie = netns::current_cookie().context("reading the network namespace's cookie")?;
+    sockdiag::can_destroy().map_err(|e| match e.raw_os_error() {
+        Some(libc::EOPNOTSUPP) => anyhow!(
+            "this kernel cannot reset a connection from outside it (sock_diag SOCK_DESTROY, CONFIG_INET_DIAG_DESTROY): limiter needs that to reset connections judged over a cap"
+        ),
+        _ => anyhow!("resetting connections (sock_diag SOCK_DESTROY): {e} (run as root)"),
+    })?;
     if loaded.document.sets("handshake_timeout") {
         log::info!(
             "{}: handshake_timeout is no longer used: a connection counts from the moment its handshake completes",
@@ -193,6 +203,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         .kernel
         .take_resets()
         .context("the reset ring is missing")?;
+    let reset_with = daemon.resetter.clone();
     let daemon = Arc::new(Mutex::new(daemon));
     let hub = Arc::new(EventHub::default());
 
@@ -226,7 +237,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         options.syslog.clone(),
         options.event_period,
     ));
-    let resetter = tokio::spawn(reset_connections(resets, daemon.clone()));
+    let resetter = tokio::spawn(reset_connections(resets, daemon.clone(), reset_with));
     let sweeper = tokio::spawn(sweep_forever(daemon.clone()));
     let status = daemon.clone();
     tasks.push(notify::ready(move || {
@@ -335,6 +346,7 @@ struct StartParts {
     reconciled: (usize, usize),
     /// Flows counted from the socket table.
     seeded: HashSet<FlowKey>,
+    resetter: Arc<Resetter>,
 }
 
 fn attach_and_count(
@@ -393,11 +405,16 @@ fn attach_and_count(
     // What the kernel judged over a cap while no daemon ran is reset first,
     // or the reconciliation would count it as a connection that predates
     // the daemon.
-    for request in kernel.waiting_resets() {
-        reset_connection(netns_cookie, &request);
+    let resetter = Arc::new(Resetter::new(netns_cookie));
+    let mut waiting = kernel.ringed_resets();
+    waiting.extend(kernel.pending_resets());
+    for request in &waiting {
+        if resetter.reset(request).settled() {
+            kernel.resolve_reset(&request.conn);
+        }
     }
     let ports: HashSet<u16> = table.ports.iter().copied().collect();
-    let (reconciled, seeded) = reconcile(kernel, &ports)?;
+    let (reconciled, seeded) = reconcile(kernel, &ports, netns_cookie)?;
     Ok(StartParts {
         loaded,
         ids,
@@ -405,6 +422,7 @@ fn attach_and_count(
         interfaces,
         reconciled,
         seeded,
+        resetter,
     })
 }
 
@@ -735,6 +753,7 @@ async fn sweep_forever(daemon: Arc<Mutex<Daemon>>) -> anyhow::Result<()> {
 async fn reset_connections(
     ring: RingBuf<MapData>,
     daemon: Arc<Mutex<Daemon>>,
+    resetter: Arc<Resetter>,
 ) -> anyhow::Result<()> {
     // SAFETY: the ring buffer owns its map fd, which stays open and the same
     // for as long as the AsyncFd owns the ring.
@@ -760,41 +779,22 @@ async fn reset_connections(
         if requests.is_empty() {
             continue;
         }
-        let daemon = daemon.clone();
+        let (daemon, resetter) = (daemon.clone(), resetter.clone());
         tokio::task::spawn_blocking(move || {
-            let daemon = daemon.lock().expect("daemon lock");
-            for request in &requests {
-                daemon.reset(request);
+            // The resets without the daemon's lock: the control socket and
+            // the sweep go on meanwhile.
+            let settled: Vec<ConnKey> = requests
+                .iter()
+                .filter(|request| resetter.reset(request).settled())
+                .map(|request| request.conn)
+                .collect();
+            let mut daemon = daemon.lock().expect("daemon lock");
+            for conn in &settled {
+                daemon.kernel.resolve_reset(conn);
             }
         })
         .await
         .context("resetter task")?;
-    }
-}
-
-/// Resets a connection the kernel judged over a cap when its handshake
-/// completed (or could not count), in the network namespace of its server's
-/// socket; `own_netns` is the daemon's.
-fn reset_connection(own_netns: u64, request: &ResetRequest) {
-    let flow = request.flow;
-    let result = if request.netns_cookie == own_netns || request.netns_cookie == 0 {
-        sockdiag::destroy(&flow)
-    } else {
-        match netns::run_in(request.netns_cookie, || sockdiag::destroy(&flow)) {
-            Ok(Some(result)) => result,
-            Ok(None) => Ok(false),
-            Err(e) => Err(e),
-        }
-    };
-    let why = if request.reason == reset_reason::TABLE_FULL {
-        "a table it needed was full"
-    } else {
-        "over a cap when its handshake completed"
-    };
-    match result {
-        Ok(true) => log::debug!("reset {} ({why})", show(&flow)),
-        Ok(false) => log::debug!("{} closed before its reset ({why})", show(&flow)),
-        Err(e) => log::warn!("resetting {} ({why}): {e}", show(&flow)),
     }
 }
 
@@ -807,23 +807,21 @@ fn reset_connection(own_netns: u64, request: &ResetRequest) {
 /// The counted ones are read before the socket table, so a connection that
 /// completes in between is never taken for gone; the missing ones after it,
 /// so that one is never counted twice (and a count taken twice in a race is
-/// given back by the kernel's own checks). Connections the kernel moved to
-/// another port or network namespace (NAT) are left to the sock_ops program:
-/// this namespace's table may not show them.
+/// given back by the kernel's own checks). Connections in other network
+/// namespaces (containers behind DNAT) are left to the sock_ops program:
+/// this namespace's table does not show them.
 fn reconcile(
     kernel: &mut Kernel,
     ports: &HashSet<u16>,
+    netns: u64,
 ) -> anyhow::Result<((usize, usize), HashSet<FlowKey>)> {
-    let counted_before = kernel.established();
+    let counted_before = kernel.established_in(netns);
     let held: HashSet<FlowKey> = sockdiag::held_connections(ports)
         .context("reading the socket table")?
         .into_iter()
         .collect();
     let mut released = 0;
-    for (flow, _) in counted_before
-        .iter()
-        .filter(|(f, v)| v.flags & FLOW_MOVED == 0 && !held.contains(f))
-    {
+    for (flow, _) in counted_before.iter().filter(|(f, _)| !held.contains(f)) {
         if kernel
             .release_established(flow)
             .map_err(|e| anyhow!(error_chain(&e)))?
@@ -831,10 +829,19 @@ fn reconcile(
             released += 1;
         }
     }
+    // Nor is a connection waiting for its reset one that predates the
+    // daemon.
     let known: HashSet<FlowKey> = kernel
-        .established()
+        .established_in(netns)
         .into_iter()
         .map(|(flow, _)| flow)
+        .chain(
+            kernel
+                .pending_resets()
+                .into_iter()
+                .filter(|r| r.conn.netns == netns)
+                .map(|r| r.conn.flow),
+        )
         .collect();
     let mut counted = 0;
     for flow in held.iter().filter(|f| !known.contains(f)) {
@@ -845,7 +852,7 @@ fn reconcile(
         }
     }
     let seeded = kernel
-        .established()
+        .established_in(netns)
         .into_iter()
         .filter(|(_, v)| v.flags & FLOW_SEEDED != 0)
         .map(|(flow, _)| flow)
@@ -862,6 +869,7 @@ impl Daemon {
             interfaces,
             reconciled,
             seeded,
+            resetter,
         } = parts;
         let daemon = Daemon {
             kernel,
@@ -877,6 +885,8 @@ impl Daemon {
             interfaces,
             started: Instant::now(),
             netns_cookie,
+            resetter,
+            warned_forwards: HashSet::new(),
             seeded,
             uncounted: HashSet::new(),
             warned_untracked: false,
@@ -901,26 +911,36 @@ impl Daemon {
         self.table.ports.iter().copied().collect()
     }
 
-    fn reset(&self, request: &ResetRequest) {
-        reset_connection(self.netns_cookie, request);
-    }
-
     /// One round of housekeeping: resets that found the ring full, seeded
     /// connections that closed, connections outside the tracked cgroup,
     /// the periodic reconciliation, idle sources.
     fn sweep(&mut self) -> anyhow::Result<()> {
-        for request in self.kernel.take_late_resets() {
-            self.reset(&request);
+        // Resets the ring's reader has not settled a second after they were
+        // asked for: the ring was full, or they failed.
+        let now = monotonic_ns();
+        let pending = self.kernel.pending_resets();
+        for request in &pending {
+            if now.saturating_sub(request.time_ns) >= 1_000_000_000
+                && self.resetter.reset(request).settled()
+            {
+                self.kernel.resolve_reset(&request.conn);
+            }
         }
+        self.warn_about_undeclared_forwards();
         let held: HashSet<FlowKey> = sockdiag::held_connections(&self.bound_ports())
             .context("reading the socket table")?
             .into_iter()
             .collect();
         let counted: HashMap<FlowKey, u32> = self
             .kernel
-            .established()
+            .established_in(self.netns_cookie)
             .into_iter()
             .map(|(flow, value)| (flow, value.flags))
+            .collect();
+        let waiting_reset: HashSet<FlowKey> = pending
+            .iter()
+            .filter(|r| r.conn.netns == self.netns_cookie)
+            .map(|r| r.conn.flow)
             .collect();
         // Seeded entries that sock_ops took over (the 4-tuple was reused).
         self.seeded
@@ -942,7 +962,7 @@ impl Daemon {
         // tracked cgroup). Counted from here on, and watched by polling.
         let uncounted: HashSet<FlowKey> = held
             .iter()
-            .filter(|f| !counted.contains_key(f))
+            .filter(|f| !counted.contains_key(f) && !waiting_reset.contains(f))
             .copied()
             .collect();
         for flow in uncounted.intersection(&self.uncounted) {
@@ -966,7 +986,8 @@ impl Daemon {
         self.uncounted = uncounted;
         if self.last_reconcile.elapsed() >= RECONCILE_EVERY {
             let ports = self.bound_ports();
-            let ((released, counted), seeded) = reconcile(&mut self.kernel, &ports)?;
+            let ((released, counted), seeded) =
+                reconcile(&mut self.kernel, &ports, self.netns_cookie)?;
             self.seeded = seeded;
             self.last_reconcile = Instant::now();
             if released + counted > 0 {
@@ -983,6 +1004,24 @@ impl Daemon {
             self.forget_idle_sources(SOURCE_IDLE_FORGET);
         }
         Ok(())
+    }
+
+    /// Warns, once each, about server endpoints that SYNs to a bound port
+    /// were seen to end up at (NAT) and that no `forwarded_to` names.
+    fn warn_about_undeclared_forwards(&mut self) {
+        for (endpoint, connector) in self.kernel.undeclared_forwards() {
+            let shown =
+                std::net::SocketAddr::new(from_addr(&endpoint.addr), endpoint.port).to_string();
+            if self.warned_forwards.insert(shown.clone()) {
+                let name = self
+                    .connectors()
+                    .by_id(connector)
+                    .map_or_else(|| format!("#{connector}"), |c| c.name.clone());
+                log::warn!(
+                    "connections to connector \"{name}\" end up at {shown} (a REDIRECT, or DNAT into a container?), which no connector's forwarded_to names: they are not counted; add forwarded_to = [\"{shown}\"] to the connector"
+                );
+            }
+        }
     }
 
     /// Deletes source entries that have held nothing for `idle`, so that
@@ -1017,6 +1056,11 @@ impl Daemon {
         Ok(ConnectorStatus {
             name: connector.name.clone(),
             bindings: connector.bindings.iter().map(|b| b.to_string()).collect(),
+            forwarded_to: connector
+                .forwarded_to
+                .iter()
+                .map(|b| b.to_string())
+                .collect(),
             remote_ip_ranges: connector
                 .remote_ip_ranges
                 .iter()
@@ -1065,6 +1109,11 @@ impl Daemon {
             live_total,
             live_removed_connectors: live_total.saturating_sub(configured),
             connectors,
+            undeclared_forwards: {
+                let mut shown: Vec<String> = self.warned_forwards.iter().cloned().collect();
+                shown.sort();
+                shown
+            },
         })
     }
 
@@ -1107,7 +1156,8 @@ impl Daemon {
             events_lost: stats.global[stat::EVENTS_LOST as usize],
             syslog_errors: hub.syslog_errors.load(std::sync::atomic::Ordering::Relaxed),
             unreadable_dropped: stats.global[stat::UNREADABLE as usize],
-            resets_lost: stats.global[stat::RESETS_LOST as usize],
+            resets_pending: self.kernel.pending_resets().len() as u64,
+            undeclared_forwards: stats.global[stat::UNDECLARED_FORWARDS as usize],
             maps: vec![
                 (
                     "sources",

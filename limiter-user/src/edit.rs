@@ -18,6 +18,8 @@ use crate::config::{Config, LimitValue};
 #[serde(deny_unknown_fields)]
 pub struct ConnectorChanges {
     pub bindings: Option<Vec<String>>,
+    #[serde(default)]
+    pub forwarded_to: Option<Vec<String>>,
     pub remote_ip_ranges: Option<Vec<String>>,
     /// As typed: a number or `unlimited`.
     pub max_inbound_connection: Option<String>,
@@ -72,8 +74,16 @@ impl ConfigDocument {
                 Ok(n) => n.to_string(),
                 Err(_) => "\"unlimited\"".to_string(),
             };
+            let forwarded = if c.forwarded_to.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "forwarded_to = {}\n",
+                    list(c.forwarded_to.iter().map(|b| b.to_string()).collect())
+                )
+            };
             text.push_str(&format!(
-                "\n[[connector]]\nname = {:?}\nbindings = {}\nremote_ip_ranges = {}\n\
+                "\n[[connector]]\nname = {:?}\nbindings = {}\n{forwarded}remote_ip_ranges = {}\n\
                  max_inbound_connection = {}\nmax_inbound_connection_per_source = {}\n\
                  max_inbound_connection_percentage_per_source = {}\naction = {:?}\n",
                 c.name,
@@ -215,6 +225,13 @@ fn apply(table: &mut Table, changes: &ConnectorChanges) {
     };
     if let Some(bindings) = &changes.bindings {
         table.insert("bindings", list(bindings));
+    }
+    if let Some(endpoints) = &changes.forwarded_to {
+        if endpoints.is_empty() {
+            table.remove("forwarded_to");
+        } else {
+            table.insert("forwarded_to", list(endpoints));
+        }
     }
     if let Some(ranges) = &changes.remote_ip_ranges {
         table.insert("remote_ip_ranges", list(ranges));

@@ -17,9 +17,9 @@ use aya::{
     },
 };
 use limiter_common::maps::{
-    BOUND_PORT_WORDS, BindingKey, CONNECTOR_NAME_BYTES, ConnectorConfig, ConnectorState, Control,
-    DEFAULT_TABLE_ENTRIES, FlowKey, FlowValue, MAX_CONNECTORS, RangeKey, ResetRequest, Settings,
-    SourceCount, SourceKey, control, gate, names, programs, stat,
+    BOUND_PORT_WORDS, BindingKey, CONNECTOR_NAME_BYTES, ConnKey, ConnectorConfig, ConnectorState,
+    Control, DEFAULT_TABLE_ENTRIES, Endpoint, FlowKey, FlowValue, MAX_CONNECTORS, RangeKey,
+    ResetRequest, Settings, SourceCount, SourceKey, control, gate, names, programs, stat,
 };
 
 use crate::{
@@ -155,13 +155,14 @@ pub struct Kernel {
     connectors: Array<MapData, ConnectorConfig>,
     connector_state: Array<MapData, ConnectorState>,
     source_live: HashMap<MapData, SourceKey, SourceCount>,
-    established: HashMap<MapData, FlowKey, FlowValue>,
+    established: HashMap<MapData, ConnKey, FlowValue>,
     stats: PerCpuArray<MapData, u64>,
     /// The rejection events, until the daemon's reader takes them.
     events: Option<RingBuf<MapData>>,
     /// The reset requests, until the daemon's resetter takes them.
     resets: Option<RingBuf<MapData>>,
-    late_resets: HashMap<MapData, FlowKey, ResetRequest>,
+    pending_resets: HashMap<MapData, ConnKey, ResetRequest>,
+    undeclared_forwards: HashMap<MapData, Endpoint, u32>,
     connector_names: Array<MapData, [u8; CONNECTOR_NAME_BYTES]>,
     sizes: TableSizes,
     pins: Option<PinDir>,
@@ -258,7 +259,8 @@ impl Kernel {
             stats: take!(ebpf, names::STATS),
             events: Some(take!(ebpf, names::EVENTS)),
             resets: Some(take!(ebpf, names::RESETS)),
-            late_resets: take!(ebpf, names::LATE_RESETS),
+            pending_resets: take!(ebpf, names::PENDING_RESETS),
+            undeclared_forwards: take!(ebpf, names::UNDECLARED_FORWARDS),
             connector_names: take!(ebpf, names::CONNECTOR_NAMES),
             sizes,
             ebpf,
@@ -320,9 +322,10 @@ impl Kernel {
         self.resets.take()
     }
 
-    /// The reset requests waiting in the ring and in `LATE_RESETS` (those a
-    /// daemon that is gone never saw), taken.
-    pub fn waiting_resets(&mut self) -> Vec<ResetRequest> {
+    /// The reset requests waiting in the ring (those a daemon that is gone
+    /// never saw), taken; their entries in `PENDING_RESETS` stay until the
+    /// resets are done.
+    pub fn ringed_resets(&mut self) -> Vec<ResetRequest> {
         let mut requests = Vec::new();
         if let Some(ring) = self.resets.as_mut() {
             while let Some(item) = ring.next() {
@@ -335,17 +338,29 @@ impl Kernel {
                 }
             }
         }
-        requests.extend(self.take_late_resets());
         requests
     }
 
-    /// Takes the reset requests that found the ring full.
-    pub fn take_late_resets(&mut self) -> Vec<ResetRequest> {
-        let requests: Vec<(FlowKey, ResetRequest)> =
-            self.late_resets.iter().filter_map(Result::ok).collect();
-        requests
-            .into_iter()
-            .filter_map(|(flow, request)| self.late_resets.remove(&flow).ok().map(|()| request))
+    /// Every reset requested and not yet done.
+    pub fn pending_resets(&self) -> Vec<ResetRequest> {
+        self.pending_resets
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(_, request)| request)
+            .collect()
+    }
+
+    /// A reset is done (or its socket is gone): forget the request.
+    pub fn resolve_reset(&mut self, conn: &ConnKey) {
+        let _ = self.pending_resets.remove(conn);
+    }
+
+    /// Server endpoints that SYNs to a bound port were seen to end up at,
+    /// undeclared, with the connector id they were addressed to.
+    pub fn undeclared_forwards(&self) -> Vec<(Endpoint, u32)> {
+        self.undeclared_forwards
+            .iter()
+            .filter_map(Result::ok)
             .collect()
     }
 
@@ -758,9 +773,18 @@ impl Kernel {
         self.source_live.get(key, 0).map(|c| c.live).unwrap_or(0)
     }
 
-    /// Counted established connections.
-    pub fn established(&self) -> Vec<(FlowKey, FlowValue)> {
+    /// Counted connections, in every network namespace.
+    pub fn established(&self) -> Vec<(ConnKey, FlowValue)> {
         self.established.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Counted connections of the network namespace with cookie `netns`.
+    pub fn established_in(&self, netns: u64) -> Vec<(FlowKey, FlowValue)> {
+        self.established()
+            .into_iter()
+            .filter(|(conn, _)| conn.netns == netns)
+            .map(|(conn, value)| (conn.flow, value))
+            .collect()
     }
 
     /// Counters, summed over CPUs.

@@ -21,5 +21,6 @@ pub mod pins;
 pub mod preflight;
 pub mod range;
 pub mod report;
+pub mod resets;
 pub mod selection;
 pub mod sockdiag;

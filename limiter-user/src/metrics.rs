@@ -31,8 +31,10 @@ pub struct Snapshot {
     pub syslog_errors: u64,
     /// SYNs to a bound port the XDP program could not read whole, dropped.
     pub unreadable_dropped: u64,
-    /// Resets that found no room in the kernel's ring nor its table.
-    pub resets_lost: u64,
+    /// Connections judged over a cap whose reset is not done yet.
+    pub resets_pending: u64,
+    /// Handshakes moved by NAT to an endpoint no `forwarded_to` names.
+    pub undeclared_forwards: u64,
     /// (map, entries, capacity)
     pub maps: Vec<(&'static str, u64, u64)>,
 }
@@ -141,9 +143,14 @@ pub fn render(s: &Snapshot) -> String {
         counter(s.unreadable_dropped),
     );
     registry.register(
-        "resets_lost",
-        "Connections judged over a cap that could not be queued for their reset",
-        counter(s.resets_lost),
+        "resets_pending",
+        "Connections judged over a cap whose reset is not done yet",
+        gauge(s.resets_pending),
+    );
+    registry.register(
+        "undeclared_forwards",
+        "Handshakes that NAT moved to a server endpoint no connector's forwarded_to names: not counted",
+        counter(s.undeclared_forwards),
     );
     let entries = Family::<MapLabel, Gauge>::default();
     let capacity = Family::<MapLabel, Gauge>::default();

@@ -4,7 +4,7 @@
 //! behind DNAT.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     fs::File,
     io,
     os::{fd::AsRawFd, unix::fs::MetadataExt},
@@ -41,7 +41,7 @@ pub fn current_cookie() -> io::Result<u64> {
 }
 
 /// The network namespaces of the running processes, one path each.
-fn namespaces() -> Vec<PathBuf> {
+fn namespace_paths() -> Vec<PathBuf> {
     let mut seen = HashSet::new();
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
@@ -59,29 +59,69 @@ fn namespaces() -> Vec<PathBuf> {
         .collect()
 }
 
-/// Runs `f` in the network namespace whose cookie is `cookie`, on a thread
-/// of its own (entering a namespace changes only the calling thread).
-/// `Ok(None)`: no running process is in that namespace any more.
-pub fn run_in<T: Send>(cookie: u64, f: impl FnOnce() -> T + Send) -> io::Result<Option<T>> {
+/// The cookie of the namespace `file` refers to (entered on a thread of its
+/// own: entering a namespace changes only the calling thread).
+fn cookie_of(file: &File) -> io::Result<u64> {
     std::thread::scope(|scope| {
         scope
-            .spawn(move || {
-                for path in namespaces() {
-                    let Ok(file) = File::open(&path) else {
-                        continue;
-                    };
-                    // SAFETY: a namespace file descriptor; only this thread
-                    // moves.
-                    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                        continue;
-                    }
-                    if current_cookie()? == cookie {
-                        return Ok(Some(f()));
-                    }
+            .spawn(|| {
+                // SAFETY: a namespace file descriptor; only this thread moves.
+                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(io::Error::last_os_error());
                 }
-                Ok(None)
+                current_cookie()
             })
             .join()
             .unwrap_or_else(|_| Err(io::Error::other("the namespace thread panicked")))
     })
+}
+
+/// The namespaces met so far, by cookie, held open (so that a cookie keeps
+/// naming the same namespace for as long as it is known).
+#[derive(Default)]
+pub struct Namespaces {
+    known: HashMap<u64, File>,
+}
+
+impl Namespaces {
+    /// Runs `f` in the namespace whose cookie is `cookie`, on a thread of its
+    /// own. `Ok(None)`: no running process is in that namespace.
+    pub fn run_in<T: Send>(
+        &mut self,
+        cookie: u64,
+        f: impl FnOnce() -> T + Send,
+    ) -> io::Result<Option<T>> {
+        if !self.known.contains_key(&cookie) {
+            self.rescan();
+        }
+        let Some(file) = self.known.get(&cookie) else {
+            return Ok(None);
+        };
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    // SAFETY: a namespace file descriptor; only this thread
+                    // moves.
+                    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(Some(f()))
+                })
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("the namespace thread panicked")))
+        })
+    }
+
+    /// Learns the namespaces of the running processes; forgets those gone.
+    fn rescan(&mut self) {
+        self.known.clear();
+        for path in namespace_paths() {
+            let Ok(file) = File::open(&path) else {
+                continue;
+            };
+            if let Ok(cookie) = cookie_of(&file) {
+                self.known.entry(cookie).or_insert(file);
+            }
+        }
+    }
 }

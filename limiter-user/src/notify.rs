@@ -125,6 +125,7 @@ mod tests {
         let connector = |name: &str, live| ConnectorStatus {
             name: name.into(),
             bindings: vec![],
+            forwarded_to: vec![],
             remote_ip_ranges: vec![],
             max_inbound_connection: 5000.into(),
             max_inbound_connection_per_source: 20.into(),
@@ -146,6 +147,7 @@ mod tests {
             live_total: 15,
             live_removed_connectors: 0,
             connectors: vec![connector("Default Frontend", 12), connector("Relay", 3)],
+            undeclared_forwards: vec![],
         };
         assert_eq!(
             status_line(&status),

@@ -25,7 +25,7 @@ pub struct Connectors<'a> {
 }
 
 impl Connectors<'_> {
-    fn by_id(&self, id: u32) -> Option<&Connector> {
+    pub fn by_id(&self, id: u32) -> Option<&Connector> {
         self.ids
             .iter()
             .position(|i| *i == id)
@@ -245,9 +245,9 @@ pub struct Counters {
     pub syn_passed: u64,
     /// Counted connections the server's socket closed.
     pub closed: u64,
-    /// Handshakes the kernel moved to another port or network namespace
-    /// (NAT), found again by their remote end.
-    pub moved: u64,
+    /// Connections judged at a `forwarded_to` endpoint in another network
+    /// namespace (a container behind DNAT).
+    pub forwarded: u64,
     /// Connections found in the socket table and counted without a
     /// judgement, and those of them seen closed.
     pub seeded: u64,
@@ -273,7 +273,7 @@ impl Counters {
             rejected_table_full: at(stat::TABLE_FULL),
             syn_passed: at(stat::SYN_PASSED),
             closed: at(stat::CLOSED),
-            moved: at(stat::MOVED),
+            forwarded: at(stat::FORWARDED),
             seeded: at(stat::SEEDED),
             seeded_closed: at(stat::SEEDED_CLOSED),
             reconciled: at(stat::RECONCILED),
@@ -290,7 +290,7 @@ impl Counters {
         self.rejected_table_full += other.rejected_table_full;
         self.syn_passed += other.syn_passed;
         self.closed += other.closed;
-        self.moved += other.moved;
+        self.forwarded += other.forwarded;
         self.seeded += other.seeded;
         self.seeded_closed += other.seeded_closed;
         self.reconciled += other.reconciled;
@@ -307,10 +307,11 @@ pub struct StatsReport {
     /// fragmentation, or behind more headers than it follows), dropped.
     pub unreadable_dropped: u64,
     /// Resets of connections judged over a cap that found the reset ring
-    /// full (done later by the daemon's sweep), and that found no room at
-    /// all (the connection stays up, uncounted).
+    /// full (done by the daemon's sweep instead).
     pub resets_deferred: u64,
-    pub resets_lost: u64,
+    /// Handshakes the kernel moved (NAT) to an endpoint no `forwarded_to`
+    /// names: not counted.
+    pub undeclared_forwards: u64,
     pub connectors: Vec<ConnectorCounters>,
 }
 
@@ -326,7 +327,7 @@ pub fn stats(connectors: &Connectors, stats: &Stats) -> StatsReport {
     let mut report = StatsReport {
         unreadable_dropped: global(stat::UNREADABLE),
         resets_deferred: global(stat::RESETS_DEFERRED),
-        resets_lost: global(stat::RESETS_LOST),
+        undeclared_forwards: global(stat::UNDECLARED_FORWARDS),
         ..Default::default()
     };
     for (id, row) in stats

@@ -23,7 +23,7 @@ use std::{
 use ipnet::IpNet;
 use limiter_common::{
     addr::{self, Addr, V4_MAPPED_PREFIX_LEN},
-    maps::{BindingKey, RANGE_KEY_BINDING_BITS, RangeKey, wildcard_binding_id},
+    maps::{BindingKey, FORWARDED_BINDING, RANGE_KEY_BINDING_BITS, RangeKey, wildcard_binding_id},
 };
 
 use crate::config::{Binding, Config};
@@ -118,13 +118,17 @@ impl SelectionTable {
         // (binding id, block) -> (range size, connector)
         let mut blocks: HashMap<(u32, IpNet), (u128, u32)> = HashMap::new();
         for (connector, &connector_id) in config.connectors.iter().zip(ids) {
-            for binding in &connector.bindings {
+            let forwarded = connector
+                .forwarded_to
+                .iter()
+                .map(|b| (b, FORWARDED_BINDING));
+            for (binding, flag) in connector.bindings.iter().map(|b| (b, 0)).chain(forwarded) {
                 let key = binding_key(binding);
                 let ord = BindingKeyOrd {
                     addr: key.addr,
                     port: key.port,
                 };
-                let next_id = table.bindings.len() as u32;
+                let next_id = table.bindings.len() as u32 | flag;
                 let id = if key.addr == addr::wildcard(binding.is_ipv4()) {
                     wildcard_binding_id(key.port, binding.is_ipv4())
                 } else {
@@ -247,6 +251,7 @@ mod tests {
         Connector {
             name: name.to_string(),
             bindings: bindings.iter().map(|b| b.parse().unwrap()).collect(),
+            forwarded_to: Vec::new(),
             remote_ip_ranges: ranges.iter().map(|r| r.parse().unwrap()).collect(),
             limits: limiter_common::Limits::EXCHANGE_DEFAULT,
             action: Action::Drop,

@@ -131,11 +131,12 @@ where
     }
 }
 
-/// Resets the connection `flow` of this network namespace, as
-/// `ss --kill` does: the server's socket is aborted (its application sees
-/// ECONNABORTED) and the client gets a RST. `Ok(false)`: no such socket
-/// (it closed meanwhile).
-pub fn destroy(flow: &FlowKey) -> io::Result<bool> {
+/// Resets the connection `flow` of this network namespace whose socket has
+/// cookie `socket_cookie` (`u64::MAX`: any), as `ss --kill` does: the
+/// server's socket is aborted (its application sees ECONNABORTED) and the
+/// client gets a RST. `Ok(false)`: no such socket (it closed meanwhile, or
+/// the addresses belong to another socket now).
+pub fn destroy(flow: &FlowKey, socket_cookie: u64) -> io::Result<bool> {
     let socket = connect()?;
     // An IPv4 connection is found by its IPv4 addresses, whichever family
     // the server's socket has (a dual-stack socket's is hashed as IPv4).
@@ -152,8 +153,8 @@ pub fn destroy(flow: &FlowKey) -> io::Result<bool> {
             source_address: local,
             destination_address: remote,
             interface_id: 0,
-            // INET_DIAG_NOCOOKIE: any socket with these addresses.
-            cookie: [0xff; 8],
+            // Two 32-bit words, low first, each in host order.
+            cookie: cookie_words(socket_cookie),
         },
     });
     send(
@@ -163,7 +164,28 @@ pub fn destroy(flow: &FlowKey) -> io::Result<bool> {
     )?;
     match receive::<SockDiagDestroy>(&socket, |_| {}) {
         Ok(()) => Ok(true),
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ESTALE)) => Ok(false),
         Err(e) => Err(e),
     }
+}
+
+/// `struct inet_diag_sockid`'s cookie: two 32-bit words, low first.
+fn cookie_words(cookie: u64) -> [u8; 8] {
+    let mut bytes = [0u8; 8];
+    bytes[..4].copy_from_slice(&(cookie as u32).to_ne_bytes());
+    bytes[4..].copy_from_slice(&((cookie >> 32) as u32).to_ne_bytes());
+    bytes
+}
+
+/// Whether this kernel can reset a socket from outside it (sock_diag
+/// `SOCK_DESTROY`, `CONFIG_INET_DIAG_DESTROY`), and this process may: asked
+/// for a socket that does not exist.
+pub fn can_destroy() -> io::Result<()> {
+    let nowhere = FlowKey {
+        local: crate::selection::to_addr(std::net::Ipv4Addr::LOCALHOST.into()),
+        remote: crate::selection::to_addr(std::net::Ipv4Addr::LOCALHOST.into()),
+        local_port: 1,
+        remote_port: 1,
+    };
+    destroy(&nowhere, u64::MAX).map(|_| ())
 }

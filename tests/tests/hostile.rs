@@ -204,6 +204,12 @@ fn forged_syns_from_hundreds_of_addresses_never_fill_the_total() {
         "\"unlimited\"",
         100,
     ));
+    // The server can answer the forged sources (its SYN-ACKs go to the
+    // client's namespace, which drops them): request sockets are made for
+    // every forged SYN, as on the Internet.
+    s.lab
+        .server_ns()
+        .ip(&["route", "add", "10.128.0.0/9", "via", "10.77.0.10"]);
     let stop = AtomicBool::new(false);
     let held = std::thread::scope(|scope| {
         let flood = scope.spawn(|| {
@@ -404,8 +410,76 @@ fn half_closed_connections_count_until_the_server_closes_them() {
     );
 }
 
+/// A REDIRECT of port 25 to 2526, where the server listens, declared with
+/// `forwarded_to` (or not); with SYN cookies answering every SYN, the
+/// kernel's path that makes no request socket.
+fn redirected(cookies: bool) {
+    let lab = Lab::new();
+    let cgroup = Cgroup::new();
+    if cookies {
+        lab.server_ns().set_sysctl("net.ipv4.tcp_syncookies", "2");
+    }
+    let _redirect = NftTable::new(
+        lab.server_ns(),
+        "ip",
+        "redirect",
+        "chain pre { type nat hook prerouting priority dstnat; \
+         ip daddr 10.77.0.1 tcp dport 25 redirect to :2526; }",
+    );
+    let _server = HoldServer::start_with(tcp_hold_bin!(), &lab, Some(&cgroup), &["10.77.0.1:2526"]);
+    let limiter = Limiter::start(
+        &lab,
+        &cgroup,
+        &format!(
+            "{}forwarded_to = [\"10.77.0.1:2526\"]\n",
+            connector("Frontend", "[\"0.0.0.0/0\"]", "100", "2", 100)
+        ),
+    );
+    let connect = || lab.connect(client_v4(10).into(), server_v4(25), ADMIT_WAIT);
+    let mut held: Vec<TcpStream> = (0..2).map(|_| connect().expect("within the cap")).collect();
+    let refused = connect().expect_err("over the cap");
+    assert_eq!(refused.kind(), ErrorKind::TimedOut);
+    assert_eq!(limiter.live("Frontend"), 2);
+    // Closed on the server's side, on its own port, a connection is
+    // released.
+    server_side(&mut held[0], "close");
+    assert!(wait_until(SETTLE, Duration::from_millis(20), || limiter
+        .live("Frontend")
+        == 1));
+    held.push(connect().expect("a place is free again"));
+    let sources = limiter.cli_json(&["sources"]);
+    assert_eq!(sources[0]["live"], 2, "{sources}");
+    assert_eq!(sources[0]["source"], "10.77.0.20");
+    // Handshakes completing together there are judged like any others.
+    for stream in &mut held {
+        server_side(stream, "close");
+    }
+    assert!(wait_until(SETTLE, Duration::from_millis(20), || limiter
+        .live("Frontend")
+        == 0));
+    let burst = completing_together(&lab, client_v4(10), 5, Duration::from_millis(200));
+    assert!(
+        wait_until(SETTLE, Duration::from_millis(50), || {
+            burst.iter().filter(|stream| alive(stream)).count() == 2
+        }),
+        "{:?}",
+        limiter.status()
+    );
+    assert_eq!(limiter.live("Frontend"), 2);
+}
+
 #[test]
 fn a_redirect_to_another_port_is_counted_where_the_server_listens() {
+    redirected(false);
+}
+
+#[test]
+fn a_redirect_is_counted_when_syn_cookies_answer_every_syn() {
+    redirected(true);
+}
+
+#[test]
+fn an_undeclared_redirect_is_named_in_a_warning_and_in_status() {
     let lab = Lab::new();
     let cgroup = Cgroup::new();
     let _redirect = NftTable::new(
@@ -421,23 +495,32 @@ fn a_redirect_to_another_port_is_counted_where_the_server_listens() {
         &cgroup,
         &connector("Frontend", "[\"0.0.0.0/0\"]", "100", "2", 100),
     );
-    let connect = || lab.connect(client_v4(10).into(), server_v4(25), ADMIT_WAIT);
-    let mut held: Vec<TcpStream> = (0..2).map(|_| connect().expect("within the cap")).collect();
-    let refused = connect().expect_err("over the cap");
-    assert_eq!(refused.kind(), ErrorKind::TimedOut);
-    assert_eq!(limiter.live("Frontend"), 2);
-    let stats = limiter.cli_json(&["stats"]);
-    assert_eq!(stats["moved"], 2, "{stats}");
-    // Closed on the server's side, on its own port, a connection is
-    // released.
-    server_side(&mut held[0], "close");
-    assert!(wait_until(SETTLE, Duration::from_millis(20), || limiter
-        .live("Frontend")
-        == 1));
-    held.push(connect().expect("a place is free again"));
-    let sources = limiter.cli_json(&["sources"]);
-    assert_eq!(sources[0]["live"], 2, "{sources}");
-    assert_eq!(sources[0]["source"], "10.77.0.20");
+    let _held: Vec<TcpStream> = (0..3)
+        .map(|_| {
+            lab.connect(client_v4(10).into(), server_v4(25), ADMIT_WAIT)
+                .expect("nothing counts them")
+        })
+        .collect();
+    assert!(
+        wait_until(SETTLE, Duration::from_millis(50), || {
+            limiter.status().undeclared_forwards == ["10.77.0.1:2526"]
+        }),
+        "{:?}",
+        limiter.status()
+    );
+    let log = limiter.log();
+    assert!(
+        log.contains("end up at 10.77.0.1:2526")
+            && log.contains("forwarded_to = [\"10.77.0.1:2526\"]"),
+        "{log}"
+    );
+    assert!(limiter.cli_ok(&["status"]).contains("10.77.0.1:2526"));
+    assert!(
+        limiter.cli_json(&["stats"])["undeclared_forwards"]
+            .as_u64()
+            .unwrap()
+            >= 3
+    );
 }
 
 /// A "container": a network namespace behind the lab's server, reached
@@ -489,11 +572,15 @@ impl Container {
     }
 }
 
-#[test]
-fn a_container_behind_dnat_is_counted_and_reset_in_its_namespace() {
+/// A container behind DNAT, declared with `forwarded_to`; with SYN cookies
+/// answering every SYN in the container, or not.
+fn containerised(cookies: bool) {
     let lab = Lab::new();
     let cgroup = Cgroup::new();
     let container = Container::new(&lab);
+    if cookies {
+        container.ns.set_sysctl("net.ipv4.tcp_syncookies", "2");
+    }
     let _server = HoldServer::start_in(
         tcp_hold_bin!(),
         &container.ns,
@@ -503,7 +590,10 @@ fn a_container_behind_dnat_is_counted_and_reset_in_its_namespace() {
     let limiter = Limiter::start(
         &lab,
         &cgroup,
-        &connector("Frontend", "[\"0.0.0.0/0\"]", "100", "2", 100),
+        &format!(
+            "{}forwarded_to = [\"172.31.0.2:25\"]\n",
+            connector("Frontend", "[\"0.0.0.0/0\"]", "100", "2", 100)
+        ),
     );
     let source = client_v4(11);
     let connect = || lab.connect(source.into(), server_v4(25), ADMIT_WAIT);
@@ -513,7 +603,7 @@ fn a_container_behind_dnat_is_counted_and_reset_in_its_namespace() {
         ErrorKind::TimedOut
     );
     assert_eq!(limiter.live("Frontend"), 2);
-    assert_eq!(limiter.cli_json(&["stats"])["moved"], 2);
+    assert_eq!(limiter.cli_json(&["stats"])["forwarded"], 2);
     // Released when the container's server closes them.
     for stream in &mut held {
         server_side(stream, "close");
@@ -535,6 +625,16 @@ fn a_container_behind_dnat_is_counted_and_reset_in_its_namespace() {
     assert_eq!(limiter.live("Frontend"), 2);
     let in_container = established(&container.ns, 25);
     assert_eq!(in_container.len(), 2, "{in_container:?}");
+}
+
+#[test]
+fn a_container_behind_dnat_is_counted_and_reset_in_its_namespace() {
+    containerised(false);
+}
+
+#[test]
+fn a_container_behind_dnat_is_counted_when_syn_cookies_answer_every_syn() {
+    containerised(true);
 }
 
 #[test]
