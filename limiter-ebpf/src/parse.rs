@@ -339,8 +339,9 @@ fn tcp(ctx: &XdpContext, l4: L4, link: LinkLayer) -> Step<Packet> {
             ((*tcp.add(TCP_DATA_OFFSET) >> 4) as usize) * 4,
         )
     };
-    // A SYN to a port nobody binds passes before anything else is read.
-    if !port_is_bound(local_port) {
+    // Anything but a SYN passes first (the flags are in the bytes checked),
+    // then a SYN to a port nobody binds, before anything else is read.
+    if flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) != TCP_SYN || !port_is_bound(local_port) {
         return Err(Packet::Pass);
     }
     if header_len < TCP_HDR_LEN {
@@ -355,9 +356,6 @@ fn tcp(ctx: &XdpContext, l4: L4, link: LinkLayer) -> Step<Packet> {
         } else {
             Packet::Pass
         });
-    }
-    if flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) != TCP_SYN {
-        return Err(Packet::Pass);
     }
     // SAFETY: within the TCP_HDR_LEN bytes checked.
     let (remote_port, seq) = unsafe {
