@@ -166,7 +166,7 @@ pub fn evaluate(limits: &Limits, live_total: u32, live_source: u32) -> Evaluatio
         }
     }
 
-    let admitted = source_after <= cap;
+    let admitted = admits(limits, live_total, live_source);
     if !admitted {
         // Exchange reports the first check that fails, which may be looser
         // than the tightest one (e.g. the total when both fail).
@@ -187,6 +187,28 @@ pub fn evaluate(limits: &Limits, live_total: u32, live_source: u32) -> Evaluatio
             cap as u32
         },
     }
+}
+
+/// Whether [`evaluate`] admits: the rule without its caps, and without a
+/// division (the packet path runs it on every SYN it judges):
+/// `S <= ceil(x / 100)` is `100 * (S - 1) < x`.
+#[inline(always)]
+pub fn admits(limits: &Limits, live_total: u32, live_source: u32) -> bool {
+    let max = limits.max_inbound_connection;
+    let per_source = limits.max_inbound_connection_per_source;
+    let pct = limits.max_inbound_connection_percentage_per_source;
+    let total_after = live_total as u64 + 1;
+    if max != UNLIMITED && total_after > max as u64 {
+        return false;
+    }
+    if per_source != UNLIMITED && live_source as u64 + 1 > per_source as u64 {
+        return false;
+    }
+    if pct < 100 && max != UNLIMITED {
+        let remaining = (max as u64).saturating_sub(total_after);
+        return remaining * pct as u64 > 100 * live_source as u64;
+    }
+    true
 }
 
 /// The percentage rule's cap for a new connection on a connector with
@@ -332,9 +354,29 @@ mod tests {
             if !admitted {
                 prop_assert_eq!(e.rule, rule);
             }
-            // The cap is exact: one more connection at the cap is rejected.
-            if e.cap != UNLIMITED && e.admitted {
-                prop_assert!(live_source < e.cap);
+            // The cap is exact: admitted exactly when the source's count
+            // with the new connection is within it.
+            prop_assert_eq!(e.admitted, e.cap == UNLIMITED || live_source < e.cap);
+        }
+
+        /// A refusal stays a refusal while counts only grow (a source's
+        /// connections are also the connector's): the refusal cache relies
+        /// on it (see `crate::refusals`).
+        #[test]
+        fn a_refusal_outlasts_any_growth_of_the_counts(
+            max in any_limit(1..=200),
+            per in any_limit(1..=60),
+            pct in 1u32..=100,
+            live_total in 0u32..=220,
+            own in 0u32..=220,
+            more_total in 0u32..=50,
+            more_own in 0u32..=50,
+        ) {
+            let live_source = own.min(live_total);
+            let more_source = more_own.min(more_total);
+            let l = limits(max, per, pct);
+            if !admits(&l, live_total, live_source) {
+                prop_assert!(!admits(&l, live_total + more_total, live_source + more_source));
             }
         }
 

@@ -5,5 +5,6 @@
 pub mod addr;
 pub mod admission;
 pub mod maps;
+pub mod refusals;
 
-pub use admission::{Evaluation, Limits, Rule, UNLIMITED, evaluate};
+pub use admission::{Evaluation, Limits, Rule, UNLIMITED, admits, evaluate};

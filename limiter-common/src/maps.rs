@@ -11,7 +11,7 @@ use crate::{
 };
 
 /// Bumped whenever a key or value below changes shape; part of the pin path.
-pub const MAP_LAYOUT_VERSION: u32 = 3;
+pub const MAP_LAYOUT_VERSION: u32 = 4;
 
 /// Map names, as they appear in the object file and under `--bpffs`.
 pub mod names {
@@ -62,8 +62,17 @@ pub mod names {
     /// daemon that adopts the maps of the one before it. The kernel programs
     /// never read it.
     pub const CONNECTOR_NAMES: &str = "CONNECTOR_NAMES";
+    /// `PerCpuArray<CachedRefusal>`: each CPU's refusal cache (see
+    /// `crate::refusals`).
+    pub const REFUSALS: &str = "REFUSALS";
+    /// `Array<u32>`: release stamps, the connectors' then the sources'
+    /// (see `crate::refusals`).
+    pub const RELEASE_STAMPS: &str = "RELEASE_STAMPS";
+    /// `PerCpuArray<RejectionEvent>`, one entry: where the kernel puts a
+    /// report together before it copies it onto `EVENTS`.
+    pub const REPORT_SCRATCH: &str = "REPORT_SCRATCH";
     /// Every map, in the order they are pinned.
-    pub const ALL: [&str; 17] = [
+    pub const ALL: [&str; 20] = [
         SETTINGS,
         BOUND_PORTS,
         SPECIFIC_PORTS,
@@ -81,6 +90,9 @@ pub mod names {
         SYNS_SEEN,
         UNDECLARED_FORWARDS,
         CONNECTOR_NAMES,
+        REFUSALS,
+        RELEASE_STAMPS,
+        REPORT_SCRATCH,
     ];
 }
 
@@ -131,11 +143,18 @@ pub const MAX_UNDECLARED_FORWARDS: u32 = 256;
 pub struct Settings {
     /// IPv6 sources are counted per this prefix length.
     pub ipv6_prefix_len: u32,
-    pub _pad: u32,
+    /// Bumped by the daemon after each change it writes to the connector
+    /// tables or these settings: a cached refusal made under another
+    /// generation is no answer (see `crate::refusals`).
+    pub generation: u32,
     /// Only sockets of this network namespace are judged (the daemon's,
     /// where the interfaces are), but for handshakes the kernel moved there
     /// from a SYN the XDP program passed (DNAT into a container).
     pub netns_cookie: u64,
+    /// The IPv6 prefix length refusals are cached by
+    /// (`crate::refusals::key_prefix_len`).
+    pub refusal_prefix_len: u32,
+    pub _pad: u32,
 }
 
 /// A local address and port that some connector binds. The address is
@@ -232,6 +251,12 @@ impl SourceKey {
     pub fn from_words(connector: u32, addr: Words) -> SourceKey {
         // SAFETY: the same layout, in words (see `words`).
         unsafe { core::mem::transmute(words::SourceKey { connector, addr }) }
+    }
+
+    /// The words of the source's address.
+    #[inline(always)]
+    pub fn addr_words(&self) -> Words {
+        field_words(&self.addr)
     }
 
     /// Whether `self` and `other` are the same key, compared a word at a
@@ -558,7 +583,10 @@ pub struct RejectionEvent {
     /// 1: judged when the handshake completed, and reset then; 0: the SYN
     /// was refused.
     pub late: u32,
-    pub _pad: u32,
+    /// 1: every rejection this report stands for repeats one reported
+    /// before: refused from a refusal cache, taken by the daemon's sweep
+    /// (see `crate::refusals`).
+    pub repeat: u32,
 }
 
 /// Why a connection is to be reset.
@@ -607,6 +635,9 @@ pub struct Control {
     pub source: SourceKey,
     /// `FORGET_SOURCE`: how long the source must have held nothing.
     pub idle_ns: u64,
+    /// `SWEEP_REFUSALS`: whose refusal cache, and its first slot to sweep.
+    pub cpu: u32,
+    pub first_slot: u32,
 }
 
 /// Operations of the `control` program and its return codes.
@@ -627,6 +658,13 @@ pub mod control {
     /// `idle_ns`, checked under the connector's lock at the moment of the
     /// deletion.
     pub const FORGET_SOURCE: u32 = 7;
+    /// Sweep one CPU's refusal cache from `first_slot`: claim the entries
+    /// that hold refusals no report carries, up to
+    /// `crate::refusals::SWEEP_CHUNK` slots or the first entry claimed a
+    /// sweep ago and untouched since, whose refusals it reports (see
+    /// `crate::refusals::GATE_CLAIMED`). Returns how many refusals it
+    /// reported, and writes the slot to go on from into `first_slot`.
+    pub const SWEEP_REFUSALS: u32 = 8;
 
     /// The request changed the counts.
     pub const DONE: u32 = 1;
@@ -657,6 +695,7 @@ mod pod {
     unsafe impl aya::Pod for super::SynSeen {}
     unsafe impl aya::Pod for super::ConnKey {}
     unsafe impl aya::Pod for super::Endpoint {}
+    unsafe impl aya::Pod for crate::refusals::CachedRefusal {}
 }
 
 #[cfg(test)]
@@ -667,7 +706,12 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<Settings>(), 16);
+        assert_eq!(size_of::<Settings>(), 24);
+        assert_eq!(size_of::<crate::refusals::CachedRefusal>(), 64);
+        assert_eq!(
+            core::mem::offset_of!(crate::refusals::CachedRefusal, gate),
+            56
+        );
         assert_eq!(size_of::<BindingKey>(), 20);
         assert_eq!(size_of::<RangeKey>(), 20);
         assert_eq!(size_of::<ConnectorConfig>(), 16);
@@ -685,7 +729,7 @@ mod tests {
         assert_eq!(size_of::<ResetRequest>(), 72);
         assert_eq!(core::mem::offset_of!(ResetRequest, time_ns), 64);
         assert_eq!(size_of::<SynSeen>(), 24);
-        assert_eq!(size_of::<Control>(), 72);
+        assert_eq!(size_of::<Control>(), 80);
         assert_eq!(core::mem::offset_of!(Control, idle_ns), 64);
     }
 

@@ -56,3 +56,20 @@ pub fn swap(counter: *mut u32, value: u32) -> u32 {
     // SAFETY: as above.
     unsafe { atomic_xchg::<u32, { AtomicOrdering::SeqCst }>(counter, value) }
 }
+
+/// Puts `value` in `*word` and returns what it held.
+#[inline(always)]
+pub fn swap64(word: *mut u64, value: u64) -> u64 {
+    // SAFETY: as above.
+    unsafe { atomic_xchg::<u64, { AtomicOrdering::SeqCst }>(word, value) }
+}
+
+/// Puts `new` in `*word` if it holds `old`; returns whether it did.
+#[inline(always)]
+pub fn compare_and_swap64(word: *mut u64, old: u64, new: u64) -> bool {
+    // SAFETY: as above.
+    unsafe {
+        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(word, old, new)
+    }
+    .1
+}

@@ -7,18 +7,20 @@
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, xdp_action},
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_ktime_get_ns, generated::bpf_map_lookup_percpu_elem},
     programs::XdpContext,
 };
-use limiter_common::maps::{
-    ConnKey, Control, FLOW_SEEDED, FlowKey, FlowValue, ReportGate, control as op, stat,
+use limiter_common::{
+    maps::{ConnKey, Control, FLOW_SEEDED, FlowKey, FlowValue, ReportGate, control as op, stat},
+    refusals::{self, CachedRefusal, GATE_CLAIMED, REFUSAL_SLOTS, SWEEP_CHUNK},
 };
 
 use crate::{
     atomic,
     count::{bump, forget_source, judge_and_count, release, select_connector, source_key},
-    maps::{CONNECTORS, ESTABLISHED, REPORT_GATES, SETTINGS, SOURCE_LIVE},
+    maps::{CONNECTORS, ESTABLISHED, REFUSALS, REPORT_GATES, SETTINGS, SOURCE_LIVE},
     parse::bytes_at,
+    report::report_held,
     track::claim,
 };
 
@@ -31,30 +33,145 @@ pub fn run(ctx: &XdpContext) -> u32 {
     };
     let frame = frame as *mut Control;
     // SAFETY: the frame holds a whole `Control` (checked); it is plain data.
-    let request = unsafe { core::ptr::read_unaligned(frame) };
-    let result = match request.op {
-        op::SEED => seed(&request.flow),
-        op::RELEASE_SEEDED => release_established(&request.flow, true),
-        op::RELEASE_ESTABLISHED => release_established(&request.flow, false),
+    let op = unsafe { core::ptr::read_unaligned(&raw const (*frame).op) };
+    // Each kind of request on a stack of its own: together, the counting
+    // and the sweep's report would not fit the verifier's 512 bytes.
+    let result = if op == op::SWEEP_REFUSALS {
+        sweep_request(frame)
+    } else {
+        count_request(frame, op)
+    };
+    // SAFETY: as above; the field is within the checked bytes.
+    unsafe { core::ptr::write_unaligned(&raw mut (*frame).result, result) };
+    xdp_action::XDP_PASS
+}
+
+/// The requests that change counts (every one but the sweep).
+#[inline(never)]
+fn count_request(frame: *mut Control, op: u32) -> u32 {
+    // The fields one at a time, as each operation needs them: a copy of
+    // the whole request becomes a call to a `memmove` the verifier refuses
+    // on packet memory.
+    // SAFETY (all reads below): the frame holds a whole `Control`
+    // (checked); it is plain data.
+    match op {
+        op::SEED => seed(&unsafe { core::ptr::read_unaligned(&raw const (*frame).flow) }),
+        op::RELEASE_SEEDED => release_established(
+            &unsafe { core::ptr::read_unaligned(&raw const (*frame).flow) },
+            true,
+        ),
+        op::RELEASE_ESTABLISHED => release_established(
+            &unsafe { core::ptr::read_unaligned(&raw const (*frame).flow) },
+            false,
+        ),
         op::COLLECT_SOURCE => collect(
-            // SAFETY: only the address of the field is taken.
             SOURCE_LIVE
-                .get_ptr_mut(&request.source)
+                .get_ptr_mut(&unsafe { core::ptr::read_unaligned(&raw const (*frame).source) })
+                // SAFETY: only the address of the field is taken.
                 .map(|entry| unsafe { &raw mut (*entry).gate }),
         ),
-        op::COLLECT_CONNECTOR => collect(REPORT_GATES.get_ptr_mut(request.source.connector)),
+        op::COLLECT_CONNECTOR => collect(REPORT_GATES.get_ptr_mut(unsafe {
+            core::ptr::read_unaligned(&raw const (*frame).source.connector)
+        })),
         op::FORGET_SOURCE => {
-            if forget_source(&request.source, request.idle_ns) {
+            let (source, idle_ns) = unsafe {
+                (
+                    core::ptr::read_unaligned(&raw const (*frame).source),
+                    core::ptr::read_unaligned(&raw const (*frame).idle_ns),
+                )
+            };
+            if forget_source(&source, idle_ns) {
                 op::DONE
             } else {
                 op::NOTHING
             }
         }
         _ => op::INVALID,
-    };
-    // SAFETY: as above; the field is within the checked bytes.
-    unsafe { core::ptr::write_unaligned(&raw mut (*frame).result, result) };
-    xdp_action::XDP_PASS
+    }
+}
+
+/// A `SWEEP_REFUSALS` request: writes the slot to go on from back into
+/// the frame.
+#[inline(never)]
+fn sweep_request(frame: *mut Control) -> u32 {
+    // SAFETY: the frame holds a whole `Control` (checked by the caller).
+    unsafe {
+        let swept = sweep_refusals(
+            core::ptr::read_unaligned(&raw const (*frame).cpu),
+            core::ptr::read_unaligned(&raw const (*frame).first_slot),
+        );
+        core::ptr::write_unaligned(&raw mut (*frame).first_slot, swept as u32);
+        (swept >> 32) as u32
+    }
+}
+
+/// Sweeps the refusal cache of `cpu` from slot `first` (see
+/// [`GATE_CLAIMED`]): claims the slots that hold refusals no report
+/// carries, up to [`SWEEP_CHUNK`] slots or the first slot claimed a sweep
+/// ago and untouched since, whose refusals it takes and reports. Returns
+/// how many it reported (high half), and the slot to go on from.
+///
+/// At most one report a run: the loop stays a few instructions long, which
+/// keeps the verifier's walk through it short.
+#[inline(always)]
+fn sweep_refusals(cpu: u32, first: u32) -> u64 {
+    // Counted from zero to a constant: the verifier walks the loop once per
+    // turn, and a bound it cannot see would be a walk of every slot.
+    let mut turn = 0;
+    while turn < SWEEP_CHUNK {
+        let slot = first.wrapping_add(turn);
+        if slot >= REFUSAL_SLOTS {
+            return REFUSAL_SLOTS as u64;
+        }
+        let entry = cached_refusal(cpu, slot);
+        if !entry.is_null() {
+            // SAFETY: a live map value (another CPU's slot: every write to
+            // its gate from here is a compare-and-swap of the whole word).
+            let gate = unsafe { core::ptr::read_volatile(&raw const (*entry).gate) };
+            if refusals::gate_count(gate) > 0 {
+                if gate >= GATE_CLAIMED {
+                    return ((take_and_report(entry, gate) as u64) << 32) | (slot as u64 + 1);
+                }
+                // SAFETY: as above.
+                atomic::compare_and_swap64(
+                    unsafe { &raw mut (*entry).gate },
+                    gate,
+                    gate | GATE_CLAIMED,
+                );
+            }
+        }
+        turn += 1;
+    }
+    first.saturating_add(SWEEP_CHUNK) as u64
+}
+
+#[inline(always)]
+fn cached_refusal(cpu: u32, slot: u32) -> *mut CachedRefusal {
+    // SAFETY: the map is a per-CPU array and the key a u32 on the stack.
+    unsafe {
+        bpf_map_lookup_percpu_elem(
+            core::ptr::addr_of!(REFUSALS).cast_mut().cast(),
+            (&raw const slot).cast(),
+            cpu,
+        )
+    }
+    .cast()
+}
+
+/// Takes the refusals of a slot claimed a sweep ago, if its CPU has not
+/// touched it since (the gate still reads `gate`), and reports them.
+#[inline(always)]
+fn take_and_report(entry: *mut CachedRefusal, gate: u64) -> u32 {
+    // SAFETY: a live map value. Read before the take: the owner rewrites an
+    // entry only after it took the gate itself, which makes the take fail.
+    let cached = unsafe { core::ptr::read_volatile(entry) };
+    // SAFETY: as above.
+    if !atomic::compare_and_swap64(unsafe { &raw mut (*entry).gate }, gate, 0) {
+        return 0;
+    }
+    let held = refusals::gate_count(gate);
+    report_held(&cached, held);
+    held
 }
 
 /// Takes the rejections that `gate` holds, for the daemon.

@@ -18,13 +18,14 @@ use limiter_common::{
         BindingKey, ConnectorState, FORWARDED_BINDING, FlowKey, FlowValue, RANGE_KEY_BINDING_BITS,
         RangeKey, ReportGate, SOURCE_FORGOTTEN, SourceCount, SourceKey, stat, wildcard_binding_id,
     },
+    refusals,
 };
 
 use crate::{
     atomic,
     maps::{
-        BINDINGS, BOUND_PORTS, CONNECTOR_STATE, RANGES, SETTINGS, SOURCE_LIVE, SPECIFIC_PORTS,
-        STATS,
+        BINDINGS, BOUND_PORTS, CONNECTOR_STATE, RANGES, RELEASE_STAMPS, SETTINGS, SOURCE_LIVE,
+        SPECIFIC_PORTS, STATS,
     },
 };
 
@@ -216,15 +217,16 @@ fn judge_locked(
         let usable = (*entry).flags & SOURCE_FORGOTTEN == 0 && (*entry).key.same(source);
         let live_total = core::ptr::read_volatile(&raw const (*state).live);
         let live_source = core::ptr::read_volatile(&raw const (*entry).live);
-        let evaluation = limiter_common::evaluate(limits, live_total, live_source);
-        let counted = usable && (evaluation.admitted || regardless);
+        let admitted = limiter_common::admits(limits, live_total, live_source);
+        let counted = usable && (admitted || regardless);
         if counted {
             atomic::increment(&raw mut (*state).live);
             atomic::increment(&raw mut (*entry).live);
         }
         bpf_spin_unlock((&raw mut (*state).lock).cast());
-        usable.then_some(Judged {
-            evaluation,
+        // The caps, for a report, outside the lock.
+        usable.then(|| Judged {
+            evaluation: limiter_common::evaluate(limits, live_total, live_source),
             live_total,
             live_source,
             counted,
@@ -263,7 +265,9 @@ pub fn forget_source(source: &SourceKey, idle_ns: u64) -> bool {
     forgotten && SOURCE_LIVE.remove(source).is_ok()
 }
 
-/// Gives back the count a flow holds.
+/// Gives back the count a flow holds, then bumps the release stamps of its
+/// connector and source: a refusal cached before it no longer stands (see
+/// `limiter_common::refusals`).
 #[inline(always)]
 pub fn release(flow: &FlowValue) {
     if let Some(state) = connector_state(flow.source.connector) {
@@ -278,6 +282,16 @@ pub fn release(flow: &FlowValue) {
             atomic::decrement(&raw mut (*entry).live);
             (*entry).last_change_ns = bpf_ktime_get_ns();
         }
+    }
+    let connector = flow.source.connector;
+    bump_stamp(refusals::connector_stamp(connector));
+    bump_stamp(refusals::source_stamp(connector, &flow.source.addr_words()));
+}
+
+#[inline(always)]
+fn bump_stamp(index: u32) {
+    if let Some(stamp) = RELEASE_STAMPS.get_ptr_mut(index) {
+        atomic::add32(stamp, 1);
     }
 }
 

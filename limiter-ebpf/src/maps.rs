@@ -10,8 +10,10 @@ use limiter_common::maps::{
     BOUND_PORT_WORDS, BindingKey, CONNECTOR_NAME_BYTES, ConnKey, ConnectorConfig, ConnectorState,
     DEFAULT_TABLE_ENTRIES, EVENTS_RING_BYTES, Endpoint, FlowValue, MAX_BINDINGS, MAX_CONNECTORS,
     MAX_PENDING_RESETS, MAX_RANGES, MAX_UNDECLARED_FORWARDS, RESETS_RING_BYTES, RangeKey,
-    ReportGate, ResetRequest, SYNS_SEEN_SLOTS, Settings, SourceCount, SourceKey, SynSeen, stat,
+    RejectionEvent, ReportGate, ResetRequest, SYNS_SEEN_SLOTS, Settings, SourceCount, SourceKey,
+    SynSeen, stat,
 };
+use limiter_common::refusals::{CachedRefusal, REFUSAL_SLOTS, RELEASE_STAMPS_LEN};
 
 #[map(name = "SETTINGS")]
 pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
@@ -66,6 +68,16 @@ pub static SYNS_SEEN: PerCpuArray<SynSeen> = PerCpuArray::with_max_entries(SYNS_
 #[map(name = "UNDECLARED_FORWARDS")]
 pub static UNDECLARED_FORWARDS: LruHashMap<Endpoint, u32> =
     LruHashMap::with_max_entries(MAX_UNDECLARED_FORWARDS, 0);
+
+#[map(name = "REFUSALS")]
+pub static REFUSALS: PerCpuArray<CachedRefusal> = PerCpuArray::with_max_entries(REFUSAL_SLOTS, 0);
+
+/// Where a report is put together before it is copied onto `EVENTS`.
+#[map(name = "REPORT_SCRATCH")]
+pub static REPORT_SCRATCH: PerCpuArray<RejectionEvent> = PerCpuArray::with_max_entries(1, 0);
+
+#[map(name = "RELEASE_STAMPS")]
+pub static RELEASE_STAMPS: Array<u32> = Array::with_max_entries(RELEASE_STAMPS_LEN, 0);
 
 /// Only the daemon uses it (see `limiter_common::maps::names`); defined here
 /// so that it is created and pinned with the others.

@@ -5,16 +5,18 @@
 use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 use limiter_common::{
     Evaluation, Rule,
+    addr::{self, Words},
     maps::{
         ConnKey, ConnectorConfig, FlowKey, REPORT_INTERVAL_NS, RejectionEvent, ReportGate,
         ResetRequest, SourceCount, SourceKey, gate, stat,
     },
+    refusals::CachedRefusal,
 };
 
 use crate::{
     atomic,
-    count::bump,
-    maps::{EVENTS, PENDING_RESETS, REPORT_GATES, RESETS},
+    count::{bump, connector_live, connector_state, ipv6_prefix_len},
+    maps::{CONNECTORS, EVENTS, PENDING_RESETS, REPORT_GATES, REPORT_SCRATCH, RESETS, SOURCE_LIVE},
 };
 
 /// A connection the rule refuses (or, with action monitor, would refuse).
@@ -28,11 +30,16 @@ pub struct Rejection<'a> {
     pub live_source: u32,
     /// The source's entry, or null when it has none.
     pub entry: *mut SourceCount,
+    /// Earlier refusals of the same flood from this CPU's refusal cache
+    /// that no report carries yet: they go with this one.
+    pub carried: u32,
     /// Judged when its handshake completed (not at its SYN): reported every
     /// time, not through a gate.
     pub at_completion: bool,
     /// Reset then (not only reported, as with action monitor).
     pub late: bool,
+    /// Stands only for refusals reported before (see `report_held`).
+    pub repeat: bool,
 }
 
 /// Counts a rejection and reports it. A refused SYN is reported through
@@ -60,17 +67,86 @@ pub fn reject(rejection: &Rejection) {
         Some(unsafe { &raw mut (*rejection.entry).gate })
     };
     if let Some(gate) = gate
-        && let Some(folded) = through_gate(gate)
+        && let Some(folded) = through_gate(gate, rejection.carried)
     {
         report(rejection, Some(gate), folded);
     }
+}
+
+/// Refusals that the cache entry `evicted` held and no report carries:
+/// into its source's report gate (its connector's when the source has no
+/// entry), for that gate's next report or the daemon's collection.
+#[inline(never)]
+pub fn hold_evicted(evicted: *const CachedRefusal, held: u32) {
+    // SAFETY: a live map value.
+    let (connector, remote) = unsafe { ((*evicted).connector.wrapping_sub(1), (*evicted).remote) };
+    let source = SourceKey::from_words(
+        connector,
+        addr::source_identity_words(remote, ipv6_prefix_len()),
+    );
+    let gate = match SOURCE_LIVE.get_ptr_mut(&source) {
+        // SAFETY: only the address of the field is taken.
+        Some(entry) => Some(unsafe { &raw mut (*entry).gate }),
+        None => REPORT_GATES.get_ptr_mut(connector),
+    };
+    if let Some(gate) = gate {
+        // SAFETY: a live map value.
+        unsafe { atomic::add32(&raw mut (*gate).unreported, held) };
+    }
+}
+
+/// Reports `held` refusals that the cache entry `cached` counted and that
+/// the daemon's sweep took: one report that stands for all of them, with
+/// the counts and caps of now.
+#[inline(always)]
+pub fn report_held(cached: &CachedRefusal, held: u32) {
+    let connector = cached.connector.wrapping_sub(1);
+    let Some(config) = CONNECTORS.get(connector).copied() else {
+        return;
+    };
+    let source = SourceKey::from_words(
+        connector,
+        addr::source_identity_words(cached.remote, ipv6_prefix_len()),
+    );
+    let live_total = connector_state(connector).map_or(0, connector_live);
+    let entry = SOURCE_LIVE.get_ptr_mut(&source);
+    // SAFETY: a live map value, read once.
+    let live_source = entry.map_or(0, |e| unsafe {
+        core::ptr::read_volatile(&raw const (*e).live)
+    });
+    let mut evaluation = limiter_common::evaluate(&config.limits, live_total, live_source);
+    evaluation.admitted = false;
+    evaluation.rule = Rule::from_raw(cached.rule as u32).unwrap_or(Rule::PerSource);
+    let flow = FlowKey::from_words(
+        cached.local,
+        cached.remote,
+        cached.local_port,
+        cached.remote_port,
+    );
+    report(
+        &Rejection {
+            flow: &flow,
+            source: &source,
+            config: &config,
+            evaluation: &evaluation,
+            live_total,
+            live_source,
+            entry: core::ptr::null_mut(),
+            carried: 0,
+            at_completion: false,
+            late: false,
+            repeat: true,
+        },
+        None,
+        held - 1,
+    );
 }
 
 /// Whether a rejection is reported now, carrying how many rejections
 /// before it that no report carried; else it is counted into `gate` (see
 /// [`ReportGate`]).
 #[inline(always)]
-fn through_gate(gate: *mut ReportGate) -> Option<u32> {
+fn through_gate(gate: *mut ReportGate, carried: u32) -> Option<u32> {
     // SAFETY: a helper without arguments; the coarse clock is a plain read
     // where the precise one costs a clock source read, per SYN of a flood.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
@@ -78,53 +154,61 @@ fn through_gate(gate: *mut ReportGate) -> Option<u32> {
     unsafe {
         let last = core::ptr::read_volatile(&raw const (*gate).reported_ns);
         if last != 0 && now.wrapping_sub(last) < REPORT_INTERVAL_NS {
-            atomic::add32(&raw mut (*gate).unreported, 1);
+            atomic::add32(&raw mut (*gate).unreported, carried.saturating_add(1));
             return None;
         }
         // Two CPUs may both get here: two reports, each with its own share.
         core::ptr::write_volatile(&raw mut (*gate).reported_ns, now);
-        Some(atomic::swap(&raw mut (*gate).unreported, 0))
+        Some(atomic::swap(&raw mut (*gate).unreported, 0).saturating_add(carried))
     }
 }
 
 /// Puts a rejection on the event ring for the daemon. A full ring loses the
 /// report (counted), never the rejections: they go back into the gate.
+///
+/// The event is written into this CPU's scratch entry and copied from
+/// there onto the ring: the stack it would take is what the verifier's
+/// 512 bytes for the whole chain of calls cannot spare.
 #[inline(always)]
 fn report(rejection: &Rejection, gate: Option<*mut ReportGate>, folded: u32) {
-    let Some(mut slot) = EVENTS.reserve::<RejectionEvent>(0) else {
-        bump(stat::GLOBAL_ROW, stat::EVENTS_LOST);
-        if let Some(gate) = gate {
-            // SAFETY: `gate` points into a live map value.
-            unsafe { atomic::add32(&raw mut (*gate).unreported, folded.saturating_add(1)) };
-        }
+    let Some(event) = REPORT_SCRATCH.get_ptr_mut(0) else {
         return;
     };
     let (flow, source, config) = (rejection.flow, rejection.source, rejection.config);
-    slot.write(RejectionEvent {
-        // SAFETY: a helper without arguments.
-        time_ns: unsafe { bpf_ktime_get_ns() },
-        connector: source.connector,
-        rule: rejection.evaluation.rule as u32,
-        action: config.action,
-        live_total: rejection.live_total,
-        live_source: rejection.live_source,
-        cap: rejection.evaluation.cap,
-        limits: config.limits,
-        local_port: flow.local_port,
-        remote_port: flow.remote_port,
-        source: source.addr,
-        remote: flow.remote,
-        local: flow.local,
-        folded,
-        gate: match (gate, rejection.entry.is_null()) {
+    // SAFETY: this CPU's entry of a per-CPU array; the address fields are
+    // at multiples of four in a `#[repr(C)]` value (see limiter-common's
+    // layout test), so they take words.
+    unsafe {
+        (*event).time_ns = bpf_ktime_get_ns();
+        (*event).connector = source.connector;
+        (*event).rule = rejection.evaluation.rule as u32;
+        (*event).action = config.action;
+        (*event).live_total = rejection.live_total;
+        (*event).live_source = rejection.live_source;
+        (*event).cap = rejection.evaluation.cap;
+        (*event).limits = config.limits;
+        (*event).local_port = flow.local_port;
+        (*event).remote_port = flow.remote_port;
+        *(&raw mut (*event).source).cast::<Words>() = source.addr_words();
+        *(&raw mut (*event).remote).cast::<Words>() = flow.remote_words();
+        *(&raw mut (*event).local).cast::<Words>() = flow.local_words();
+        (*event).folded = folded;
+        (*event).gate = match (gate, rejection.entry.is_null()) {
             (None, _) => gate::NONE,
             (Some(_), true) => gate::CONNECTOR,
             (Some(_), false) => gate::SOURCE,
-        },
-        late: rejection.late as u32,
-        _pad: 0,
-    });
-    slot.submit(0);
+        };
+        (*event).late = rejection.late as u32;
+        (*event).repeat = rejection.repeat as u32;
+        if EVENTS.output::<RejectionEvent>(&*event, 0).is_ok() {
+            return;
+        }
+    }
+    bump(stat::GLOBAL_ROW, stat::EVENTS_LOST);
+    if let Some(gate) = gate {
+        // SAFETY: `gate` points into a live map value.
+        unsafe { atomic::add32(&raw mut (*gate).unreported, folded.saturating_add(1)) };
+    }
 }
 
 /// Asks the daemon to reset a connection (only userspace can reset a socket
@@ -153,7 +237,7 @@ pub fn request_reset(conn: &ConnKey, socket_cookie: u64, reason: u32) {
 }
 
 #[inline(always)]
-fn rejected_counter(rule: Rule) -> u32 {
+pub fn rejected_counter(rule: Rule) -> u32 {
     match rule {
         Rule::Total => stat::REJECTED_TOTAL,
         Rule::PerSource => stat::REJECTED_PER_SOURCE,

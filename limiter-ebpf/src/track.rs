@@ -204,6 +204,10 @@ fn on_established(ctx: &SockOpsContext) {
 /// handshake just completed. Not inlined, for the stack (see above).
 #[inline(never)]
 fn judge_completed(ctx: &SockOpsContext, conn: &ConnKey, connector: u32) {
+    // A copy on this function's own stack: the 6.18 verifier trips over
+    // ("verifier bug: stack slot") map helpers handed a key in the
+    // caller's frame on some paths.
+    let conn = &core::hint::black_box(*conn);
     // An entry under this socket can only be a connection counted from the
     // socket table that has since closed: its count goes back.
     if let Some(stale) = claim(&ESTABLISHED, conn) {
@@ -241,9 +245,11 @@ fn judge_completed(ctx: &SockOpsContext, conn: &ConnKey, connector: u32) {
         live_total: judged.live_total,
         live_source: judged.live_source,
         entry: judged.entry,
+        carried: 0,
         at_completion: true,
         // Monitor mode judges only here, and resets nothing.
         late: !monitor,
+        repeat: false,
     });
     if !monitor {
         request_reset(conn, socket_cookie, reset_reason::OVER_CAP);

@@ -448,6 +448,9 @@ async fn report_events(
     // still holds once it goes quiet is collected and folded under that
     // event (see `ReportGate`).
     let mut gates: HashMap<(u32, SourceKey), (Instant, Event)> = HashMap::new();
+    // Refusals counted by the refusal caches are claimed by one sweep and
+    // reported by the next (see `limiter_common::refusals`).
+    let mut swept = Instant::now();
     loop {
         let mut batch = Vec::new();
         let mut events = Vec::new();
@@ -465,6 +468,13 @@ async fn report_events(
                 guard.clear_ready();
             }
             _ = ticker.tick() => {
+                if swept.elapsed() >= REFUSAL_SWEEP_INTERVAL {
+                    swept = Instant::now();
+                    let mut daemon = daemon.lock().expect("daemon lock");
+                    if let Err(e) = daemon.kernel.sweep_refusals() {
+                        log::warn!("sweeping the refusal caches: {}", error_chain(&e));
+                    }
+                }
                 events = collect_quiet_gates(&daemon, &mut gates);
                 for summary in folder.tick(Instant::now()) {
                     if let Some(sink) = sink.as_mut() {
@@ -499,6 +509,10 @@ async fn report_events(
         }
     }
 }
+
+/// How often the refusal caches are swept: a refusal they counted is
+/// reported within two of these once its flood stops.
+const REFUSAL_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The gate a report went through: its kind and the source (for a
 /// connector's gate, only the connector).

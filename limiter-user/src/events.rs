@@ -76,6 +76,12 @@ pub struct Event {
     /// (its SYN had passed), not refused at its SYN.
     #[serde(default)]
     pub late: bool,
+    /// Every rejection it stands for repeats one reported before: SYNs of
+    /// a flood that the kernel refused from its refusal cache, reported
+    /// when the daemon's sweep took their count. Never written at once:
+    /// folded into its period's summary.
+    #[serde(default)]
+    pub repeat: bool,
     /// Whether this line sums up repeats over `period_seconds`.
     pub summary: bool,
     pub period_seconds: Option<u64>,
@@ -138,6 +144,7 @@ impl Event {
             .to_string(),
             count: u64::from(raw.folded) + 1,
             late: raw.late != 0,
+            repeat: raw.repeat != 0,
             summary: false,
             period_seconds: None,
         }
@@ -261,6 +268,18 @@ impl Folder {
             Some(window) => {
                 window.suppressed += event.count;
                 window.last = event;
+                None
+            }
+            // Repeats of a rejection written before: into a summary.
+            None if event.repeat => {
+                self.windows.insert(
+                    key,
+                    Window {
+                        started: now,
+                        suppressed: event.count,
+                        last: event,
+                    },
+                );
                 None
             }
             None => {
@@ -441,7 +460,7 @@ mod tests {
             folded: 0,
             gate: limiter_common::maps::gate::SOURCE,
             late: 0,
-            _pad: 0,
+            repeat: 0,
         }
     }
 
@@ -582,5 +601,30 @@ mod tests {
         assert!(folder.offer(event, t0 + Duration::from_secs(1)).is_none());
         let summaries = folder.tick(t0 + period);
         assert_eq!(summaries[0].count, 42);
+    }
+
+    #[test]
+    fn repeats_taken_from_a_refusal_cache_go_into_a_summary() {
+        let mut held = raw(Rule::PerSource, "192.0.2.8", 1, 20);
+        held.folded = 4;
+        held.repeat = 1;
+        let event = Event::from_kernel(&held, "F", 64, at(0));
+        assert_eq!((event.count, event.repeat), (5, true));
+        let period = Duration::from_secs(2);
+        let mut folder = Folder::new(period);
+        let t0 = Instant::now();
+        // Its key's window has closed: never a line of its own at once.
+        assert!(folder.offer(event.clone(), t0).is_none());
+        assert!(folder.tick(t0 + Duration::from_secs(1)).is_empty());
+        let summaries = folder.tick(t0 + period);
+        assert_eq!(summaries.len(), 1);
+        assert_eq!(
+            (
+                summaries[0].count,
+                summaries[0].summary,
+                summaries[0].period_seconds
+            ),
+            (5, true, Some(2))
+        );
     }
 }

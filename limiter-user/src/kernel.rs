@@ -18,8 +18,13 @@ use aya::{
 };
 use limiter_common::maps::{
     BOUND_PORT_WORDS, BindingKey, CONNECTOR_NAME_BYTES, ConnKey, ConnectorConfig, ConnectorState,
-    Control, DEFAULT_TABLE_ENTRIES, Endpoint, FlowKey, FlowValue, MAX_CONNECTORS, RangeKey,
-    ResetRequest, Settings, SourceCount, SourceKey, control, gate, names, programs, stat,
+    Control, DEFAULT_TABLE_ENTRIES, Endpoint, FlowKey, FlowValue, MAX_CONNECTORS,
+    RANGE_KEY_BINDING_BITS, RangeKey, ResetRequest, Settings, SourceCount, SourceKey, control,
+    gate, names, programs, stat,
+};
+use limiter_common::{
+    addr,
+    refusals::{self, CachedRefusal, REFUSAL_SLOTS},
 };
 
 use crate::{
@@ -66,6 +71,8 @@ pub enum KernelError {
     },
     #[error("interface {iface}: {reason}")]
     Interface { iface: String, reason: String },
+    #[error("counting the CPUs: {0}")]
+    Cpus(#[source] std::io::Error),
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> KernelError {
@@ -164,6 +171,10 @@ pub struct Kernel {
     pending_resets: HashMap<MapData, ConnKey, ResetRequest>,
     undeclared_forwards: HashMap<MapData, Endpoint, u32>,
     connector_names: Array<MapData, [u8; CONNECTOR_NAME_BYTES]>,
+    refusals: PerCpuArray<MapData, CachedRefusal>,
+    /// The longest IPv6 remote range installed (address bits), for
+    /// `Settings::refusal_prefix_len`.
+    longest_ipv6_range: u32,
     sizes: TableSizes,
     pins: Option<PinDir>,
     /// Whether the maps were left by an earlier daemon (counts included).
@@ -262,6 +273,8 @@ impl Kernel {
             pending_resets: take!(ebpf, names::PENDING_RESETS),
             undeclared_forwards: take!(ebpf, names::UNDECLARED_FORWARDS),
             connector_names: take!(ebpf, names::CONNECTOR_NAMES),
+            refusals: take!(ebpf, names::REFUSALS),
+            longest_ipv6_range: 0,
             sizes,
             ebpf,
             pins: pins.cloned(),
@@ -386,11 +399,23 @@ impl Kernel {
 
     /// Writes the global settings.
     pub fn set_settings(&mut self, config: &Config, netns_cookie: u64) -> Result<(), KernelError> {
-        let settings = Settings {
-            ipv6_prefix_len: config.ipv6_prefix_length as u32,
-            _pad: 0,
-            netns_cookie,
-        };
+        let mut settings = self.current_settings()?;
+        settings.ipv6_prefix_len = config.ipv6_prefix_length as u32;
+        settings.netns_cookie = netns_cookie;
+        self.write_settings(settings)
+    }
+
+    fn current_settings(&self) -> Result<Settings, KernelError> {
+        self.settings.get(&0, 0).map_err(map_err(names::SETTINGS))
+    }
+
+    /// Writes `settings` under the next configuration generation, after
+    /// whatever was written before it: refusals cached until now are no
+    /// answer any more (see `limiter_common::refusals`).
+    fn write_settings(&mut self, mut settings: Settings) -> Result<(), KernelError> {
+        settings.refusal_prefix_len =
+            refusals::key_prefix_len(settings.ipv6_prefix_len, self.longest_ipv6_range);
+        settings.generation = settings.generation.wrapping_add(1);
         self.settings
             .set(0, settings, 0)
             .map_err(map_err(names::SETTINGS))
@@ -462,7 +487,61 @@ impl Kernel {
         for key in stale_ranges {
             self.ranges.remove(&key).map_err(map_err(names::RANGES))?;
         }
-        Ok(())
+        self.longest_ipv6_range = table
+            .ranges
+            .iter()
+            .filter(|e| !addr::is_ipv4(&e.key.remote))
+            .map(|e| e.prefix_len.saturating_sub(RANGE_KEY_BINDING_BITS))
+            .max()
+            .unwrap_or(0);
+        let settings = self.current_settings()?;
+        self.write_settings(settings)
+    }
+
+    /// Sweeps every CPU's refusal cache once (see
+    /// `limiter_common::refusals::GATE_CLAIMED`): refusals a cache holds
+    /// that no report carries are claimed, and those claimed a sweep ago
+    /// are reported. Returns how many it reported.
+    pub fn sweep_refusals(&mut self) -> Result<u64, KernelError> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| KernelError::Cpus(e))? as u32;
+        let mut reported = 0u64;
+        for cpu in 0..cpus {
+            let mut first_slot = 0;
+            while first_slot < REFUSAL_SLOTS {
+                let mut request = source_request(
+                    control::SWEEP_REFUSALS,
+                    &SourceKey {
+                        connector: 0,
+                        addr: [0; 16],
+                    },
+                    0,
+                );
+                request.cpu = cpu;
+                request.first_slot = first_slot;
+                let answer = self.run_control_answer(request)?;
+                reported += u64::from(answer.result);
+                // The kernel always moves on; a stuck answer must not hang.
+                first_slot = answer.first_slot.max(first_slot + 1);
+            }
+        }
+        Ok(reported)
+    }
+
+    /// Every CPU's cached refusals: (CPU, slot, entry), the empty slots left
+    /// out.
+    pub fn cached_refusals(&self) -> Vec<(usize, u32, CachedRefusal)> {
+        let mut out = Vec::new();
+        for slot in 0..REFUSAL_SLOTS {
+            let Ok(values) = self.refusals.get(&slot, 0) else {
+                continue;
+            };
+            for (cpu, entry) in values.iter().enumerate() {
+                if entry.connector != 0 {
+                    out.push((cpu, slot, *entry));
+                }
+            }
+        }
+        out
     }
 
     /// Attaches the XDP program for `link` frames to `iface`: in place of
@@ -690,6 +769,8 @@ impl Kernel {
                 addr: [0; 16],
             },
             idle_ns: 0,
+            cpu: 0,
+            first_slot: 0,
         })
     }
 
@@ -721,6 +802,10 @@ impl Kernel {
     }
 
     fn run_control(&mut self, request: Control) -> Result<u32, KernelError> {
+        Ok(self.run_control_answer(request)?.result)
+    }
+
+    fn run_control_answer(&mut self, request: Control) -> Result<Control, KernelError> {
         // SAFETY: `Control` is `#[repr(C)]` plain data with no implicit
         // padding (checked in limiter-common's tests).
         let bytes: [u8; size_of::<Control>()] = unsafe { std::mem::transmute(request) };
@@ -734,8 +819,7 @@ impl Kernel {
             })
             .map_err(prog_err(programs::CONTROL))?;
         // SAFETY: the program's frame is a `Control`, written back whole.
-        let answer: Control = unsafe { std::mem::transmute(out) };
-        Ok(answer.result)
+        Ok(unsafe { std::mem::transmute::<[u8; size_of::<Control>()], Control>(out) })
     }
 
     /// Live connections of the connector with id `id`.
@@ -882,6 +966,8 @@ fn source_request(op: u32, source: &SourceKey, idle_ns: u64) -> Control {
         },
         source: *source,
         idle_ns,
+        cpu: 0,
+        first_slot: 0,
     }
 }
 

@@ -36,13 +36,27 @@ use crate::{
 };
 
 /// How thorough a run is.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Options {
     /// Under a minute.
     pub quick: bool,
+    /// Which parts run (all when none is named): for working on one of them.
+    pub only: Vec<Part>,
+}
+
+/// A part of the run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    Micro,
+    Scale,
+    Flood,
 }
 
 impl Options {
+    fn runs(&self, part: Part) -> bool {
+        self.only.is_empty() || self.only.contains(&part)
+    }
+
     fn rounds(&self) -> usize {
         if self.quick { 5 } else { 11 }
     }
@@ -746,12 +760,24 @@ fn targets(
 /// Runs every benchmark.
 pub fn run(options: &Options) -> Report {
     let baseline = Baseline::load().expect("loading the baseline programs (as root)");
-    eprintln!("bench: per-packet cost (BPF_PROG_TEST_RUN)");
-    let micro = micro(options, &baseline);
-    eprintln!("bench: scale");
-    let scale = scale(options);
-    eprintln!("bench: floods over a veth");
-    let flood = flood(options);
+    let micro = if options.runs(Part::Micro) {
+        eprintln!("bench: per-packet cost (BPF_PROG_TEST_RUN)");
+        micro(options, &baseline)
+    } else {
+        Vec::new()
+    };
+    let scale = if options.runs(Part::Scale) {
+        eprintln!("bench: scale");
+        scale(options)
+    } else {
+        Vec::new()
+    };
+    let flood = if options.runs(Part::Flood) {
+        eprintln!("bench: floods over a veth");
+        flood(options)
+    } else {
+        Vec::new()
+    };
     let targets = targets(&micro, &scale, &flood);
     Report {
         kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")

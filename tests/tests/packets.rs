@@ -19,8 +19,9 @@ use limiter::{
     selection::{SelectionTable, from_addr, to_addr},
 };
 use limiter_common::{
-    addr,
-    maps::{FlowKey, RejectionEvent, SourceKey, control, stat},
+    Rule, addr,
+    maps::{FlowKey, RejectionEvent, SourceKey, control, gate, stat},
+    refusals::{self, CachedRefusal},
 };
 use limiter_tests::frames::{
     ACK, ETH_P_8021AD, ETH_P_8021Q, FIN, IPPROTO_ICMP, IPPROTO_UDP, IPV6_AUTH, IPV6_DEST_OPTIONS,
@@ -817,4 +818,234 @@ fn idle_sources_are_forgotten_only_when_idle_at_that_moment() {
         l.run(&Segment::syn(v4(1), 40000, SERVER, 25).build()),
         XDP_DROP
     );
+}
+
+/// The refusal cache is per CPU: its tests keep their thread on one.
+fn on_one_cpu() {
+    limiter_tests::floodlab::pin(0, 0);
+}
+
+impl Loaded {
+    /// This CPU's cached refusals (see `on_one_cpu`).
+    fn cached(&self) -> Vec<CachedRefusal> {
+        self.kernel
+            .cached_refusals()
+            .into_iter()
+            .filter(|(cpu, _, _)| *cpu == 0)
+            .map(|(_, _, entry)| entry)
+            .collect()
+    }
+
+    /// Refusals counted into the cache since its last exact judgement.
+    fn held_by_cache(&self) -> u32 {
+        self.cached()
+            .iter()
+            .map(|e| refusals::gate_count(e.gate))
+            .sum()
+    }
+}
+
+const CAP_ONE: &str = "[[connector]]\nname = \"Frontend\"\nbindings = [\"0.0.0.0:25\", \"[::]:25\"]\n\
+     max_inbound_connection = 1000\nmax_inbound_connection_per_source = 1\n\
+     max_inbound_connection_percentage_per_source = 100\n";
+
+#[test]
+fn a_flood_is_refused_from_the_cache_until_its_source_releases() {
+    on_one_cpu();
+    let mut l = load(CAP_ONE);
+    let held = l.hold(v4(7), SERVER, 1);
+    let syn = |port: u16| Segment::syn(v4(7), port, SERVER, 25).build();
+    assert_eq!(l.run(&syn(5000)), XDP_DROP);
+    assert_eq!(
+        (l.cached().len(), l.held_by_cache()),
+        (1, 0),
+        "judged exactly"
+    );
+    // The rest of the flood, from other ports of the same source: from the
+    // cache, counted as rejections all the same.
+    for port in 5001..5011 {
+        assert_eq!(l.run(&syn(port)), XDP_DROP);
+    }
+    assert_eq!(l.held_by_cache(), 10);
+    assert_eq!(l.counter(0, stat::REJECTED_PER_SOURCE), 11);
+    // Its connection closes: the very next SYN is judged on the counts.
+    assert!(l.kernel.release_established(&held[0]).unwrap());
+    assert_eq!(l.run(&syn(6000)), XDP_PASS);
+    // At its cap again: judged exactly (a count that grows leaves nothing
+    // cached that would admit), and its report carries the ten the cache
+    // held: one report through the source's gate, or held by the gate.
+    l.hold(v4(7), SERVER, 1);
+    l.reports();
+    assert_eq!(l.run(&syn(6001)), XDP_DROP);
+    assert_eq!(l.held_by_cache(), 0);
+    let source = SourceKey::from_words(0, addr::to_words(&to_addr(v4(7).into())));
+    let reported: u32 = l.reports().iter().map(|r| r.folded + 1).sum();
+    let held_by_gate = l.kernel.collect_unreported(gate::SOURCE, &source).unwrap();
+    assert_eq!(reported + held_by_gate, 11);
+}
+
+#[test]
+fn a_release_elsewhere_undoes_a_cached_total_refusal_and_not_a_per_source_one() {
+    on_one_cpu();
+    let mut l = load(
+        "[[connector]]\nname = \"F\"\nbindings = [\"0.0.0.0:25\"]\n\
+         max_inbound_connection = 4\nmax_inbound_connection_per_source = 2\n\
+         max_inbound_connection_percentage_per_source = 100\n",
+    );
+    let own = addr::to_words(&to_addr(v4(1).into()));
+    let held_by = |l: &Loaded, remote| {
+        l.cached()
+            .into_iter()
+            .find(|e| e.remote == remote)
+            .map(|e| refusals::gate_count(e.gate))
+    };
+    // v4(1) at its own cap, the total not reached: refused by its own
+    // limit, then from the cache.
+    l.hold(v4(1), SERVER, 2);
+    let others = l.hold(v4(2), SERVER, 1);
+    for port in 7000..7003 {
+        let syn = Segment::syn(v4(1), port, SERVER, 25).build();
+        assert_eq!(l.run(&syn), XDP_DROP);
+    }
+    assert_eq!(held_by(&l, own), Some(2));
+    // Another source's connection closes: that changes nothing for v4(1),
+    // still refused from the cache.
+    assert!(l.kernel.release_established(&others[0]).unwrap());
+    let syn = Segment::syn(v4(1), 7100, SERVER, 25).build();
+    assert_eq!(l.run(&syn), XDP_DROP);
+    assert_eq!(held_by(&l, own), Some(3));
+    assert_eq!(l.counter(0, stat::REJECTED_PER_SOURCE), 4);
+
+    // The total reached: v4(4) is refused by it, then from the cache.
+    let others = l.hold(v4(2), SERVER, 1);
+    l.hold(v4(3), SERVER, 1);
+    for port in 7200..7202 {
+        let syn = Segment::syn(v4(4), port, SERVER, 25).build();
+        assert_eq!(l.run(&syn), XDP_DROP);
+    }
+    let fourth = addr::to_words(&to_addr(v4(4).into()));
+    assert_eq!(held_by(&l, fourth), Some(1));
+    assert_eq!(l.counter(0, stat::REJECTED_TOTAL), 2);
+    // Another source's connection closes: the next SYN is judged again,
+    // and admitted.
+    assert!(l.kernel.release_established(&others[0]).unwrap());
+    assert_eq!(
+        l.run(&Segment::syn(v4(4), 7300, SERVER, 25).build()),
+        XDP_PASS
+    );
+}
+
+#[test]
+fn a_configuration_change_undoes_every_cached_refusal() {
+    on_one_cpu();
+    let mut l = load(CAP_ONE);
+    l.hold(v4(9), SERVER, 1);
+    for port in 8000..8003 {
+        assert_eq!(
+            l.run(&Segment::syn(v4(9), port, SERVER, 25).build()),
+            XDP_DROP
+        );
+    }
+    assert_eq!(l.held_by_cache(), 2);
+    let more = CAP_ONE.replace("connection_per_source = 1\n", "connection_per_source = 2\n");
+    let config = Config::parse(&more, "t.toml").unwrap();
+    let table = SelectionTable::build(&config);
+    l.kernel.install(&config, &[0], &table).unwrap();
+    assert_eq!(
+        l.run(&Segment::syn(v4(9), 8100, SERVER, 25).build()),
+        XDP_PASS
+    );
+}
+
+#[test]
+fn an_ipv6_flood_varying_its_host_bits_is_refused_from_the_cache() {
+    on_one_cpu();
+    let mut l = load(&format!("ipv6_prefix_length = 64\n{CAP_ONE}"));
+    l.hold(v6("2001:db8:7:7::1"), SERVER6, 1);
+    for host in 2..=41u16 {
+        let remote = Ipv6Addr::new(0x2001, 0xdb8, 7, 7, host, 0, 0, host);
+        assert_eq!(
+            l.run(&Segment::syn(remote, 9000 + host, SERVER6, 25).build()),
+            XDP_DROP
+        );
+    }
+    assert_eq!(l.cached().len(), 1, "one /64, one entry");
+    assert_eq!(l.held_by_cache(), 39);
+
+    // A remote range narrower than the source prefix decides connectors by
+    // the host bits: then they are part of the key.
+    let mut l = load(&format!(
+        "ipv6_prefix_length = 64\n{CAP_ONE}\
+         [[connector]]\nname = \"One host\"\nbindings = [\"[::]:25\"]\n\
+         remote_ip_ranges = [\"2001:db8:7:7::99/128\"]\nmax_inbound_connection_per_source = 1\n"
+    ));
+    l.hold(v6("2001:db8:7:7::1"), SERVER6, 1);
+    for host in 2..=5u16 {
+        let remote = Ipv6Addr::new(0x2001, 0xdb8, 7, 7, 0, 0, 0, host);
+        assert_eq!(
+            l.run(&Segment::syn(remote, 9000 + host, SERVER6, 25).build()),
+            XDP_DROP
+        );
+    }
+    assert_eq!(l.cached().len(), 4, "a key per host");
+    // The host the narrow range names has its own connector and cap.
+    assert_eq!(
+        l.run(&Segment::syn(v6("2001:db8:7:7::99"), 9999, SERVER6, 25).build()),
+        XDP_PASS
+    );
+}
+
+#[test]
+fn the_sweep_reports_what_the_cache_counted_once() {
+    on_one_cpu();
+    let mut l = load(CAP_ONE);
+    l.hold(v4(11), SERVER, 1);
+    for port in 9100..9106 {
+        assert_eq!(
+            l.run(&Segment::syn(v4(11), port, SERVER, 25).build()),
+            XDP_DROP
+        );
+    }
+    l.reports();
+    assert_eq!(l.held_by_cache(), 5);
+    // The first sweep claims, the second (its CPU idle since) takes and
+    // reports: one report standing for the five.
+    assert_eq!(l.kernel.sweep_refusals().unwrap(), 0);
+    assert!(l.reports().is_empty());
+    assert_eq!(l.kernel.sweep_refusals().unwrap(), 5);
+    let reports = l.reports();
+    assert_eq!(reports.len(), 1, "{reports:?}");
+    let report = &reports[0];
+    assert_eq!(
+        (
+            report.folded,
+            report.gate,
+            report.rule,
+            from_addr(&report.remote),
+            report.local_port,
+        ),
+        (
+            4,
+            gate::NONE,
+            Rule::PerSource as u32,
+            IpAddr::from(v4(11)),
+            25
+        )
+    );
+    assert_eq!(l.held_by_cache(), 0);
+    assert_eq!(l.kernel.sweep_refusals().unwrap(), 0, "taken once");
+    // A claimed entry its CPU touches again is the CPU's to report: the
+    // next SYN is judged exactly and carries what the entry held.
+    for port in 9200..9203 {
+        l.run(&Segment::syn(v4(11), port, SERVER, 25).build());
+    }
+    assert_eq!(l.held_by_cache(), 3);
+    assert_eq!(l.kernel.sweep_refusals().unwrap(), 0, "claimed");
+    assert_eq!(
+        l.run(&Segment::syn(v4(11), 9300, SERVER, 25).build()),
+        XDP_DROP
+    );
+    assert_eq!(l.held_by_cache(), 0, "taken by the exact judgement");
+    assert_eq!(l.kernel.sweep_refusals().unwrap(), 0);
+    assert_eq!(l.kernel.sweep_refusals().unwrap(), 0, "nothing twice");
 }

@@ -289,7 +289,12 @@ fn a_failed_start_leaves_adopted_programs_attached_and_enforcing() {
     assert!(stderr.contains("adopting the maps"), "{stderr}");
     assert!(stderr.contains("refused XDP"), "{stderr}");
     for what in ["maps/SOURCE_LIVE", "maps/ESTABLISHED"] {
-        assert!(pins.join("v3").join(what).exists(), "{what}");
+        assert!(
+            pins.join(format!("v{}", limiter_common::maps::MAP_LAYOUT_VERSION))
+                .join(what)
+                .exists(),
+            "{what}"
+        );
     }
     assert_eq!(xdp_program(&lab, lab.server_iface()), Some(xdp));
     assert_eq!(cgroup.sock_ops_programs(), 1);

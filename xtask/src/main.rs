@@ -65,6 +65,10 @@ enum Task {
         /// Print the figures, targets included, as JSON on stdout.
         #[arg(long)]
         json: bool,
+        /// Run only this part: micro, scale or flood (repeatable); then
+        /// BENCHMARKS.md is left as it is.
+        #[arg(long)]
+        only: Vec<String>,
     },
 }
 
@@ -121,7 +125,7 @@ fn run(task: Task) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Task::Bench { quick, json } => {
+        Task::Bench { quick, json, only } => {
             setup::setup()?;
             cargo(&[
                 "build",
@@ -139,6 +143,9 @@ fn run(task: Task) -> anyhow::Result<()> {
             }
             if json {
                 bench.arg("--json");
+            }
+            for part in &only {
+                bench.args(["--only", part]);
             }
             let status = bench.status().context("running the benchmarks")?;
             if !status.success() {

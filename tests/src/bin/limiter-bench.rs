@@ -5,7 +5,7 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::Parser;
-use limiter_tests::bench::{self, Options};
+use limiter_tests::bench::{self, Options, Part};
 
 const CHART: &str = "BENCHMARKS-flood.svg";
 
@@ -20,14 +20,23 @@ struct Args {
     /// Print the figures and the targets as JSON.
     #[arg(long)]
     json: bool,
+    /// Run only these parts (repeatable); BENCHMARKS.md is then left alone.
+    #[arg(long, value_enum)]
+    only: Vec<Part>,
     /// Where BENCHMARKS.md and its chart go.
     #[arg(long, default_value = ".")]
     out: PathBuf,
 }
 
 fn main() -> ExitCode {
-    let Args { quick, json, out } = Args::parse();
-    let options = Options { quick };
+    let Args {
+        quick,
+        json,
+        only,
+        out,
+    } = Args::parse();
+    let partial = !only.is_empty();
+    let options = Options { quick, only };
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("limiter-bench: run it as root (BPF, namespaces, XDP)");
@@ -39,8 +48,13 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let report = bench::run(&options);
-    let written = std::fs::write(out.join(CHART), bench::chart_svg(&report))
-        .and_then(|()| std::fs::write(out.join("BENCHMARKS.md"), bench::markdown(&report, CHART)));
+    let written = if partial {
+        Ok(())
+    } else {
+        std::fs::write(out.join(CHART), bench::chart_svg(&report)).and_then(|()| {
+            std::fs::write(out.join("BENCHMARKS.md"), bench::markdown(&report, CHART))
+        })
+    };
     if let Err(e) = written {
         eprintln!("limiter-bench: writing into {}: {e}", out.display());
         return ExitCode::FAILURE;
