@@ -211,6 +211,15 @@ pub fn admits(limits: &Limits, live_total: u32, live_source: u32) -> bool {
     true
 }
 
+/// Whether the rule admits a new connection whatever its source holds:
+/// true when it would even if every live connection were that source's
+/// (a refusal only grows with the source's count), so that the source's
+/// count need not be looked up.
+#[inline(always)]
+pub fn admits_any_source(limits: &Limits, live_total: u32) -> bool {
+    admits(limits, live_total, live_total)
+}
+
 /// The percentage rule's cap for a new connection on a connector with
 /// `live_total` live connections: `ceil((max - T) * pct / 100)`, with
 /// `T = live_total + 1` (0 when the total is already reached). Only
@@ -357,6 +366,20 @@ mod tests {
             // The cap is exact: admitted exactly when the source's count
             // with the new connection is within it.
             prop_assert_eq!(e.admitted, e.cap == UNLIMITED || live_source < e.cap);
+        }
+
+        #[test]
+        fn admitted_for_any_source_means_for_every_source(
+            max in any_limit(1..=200),
+            per in any_limit(1..=60),
+            pct in 1u32..=100,
+            live_total in 0u32..=220,
+            own in 0u32..=220,
+        ) {
+            let l = limits(max, per, pct);
+            if admits_any_source(&l, live_total) {
+                prop_assert!(admits(&l, live_total, own.min(live_total)));
+            }
         }
 
         /// A refusal stays a refusal while counts only grow (a source's

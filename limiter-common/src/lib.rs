@@ -7,4 +7,4 @@ pub mod admission;
 pub mod maps;
 pub mod refusals;
 
-pub use admission::{Evaluation, Limits, Rule, UNLIMITED, admits, evaluate};
+pub use admission::{Evaluation, Limits, Rule, UNLIMITED, admits, admits_any_source, evaluate};

@@ -71,8 +71,11 @@ pub mod names {
     /// `PerCpuArray<RejectionEvent>`, one entry: where the kernel puts a
     /// report together before it copies it onto `EVENTS`.
     pub const REPORT_SCRATCH: &str = "REPORT_SCRATCH";
+    /// `PerCpuArray`, one entry: where the XDP program keeps a refused
+    /// SYN's header layout while it judges it. Only the kernel uses it.
+    pub const REPLY_SCRATCH: &str = "REPLY_SCRATCH";
     /// Every map, in the order they are pinned.
-    pub const ALL: [&str; 20] = [
+    pub const ALL: [&str; 21] = [
         SETTINGS,
         BOUND_PORTS,
         SPECIFIC_PORTS,
@@ -93,6 +96,7 @@ pub mod names {
         REFUSALS,
         RELEASE_STAMPS,
         REPORT_SCRATCH,
+        REPLY_SCRATCH,
     ];
 }
 

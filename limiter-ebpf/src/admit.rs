@@ -5,7 +5,7 @@
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use limiter_common::{
-    Rule,
+    Limits, Rule,
     maps::{FlowKey, SynSeen, action, stat, syn_seen_slot},
     refusals::{self, CachedRefusal, GATE_CLAIMED, REFUSAL_WAYS, RefusalKey},
 };
@@ -13,8 +13,8 @@ use limiter_common::{
 use crate::{
     atomic,
     count::{bump, connector_live, connector_state, select_connector, source_key},
-    maps::{CONNECTORS, REFUSALS, RELEASE_STAMPS, SETTINGS, SOURCE_LIVE, SYNS_SEEN},
-    parse::{self, LinkLayer, Packet},
+    maps::{CONNECTORS, REFUSALS, RELEASE_STAMPS, REPLY_SCRATCH, SETTINGS, SOURCE_LIVE, SYNS_SEEN},
+    parse::{self, LinkLayer, Packet, ReplyLayout},
     report::{self, Rejection, reject, rejected_counter},
     reset,
 };
@@ -25,6 +25,8 @@ enum Verdict {
     Drop,
     /// Refused, and answered with a RST.
     Reset,
+    /// Not in the refusal cache: to be judged on the counts.
+    Judge,
 }
 
 #[inline(always)]
@@ -37,65 +39,113 @@ pub fn run(ctx: &XdpContext, link: LinkLayer) -> u32 {
         }
         Packet::Syn(syn) => syn,
     };
-    match decide(&syn.flow) {
-        Verdict::Pass => xdp_action::XDP_PASS,
-        Verdict::Drop => xdp_action::XDP_DROP,
-        Verdict::Reset => match &syn.reply {
-            Some(layout) if reset::reset(ctx, &syn.flow, layout).is_some() => xdp_action::XDP_TX,
-            // Headers too unusual to answer in place: drop it instead.
-            _ => xdp_action::XDP_DROP,
-        },
+    // Two calls one after the other, not one inside the other: their
+    // stacks do not add up.
+    let verdict = match from_cache(&syn.flow) {
+        Verdict::Judge => {
+            // The reply's layout waits in this CPU's scratch entry, not on
+            // the stack: the verifier then walks `judge` once, not once for
+            // each header layout the parser can end with.
+            let stashed = stash(syn.reply);
+            return match judge(&syn.flow) {
+                Verdict::Reset => answer(ctx, &syn.flow, unstash(stashed)),
+                verdict => action_of(verdict),
+            };
+        }
+        verdict => verdict,
+    };
+    match verdict {
+        Verdict::Reset => answer(ctx, &syn.flow, syn.reply),
+        verdict => action_of(verdict),
     }
 }
 
-/// The verdict on a SYN to a bound port: from this CPU's refusal cache
-/// when it remembers a refusal that still stands (one CPU-local lookup, no
-/// shared write), else [`judge`]d on the live counts.
+#[inline(always)]
+fn action_of(verdict: Verdict) -> u32 {
+    match verdict {
+        Verdict::Pass | Verdict::Judge => xdp_action::XDP_PASS,
+        Verdict::Drop | Verdict::Reset => xdp_action::XDP_DROP,
+    }
+}
+
+/// A refused SYN answered with a RST, if its headers allow.
+#[inline(always)]
+fn answer(ctx: &XdpContext, flow: &FlowKey, layout: Option<ReplyLayout>) -> u32 {
+    match layout {
+        Some(layout) if reset::reset(ctx, flow, &layout).is_some() => xdp_action::XDP_TX,
+        // Headers too unusual to answer in place: drop it instead.
+        _ => xdp_action::XDP_DROP,
+    }
+}
+
+/// Puts `reply` in this CPU's scratch entry; whether it could.
+#[inline(always)]
+fn stash(reply: Option<ReplyLayout>) -> bool {
+    match (REPLY_SCRATCH.get_ptr_mut(0), reply) {
+        (Some(entry), Some(layout)) => {
+            // SAFETY: this CPU's entry of a per-CPU array.
+            unsafe { *entry = layout };
+            true
+        }
+        _ => false,
+    }
+}
+
+#[inline(always)]
+fn unstash(stashed: bool) -> Option<ReplyLayout> {
+    if !stashed {
+        return None;
+    }
+    // SAFETY: this CPU's entry of a per-CPU array.
+    REPLY_SCRATCH.get_ptr(0).map(|entry| unsafe { *entry })
+}
+
+/// The verdict on a SYN to a bound port from this CPU's refusal cache, when
+/// it remembers a refusal that still stands: one CPU-local lookup, no
+/// shared write. Else [`Verdict::Judge`].
 ///
 /// Not inlined: the parser reaches here by many paths (VLAN tags, IPv4 or
 /// IPv6, extension headers), and a function of its own is verified without
 /// multiplying them by the paths of the decision.
 #[inline(never)]
-fn decide(flow: &FlowKey) -> Verdict {
-    let Some(settings) = SETTINGS.get_ptr(0) else {
-        return Verdict::Pass;
-    };
-    // SAFETY: a live map value. The generation is read before anything the
-    // daemon configures, so a refusal is never cached under a generation
-    // newer than the configuration it was judged by.
-    let (generation, prefix_len) = unsafe {
-        (
-            core::ptr::read_volatile(&raw const (*settings).generation),
-            (*settings).refusal_prefix_len,
-        )
-    };
-    let key = RefusalKey::of(flow, prefix_len);
+fn from_cache(flow: &FlowKey) -> Verdict {
+    let (generation, key) = cache_key(flow);
     let first = key.first_slot();
-    let mut slot = core::ptr::null_mut();
     let mut way = 0;
     while way < REFUSAL_WAYS {
         if let Some(entry) = REFUSALS.get_ptr_mut(first + way) {
             // SAFETY: this CPU's slot of a per-CPU array.
             if unsafe { (*entry).holds(&key) } {
-                if let Some(verdict) = from_cache(entry, generation) {
-                    return verdict;
-                }
-                slot = entry;
-                break;
+                return cached_verdict(entry, generation).unwrap_or(Verdict::Judge);
             }
         }
         way += 1;
     }
-    if slot.is_null() {
-        slot = victim(first, flow.remote_port);
-    }
-    judge(flow, &key, generation, slot)
+    Verdict::Judge
+}
+
+/// The configuration generation, and the refusal cache key of `flow`.
+#[inline(always)]
+fn cache_key(flow: &FlowKey) -> (u32, RefusalKey) {
+    let (generation, prefix_len) = match SETTINGS.get_ptr(0) {
+        // SAFETY: a live map value. The generation is read before anything
+        // the daemon configures, so a refusal is never cached under a
+        // generation newer than the configuration it was judged by.
+        Some(settings) => unsafe {
+            (
+                core::ptr::read_volatile(&raw const (*settings).generation),
+                (*settings).refusal_prefix_len,
+            )
+        },
+        None => (0, 128),
+    };
+    (generation, RefusalKey::of(flow, prefix_len))
 }
 
 /// The verdict of a cached refusal, if it still stands and its owner (this
 /// CPU) still counts into it (see `limiter_common::refusals`).
 #[inline(always)]
-fn from_cache(entry: *mut CachedRefusal, generation: u32) -> Option<Verdict> {
+fn cached_verdict(entry: *mut CachedRefusal, generation: u32) -> Option<Verdict> {
     // SAFETY: this CPU's slot of a per-CPU array; the stamp is a live map
     // value. Only this CPU writes the gate but for the daemon's sweep,
     // which never races with a plain add to an unclaimed gate.
@@ -121,6 +171,23 @@ fn from_cache(entry: *mut CachedRefusal, generation: u32) -> Option<Verdict> {
     }
 }
 
+/// The slot where `key`'s refusal is, or goes.
+#[inline(always)]
+fn slot_for(key: &RefusalKey, remote_port: u16) -> *mut CachedRefusal {
+    let first = key.first_slot();
+    let mut way = 0;
+    while way < REFUSAL_WAYS {
+        if let Some(entry) = REFUSALS.get_ptr_mut(first + way) {
+            // SAFETY: this CPU's slot of a per-CPU array.
+            if unsafe { (*entry).holds(key) } {
+                return entry;
+            }
+        }
+        way += 1;
+    }
+    victim(first, remote_port)
+}
+
 /// The slot of `first`'s set a new refusal goes into: an empty one, else
 /// one picked by the SYN's source port (as good as random, and free).
 #[inline(always)]
@@ -139,9 +206,14 @@ fn victim(first: u32, remote_port: u16) -> *mut CachedRefusal {
 
 /// The verdict on the live counts as they are read (no lock, no write: a
 /// flood is refused cheaply; the decision that counts is taken when the
-/// handshake completes). A refusal is remembered in `slot`.
-#[inline(always)]
-fn judge(flow: &FlowKey, key: &RefusalKey, generation: u32, slot: *mut CachedRefusal) -> Verdict {
+/// handshake completes). A refusal is remembered in this CPU's refusal
+/// cache.
+///
+/// Not inlined, for the verifier (see [`from_cache`]).
+#[inline(never)]
+fn judge(flow: &FlowKey) -> Verdict {
+    // First: the generation must be no newer than the configuration read.
+    let generation = cache_key(flow).0;
     let Some(connector) = select_connector(flow) else {
         return Verdict::Pass;
     };
@@ -153,6 +225,11 @@ fn judge(flow: &FlowKey, key: &RefusalKey, generation: u32, slot: *mut CachedRef
     };
     // Monitor mode judges when the handshake completes, once per connection.
     if config.action == action::MONITOR {
+        return passed(flow, connector);
+    }
+    // Admitted even if every live connection were this source's: no need
+    // to look the source up (a connector far from its caps).
+    if admits(&config.limits, connector_live(state), None) {
         return passed(flow, connector);
     }
     let source = source_key(connector, flow);
@@ -169,28 +246,22 @@ fn judge(flow: &FlowKey, key: &RefusalKey, generation: u32, slot: *mut CachedRef
     let live_source = entry.map_or(0, |e| unsafe {
         core::ptr::read_volatile(&raw const (*e).live)
     });
-    if limiter_common::admits(&config.limits, live_total, live_source) {
+    if admits(&config.limits, live_total, Some(live_source)) {
         return passed(flow, connector);
     }
     let evaluation = limiter_common::evaluate(&config.limits, live_total, live_source);
     let stamp_index = refusals::stamp_for(evaluation.rule, stamps.0, stamps.1);
-    let carried = remember(slot, key);
-    if !slot.is_null() {
-        // SAFETY: this CPU's slot of a per-CPU array, the gate taken.
-        unsafe {
-            (*slot).remote_port = flow.remote_port;
-            (*slot).connector = connector + 1;
-            (*slot).generation = generation;
-            (*slot).stamp_index = stamp_index;
-            (*slot).stamp = if stamp_index == stamps.0 {
-                stamp_values.0
-            } else {
-                stamp_values.1
-            };
-            (*slot).rule = evaluation.rule as u8;
-            (*slot).action = config.action as u8;
-        }
-    }
+    let stamp = if stamp_index == stamps.0 {
+        stamp_values.0
+    } else {
+        stamp_values.1
+    };
+    let carried = remember(
+        flow,
+        generation,
+        (stamp as u64) << 32 | stamp_index as u64,
+        connector | (evaluation.rule as u32) << 16 | config.action << 24,
+    );
     reject(&Rejection {
         flow,
         source: &source,
@@ -219,12 +290,32 @@ fn read_stamp(index: u32) -> u32 {
         .map_or(0, |stamp| unsafe { core::ptr::read_volatile(stamp) })
 }
 
-/// Makes `slot` the refusal cache entry of `key` (the caller fills in the
-/// rest), and returns the refusals it held for `key` that no report
-/// carries yet, for this refusal's report. Those it held for another key
-/// go to that source's report gate.
-#[inline(always)]
-fn remember(slot: *mut CachedRefusal, key: &RefusalKey) -> u32 {
+/// [`limiter_common::admits`] for a source with `live_source` connections,
+/// or (`None`) for any source ([`limiter_common::admits_any_source`]).
+///
+/// Not inlined: the rule's branches then end in one verdict, 0 or 1,
+/// instead of multiplying the verifier's walk through what follows.
+#[inline(never)]
+fn admits(limits: &Limits, live_total: u32, live_source: Option<u32>) -> bool {
+    match live_source {
+        Some(live_source) => limiter_common::admits(limits, live_total, live_source),
+        None => limiter_common::admits_any_source(limits, live_total),
+    }
+}
+
+/// Makes this CPU's refusal cache remember that `flow`'s key is refused:
+/// judged under `generation`, standing while the release stamp (`stamp`:
+/// value, high half; index, low half) is unchanged; `refusal` is the
+/// connector id, the rule (bits 16..24) and the action (bits 24..). Returns
+/// the refusals the entry held for the same key that no report carries
+/// yet, for this refusal's report; those it held for another key go to
+/// that source's report gate.
+///
+/// Not inlined: its stack is its own, beside the report's.
+#[inline(never)]
+fn remember(flow: &FlowKey, generation: u32, stamp: u64, refusal: u32) -> u32 {
+    let (_, key) = cache_key(flow);
+    let slot = slot_for(&key, flow.remote_port);
     if slot.is_null() {
         return 0;
     }
@@ -233,16 +324,25 @@ fn remember(slot: *mut CachedRefusal, key: &RefusalKey) -> u32 {
     // is the rest written: a sweep that took it first read a whole entry.
     unsafe {
         let held = refusals::gate_count(atomic::swap64(&raw mut (*slot).gate, 0));
-        if (*slot).holds(key) {
-            return held;
-        }
-        if held > 0 {
-            report::hold_evicted(slot, held);
-        }
-        (*slot).remote = key.remote;
-        (*slot).local = key.local;
-        (*slot).local_port = key.local_port;
-        0
+        let carried = if (*slot).holds(&key) {
+            held
+        } else {
+            if held > 0 {
+                report::hold_evicted(slot, held);
+            }
+            (*slot).remote = key.remote;
+            (*slot).local = key.local;
+            (*slot).local_port = key.local_port;
+            0
+        };
+        (*slot).remote_port = flow.remote_port;
+        (*slot).connector = (refusal & 0xffff) + 1;
+        (*slot).generation = generation;
+        (*slot).stamp_index = stamp as u32;
+        (*slot).stamp = (stamp >> 32) as u32;
+        (*slot).rule = (refusal >> 16) as u8;
+        (*slot).action = (refusal >> 24) as u8;
+        carried
     }
 }
 

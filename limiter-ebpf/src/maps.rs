@@ -15,6 +15,8 @@ use limiter_common::maps::{
 };
 use limiter_common::refusals::{CachedRefusal, REFUSAL_SLOTS, RELEASE_STAMPS_LEN};
 
+use crate::parse::ReplyLayout;
+
 #[map(name = "SETTINGS")]
 pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 
@@ -75,6 +77,10 @@ pub static REFUSALS: PerCpuArray<CachedRefusal> = PerCpuArray::with_max_entries(
 /// Where a report is put together before it is copied onto `EVENTS`.
 #[map(name = "REPORT_SCRATCH")]
 pub static REPORT_SCRATCH: PerCpuArray<RejectionEvent> = PerCpuArray::with_max_entries(1, 0);
+
+/// Where a SYN's reply layout waits while it is judged (see `admit::run`).
+#[map(name = "REPLY_SCRATCH")]
+pub static REPLY_SCRATCH: PerCpuArray<ReplyLayout> = PerCpuArray::with_max_entries(1, 0);
 
 #[map(name = "RELEASE_STAMPS")]
 pub static RELEASE_STAMPS: Array<u32> = Array::with_max_entries(RELEASE_STAMPS_LEN, 0);

@@ -82,9 +82,12 @@ pub struct Syn {
 
 /// Offsets of the headers of a SYN that can be answered in place: the TCP
 /// header follows the IP header directly.
+#[repr(C)]
+#[derive(Clone, Copy)]
 pub struct ReplyLayout {
-    pub ip: usize,
-    pub ipv6: bool,
+    pub ip: u32,
+    /// 1 for IPv6.
+    pub ipv6: u32,
     /// The SYN's sequence number.
     pub seq: u32,
 }
@@ -365,8 +368,8 @@ fn tcp(ctx: &XdpContext, l4: L4, link: LinkLayer) -> Step<Packet> {
         )
     };
     let reply = (link == LinkLayer::Ethernet && l4.plain && !l4.fragment).then_some(ReplyLayout {
-        ip: l4.ip,
-        ipv6: l4.ipv6,
+        ip: l4.ip as u32,
+        ipv6: l4.ipv6 as u32,
         seq,
     });
     let (local, remote) = if l4.ipv6 {

@@ -23,12 +23,12 @@ const IPV4_DONT_FRAGMENT: u16 = 0x4000;
 pub fn reset(ctx: &XdpContext, flow: &FlowKey, layout: &ReplyLayout) -> Option<()> {
     // Bounds the verifier can see (the offsets come back from the stack as
     // plain numbers): at most two VLAN tags before the IP header.
-    let ip_offset = layout.ip;
+    let ip_offset = layout.ip as usize;
     if ip_offset > MAX_L2_LEN {
         return None;
     }
     let tcp_offset = ip_offset
-        + if layout.ipv6 {
+        + if layout.ipv6 != 0 {
             IPV6_HLEN
         } else {
             IPV4_MIN_HLEN
@@ -46,7 +46,7 @@ pub fn reset(ctx: &XdpContext, flow: &FlowKey, layout: &ReplyLayout) -> Option<(
 
     // The headers, built on the stack.
     let tcp = tcp_header(flow, layout.seq);
-    let tcp_checksum = if layout.ipv6 {
+    let tcp_checksum = if layout.ipv6 != 0 {
         let mut pseudo = [0u8; 40];
         pseudo[..16].copy_from_slice(&flow.local);
         pseudo[16..32].copy_from_slice(&flow.remote);
@@ -72,7 +72,7 @@ pub fn reset(ctx: &XdpContext, flow: &FlowKey, layout: &ReplyLayout) -> Option<(
         core::ptr::write_unaligned(eth.add(MAC_LEN) as *mut [u8; MAC_LEN], destination);
     }
 
-    if layout.ipv6 {
+    if layout.ipv6 != 0 {
         let ip = bytes_at(ctx, ip_offset, IPV6_HLEN)? as *mut u8;
         let mut header = [0u8; IPV6_HLEN];
         header[0] = 0x60;
