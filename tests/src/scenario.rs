@@ -147,6 +147,17 @@ pub fn reset_by_server(stream: &TcpStream) -> bool {
     wait_until(SETTLE, Duration::from_millis(10), || !alive(stream))
 }
 
+/// Whether a connection attempt completed its handshake and was then reset
+/// by the server: a connected stream that dies, or, when the reset came
+/// before the connecting thread woke up, a connect that fails with
+/// "connection reset" (a refused SYN times out instead).
+pub fn completed_then_reset(attempt: std::io::Result<TcpStream>) -> bool {
+    match attempt {
+        Ok(stream) => reset_by_server(&stream),
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    }
+}
+
 /// Asks the server to close (or reset) its side of `stream`.
 pub fn server_side(stream: &mut TcpStream, command: &str) {
     stream

@@ -12,7 +12,7 @@ use std::{
 use limiter_tests::{
     Lab, established,
     lab::{client_v4, server_v4},
-    scenario::{ADMIT_WAIT, SETTLE, Scenario, alive, connector, reset_by_server, server_side},
+    scenario::{ADMIT_WAIT, SETTLE, Scenario, alive, completed_then_reset, connector, server_side},
     wait_until,
 };
 
@@ -367,9 +367,8 @@ fn a_full_table_resets_what_it_cannot_count_and_touches_nothing_else() {
     assert_eq!(s.limiter.live("Frontend"), 16);
     // A new connection finds no room: its handshake completes, and it is
     // reset at once rather than admitted uncounted.
-    let extra = s.connect(client_v4(4)).expect("the SYN passes");
     assert!(
-        reset_by_server(&extra),
+        completed_then_reset(s.connect(client_v4(4))),
         "a connection over a full table stayed up"
     );
     let stats = s.limiter.cli_json(&["stats"]);
