@@ -63,19 +63,20 @@ pub mod names {
     /// never read it.
     pub const CONNECTOR_NAMES: &str = "CONNECTOR_NAMES";
     /// `PerCpuArray<CachedRefusal>`: each CPU's refusal cache (see
-    /// `crate::refusals`).
+    /// `crate::refusals`). Not pinned: each daemon starts with empty
+    /// caches, under configuration generations it wrote itself.
     pub const REFUSALS: &str = "REFUSALS";
     /// `Array<u32>`: release stamps, the connectors' then the sources'
     /// (see `crate::refusals`).
     pub const RELEASE_STAMPS: &str = "RELEASE_STAMPS";
-    /// `PerCpuArray<RejectionEvent>`, one entry: where the kernel puts a
-    /// report together before it copies it onto `EVENTS`.
+    /// `PerCpuArray<RejectionEvent>`, one entry: where the XDP program puts
+    /// a report together before it copies it onto `EVENTS`. Not pinned.
     pub const REPORT_SCRATCH: &str = "REPORT_SCRATCH";
     /// `PerCpuArray`, one entry: where the XDP program keeps a refused
-    /// SYN's header layout while it judges it. Only the kernel uses it.
+    /// SYN's header layout while it judges it. Not pinned.
     pub const REPLY_SCRATCH: &str = "REPLY_SCRATCH";
-    /// Every map, in the order they are pinned.
-    pub const ALL: [&str; 21] = [
+    /// Every map that is pinned, in the order they are pinned.
+    pub const ALL: [&str; 18] = [
         SETTINGS,
         BOUND_PORTS,
         SPECIFIC_PORTS,
@@ -93,10 +94,7 @@ pub mod names {
         SYNS_SEEN,
         UNDECLARED_FORWARDS,
         CONNECTOR_NAMES,
-        REFUSALS,
         RELEASE_STAMPS,
-        REPORT_SCRATCH,
-        REPLY_SCRATCH,
     ];
 }
 
@@ -147,9 +145,10 @@ pub const MAX_UNDECLARED_FORWARDS: u32 = 256;
 pub struct Settings {
     /// IPv6 sources are counted per this prefix length.
     pub ipv6_prefix_len: u32,
-    /// Bumped by the daemon after each change it writes to the connector
-    /// tables or these settings: a cached refusal made under another
-    /// generation is no answer (see `crate::refusals`).
+    /// The configuration generation: odd while the daemon writes a change
+    /// to the connector tables or these settings, even (and new) once it is
+    /// written. A cached refusal made under another generation, or while
+    /// one is odd, is no answer (see `crate::refusals`).
     pub generation: u32,
     /// Only sockets of this network namespace are judged (the daemon's,
     /// where the interfaces are), but for handshakes the kernel moved there
@@ -549,6 +548,9 @@ pub mod stat {
     /// Global: handshakes the kernel moved to a port or network namespace
     /// that no `forwarded_to` names: not counted.
     pub const UNDECLARED_FORWARDS: u32 = 3;
+    /// Global: SYNs judged on the source's count (not from a refusal cache,
+    /// not admitted for being far from every cap).
+    pub const SOURCE_JUDGED: u32 = 4;
     /// Entries of `STATS`.
     pub const ENTRIES: u32 = (MAX_CONNECTORS + 1) * COUNT;
 }

@@ -10,8 +10,10 @@
 //! Counts shrink only by a release, and the limits (and which connector a
 //! SYN meets) change only with the configuration. So an entry holds:
 //!
-//! - the configuration generation it was refused under (the daemon bumps
-//!   `Settings::generation` after every change it writes), and
+//! - the configuration generation it was refused under (the daemon makes
+//!   `Settings::generation` odd before it writes a change and even, and
+//!   new, once it is written; nothing is cached or answered from the cache
+//!   while it is odd), and
 //! - the release stamp the refusal depends on, read before the counts were:
 //!   the source's ([`source_stamp`]) for a refusal by the per-source limit,
 //!   which no other source's release can undo; the connector's
@@ -36,7 +38,17 @@
 //! its report; or the daemon's sweep, which first marks an entry claimed
 //! (after which the owner CPU judges exactly again, and takes them itself)
 //! and, a sweep later, takes what a still-claimed entry holds. See
-//! [`GATE_CLAIMED`].
+//! [`GATE_CLAIMED`]. A take whose report finds the event ring full puts the
+//! count back, claimed, for the next sweep. An entry that holds counts no
+//! report carries is never given to another key: a third key of a full set
+//! is judged exactly until the sweep has emptied one.
+//!
+//! # Memory order
+//!
+//! The exact path reads the stamps, then counts one judgement with a
+//! fetching atomic add on a per-CPU counter (a fence on every CPU the JIT
+//! targets), then the counts: a CPU that reorders loads cannot pair a
+//! stamp bumped by a release with a count from before it.
 
 use crate::{
     addr::{self, Words},
@@ -80,7 +92,9 @@ pub struct RefusalKey {
     pub remote: Words,
     pub local: Words,
     pub local_port: u16,
-    pub _pad: u16,
+    /// The prefix length `remote` was cut to: part of the key, so that a
+    /// key cut under one setting never answers under another.
+    pub prefix_len: u16,
 }
 
 impl RefusalKey {
@@ -91,7 +105,7 @@ impl RefusalKey {
             remote: addr::source_identity_words(flow.remote_words(), prefix_len),
             local: flow.local_words(),
             local_port: flow.local_port,
-            _pad: 0,
+            prefix_len: prefix_len as u16,
         }
     }
 
@@ -138,7 +152,8 @@ pub struct CachedRefusal {
     /// The rule that refused (a `Rule` as u8) and the connector's action.
     pub rule: u8,
     pub action: u8,
-    pub _pad: u16,
+    /// [`RefusalKey::prefix_len`].
+    pub prefix_len: u16,
     /// Refusals from this entry that no report carries yet (low half), and
     /// [`GATE_CLAIMED`].
     pub gate: u64,
@@ -150,17 +165,32 @@ impl CachedRefusal {
     pub fn holds(&self, key: &RefusalKey) -> bool {
         self.connector != 0
             && self.local_port == key.local_port
+            && self.prefix_len == key.prefix_len
             && self.remote == key.remote
             && self.local == key.local
     }
 
     /// Whether the refusal still stands: same configuration, and no release
     /// it depends on since. `stamp` is `RELEASE_STAMPS[self.stamp_index]`
-    /// now.
+    /// now. Entries are only made under a stable (even) generation.
     #[inline(always)]
     pub fn stands(&self, generation: u32, stamp: u32) -> bool {
         self.generation == generation && self.stamp == stamp
     }
+}
+
+/// Whether the configuration is not being changed (see
+/// `Settings::generation`): refusals may be cached and answered.
+#[inline(always)]
+pub const fn generation_is_stable(generation: u32) -> bool {
+    generation & 1 == 0
+}
+
+/// Whether a gate word takes one more refusal from its owner: not claimed,
+/// and its count not at its largest (never carried into the claim bit).
+#[inline(always)]
+pub const fn gate_takes_more(gate: u64) -> bool {
+    gate < u32::MAX as u64
 }
 
 /// The refusals a gate word holds.
@@ -234,7 +264,7 @@ mod tests {
         fn new(limits: Limits) -> World {
             World {
                 limits,
-                generation: 1,
+                generation: 2,
                 total: 0,
                 sources: BTreeMap::new(),
                 stamps: std::vec![0; RELEASE_STAMPS_LEN as usize],
@@ -272,7 +302,7 @@ mod tests {
 
         fn reconfigure(&mut self, limits: Limits) {
             self.limits = limits;
-            self.generation += 1;
+            self.generation += 2;
         }
     }
 
@@ -337,6 +367,7 @@ mod tests {
                 remote: key.remote,
                 local: key.local,
                 local_port: key.local_port,
+                prefix_len: key.prefix_len,
                 connector: CONNECTOR + 1,
                 generation: world.generation,
                 stamp_index: index,

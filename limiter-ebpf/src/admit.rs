@@ -7,15 +7,18 @@ use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use limiter_common::{
     Limits, Rule,
     maps::{FlowKey, SynSeen, action, stat, syn_seen_slot},
-    refusals::{self, CachedRefusal, GATE_CLAIMED, REFUSAL_WAYS, RefusalKey},
+    refusals::{self, CachedRefusal, REFUSAL_WAYS, RefusalKey},
 };
 
 use crate::{
     atomic,
     count::{bump, connector_live, connector_state, select_connector, source_key},
-    maps::{CONNECTORS, REFUSALS, RELEASE_STAMPS, REPLY_SCRATCH, SETTINGS, SOURCE_LIVE, SYNS_SEEN},
+    maps::{
+        CONNECTORS, REFUSALS, RELEASE_STAMPS, REPLY_SCRATCH, SETTINGS, SOURCE_LIVE, STATS,
+        SYNS_SEEN,
+    },
     parse::{self, LinkLayer, Packet, ReplyLayout},
-    report::{self, Rejection, reject, rejected_counter},
+    report::{IN_SCRATCH, Rejection, reject, rejected_counter},
     reset,
 };
 
@@ -110,6 +113,9 @@ fn unstash(stashed: bool) -> Option<ReplyLayout> {
 #[inline(never)]
 fn from_cache(flow: &FlowKey) -> Verdict {
     let (generation, key) = cache_key(flow);
+    if !refusals::generation_is_stable(generation) {
+        return Verdict::Judge;
+    }
     let first = key.first_slot();
     let mut way = 0;
     while way < REFUSAL_WAYS {
@@ -155,7 +161,7 @@ fn cached_verdict(entry: *mut CachedRefusal, generation: u32) -> Option<Verdict>
             return None;
         }
         let gate = core::ptr::read_volatile(&raw const (*entry).gate);
-        if gate >= GATE_CLAIMED {
+        if !refusals::gate_takes_more(gate) {
             return None;
         }
         core::ptr::write_volatile(&raw mut (*entry).gate, gate + 1);
@@ -173,7 +179,7 @@ fn cached_verdict(entry: *mut CachedRefusal, generation: u32) -> Option<Verdict>
 
 /// The slot where `key`'s refusal is, or goes.
 #[inline(always)]
-fn slot_for(key: &RefusalKey, remote_port: u16) -> *mut CachedRefusal {
+fn slot_for(key: &RefusalKey) -> *mut CachedRefusal {
     let first = key.first_slot();
     let mut way = 0;
     while way < REFUSAL_WAYS {
@@ -185,22 +191,31 @@ fn slot_for(key: &RefusalKey, remote_port: u16) -> *mut CachedRefusal {
         }
         way += 1;
     }
-    victim(first, remote_port)
+    victim(first)
 }
 
 /// The slot of `first`'s set a new refusal goes into: an empty one, else
-/// one picked by the SYN's source port (as good as random, and free).
+/// one whose refusals have all been reported; none when both hold
+/// refusals no report carries yet (no count is ever evicted: the key is
+/// judged exactly until the sweep has taken them).
 #[inline(always)]
-fn victim(first: u32, remote_port: u16) -> *mut CachedRefusal {
-    let empty = |way: u32| {
-        REFUSALS
-            .get_ptr_mut(first + way)
+fn victim(first: u32) -> *mut CachedRefusal {
+    let free = |way: u32, empty: bool| {
+        REFUSALS.get_ptr_mut(first + way).filter(|&entry| {
             // SAFETY: this CPU's slot of a per-CPU array.
-            .filter(|&entry| unsafe { (*entry).connector } == 0)
+            unsafe {
+                if empty {
+                    (*entry).connector == 0
+                } else {
+                    refusals::gate_count(core::ptr::read_volatile(&raw const (*entry).gate)) == 0
+                }
+            }
+        })
     };
-    empty(0)
-        .or_else(|| empty(1))
-        .or_else(|| REFUSALS.get_ptr_mut(first + (remote_port as u32 & 1)))
+    free(0, true)
+        .or_else(|| free(1, true))
+        .or_else(|| free(0, false))
+        .or_else(|| free(1, false))
         .unwrap_or(core::ptr::null_mut())
 }
 
@@ -238,8 +253,11 @@ fn judge(flow: &FlowKey) -> Verdict {
         refusals::source_stamp(connector, &source.addr_words()),
     );
     // The stamps before the counts: a release between the two leaves the
-    // refusal cached under a stamp that is already stale.
+    // refusal cached under a stamp that is already stale. The count of
+    // these judgements is the fence that keeps the reads in that order on
+    // a CPU that would reorder them.
     let stamp_values = (read_stamp(stamps.0), read_stamp(stamps.1));
+    fenced_bump(stat::GLOBAL_ROW, stat::SOURCE_JUDGED);
     let live_total = connector_live(state);
     let entry = SOURCE_LIVE.get_ptr_mut(&source);
     // SAFETY: a live map value, read once.
@@ -256,13 +274,18 @@ fn judge(flow: &FlowKey) -> Verdict {
     } else {
         stamp_values.1
     };
-    let carried = remember(
-        flow,
-        generation,
-        (stamp as u64) << 32 | stamp_index as u64,
-        connector | (evaluation.rule as u32) << 16 | config.action << 24,
-    );
-    reject(&Rejection {
+    // Nothing is remembered while the configuration is being changed.
+    let carried = if refusals::generation_is_stable(generation) {
+        remember(
+            flow,
+            generation,
+            (stamp as u64) << 32 | stamp_index as u64,
+            connector | (evaluation.rule as u32) << 16 | config.action << 24,
+        )
+    } else {
+        0
+    };
+    reject::<IN_SCRATCH>(&Rejection {
         flow,
         source: &source,
         config: &config,
@@ -290,6 +313,15 @@ fn read_stamp(index: u32) -> u32 {
         .map_or(0, |stamp| unsafe { core::ptr::read_volatile(stamp) })
 }
 
+/// Counts into `STATS` with a fetching atomic add: a fence (see
+/// [`atomic::increment_fenced`]).
+#[inline(always)]
+fn fenced_bump(row: u32, counter: u32) {
+    if let Some(value) = STATS.get_ptr_mut(row * stat::COUNT + counter) {
+        atomic::increment_fenced(value);
+    }
+}
+
 /// [`limiter_common::admits`] for a source with `live_source` connections,
 /// or (`None`) for any source ([`limiter_common::admits_any_source`]).
 ///
@@ -308,14 +340,13 @@ fn admits(limits: &Limits, live_total: u32, live_source: Option<u32>) -> bool {
 /// value, high half; index, low half) is unchanged; `refusal` is the
 /// connector id, the rule (bits 16..24) and the action (bits 24..). Returns
 /// the refusals the entry held for the same key that no report carries
-/// yet, for this refusal's report; those it held for another key go to
-/// that source's report gate.
+/// yet, for this refusal's report.
 ///
 /// Not inlined: its stack is its own, beside the report's.
 #[inline(never)]
 fn remember(flow: &FlowKey, generation: u32, stamp: u64, refusal: u32) -> u32 {
     let (_, key) = cache_key(flow);
-    let slot = slot_for(&key, flow.remote_port);
+    let slot = slot_for(&key);
     if slot.is_null() {
         return 0;
     }
@@ -327,12 +358,12 @@ fn remember(flow: &FlowKey, generation: u32, stamp: u64, refusal: u32) -> u32 {
         let carried = if (*slot).holds(&key) {
             held
         } else {
-            if held > 0 {
-                report::hold_evicted(slot, held);
-            }
+            // Another key's entry with nothing left to report (see
+            // `victim`): nothing is lost in taking it over.
             (*slot).remote = key.remote;
             (*slot).local = key.local;
             (*slot).local_port = key.local_port;
+            (*slot).prefix_len = key.prefix_len;
             0
         };
         (*slot).remote_port = flow.remote_port;

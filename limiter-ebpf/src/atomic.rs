@@ -73,3 +73,12 @@ pub fn compare_and_swap64(word: *mut u64, old: u64, new: u64) -> bool {
     }
     .1
 }
+
+/// Adds one to `*counter`, as a full barrier: loads after it are not done
+/// before it, nor loads before it after it (a fetching atomic is
+/// `lock xadd` on x86 and `ldaddal` on arm64).
+#[inline(always)]
+pub fn increment_fenced(counter: *mut u64) {
+    // SAFETY: as above.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(counter, 1) };
+}

@@ -11,13 +11,20 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use limiter_common::{
-    maps::{ConnKey, Control, FLOW_SEEDED, FlowKey, FlowValue, ReportGate, control as op, stat},
+    addr,
+    maps::{
+        ConnKey, Control, FLOW_SEEDED, FlowKey, FlowValue, ReportGate, SourceKey, control as op,
+        stat,
+    },
     refusals::{self, CachedRefusal, GATE_CLAIMED, REFUSAL_SLOTS, SWEEP_CHUNK},
 };
 
 use crate::{
     atomic,
-    count::{bump, forget_source, judge_and_count, release, select_connector, source_key},
+    count::{
+        bump, forget_source, ipv6_prefix_len, judge_and_count, release, select_connector,
+        source_key,
+    },
     maps::{CONNECTORS, ESTABLISHED, REFUSALS, REPORT_GATES, SETTINGS, SOURCE_LIVE},
     parse::bytes_at,
     report::report_held,
@@ -159,19 +166,47 @@ fn cached_refusal(cpu: u32, slot: u32) -> *mut CachedRefusal {
 }
 
 /// Takes the refusals of a slot claimed a sweep ago, if its CPU has not
-/// touched it since (the gate still reads `gate`), and reports them.
+/// touched it since (the gate still reads `gate`), and reports them. A full
+/// ring puts them back, claimed, for the next sweep (or, if the CPU has
+/// touched the slot meanwhile, into the source's report gate).
 #[inline(always)]
 fn take_and_report(entry: *mut CachedRefusal, gate: u64) -> u32 {
     // SAFETY: a live map value. Read before the take: the owner rewrites an
     // entry only after it took the gate itself, which makes the take fail.
     let cached = unsafe { core::ptr::read_volatile(entry) };
     // SAFETY: as above.
-    if !atomic::compare_and_swap64(unsafe { &raw mut (*entry).gate }, gate, 0) {
+    let word = unsafe { &raw mut (*entry).gate };
+    if !atomic::compare_and_swap64(word, gate, 0) {
         return 0;
     }
     let held = refusals::gate_count(gate);
-    report_held(&cached, held);
-    held
+    if report_held(&cached, held) {
+        return held;
+    }
+    if !atomic::compare_and_swap64(word, 0, gate) {
+        park(&cached, held);
+    }
+    0
+}
+
+/// Adds `held` refusals of `cached`'s source to its report gate (its
+/// connector's if it has no entry).
+#[inline(always)]
+fn park(cached: &CachedRefusal, held: u32) {
+    let connector = cached.connector.wrapping_sub(1);
+    let source = SourceKey::from_words(
+        connector,
+        addr::source_identity_words(cached.remote, ipv6_prefix_len()),
+    );
+    let gate = match SOURCE_LIVE.get_ptr_mut(&source) {
+        // SAFETY: only the address of the field is taken.
+        Some(entry) => Some(unsafe { &raw mut (*entry).gate }),
+        None => REPORT_GATES.get_ptr_mut(connector),
+    };
+    if let Some(gate) = gate {
+        // SAFETY: a live map value.
+        unsafe { atomic::add32(&raw mut (*gate).unreported, held) };
+    }
 }
 
 /// Takes the rejections that `gate` holds, for the daemon.

@@ -42,6 +42,13 @@ pub struct Rejection<'a> {
     pub repeat: bool,
 }
 
+/// Where a report is put together before it is copied onto `EVENTS`: this
+/// CPU's scratch entry for the XDP program (its chain of calls has no stack
+/// to spare, and nothing else runs it on this CPU meanwhile), the stack for
+/// the others (which an XDP program may interrupt on the same CPU).
+pub const IN_SCRATCH: bool = true;
+pub const ON_STACK: bool = false;
+
 /// Counts a rejection and reports it. A refused SYN is reported through
 /// its source's gate (its connector's for a source without an entry): one
 /// report a second under a flood. A connection judged when its handshake
@@ -50,14 +57,14 @@ pub struct Rejection<'a> {
 /// Not inlined: a function of its own keeps the verifier from walking its
 /// paths once for each way into it.
 #[inline(never)]
-pub fn reject(rejection: &Rejection) {
+pub fn reject<const SCRATCH: bool>(rejection: &Rejection) {
     let connector = rejection.source.connector;
     bump(connector, rejected_counter(rejection.evaluation.rule));
     if rejection.late {
         bump(connector, stat::REJECTED_LATE);
     }
     if rejection.at_completion {
-        report(rejection, None, 0);
+        report::<SCRATCH>(rejection, None, 0);
         return;
     }
     let gate = if rejection.entry.is_null() {
@@ -69,40 +76,19 @@ pub fn reject(rejection: &Rejection) {
     if let Some(gate) = gate
         && let Some(folded) = through_gate(gate, rejection.carried)
     {
-        report(rejection, Some(gate), folded);
-    }
-}
-
-/// Refusals that the cache entry `evicted` held and no report carries:
-/// into its source's report gate (its connector's when the source has no
-/// entry), for that gate's next report or the daemon's collection.
-#[inline(never)]
-pub fn hold_evicted(evicted: *const CachedRefusal, held: u32) {
-    // SAFETY: a live map value.
-    let (connector, remote) = unsafe { ((*evicted).connector.wrapping_sub(1), (*evicted).remote) };
-    let source = SourceKey::from_words(
-        connector,
-        addr::source_identity_words(remote, ipv6_prefix_len()),
-    );
-    let gate = match SOURCE_LIVE.get_ptr_mut(&source) {
-        // SAFETY: only the address of the field is taken.
-        Some(entry) => Some(unsafe { &raw mut (*entry).gate }),
-        None => REPORT_GATES.get_ptr_mut(connector),
-    };
-    if let Some(gate) = gate {
-        // SAFETY: a live map value.
-        unsafe { atomic::add32(&raw mut (*gate).unreported, held) };
+        report::<SCRATCH>(rejection, Some(gate), folded);
     }
 }
 
 /// Reports `held` refusals that the cache entry `cached` counted and that
-/// the daemon's sweep took: one report that stands for all of them, with
-/// the counts and caps of now.
+/// the daemon's sweep took: one report, marked a repeat, that stands for
+/// all of them, with the counts and caps of now. Whether it went onto the
+/// ring.
 #[inline(always)]
-pub fn report_held(cached: &CachedRefusal, held: u32) {
+pub fn report_held(cached: &CachedRefusal, held: u32) -> bool {
     let connector = cached.connector.wrapping_sub(1);
     let Some(config) = CONNECTORS.get(connector).copied() else {
-        return;
+        return true;
     };
     let source = SourceKey::from_words(
         connector,
@@ -123,7 +109,7 @@ pub fn report_held(cached: &CachedRefusal, held: u32) {
         cached.local_port,
         cached.remote_port,
     );
-    report(
+    report::<ON_STACK>(
         &Rejection {
             flow: &flow,
             source: &source,
@@ -139,12 +125,12 @@ pub fn report_held(cached: &CachedRefusal, held: u32) {
         },
         None,
         held - 1,
-    );
+    )
 }
 
 /// Whether a rejection is reported now, carrying how many rejections
 /// before it that no report carried; else it is counted into `gate` (see
-/// [`ReportGate`]).
+/// [`ReportGate`]), with the `carried` ones.
 #[inline(always)]
 fn through_gate(gate: *mut ReportGate, carried: u32) -> Option<u32> {
     // SAFETY: a helper without arguments; the coarse clock is a plain read
@@ -163,21 +149,57 @@ fn through_gate(gate: *mut ReportGate, carried: u32) -> Option<u32> {
     }
 }
 
-/// Puts a rejection on the event ring for the daemon. A full ring loses the
-/// report (counted), never the rejections: they go back into the gate.
-///
-/// The event is written into this CPU's scratch entry and copied from
-/// there onto the ring: the stack it would take is what the verifier's
-/// 512 bytes for the whole chain of calls cannot spare.
+/// Puts a rejection on the event ring for the daemon; whether it could. A
+/// full ring loses the report (counted), never the rejections: those of a
+/// gate go back into it.
 #[inline(always)]
-fn report(rejection: &Rejection, gate: Option<*mut ReportGate>, folded: u32) {
-    let Some(event) = REPORT_SCRATCH.get_ptr_mut(0) else {
-        return;
+fn report<const SCRATCH: bool>(
+    rejection: &Rejection,
+    gate: Option<*mut ReportGate>,
+    folded: u32,
+) -> bool {
+    let kind = match (gate, rejection.entry.is_null()) {
+        (None, _) => gate::NONE,
+        (Some(_), true) => gate::CONNECTOR,
+        (Some(_), false) => gate::SOURCE,
     };
+    let sent = if SCRATCH {
+        match REPORT_SCRATCH.get_ptr_mut(0) {
+            Some(event) => {
+                fill(event, rejection, kind, folded);
+                // SAFETY: this CPU's entry, just written whole.
+                EVENTS
+                    .output::<RejectionEvent>(unsafe { &*event }, 0)
+                    .is_ok()
+            }
+            None => false,
+        }
+    } else {
+        let mut event = core::mem::MaybeUninit::<RejectionEvent>::uninit();
+        fill(event.as_mut_ptr(), rejection, kind, folded);
+        // SAFETY: `fill` wrote every field (the type has no padding).
+        EVENTS
+            .output::<RejectionEvent>(unsafe { event.assume_init_ref() }, 0)
+            .is_ok()
+    };
+    if !sent {
+        bump(stat::GLOBAL_ROW, stat::EVENTS_LOST);
+        if let Some(gate) = gate {
+            // SAFETY: `gate` points into a live map value.
+            unsafe { atomic::add32(&raw mut (*gate).unreported, folded.saturating_add(1)) };
+        }
+    }
+    sent
+}
+
+/// Writes every field of the report of `rejection` into `event`.
+#[inline(always)]
+fn fill(event: *mut RejectionEvent, rejection: &Rejection, kind: u32, folded: u32) {
     let (flow, source, config) = (rejection.flow, rejection.source, rejection.config);
-    // SAFETY: this CPU's entry of a per-CPU array; the address fields are
-    // at multiples of four in a `#[repr(C)]` value (see limiter-common's
-    // layout test), so they take words.
+    // SAFETY: `event` points to a whole `RejectionEvent` (a map value or
+    // the caller's stack); its address fields are at multiples of four in
+    // a `#[repr(C)]` value (see limiter-common's layout test), so they take
+    // words.
     unsafe {
         (*event).time_ns = bpf_ktime_get_ns();
         (*event).connector = source.connector;
@@ -193,21 +215,9 @@ fn report(rejection: &Rejection, gate: Option<*mut ReportGate>, folded: u32) {
         *(&raw mut (*event).remote).cast::<Words>() = flow.remote_words();
         *(&raw mut (*event).local).cast::<Words>() = flow.local_words();
         (*event).folded = folded;
-        (*event).gate = match (gate, rejection.entry.is_null()) {
-            (None, _) => gate::NONE,
-            (Some(_), true) => gate::CONNECTOR,
-            (Some(_), false) => gate::SOURCE,
-        };
+        (*event).gate = kind;
         (*event).late = rejection.late as u32;
         (*event).repeat = rejection.repeat as u32;
-        if EVENTS.output::<RejectionEvent>(&*event, 0).is_ok() {
-            return;
-        }
-    }
-    bump(stat::GLOBAL_ROW, stat::EVENTS_LOST);
-    if let Some(gate) = gate {
-        // SAFETY: `gate` points into a live map value.
-        unsafe { atomic::add32(&raw mut (*gate).unreported, folded.saturating_add(1)) };
     }
 }
 

@@ -29,7 +29,7 @@ use crate::{
         source_key,
     },
     maps::{CONNECTORS, ESTABLISHED, SETTINGS, SYNS_SEEN, UNDECLARED_FORWARDS},
-    report::{Rejection, reject, request_reset},
+    report::{ON_STACK, Rejection, reject, request_reset},
 };
 
 const AF_INET: u32 = 2;
@@ -204,10 +204,6 @@ fn on_established(ctx: &SockOpsContext) {
 /// handshake just completed. Not inlined, for the stack (see above).
 #[inline(never)]
 fn judge_completed(ctx: &SockOpsContext, conn: &ConnKey, connector: u32) {
-    // A copy on this function's own stack: the 6.18 verifier trips over
-    // ("verifier bug: stack slot") map helpers handed a key in the
-    // caller's frame on some paths.
-    let conn = &core::hint::black_box(*conn);
     // An entry under this socket can only be a connection counted from the
     // socket table that has since closed: its count goes back.
     if let Some(stale) = claim(&ESTABLISHED, conn) {
@@ -237,7 +233,7 @@ fn judge_completed(ctx: &SockOpsContext, conn: &ConnKey, connector: u32) {
         bump(connector, stat::ADMITTED);
         return;
     }
-    reject(&Rejection {
+    reject::<ON_STACK>(&Rejection {
         flow: &conn.flow,
         source: &source,
         config,

@@ -471,7 +471,7 @@ async fn report_events(
                 if swept.elapsed() >= REFUSAL_SWEEP_INTERVAL {
                     swept = Instant::now();
                     let mut daemon = daemon.lock().expect("daemon lock");
-                    if let Err(e) = daemon.kernel.sweep_refusals() {
+                    if let Err(e) = daemon.kernel.sweep_refusals(SWEEP_REPORTS_AT_MOST) {
                         log::warn!("sweeping the refusal caches: {}", error_chain(&e));
                     }
                 }
@@ -513,6 +513,9 @@ async fn report_events(
 /// How often the refusal caches are swept: a refusal they counted is
 /// reported within two of these once its flood stops.
 const REFUSAL_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// Reports a sweep puts on the event ring at most (it holds about 2,300):
+/// what is left waits, claimed, for the next sweep.
+const SWEEP_REPORTS_AT_MOST: usize = 512;
 
 /// The gate a report went through: its kind and the source (for a
 /// connector's gate, only the connector).

@@ -172,9 +172,6 @@ pub struct Kernel {
     undeclared_forwards: HashMap<MapData, Endpoint, u32>,
     connector_names: Array<MapData, [u8; CONNECTOR_NAME_BYTES]>,
     refusals: PerCpuArray<MapData, CachedRefusal>,
-    /// The longest IPv6 remote range installed (address bits), for
-    /// `Settings::refusal_prefix_len`.
-    longest_ipv6_range: u32,
     sizes: TableSizes,
     pins: Option<PinDir>,
     /// Whether the maps were left by an earlier daemon (counts included).
@@ -274,7 +271,6 @@ impl Kernel {
             undeclared_forwards: take!(ebpf, names::UNDECLARED_FORWARDS),
             connector_names: take!(ebpf, names::CONNECTOR_NAMES),
             refusals: take!(ebpf, names::REFUSALS),
-            longest_ipv6_range: 0,
             sizes,
             ebpf,
             pins: pins.cloned(),
@@ -399,32 +395,79 @@ impl Kernel {
 
     /// Writes the global settings.
     pub fn set_settings(&mut self, config: &Config, netns_cookie: u64) -> Result<(), KernelError> {
-        let mut settings = self.current_settings()?;
-        settings.ipv6_prefix_len = config.ipv6_prefix_length as u32;
-        settings.netns_cookie = netns_cookie;
-        self.write_settings(settings)
+        self.change(|kernel| {
+            let mut settings = kernel.current_settings()?;
+            settings.ipv6_prefix_len = config.ipv6_prefix_length as u32;
+            settings.netns_cookie = netns_cookie;
+            kernel.write_settings(settings)
+        })
     }
 
-    fn current_settings(&self) -> Result<Settings, KernelError> {
+    /// The settings as the kernel holds them.
+    pub fn current_settings(&self) -> Result<Settings, KernelError> {
         self.settings.get(&0, 0).map_err(map_err(names::SETTINGS))
     }
 
-    /// Writes `settings` under the next configuration generation, after
-    /// whatever was written before it: refusals cached until now are no
-    /// answer any more (see `limiter_common::refusals`).
-    fn write_settings(&mut self, mut settings: Settings) -> Result<(), KernelError> {
-        settings.refusal_prefix_len =
-            refusals::key_prefix_len(settings.ipv6_prefix_len, self.longest_ipv6_range);
-        settings.generation = settings.generation.wrapping_add(1);
+    fn write_settings(&mut self, settings: Settings) -> Result<(), KernelError> {
         self.settings
             .set(0, settings, 0)
             .map_err(map_err(names::SETTINGS))
+    }
+
+    /// Runs `write`, a change to the connector tables or the settings, under
+    /// an odd configuration generation, and ends it under a new even one,
+    /// whether `write` succeeded or not: the XDP program neither caches a
+    /// refusal nor answers from its cache while a change is under way, nor
+    /// afterwards with a refusal from before it (see
+    /// `limiter_common::refusals`).
+    fn change<T>(
+        &mut self,
+        write: impl FnOnce(&mut Self) -> Result<T, KernelError>,
+    ) -> Result<T, KernelError> {
+        let mut settings = self.current_settings()?;
+        settings.generation = settings.generation.wrapping_add(1) | 1;
+        self.write_settings(settings)?;
+        let written = write(self);
+        let ended = self.end_change();
+        let value = written?;
+        ended?;
+        Ok(value)
+    }
+
+    /// The end of [`Kernel::change`]: the refusal cache's IPv6 prefix from
+    /// the ranges now in the kernel (those of an earlier daemon too, for one
+    /// that adopted its maps), written while the generation is still odd;
+    /// then the generation, alone, made even.
+    fn end_change(&mut self) -> Result<(), KernelError> {
+        let longest_ipv6_range = self
+            .ranges
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| !addr::is_ipv4(&key.data().remote))
+            .map(|key| key.prefix_len().saturating_sub(RANGE_KEY_BINDING_BITS))
+            .max()
+            .unwrap_or(0);
+        let mut settings = self.current_settings()?;
+        settings.refusal_prefix_len =
+            refusals::key_prefix_len(settings.ipv6_prefix_len, longest_ipv6_range);
+        self.write_settings(settings)?;
+        settings.generation = (settings.generation | 1).wrapping_add(1);
+        self.write_settings(settings)
     }
 
     /// Makes the kernel's connector tables match `config`, whose connector
     /// `i` has id `ids[i]`. New entries go in before stale ones go out, so a
     /// SYN in between meets either the old rule or the new one.
     pub fn install(
+        &mut self,
+        config: &Config,
+        ids: &[u32],
+        table: &SelectionTable,
+    ) -> Result<(), KernelError> {
+        self.change(|kernel| kernel.install_tables(config, ids, table))
+    }
+
+    fn install_tables(
         &mut self,
         config: &Config,
         ids: &[u32],
@@ -487,27 +530,21 @@ impl Kernel {
         for key in stale_ranges {
             self.ranges.remove(&key).map_err(map_err(names::RANGES))?;
         }
-        self.longest_ipv6_range = table
-            .ranges
-            .iter()
-            .filter(|e| !addr::is_ipv4(&e.key.remote))
-            .map(|e| e.prefix_len.saturating_sub(RANGE_KEY_BINDING_BITS))
-            .max()
-            .unwrap_or(0);
-        let settings = self.current_settings()?;
-        self.write_settings(settings)
+        Ok(())
     }
 
     /// Sweeps every CPU's refusal cache once (see
     /// `limiter_common::refusals::GATE_CLAIMED`): refusals a cache holds
     /// that no report carries are claimed, and those claimed a sweep ago
-    /// are reported. Returns how many it reported.
-    pub fn sweep_refusals(&mut self) -> Result<u64, KernelError> {
+    /// are reported, in at most `max_reports` reports (the rest wait for the
+    /// next sweep, so that a sweep never fills the event ring alone).
+    /// Returns how many refusals it reported.
+    pub fn sweep_refusals(&mut self, max_reports: usize) -> Result<u64, KernelError> {
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| KernelError::Cpus(e))? as u32;
-        let mut reported = 0u64;
+        let (mut reported, mut reports) = (0u64, 0usize);
         for cpu in 0..cpus {
             let mut first_slot = 0;
-            while first_slot < REFUSAL_SLOTS {
+            while first_slot < REFUSAL_SLOTS && reports < max_reports {
                 let mut request = source_request(
                     control::SWEEP_REFUSALS,
                     &SourceKey {
@@ -519,7 +556,10 @@ impl Kernel {
                 request.cpu = cpu;
                 request.first_slot = first_slot;
                 let answer = self.run_control_answer(request)?;
-                reported += u64::from(answer.result);
+                if answer.result > 0 {
+                    reported += u64::from(answer.result);
+                    reports += 1;
+                }
                 // The kernel always moves on; a stuck answer must not hang.
                 first_slot = answer.first_slot.max(first_slot + 1);
             }

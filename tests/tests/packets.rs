@@ -1010,9 +1010,9 @@ fn the_sweep_reports_what_the_cache_counted_once() {
     assert_eq!(l.held_by_cache(), 5);
     // The first sweep claims, the second (its CPU idle since) takes and
     // reports: one report standing for the five.
-    assert_eq!(l.kernel.sweep_refusals().unwrap(), 0);
+    assert_eq!(l.kernel.sweep_refusals(usize::MAX).unwrap(), 0);
     assert!(l.reports().is_empty());
-    assert_eq!(l.kernel.sweep_refusals().unwrap(), 5);
+    assert_eq!(l.kernel.sweep_refusals(usize::MAX).unwrap(), 5);
     let reports = l.reports();
     assert_eq!(reports.len(), 1, "{reports:?}");
     let report = &reports[0];
@@ -1033,19 +1033,163 @@ fn the_sweep_reports_what_the_cache_counted_once() {
         )
     );
     assert_eq!(l.held_by_cache(), 0);
-    assert_eq!(l.kernel.sweep_refusals().unwrap(), 0, "taken once");
+    assert_eq!(
+        l.kernel.sweep_refusals(usize::MAX).unwrap(),
+        0,
+        "taken once"
+    );
     // A claimed entry its CPU touches again is the CPU's to report: the
     // next SYN is judged exactly and carries what the entry held.
     for port in 9200..9203 {
         l.run(&Segment::syn(v4(11), port, SERVER, 25).build());
     }
     assert_eq!(l.held_by_cache(), 3);
-    assert_eq!(l.kernel.sweep_refusals().unwrap(), 0, "claimed");
+    assert_eq!(l.kernel.sweep_refusals(usize::MAX).unwrap(), 0, "claimed");
     assert_eq!(
         l.run(&Segment::syn(v4(11), 9300, SERVER, 25).build()),
         XDP_DROP
     );
     assert_eq!(l.held_by_cache(), 0, "taken by the exact judgement");
-    assert_eq!(l.kernel.sweep_refusals().unwrap(), 0);
-    assert_eq!(l.kernel.sweep_refusals().unwrap(), 0, "nothing twice");
+    assert_eq!(l.kernel.sweep_refusals(usize::MAX).unwrap(), 0);
+    assert_eq!(
+        l.kernel.sweep_refusals(usize::MAX).unwrap(),
+        0,
+        "nothing twice"
+    );
+}
+
+#[test]
+fn a_full_ring_keeps_what_the_sweep_could_not_report() {
+    on_one_cpu();
+    let mut l = load(CAP_ONE);
+    // Fill the event ring: one report each from 2,400 sources at their cap.
+    for i in 0..2_400u32 {
+        let source = Ipv4Addr::from(0x0a00_0000 + i);
+        l.hold(source, SERVER, 1);
+        l.run(&Segment::syn(source, 5000, SERVER, 25).build());
+    }
+    assert!(l.global(stat::EVENTS_LOST) > 0, "the ring is full");
+    l.hold(v4(12), SERVER, 1);
+    for port in 9400..9405 {
+        l.run(&Segment::syn(v4(12), port, SERVER, 25).build());
+    }
+    assert_eq!(l.held_by_cache(), 4);
+    // Claimed, then taken: the report finds the ring full, and the four go
+    // back, claimed, for the next sweep.
+    assert_eq!(l.kernel.sweep_refusals(usize::MAX).unwrap(), 0);
+    assert_eq!(l.kernel.sweep_refusals(usize::MAX).unwrap(), 0);
+    assert!(l.held_by_cache() >= 4, "{}", l.held_by_cache());
+    let held = l.held_by_cache();
+    l.reports();
+    assert_eq!(
+        l.kernel.sweep_refusals(usize::MAX).unwrap(),
+        u64::from(held)
+    );
+    let reports = l.reports();
+    assert_eq!(reports.iter().map(|r| r.folded + 1).sum::<u32>(), held);
+    assert!(reports.iter().all(|r| r.repeat == 1));
+}
+
+#[test]
+fn refusals_no_report_carries_are_never_evicted() {
+    on_one_cpu();
+    let mut l = load(CAP_ONE);
+    // Three sources whose keys share a set of the cache (two slots).
+    let prefix = l.kernel.current_settings().unwrap().refusal_prefix_len;
+    let key = |source: Ipv4Addr| {
+        let flow = FlowKey::from_words(
+            addr::to_words(&to_addr(SERVER.into())),
+            addr::to_words(&to_addr(source.into())),
+            25,
+            1,
+        );
+        refusals::RefusalKey::of(&flow, prefix)
+    };
+    let mut by_set: std::collections::HashMap<u32, Vec<Ipv4Addr>> = Default::default();
+    let sources = (0..100_000u32)
+        .map(|i| Ipv4Addr::from(0x0b00_0000 + i))
+        .find_map(|source| {
+            let set = by_set.entry(key(source).first_slot()).or_default();
+            set.push(source);
+            (set.len() == 3).then(|| set.clone())
+        })
+        .expect("three keys in one set");
+    let [a, b, c] = [sources[0], sources[1], sources[2]];
+    for source in [a, b, c] {
+        l.hold(source, SERVER, 1);
+    }
+    let refuse = |l: &Loaded, source: Ipv4Addr, port: u16| {
+        assert_eq!(
+            l.run(&Segment::syn(source, port, SERVER, 25).build()),
+            XDP_DROP
+        )
+    };
+    let held_by = |l: &Loaded, source: Ipv4Addr| {
+        l.cached()
+            .into_iter()
+            .find(|e| e.remote == key(source).remote)
+            .map(|e| refusals::gate_count(e.gate))
+    };
+    // a holds two unreported refusals, b none: c takes b's slot.
+    for port in 1..=3 {
+        refuse(&l, a, port);
+    }
+    refuse(&l, b, 1);
+    refuse(&l, c, 1);
+    assert_eq!(
+        (held_by(&l, a), held_by(&l, b), held_by(&l, c)),
+        (Some(2), None, Some(0))
+    );
+    // Now both slots hold refusals no report carries: b is judged exactly
+    // each time, and remembered nowhere.
+    refuse(&l, c, 2);
+    refuse(&l, b, 2);
+    refuse(&l, b, 3);
+    assert_eq!(
+        (held_by(&l, a), held_by(&l, b), held_by(&l, c)),
+        (Some(2), None, Some(1))
+    );
+    assert_eq!(l.counter(0, stat::REJECTED_PER_SOURCE), 8);
+}
+
+#[test]
+fn an_adopting_daemon_keys_the_cache_by_the_ranges_it_finds() {
+    let fs = limiter_tests::bpffs::BpfFs::new();
+    let pins = limiter::pins::PinDir::open(fs.path()).unwrap();
+    let config = Config::parse(
+        &format!(
+            "ipv6_prefix_length = 64\n{CAP_ONE}\
+             [[connector]]\nname = \"One host\"\nbindings = [\"[::]:25\"]\n\
+             remote_ip_ranges = [\"2001:db8:7:7::/120\"]\n"
+        ),
+        "t.toml",
+    )
+    .unwrap();
+    let sizes = TableSizes {
+        sources: 4096,
+        established: 4096,
+    };
+    let table = SelectionTable::build(&config);
+    {
+        let mut first = Kernel::load(sizes, Some(&pins)).unwrap();
+        first.set_settings(&config, 0).unwrap();
+        first.install(&config, &[0, 1], &table).unwrap();
+        assert_eq!(first.current_settings().unwrap().refusal_prefix_len, 120);
+    }
+    // The next daemon adopts the maps, and writes its settings before it
+    // installs its tables: the ranges it found count already.
+    let mut next = Kernel::load(sizes, Some(&pins)).unwrap();
+    assert!(next.adopted());
+    let before = next.current_settings().unwrap().generation;
+    next.set_settings(&config, 0).unwrap();
+    let settings = next.current_settings().unwrap();
+    assert_eq!(settings.refusal_prefix_len, 120);
+    assert_eq!(
+        settings.generation,
+        before + 2,
+        "odd while written, then even"
+    );
+    assert!(refusals::generation_is_stable(settings.generation));
+    drop(next);
+    let _ = pins.remove();
 }
