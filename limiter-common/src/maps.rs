@@ -75,8 +75,18 @@ pub mod names {
     /// `PerCpuArray`, one entry: where the XDP program keeps a refused
     /// SYN's header layout while it judges it. Not pinned.
     pub const REPLY_SCRATCH: &str = "REPLY_SCRATCH";
+    /// `LruHashMap<FlowKey, ReplyMark>`: SYNs refused with action `reply`.
+    pub const REPLY_FLOWS: &str = "REPLY_FLOWS";
+    /// `SockMap`: the responder's listening sockets (see
+    /// [`super::responder`]). Not pinned: they are the daemon's.
+    pub const RESPONDERS: &str = "RESPONDERS";
+    /// `PerCpuArray<ReplyBudget>`, a slot per refusal cache set. Not pinned.
+    pub const REPLY_BUDGETS: &str = "REPLY_BUDGETS";
+    /// `Array<u64>`, one entry: when the daemon's responder last said it
+    /// answers (`CLOCK_MONOTONIC` ns). Not pinned.
+    pub const REPLY_ALIVE: &str = "REPLY_ALIVE";
     /// Every map that is pinned, in the order they are pinned.
-    pub const ALL: [&str; 18] = [
+    pub const ALL: [&str; 19] = [
         SETTINGS,
         BOUND_PORTS,
         SPECIFIC_PORTS,
@@ -95,6 +105,7 @@ pub mod names {
         UNDECLARED_FORWARDS,
         CONNECTOR_NAMES,
         RELEASE_STAMPS,
+        REPLY_FLOWS,
     ];
 }
 
@@ -111,6 +122,9 @@ pub mod programs {
     /// with a [`super::Control`] request as its frame, to change counts
     /// atomically.
     pub const CONTROL: &str = "control";
+    /// sk_lookup, in the daemon's network namespace: hands a SYN refused
+    /// with action `reply` to the daemon's responder.
+    pub const STEER: &str = "steer";
 }
 
 /// Connector ids are indices below this.
@@ -330,6 +344,55 @@ pub mod action {
     pub const RESET: u32 = 1;
     /// Admit it, but count and report it as if rejected.
     pub const MONITOR: u32 = 2;
+    /// Answer it as Exchange does: the daemon's responder completes the
+    /// handshake, writes one `421 4.3.2` line and closes.
+    pub const REPLY: u32 = 3;
+}
+
+/// A SYN refused with action `reply`, marked by the XDP program for the
+/// `steer` program, which hands it to the daemon's responder instead of the
+/// mail server. Keyed by the SYN's [`FlowKey`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplyMark {
+    /// `bpf_ktime_get_ns()` when the SYN was refused: a mark older than
+    /// [`REPLY_MARK_TTL_NS`] steers nothing (its handshake is long over,
+    /// and the 4-tuple may be a new connection's).
+    pub time_ns: u64,
+    pub connector: u32,
+    /// The rule that refused it (a `Rule` as u32): its wording.
+    pub rule: u32,
+    /// Set by `steer` once it handed the SYN to a responder: only then is
+    /// the completed handshake the responder's, not the mail server's
+    /// (without a responder the SYN reaches the server and counts).
+    pub steered: u32,
+    pub _pad: u32,
+}
+
+/// How long a reply mark steers: the SYN's retransmissions, and the ACK
+/// that completes a handshake answered with a SYN cookie.
+pub const REPLY_MARK_TTL_NS: u64 = 10_000_000_000;
+/// Entries of `REPLY_FLOWS`.
+pub const MAX_REPLY_FLOWS: u32 = 4096;
+/// Replies a CPU makes a second for the keys of one set of its refusal
+/// cache; SYNs beyond are dropped (and counted).
+pub const REPLIES_PER_SECOND: u32 = 4;
+/// Where each CPU counts its replies, per set of its refusal cache.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReplyBudget {
+    /// `bpf_ktime_get_coarse_ns()` when the current second began.
+    pub since_ns: u64,
+    pub replies: u32,
+    pub _pad: u32,
+}
+/// A responder silent for longer than this is taken for gone: SYNs it
+/// would have answered are dropped.
+pub const REPLY_ALIVE_NS: u64 = 3_000_000_000;
+/// `RESPONDERS` indices: the responder's listening sockets.
+pub mod responder {
+    pub const IPV4: u32 = 0;
+    pub const IPV6: u32 = 1;
 }
 
 /// A connector as the kernel sees it.
@@ -532,8 +595,12 @@ pub mod stat {
     /// although no callback had released them (zero unless the daemon or
     /// the sock_ops program was away).
     pub const RECONCILED: u32 = 11;
+    /// SYNs refused with action `reply` and handed to the responder.
+    pub const REPLIED: u32 = 12;
+    /// SYNs refused with action `reply` beyond the replies a second, dropped.
+    pub const REPLY_GATED: u32 = 13;
     /// Counters per row.
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 14;
     /// The row for what belongs to no connector.
     pub const GLOBAL_ROW: u32 = MAX_CONNECTORS;
     /// Global: SYNs to a bound port that the program could not read whole
@@ -702,6 +769,8 @@ mod pod {
     unsafe impl aya::Pod for super::ConnKey {}
     unsafe impl aya::Pod for super::Endpoint {}
     unsafe impl aya::Pod for crate::refusals::CachedRefusal {}
+    unsafe impl aya::Pod for super::ReplyMark {}
+    unsafe impl aya::Pod for super::ReplyBudget {}
 }
 
 #[cfg(test)]
@@ -713,6 +782,8 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<Settings>(), 24);
+        assert_eq!(size_of::<ReplyMark>(), 24);
+        assert_eq!(size_of::<ReplyBudget>(), 16);
         assert_eq!(size_of::<crate::refusals::CachedRefusal>(), 64);
         assert_eq!(
             core::mem::offset_of!(crate::refusals::CachedRefusal, gate),

@@ -3,10 +3,17 @@
 //! else passes: a SYN that passes is judged again, and counted, by the
 //! sock_ops program when its handshake completes (see `track`).
 
-use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action,
+    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
+    programs::XdpContext,
+};
 use limiter_common::{
     Limits, Rule,
-    maps::{FlowKey, SynSeen, action, stat, syn_seen_slot},
+    maps::{
+        FlowKey, REPLIES_PER_SECOND, REPLY_ALIVE_NS, ReplyMark, SynSeen, action, stat,
+        syn_seen_slot,
+    },
     refusals::{self, CachedRefusal, REFUSAL_WAYS, RefusalKey},
 };
 
@@ -14,8 +21,8 @@ use crate::{
     atomic,
     count::{bump, connector_live, connector_state, select_connector, source_key},
     maps::{
-        CONNECTORS, REFUSALS, RELEASE_STAMPS, REPLY_SCRATCH, SETTINGS, SOURCE_LIVE, STATS,
-        SYNS_SEEN,
+        CONNECTORS, REFUSALS, RELEASE_STAMPS, REPLY_ALIVE, REPLY_BUDGETS, REPLY_FLOWS,
+        REPLY_SCRATCH, SETTINGS, SOURCE_LIVE, STATS, SYNS_SEEN,
     },
     parse::{self, LinkLayer, Packet, ReplyLayout},
     report::{IN_SCRATCH, Rejection, reject, rejected_counter},
@@ -30,6 +37,8 @@ enum Verdict {
     Reset,
     /// Not in the refusal cache: to be judged on the counts.
     Judge,
+    /// Refused from the cache with action `reply` (see [`reply`]).
+    Reply,
 }
 
 #[inline(always)]
@@ -67,7 +76,7 @@ pub fn run(ctx: &XdpContext, link: LinkLayer) -> u32 {
 fn action_of(verdict: Verdict) -> u32 {
     match verdict {
         Verdict::Pass | Verdict::Judge => xdp_action::XDP_PASS,
-        Verdict::Drop | Verdict::Reset => xdp_action::XDP_DROP,
+        Verdict::Drop | Verdict::Reset | Verdict::Reply => xdp_action::XDP_DROP,
     }
 }
 
@@ -122,7 +131,14 @@ fn from_cache(flow: &FlowKey) -> Verdict {
         if let Some(entry) = REFUSALS.get_ptr_mut(first + way) {
             // SAFETY: this CPU's slot of a per-CPU array.
             if unsafe { (*entry).holds(&key) } {
-                return cached_verdict(entry, generation).unwrap_or(Verdict::Judge);
+                return match cached_verdict(entry, generation) {
+                    // SAFETY: as above.
+                    Some(Verdict::Reply) => unsafe {
+                        reply(flow, (*entry).connector - 1, (*entry).rule as u32)
+                    },
+                    Some(verdict) => verdict,
+                    None => Verdict::Judge,
+                };
             }
         }
         way += 1;
@@ -169,10 +185,10 @@ fn cached_verdict(entry: *mut CachedRefusal, generation: u32) -> Option<Verdict>
             (*entry).connector - 1,
             rejected_counter(Rule::from_raw((*entry).rule as u32).unwrap_or(Rule::PerSource)),
         );
-        Some(if (*entry).action as u32 == action::RESET {
-            Verdict::Reset
-        } else {
-            Verdict::Drop
+        Some(match (*entry).action as u32 {
+            action::RESET => Verdict::Reset,
+            action::REPLY => Verdict::Reply,
+            _ => Verdict::Drop,
         })
     }
 }
@@ -298,11 +314,58 @@ fn judge(flow: &FlowKey) -> Verdict {
         late: false,
         repeat: false,
     });
-    if config.action == action::RESET {
-        Verdict::Reset
-    } else {
-        Verdict::Drop
+    match config.action {
+        action::RESET => Verdict::Reset,
+        action::REPLY => reply(flow, connector, evaluation.rule as u32),
+        _ => Verdict::Drop,
     }
+}
+
+/// A SYN refused with action `reply`: marked for the `steer` program, which
+/// hands it to the daemon's responder, and passed on; unless this CPU has
+/// made its replies for the key's cache set this second (a flood costs a
+/// handshake per reply), then dropped. Both counted.
+#[inline(never)]
+fn reply(flow: &FlowKey, connector: u32, rule: u32) -> Verdict {
+    let set = cache_key(flow).1.first_slot() / REFUSAL_WAYS;
+    let Some(budget) = REPLY_BUDGETS.get_ptr_mut(set) else {
+        return Verdict::Drop;
+    };
+    // SAFETY: a helper without arguments; this CPU's slot of a per-CPU
+    // array, which only this CPU's XDP program writes.
+    unsafe {
+        let now = bpf_ktime_get_coarse_ns();
+        // No responder said it answers lately (the daemon is gone): drop.
+        let alive = REPLY_ALIVE.get(0).copied().unwrap_or(0);
+        // (The coarse clock may lag the daemon's reading: never "gone" then.)
+        if now.saturating_sub(alive) > REPLY_ALIVE_NS {
+            bump(connector, stat::REPLY_GATED);
+            return Verdict::Drop;
+        }
+        if now.wrapping_sub((*budget).since_ns) >= 1_000_000_000 {
+            (*budget).since_ns = now;
+            (*budget).replies = 0;
+        }
+        if (*budget).replies >= REPLIES_PER_SECOND {
+            bump(connector, stat::REPLY_GATED);
+            return Verdict::Drop;
+        }
+        (*budget).replies += 1;
+    }
+    let mark = ReplyMark {
+        // SAFETY: a helper without arguments.
+        time_ns: unsafe { bpf_ktime_get_ns() },
+        connector,
+        rule,
+        steered: 0,
+        _pad: 0,
+    };
+    if REPLY_FLOWS.insert(flow, &mark, 0).is_err() {
+        bump(connector, stat::REPLY_GATED);
+        return Verdict::Drop;
+    }
+    bump(connector, stat::REPLIED);
+    Verdict::Pass
 }
 
 #[inline(always)]

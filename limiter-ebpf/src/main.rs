@@ -7,6 +7,8 @@
 //!   completes, under the connector's lock, and counts it until the
 //!   server's socket closes; over a cap, it has the daemon reset it
 //!   ([`track`]).
+//! - `steer` (sk_lookup) hands a SYN refused with action `reply` to the
+//!   daemon's responder, which answers it with a 421 line ([`steer`]).
 //! - `control` (XDP, never attached) is run by the daemon to count
 //!   connections that predate it and to keep its tables tidy ([`control`]).
 #![no_std]
@@ -22,13 +24,22 @@ mod maps;
 mod parse;
 mod report;
 mod reset;
+mod steer;
 mod track;
 
 use aya_ebpf::{
-    macros::{sock_ops, xdp},
-    programs::{SockOpsContext, XdpContext},
+    macros::{sk_lookup, sock_ops, xdp},
+    programs::{SkLookupContext, SockOpsContext, XdpContext},
 };
 use parse::LinkLayer;
+
+/// One load from a program's context, at the field's own offset: the
+/// verifier refuses a context pointer the compiler offset by a variable.
+#[inline(always)]
+pub(crate) unsafe fn read_ctx(field: *const u32) -> u32 {
+    // SAFETY: the caller passes a field of the context.
+    unsafe { core::ptr::read_volatile(field) }
+}
 
 #[xdp]
 pub fn admit(ctx: XdpContext) -> u32 {
@@ -44,6 +55,11 @@ pub fn admit_l3(ctx: XdpContext) -> u32 {
 pub fn track(ctx: SockOpsContext) -> u32 {
     track::run(&ctx);
     1
+}
+
+#[sk_lookup]
+pub fn steer(ctx: SkLookupContext) -> u32 {
+    steer::run(&ctx)
 }
 
 #[xdp]

@@ -4,7 +4,7 @@
 use aya_ebpf::{
     btf_maps,
     macros::{btf_map, map},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockMap},
 };
 use limiter_common::maps::{
     BOUND_PORT_WORDS, BindingKey, CONNECTOR_NAME_BYTES, ConnKey, ConnectorConfig, ConnectorState,
@@ -13,7 +13,8 @@ use limiter_common::maps::{
     RejectionEvent, ReportGate, ResetRequest, SYNS_SEEN_SLOTS, Settings, SourceCount, SourceKey,
     SynSeen, stat,
 };
-use limiter_common::refusals::{CachedRefusal, REFUSAL_SLOTS, RELEASE_STAMPS_LEN};
+use limiter_common::maps::{FlowKey, MAX_REPLY_FLOWS, ReplyBudget, ReplyMark};
+use limiter_common::refusals::{CachedRefusal, REFUSAL_SETS, REFUSAL_SLOTS, RELEASE_STAMPS_LEN};
 
 use crate::parse::ReplyLayout;
 
@@ -84,6 +85,19 @@ pub static REPLY_SCRATCH: PerCpuArray<ReplyLayout> = PerCpuArray::with_max_entri
 
 #[map(name = "RELEASE_STAMPS")]
 pub static RELEASE_STAMPS: Array<u32> = Array::with_max_entries(RELEASE_STAMPS_LEN, 0);
+
+#[map(name = "REPLY_FLOWS")]
+pub static REPLY_FLOWS: LruHashMap<FlowKey, ReplyMark> =
+    LruHashMap::with_max_entries(MAX_REPLY_FLOWS, 0);
+
+#[map(name = "RESPONDERS")]
+pub static RESPONDERS: SockMap = SockMap::with_max_entries(2, 0);
+
+#[map(name = "REPLY_ALIVE")]
+pub static REPLY_ALIVE: Array<u64> = Array::with_max_entries(1, 0);
+
+#[map(name = "REPLY_BUDGETS")]
+pub static REPLY_BUDGETS: PerCpuArray<ReplyBudget> = PerCpuArray::with_max_entries(REFUSAL_SETS, 0);
 
 /// Only the daemon uses it (see `limiter_common::maps::names`); defined here
 /// so that it is created and pinned with the others.

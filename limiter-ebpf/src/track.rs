@@ -28,7 +28,8 @@ use crate::{
         bump, judge_and_count, port_is_bound, release, select_connector, select_forwarded,
         source_key,
     },
-    maps::{CONNECTORS, ESTABLISHED, SETTINGS, SYNS_SEEN, UNDECLARED_FORWARDS},
+    maps::{CONNECTORS, ESTABLISHED, REPLY_FLOWS, SETTINGS, SYNS_SEEN, UNDECLARED_FORWARDS},
+    read_ctx,
     report::{ON_STACK, Rejection, reject, request_reset},
 };
 
@@ -96,13 +97,6 @@ fn socket_flow(ctx: &SockOpsContext) -> Option<FlowKey> {
         local_port as u16,
         u32::from_be(remote_port) as u16,
     ))
-}
-
-/// One load from the context.
-#[inline(always)]
-unsafe fn read_ctx(field: *const u32) -> u32 {
-    // SAFETY: the caller passes a field of the context.
-    unsafe { core::ptr::read_volatile(field) }
 }
 
 #[inline(always)]
@@ -194,6 +188,16 @@ fn on_established(ctx: &SockOpsContext) {
     let Some(flow) = socket_flow(ctx) else {
         return;
     };
+    // A handshake the responder completed for a SYN refused with action
+    // `reply` (when its socket is in the tracked cgroup): not a
+    // connection to count.
+    // SAFETY: a map value, read at once.
+    if REPLY_FLOWS
+        .get_ptr(&flow)
+        .is_some_and(|mark| unsafe { (*mark).steered } != 0)
+    {
+        return;
+    }
     let conn = conn_key(ctx, &flow);
     if let Some(connector) = connector_of(&conn) {
         judge_completed(ctx, &conn, connector);

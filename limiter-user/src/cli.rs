@@ -149,9 +149,12 @@ struct Settings {
     /// 1 to 100 (100 turns the rule off).
     #[arg(long, value_name = "1..100")]
     max_inbound_connection_percentage_per_source: Option<String>,
-    /// drop, reset or monitor.
+    /// drop, reset, monitor or reply.
     #[arg(long)]
     action: Option<String>,
+    /// With action reply: the line the sender gets ("421 ...").
+    #[arg(long, value_name = "TEXT")]
+    reply_text: Option<String>,
 }
 
 impl From<Settings> for ConnectorChanges {
@@ -167,6 +170,7 @@ impl From<Settings> for ConnectorChanges {
             max_inbound_connection_percentage_per_source: s
                 .max_inbound_connection_percentage_per_source,
             action: s.action,
+            reply_text: s.reply_text,
         }
     }
 }
@@ -567,6 +571,9 @@ fn print_connector(c: &ConnectorStatus) {
         c.max_inbound_connection_percentage_per_source
     );
     println!("Action                                    : {}", c.action);
+    if let Some(text) = &c.reply_text {
+        println!("ReplyText                                 : {text}");
+    }
     println!("LiveConnections                           : {}", c.live);
 }
 
@@ -650,6 +657,8 @@ fn print_stats(s: &StatsReport) {
             c.rejected_percentage.to_string(),
             c.rejected_late.to_string(),
             c.rejected_table_full.to_string(),
+            c.replied.to_string(),
+            c.reply_dropped.to_string(),
             c.closed.to_string(),
         ]
     };
@@ -669,6 +678,8 @@ fn print_stats(s: &StatsReport) {
             "PERCENTAGE",
             "OF THEM LATE",
             "TABLE FULL",
+            "REPLIED",
+            "REPLY DROPPED",
             "CLOSED",
         ],
         &rows,

@@ -49,6 +49,29 @@ pub struct Connector {
     pub remote_ip_ranges: Vec<IpRange>,
     pub limits: Limits,
     pub action: Action,
+    /// With action `reply`, the line the sender gets (CRLF added).
+    pub reply_text: String,
+}
+
+/// Exchange's answer to a sender over one of these limits.
+pub const EXCHANGE_REPLY: &str = "421 4.3.2 The maximum number of concurrent connections has exceeded a limit, closing transmission channel";
+/// The longest `reply_text` (RFC 5321's limit on a reply line, CRLF left
+/// out).
+const MAX_REPLY_TEXT: usize = 510;
+
+/// A `reply_text` as the sender may get it: a 421 line of printable ASCII.
+fn check_reply_text(text: &str) -> Result<(), String> {
+    if !text.starts_with("421 ") {
+        return Err(format!(
+            "reply_text {text:?} must start with \"421 \" (a transient refusal: the sender retries)"
+        ));
+    }
+    if text.len() > MAX_REPLY_TEXT || !text.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return Err(format!(
+            "reply_text {text:?} must be one line of printable ASCII, at most {MAX_REPLY_TEXT} characters"
+        ));
+    }
+    Ok(())
 }
 
 /// A local `IP:port`; `0.0.0.0` and `::` stand for any local address of the
@@ -109,6 +132,8 @@ pub enum Action {
     Reset,
     /// Admit it, but count and report it.
     Monitor,
+    /// Answer it as Exchange does: a `421 4.3.2` line, then close.
+    Reply,
 }
 
 impl Action {
@@ -117,6 +142,7 @@ impl Action {
             Action::Drop => "drop",
             Action::Reset => "reset",
             Action::Monitor => "monitor",
+            Action::Reply => "reply",
         }
     }
 
@@ -126,6 +152,7 @@ impl Action {
             Action::Drop => action::DROP,
             Action::Reset => action::RESET,
             Action::Monitor => action::MONITOR,
+            Action::Reply => action::REPLY,
         }
     }
 }
@@ -138,7 +165,8 @@ impl FromStr for Action {
             "drop" => Ok(Action::Drop),
             "reset" => Ok(Action::Reset),
             "monitor" => Ok(Action::Monitor),
-            _ => Err(format!("action {s:?} is not drop, reset or monitor")),
+            "reply" => Ok(Action::Reply),
+            _ => Err(format!("action {s:?} is not drop, reset, monitor or reply")),
         }
     }
 }
@@ -271,6 +299,7 @@ pub struct RawConnector {
     pub max_inbound_connection_per_source: Option<toml::Value>,
     pub max_inbound_connection_percentage_per_source: Option<toml::Value>,
     pub action: Option<String>,
+    pub reply_text: Option<String>,
 }
 
 impl Config {
@@ -289,6 +318,7 @@ impl Config {
                 remote_ip_ranges: vec![IpRange::everything(true), IpRange::everything(false)],
                 limits: Limits::EXCHANGE_DEFAULT,
                 action: Action::Drop,
+                reply_text: EXCHANGE_REPLY.to_string(),
             }],
         }
     }
@@ -591,6 +621,11 @@ impl Connector {
             None => Action::Drop,
             Some(a) => a.parse()?,
         };
+        let reply_text = rc
+            .reply_text
+            .clone()
+            .unwrap_or_else(|| EXCHANGE_REPLY.to_string());
+        check_reply_text(&reply_text)?;
         Ok(Connector {
             name,
             bindings,
@@ -598,6 +633,7 @@ impl Connector {
             remote_ip_ranges,
             limits,
             action,
+            reply_text,
         })
     }
 }

@@ -118,6 +118,9 @@ pub struct ConnectorStatus {
     pub max_inbound_connection_per_source: serde_json::Value,
     pub max_inbound_connection_percentage_per_source: u32,
     pub action: String,
+    /// With action reply: the line the sender gets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_text: Option<String>,
     pub live: u32,
 }
 

@@ -29,12 +29,15 @@ use crate::{
     control::{ConnectorStatus, InterfaceStatus, Reply, Request, Status},
     edit::ConfigDocument,
     events::{Event, EventHub, Folder, SyslogSink},
-    kernel::{AttachedMode, Kernel, LinkLayer, TableSizes, XdpModeRequest, error_chain},
+    kernel::{
+        AttachedMode, Kernel, LinkLayer, TableSizes, XdpModeRequest, error_chain, monotonic_ns,
+    },
     metrics, netns, notify,
     pins::PinDir,
     preflight::{self, Bpffs},
     report::{self, Connectors, limit_json},
     resets::Resetter,
+    responder::{self, Replies},
     selection::{SelectionTable, from_addr},
     sockdiag,
 };
@@ -115,6 +118,11 @@ struct Daemon {
     warned_untracked: bool,
     last_source_gc: Instant,
     last_reconcile: Instant,
+    /// The responder of action `reply`, once a connector uses it.
+    replies: Option<Arc<Replies>>,
+    /// Why the responder could not start (said once; connectors with
+    /// action reply drop instead).
+    replies_unavailable: Option<String>,
 }
 
 /// What a start made before the kernel's own undo list: undone if the
@@ -347,6 +355,7 @@ struct StartParts {
     /// Flows counted from the socket table.
     seeded: HashSet<FlowKey>,
     resetter: Arc<Resetter>,
+    replies: Result<Option<Arc<Replies>>, String>,
 }
 
 fn attach_and_count(
@@ -380,7 +389,15 @@ fn attach_and_count(
     kernel
         .set_settings(config, netns_cookie)
         .map_err(|e| anyhow!(error_chain(&e)))?;
+    let replies = if uses_replies(config) {
+        start_replies(kernel).map(Some)
+    } else {
+        Ok(None)
+    };
     install(kernel, config, &ids, &table)?;
+    if let Ok(Some(replies)) = &replies {
+        replies.set_texts(config, &ids);
+    }
     // sock_ops first: from then on every completed handshake is judged and
     // counted, so the reconciliation below misses nothing.
     kernel
@@ -414,7 +431,11 @@ fn attach_and_count(
         }
     }
     let ports: HashSet<u16> = table.ports.iter().copied().collect();
-    let (reconciled, seeded) = reconcile(kernel, &ports, netns_cookie)?;
+    let responder_flows = match &replies {
+        Ok(Some(replies)) => replies.steered(),
+        _ => HashSet::new(),
+    };
+    let (reconciled, seeded) = reconcile(kernel, &ports, &responder_flows, netns_cookie)?;
     Ok(StartParts {
         loaded,
         ids,
@@ -423,7 +444,63 @@ fn attach_and_count(
         reconciled,
         seeded,
         resetter,
+        replies,
     })
+}
+
+fn uses_replies(config: &Config) -> bool {
+    config
+        .connectors
+        .iter()
+        .any(|c| c.action == crate::config::Action::Reply)
+}
+
+/// Starts the responder of action `reply`: its listening sockets, the
+/// `steer` program that hands it refused SYNs, and its tasks.
+fn start_replies(kernel: &mut Kernel) -> Result<Arc<Replies>, String> {
+    let (ipv4, ipv6) =
+        responder::listen().map_err(|e| format!("listening on loopback for the responder: {e}"))?;
+    kernel.start_replies(&ipv4, ipv6.as_ref()).map_err(|e| {
+        format!(
+            "handing refused SYNs to a responder needs sk_lookup (Linux 5.9+): {}",
+            error_chain(&e)
+        )
+    })?;
+    let flows = kernel
+        .take_reply_flows()
+        .ok_or("the map of reply marks is already taken")?;
+    let replies = Arc::new(Replies::new(flows));
+    for listener in std::iter::once(ipv4).chain(ipv6) {
+        let replies = replies.clone();
+        tokio::spawn(async move {
+            if let Err(e) = responder::serve(listener, replies).await {
+                log::error!("the responder stopped: {e:#}");
+            }
+        });
+    }
+    log::info!("action reply: refused senders get the connector's 421 line");
+    Ok(replies)
+}
+
+/// Says what action `reply` cannot do for this config.
+fn warn_about_replies(config: &Config, unavailable: Option<&str>) {
+    for c in config
+        .connectors
+        .iter()
+        .filter(|c| c.action == crate::config::Action::Reply)
+    {
+        if let Some(why) = unavailable {
+            log::warn!(
+                "connector {:?}: action reply is not available ({why}): its refused SYNs are dropped instead",
+                c.name
+            );
+        } else if !c.forwarded_to.is_empty() {
+            log::warn!(
+                "connector {:?}: action reply answers SYNs to this host's own sockets; a SYN that NAT forwards (forwarded_to) reaches the server and, over a cap, is reset when its handshake completes",
+                c.name
+            );
+        }
+    }
 }
 
 /// Reads the kernel's rejection reports: each goes to `limiter events`
@@ -739,17 +816,6 @@ fn in_group(pid: Option<i32>, gid: u32, group: u32) -> bool {
         })
 }
 
-/// `bpf_ktime_get_ns()` now.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid out-parameter.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 async fn sweep_forever(daemon: Arc<Mutex<Daemon>>) -> anyhow::Result<()> {
     let mut ticker = tokio::time::interval(SWEEP_EVERY);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -830,13 +896,11 @@ async fn reset_connections(
 fn reconcile(
     kernel: &mut Kernel,
     ports: &HashSet<u16>,
+    responder_flows: &HashSet<FlowKey>,
     netns: u64,
 ) -> anyhow::Result<((usize, usize), HashSet<FlowKey>)> {
     let counted_before = kernel.established_in(netns);
-    let held: HashSet<FlowKey> = sockdiag::held_connections(ports)
-        .context("reading the socket table")?
-        .into_iter()
-        .collect();
+    let held = held_by_servers(ports, responder_flows)?;
     let mut released = 0;
     for (flow, _) in counted_before.iter().filter(|(f, _)| !held.contains(f)) {
         if kernel
@@ -877,6 +941,18 @@ fn reconcile(
     Ok(((released, counted), seeded))
 }
 
+/// The connections servers hold on `ports`, the responder's left out.
+fn held_by_servers(
+    ports: &HashSet<u16>,
+    responder_flows: &HashSet<FlowKey>,
+) -> anyhow::Result<HashSet<FlowKey>> {
+    Ok(sockdiag::held_connections(ports)
+        .context("reading the socket table")?
+        .into_iter()
+        .filter(|flow| !responder_flows.contains(flow))
+        .collect())
+}
+
 impl Daemon {
     fn new(kernel: Kernel, parts: StartParts, cgroup: PathBuf, netns_cookie: u64) -> Daemon {
         let StartParts {
@@ -887,7 +963,13 @@ impl Daemon {
             reconciled,
             seeded,
             resetter,
+            replies,
         } = parts;
+        let (replies, replies_unavailable) = match replies {
+            Ok(replies) => (replies, None),
+            Err(why) => (None, Some(why)),
+        };
+        warn_about_replies(&loaded.config, replies_unavailable.as_deref());
         let daemon = Daemon {
             kernel,
             config: loaded.config,
@@ -909,6 +991,8 @@ impl Daemon {
             warned_untracked: false,
             last_source_gc: Instant::now(),
             last_reconcile: Instant::now(),
+            replies,
+            replies_unavailable,
         };
         let (released, counted) = reconciled;
         log::info!(
@@ -944,10 +1028,13 @@ impl Daemon {
             }
         }
         self.warn_about_undeclared_forwards();
-        let held: HashSet<FlowKey> = sockdiag::held_connections(&self.bound_ports())
-            .context("reading the socket table")?
-            .into_iter()
-            .collect();
+        if self.kernel.replies() {
+            self.kernel
+                .responders_alive()
+                .map_err(|e| anyhow!(error_chain(&e)))?;
+        }
+        let responder_flows = self.responder_flows();
+        let held = held_by_servers(&self.bound_ports(), &responder_flows)?;
         let counted: HashMap<FlowKey, u32> = self
             .kernel
             .established_in(self.netns_cookie)
@@ -1003,8 +1090,12 @@ impl Daemon {
         self.uncounted = uncounted;
         if self.last_reconcile.elapsed() >= RECONCILE_EVERY {
             let ports = self.bound_ports();
-            let ((released, counted), seeded) =
-                reconcile(&mut self.kernel, &ports, self.netns_cookie)?;
+            let ((released, counted), seeded) = reconcile(
+                &mut self.kernel,
+                &ports,
+                &responder_flows,
+                self.netns_cookie,
+            )?;
             self.seeded = seeded;
             self.last_reconcile = Instant::now();
             if released + counted > 0 {
@@ -1021,6 +1112,25 @@ impl Daemon {
             self.forget_idle_sources(SOURCE_IDLE_FORGET);
         }
         Ok(())
+    }
+
+    fn responder_flows(&self) -> HashSet<FlowKey> {
+        self.replies
+            .as_ref()
+            .map(|replies| replies.steered())
+            .unwrap_or_default()
+    }
+
+    /// Starts the responder when `config` is the first to use action
+    /// reply, and says what it cannot do.
+    fn prepare_replies(&mut self, config: &Config) {
+        if uses_replies(config) && self.replies.is_none() && self.replies_unavailable.is_none() {
+            match start_replies(&mut self.kernel) {
+                Ok(replies) => self.replies = Some(replies),
+                Err(why) => self.replies_unavailable = Some(why),
+            }
+        }
+        warn_about_replies(config, self.replies_unavailable.as_deref());
     }
 
     /// Warns, once each, about server endpoints that SYNs to a bound port
@@ -1091,6 +1201,8 @@ impl Daemon {
                 .limits
                 .max_inbound_connection_percentage_per_source,
             action: connector.action.name().to_string(),
+            reply_text: (connector.action == crate::config::Action::Reply)
+                .then(|| connector.reply_text.clone()),
             live,
         })
     }
@@ -1244,6 +1356,10 @@ impl Daemon {
         }
         let ids = self.assign_ids(&config)?;
         let table = SelectionTable::build_with_ids(&config, &ids);
+        self.prepare_replies(&config);
+        if let Some(replies) = &self.replies {
+            replies.set_texts(&config, &ids);
+        }
         if let Err(e) = self.kernel.install(&config, &ids, &table) {
             self.restore();
             bail!(
@@ -1268,6 +1384,9 @@ impl Daemon {
 
     /// Puts the current config back into the kernel after a failed change.
     fn restore(&mut self) {
+        if let Some(replies) = &self.replies {
+            replies.set_texts(&self.config, &self.ids);
+        }
         if let Err(e) = install(&mut self.kernel, &self.config, &self.ids, &self.table) {
             log::error!("restoring the kernel tables: {e:#}");
         }

@@ -26,6 +26,8 @@ pub struct ConnectorChanges {
     pub max_inbound_connection_per_source: Option<String>,
     pub max_inbound_connection_percentage_per_source: Option<String>,
     pub action: Option<String>,
+    #[serde(default)]
+    pub reply_text: Option<String>,
 }
 
 impl ConnectorChanges {
@@ -82,10 +84,15 @@ impl ConfigDocument {
                     list(c.forwarded_to.iter().map(|b| b.to_string()).collect())
                 )
             };
+            let reply_text = if c.reply_text == crate::config::EXCHANGE_REPLY {
+                String::new()
+            } else {
+                format!("reply_text = {:?}\n", c.reply_text)
+            };
             text.push_str(&format!(
                 "\n[[connector]]\nname = {:?}\nbindings = {}\n{forwarded}remote_ip_ranges = {}\n\
                  max_inbound_connection = {}\nmax_inbound_connection_per_source = {}\n\
-                 max_inbound_connection_percentage_per_source = {}\naction = {:?}\n",
+                 max_inbound_connection_percentage_per_source = {}\naction = {:?}\n{reply_text}",
                 c.name,
                 list(c.bindings.iter().map(|b| b.to_string()).collect()),
                 list(c.remote_ip_ranges.iter().map(|r| r.to_string()).collect()),
@@ -253,6 +260,9 @@ fn apply(table: &mut Table, changes: &ConnectorChanges) {
     }
     if let Some(action) = &changes.action {
         table.insert("action", value(action.trim()));
+    }
+    if let Some(text) = &changes.reply_text {
+        table.insert("reply_text", value(text.as_str()));
     }
 }
 

@@ -65,7 +65,8 @@ pub struct Event {
     /// Live connections on the connector and from the source, before it.
     pub live_total: u32,
     pub live_source: u32,
-    /// "drop" or "reset" (refused), or "monitor" (admitted, reported only).
+    /// "drop", "reset" or "reply" (refused), or "monitor" (admitted,
+    /// reported only).
     pub action: String,
     /// How many rejections this line stands for: 1, or more when the
     /// kernel folded a source's repeats within a second into one report
@@ -139,6 +140,7 @@ impl Event {
             action: match raw.action {
                 action::MONITOR => "monitor",
                 action::RESET => "reset",
+                action::REPLY => "reply",
                 _ => "drop",
             }
             .to_string(),

@@ -10,17 +10,19 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, MapInfo, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{
+        Array, HashMap, LpmTrie, MapData, MapInfo, PerCpuArray, RingBuf, SockMap, lpm_trie::Key,
+    },
     programs::{
-        CgroupAttachMode, SockOps, TestRun, TestRunOptions, Xdp, XdpMode,
+        CgroupAttachMode, SkLookup, SockOps, TestRun, TestRunOptions, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
     },
 };
 use limiter_common::maps::{
     BOUND_PORT_WORDS, BindingKey, CONNECTOR_NAME_BYTES, ConnKey, ConnectorConfig, ConnectorState,
     Control, DEFAULT_TABLE_ENTRIES, Endpoint, FlowKey, FlowValue, MAX_CONNECTORS,
-    RANGE_KEY_BINDING_BITS, RangeKey, ResetRequest, Settings, SourceCount, SourceKey, control,
-    gate, names, programs, stat,
+    RANGE_KEY_BINDING_BITS, RangeKey, ReplyMark, ResetRequest, Settings, SourceCount, SourceKey,
+    control, gate, names, programs, responder, stat,
 };
 use limiter_common::{
     addr,
@@ -29,7 +31,7 @@ use limiter_common::{
 
 use crate::{
     bpfsys,
-    config::Config,
+    config::{Action, Config},
     pins::{PinDir, PinsError},
     selection::{BindingKeyOrd, RangeEntry, SelectionTable},
 };
@@ -172,6 +174,13 @@ pub struct Kernel {
     undeclared_forwards: HashMap<MapData, Endpoint, u32>,
     connector_names: Array<MapData, [u8; CONNECTOR_NAME_BYTES]>,
     refusals: PerCpuArray<MapData, CachedRefusal>,
+    /// Taken by the responder (see [`Kernel::take_reply_flows`]).
+    reply_flows: Option<HashMap<MapData, FlowKey, ReplyMark>>,
+    responders: SockMap<MapData>,
+    reply_alive: Array<MapData, u64>,
+    /// Whether SYNs refused with action `reply` go to a responder (else the
+    /// kernel is told to drop them).
+    replies: bool,
     sizes: TableSizes,
     pins: Option<PinDir>,
     /// Whether the maps were left by an earlier daemon (counts included).
@@ -251,6 +260,8 @@ impl Kernel {
         {
             let track: &mut SockOps = program(&mut ebpf, programs::TRACK)?;
             track.load().map_err(prog_err(programs::TRACK))?;
+            let steer: &mut SkLookup = program(&mut ebpf, programs::STEER)?;
+            steer.load().map_err(prog_err(programs::STEER))?;
         }
         // The typed handles check key and value sizes: a pinned map of
         // another shape is refused here.
@@ -271,6 +282,10 @@ impl Kernel {
             undeclared_forwards: take!(ebpf, names::UNDECLARED_FORWARDS),
             connector_names: take!(ebpf, names::CONNECTOR_NAMES),
             refusals: take!(ebpf, names::REFUSALS),
+            reply_flows: Some(take!(ebpf, names::REPLY_FLOWS)),
+            responders: take!(ebpf, names::RESPONDERS),
+            reply_alive: take!(ebpf, names::REPLY_ALIVE),
+            replies: false,
             sizes,
             ebpf,
             pins: pins.cloned(),
@@ -476,7 +491,11 @@ impl Kernel {
         for (connector, id) in config.connectors.iter().zip(ids) {
             let value = ConnectorConfig {
                 limits: connector.limits,
-                action: connector.action.to_raw(),
+                // Without a responder, a reply is a drop.
+                action: match connector.action {
+                    Action::Reply if !self.replies => Action::Drop.to_raw(),
+                    action => action.to_raw(),
+                },
             };
             self.connectors
                 .set(*id, value, 0)
@@ -565,6 +584,51 @@ impl Kernel {
             }
         }
         Ok(reported)
+    }
+
+    /// Hands SYNs refused with action `reply` to the responder listening on
+    /// `ipv4` and `ipv6`: puts the sockets where the `steer` program finds
+    /// them and attaches it to this network namespace. Connectors installed
+    /// after this reply; before, they drop.
+    pub fn start_replies(
+        &mut self,
+        ipv4: &impl std::os::fd::AsRawFd,
+        ipv6: Option<&impl std::os::fd::AsRawFd>,
+    ) -> Result<(), KernelError> {
+        self.responders
+            .set(responder::IPV4, ipv4, 0)
+            .map_err(map_err(names::RESPONDERS))?;
+        if let Some(ipv6) = ipv6 {
+            self.responders
+                .set(responder::IPV6, ipv6, 0)
+                .map_err(map_err(names::RESPONDERS))?;
+        }
+        let netns = File::open("/proc/self/ns/net").map_err(|source| KernelError::Cgroup {
+            path: PathBuf::from("/proc/self/ns/net"),
+            source,
+        })?;
+        let steer: &mut SkLookup = program(&mut self.ebpf, programs::STEER)?;
+        steer.attach(netns).map_err(prog_err(programs::STEER))?;
+        self.replies = true;
+        self.responders_alive()
+    }
+
+    /// Whether SYNs refused with action `reply` go to a responder.
+    pub fn replies(&self) -> bool {
+        self.replies
+    }
+
+    /// Tells the XDP program the responder still answers: without this
+    /// for a few seconds (the daemon gone), it drops what it would hand it.
+    pub fn responders_alive(&mut self) -> Result<(), KernelError> {
+        self.reply_alive
+            .set(0, monotonic_ns(), 0)
+            .map_err(map_err(names::REPLY_ALIVE))
+    }
+
+    /// The map of SYNs marked for a reply, for the responder.
+    pub fn take_reply_flows(&mut self) -> Option<HashMap<MapData, FlowKey, ReplyMark>> {
+        self.reply_flows.take()
     }
 
     /// Every CPU's cached refusals: (CPU, slot, entry), the empty slots left
@@ -1100,4 +1164,15 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns()`.
+pub fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }

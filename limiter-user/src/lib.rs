@@ -22,5 +22,6 @@ pub mod preflight;
 pub mod range;
 pub mod report;
 pub mod resets;
+pub mod responder;
 pub mod selection;
 pub mod sockdiag;

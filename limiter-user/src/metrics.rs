@@ -51,6 +51,12 @@ struct RuleLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReplyLabel {
+    connector: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MapLabel {
     map: &'static str,
 }
@@ -63,6 +69,7 @@ pub fn render(s: &Snapshot) -> String {
     let live = Family::<ConnectorLabel, Gauge>::default();
     let late = Family::<ConnectorLabel, Counter>::default();
     let closed = Family::<ConnectorLabel, Counter>::default();
+    let replies = Family::<ReplyLabel, Counter>::default();
     for (name, c, live_now) in &s.connectors {
         let connector = || ConnectorLabel {
             connector: name.clone(),
@@ -86,6 +93,14 @@ pub fn render(s: &Snapshot) -> String {
         closed
             .get_or_create(&connector())
             .inc_by(c.closed + c.seeded_closed);
+        for (outcome, n) in [("answered", c.replied), ("dropped", c.reply_dropped)] {
+            replies
+                .get_or_create(&ReplyLabel {
+                    connector: name.clone(),
+                    outcome,
+                })
+                .inc_by(n);
+        }
     }
     registry.register(
         "connections_admitted",
@@ -101,6 +116,11 @@ pub fn render(s: &Snapshot) -> String {
         "connections_rejected_late",
         "Of the rejections, connections judged over a cap when their handshake completed, and reset",
         late,
+    );
+    registry.register(
+        "replies",
+        "SYNs refused with action reply: answered with the connector's 421 line, or dropped beyond the replies a second",
+        replies,
     );
     registry.register(
         "live_connections",

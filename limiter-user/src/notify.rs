@@ -131,6 +131,7 @@ mod tests {
             max_inbound_connection_per_source: 20.into(),
             max_inbound_connection_percentage_per_source: 2,
             action: "drop".into(),
+            reply_text: None,
             live,
         };
         let status = Status {

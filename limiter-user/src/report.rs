@@ -255,6 +255,14 @@ pub struct Counters {
     /// Counted connections found gone from the socket table without a
     /// callback (the daemon or sock_ops was away): corrections.
     pub reconciled: u64,
+    /// SYNs refused with action reply and handed to the responder, which
+    /// answered with the connector's 421 line.
+    #[serde(default)]
+    pub replied: u64,
+    /// SYNs refused with action reply beyond the replies a second (or with
+    /// no responder running): dropped.
+    #[serde(default)]
+    pub reply_dropped: u64,
 }
 
 impl Counters {
@@ -277,6 +285,8 @@ impl Counters {
             seeded: at(stat::SEEDED),
             seeded_closed: at(stat::SEEDED_CLOSED),
             reconciled: at(stat::RECONCILED),
+            replied: at(stat::REPLIED),
+            reply_dropped: at(stat::REPLY_GATED),
         }
     }
 
@@ -294,6 +304,8 @@ impl Counters {
         self.seeded += other.seeded;
         self.seeded_closed += other.seeded_closed;
         self.reconciled += other.reconciled;
+        self.replied += other.replied;
+        self.reply_dropped += other.reply_dropped;
     }
 }
 

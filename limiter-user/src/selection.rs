@@ -255,6 +255,7 @@ mod tests {
             remote_ip_ranges: ranges.iter().map(|r| r.parse().unwrap()).collect(),
             limits: limiter_common::Limits::EXCHANGE_DEFAULT,
             action: Action::Drop,
+            reply_text: crate::config::EXCHANGE_REPLY.to_string(),
         }
     }
 

@@ -1,0 +1,91 @@
+//! sk_lookup `steer`: a SYN that the XDP program refused with action
+//! `reply` (marked in `REPLY_FLOWS`) goes to the daemon's responder instead
+//! of the mail server. Every other lookup is left to the kernel.
+
+use aya_ebpf::{
+    bindings::{bpf_sk_lookup, sk_action},
+    helpers::bpf_ktime_get_ns,
+    programs::SkLookupContext,
+};
+use limiter_common::{
+    addr,
+    maps::{FlowKey, REPLY_MARK_TTL_NS, responder},
+};
+
+use crate::{
+    maps::{REPLY_FLOWS, RESPONDERS},
+    read_ctx,
+};
+
+const AF_INET6: u32 = 10;
+const IPPROTO_TCP: u32 = 6;
+
+#[inline(always)]
+pub fn run(ctx: &SkLookupContext) -> u32 {
+    try_steer(ctx).unwrap_or(sk_action::SK_PASS)
+}
+
+/// `None`: not ours, the kernel's lookup goes on.
+#[inline(always)]
+fn try_steer(ctx: &SkLookupContext) -> Option<u32> {
+    let lookup: *const bpf_sk_lookup = ctx.lookup;
+    // SAFETY: fields of the context, each read with a load of its own (the
+    // verifier checks every access to the context).
+    let (family, protocol) = unsafe {
+        (
+            read_ctx(&raw const (*lookup).family),
+            read_ctx(&raw const (*lookup).protocol),
+        )
+    };
+    if protocol != IPPROTO_TCP {
+        return None;
+    }
+    // SAFETY: as above.
+    let flow = unsafe {
+        let local6 = [
+            read_ctx(&raw const (*lookup).local_ip6[0]),
+            read_ctx(&raw const (*lookup).local_ip6[1]),
+            read_ctx(&raw const (*lookup).local_ip6[2]),
+            read_ctx(&raw const (*lookup).local_ip6[3]),
+        ];
+        let remote6 = [
+            read_ctx(&raw const (*lookup).remote_ip6[0]),
+            read_ctx(&raw const (*lookup).remote_ip6[1]),
+            read_ctx(&raw const (*lookup).remote_ip6[2]),
+            read_ctx(&raw const (*lookup).remote_ip6[3]),
+        ];
+        let local4 = read_ctx(&raw const (*lookup).local_ip4);
+        let remote4 = read_ctx(&raw const (*lookup).remote_ip4);
+        let local_port = read_ctx(&raw const (*lookup).local_port);
+        // A big-endian 16-bit port in a 32-bit field.
+        let remote_port = core::ptr::read_volatile(&raw const (*lookup).remote_port);
+        let (local, remote) = if family == AF_INET6 {
+            (local6, remote6)
+        } else {
+            (addr::ipv4_words(local4), addr::ipv4_words(remote4))
+        };
+        FlowKey::from_words(local, remote, local_port as u16, u16::from_be(remote_port))
+    };
+    let mark = REPLY_FLOWS.get_ptr_mut(&flow)?;
+    // SAFETY: a helper without arguments; a map value, read and written
+    // with plain loads and stores (a racing SYN retransmission writes the
+    // same).
+    if unsafe { bpf_ktime_get_ns().wrapping_sub((*mark).time_ns) } > REPLY_MARK_TTL_NS {
+        return None;
+    }
+    let index = if family == AF_INET6 {
+        responder::IPV6
+    } else {
+        responder::IPV4
+    };
+    // Refused all the same when no responder takes it (the daemon is gone):
+    // the mail server never sees it.
+    Some(match RESPONDERS.redirect_sk_lookup(ctx, index, 0) {
+        Ok(()) => {
+            // SAFETY: as above.
+            unsafe { (*mark).steered = 1 };
+            sk_action::SK_PASS
+        }
+        Err(_) => sk_action::SK_DROP,
+    })
+}

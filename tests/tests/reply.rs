@@ -1,0 +1,201 @@
+//! Action `reply`: a sender over a cap gets Exchange's 421 line from the
+//! daemon's responder, and the mail server never sees the connection.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{IpAddr, SocketAddrV4, TcpStream},
+    time::Duration,
+};
+
+use limiter_tests::{
+    established,
+    flood::{spoofed_source, syn_flood},
+    lab::{client_v4, client_v6, server_v4},
+    scenario::{Scenario, alive, connector},
+    wait_until,
+};
+
+const EXCHANGE: &str = "421 4.3.2 The maximum number of concurrent connections has exceeded a limit, closing transmission channel";
+
+fn reply_connector(per_source: &str, extra: &str) -> String {
+    format!(
+        "{}action = \"reply\"\n{extra}",
+        connector(
+            "Frontend",
+            "[\"0.0.0.0/0\", \"::/0\"]",
+            "100",
+            per_source,
+            100
+        )
+    )
+}
+
+/// Connects from `src`: the handshake must complete, and the first line
+/// the sender reads is returned, with whether the connection closed after it.
+fn first_line(s: &Scenario, src: impl Into<IpAddr> + Copy) -> (String, bool) {
+    let stream = s.connect(src).unwrap_or_else(|e| {
+        panic!(
+            "a refused sender must get a reply, not {e}\n{}",
+            s.limiter.log()
+        )
+    });
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut reader = BufReader::new(&stream);
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("reading the reply");
+    let mut rest = String::new();
+    let closed = matches!(reader.read_line(&mut rest), Ok(0));
+    (line, closed)
+}
+
+fn stats(s: &Scenario) -> serde_json::Value {
+    s.limiter.cli_json(&["stats"])
+}
+
+#[test]
+fn over_the_cap_a_sender_reads_the_421_line_and_the_server_never_sees_it() {
+    let s = Scenario::start(&reply_connector("2", ""));
+    let held = s.open(client_v4(0), 2);
+    let (line, closed) = first_line(&s, client_v4(0));
+    assert_eq!(line, format!("{EXCHANGE}\r\n"));
+    assert!(closed, "the responder closes after its line");
+    // Neither the server nor the counts saw it; the held ones carry on.
+    assert_eq!(established(s.lab.server_ns(), 25).len(), 2);
+    assert_eq!(s.limiter.live("Frontend"), 2);
+    assert!(held.iter().all(alive));
+    let stats = stats(&s);
+    assert_eq!(stats["replied"], 1, "{stats}");
+    assert_eq!(stats["rejected_per_source"], 1, "{stats}");
+    assert_eq!(stats["reply_dropped"], 0, "{stats}");
+    // Another source is admitted as before.
+    let _other = s.open(client_v4(1), 2);
+    assert_eq!(s.limiter.live("Frontend"), 4);
+    s.assert_counts_match_ss();
+    // The refusal is reported as Exchange's event, with the action.
+    let events = s.limiter.cli_ok(&["events", "--json"]);
+    let event: serde_json::Value = events
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .find(|e: &serde_json::Value| e["event_id"] == 1021)
+        .unwrap_or_else(|| panic!("no event 1021 in {events}"));
+    assert_eq!(event["action"], "reply", "{event}");
+}
+
+#[test]
+fn the_configured_text_reaches_ipv6_senders() {
+    let custom = "421 4.7.0 mx.lab.test too many connections from your host, try later";
+    let s = Scenario::start(&reply_connector(
+        "1",
+        &format!("reply_text = \"{custom}\"\n"),
+    ));
+    let _held = s.open(client_v6(0), 1);
+    let (line, closed) = first_line(&s, client_v6(0));
+    assert_eq!(line, format!("{custom}\r\n"));
+    assert!(closed);
+    assert_eq!(s.limiter.live("Frontend"), 1);
+    assert_eq!(established(s.lab.server_ns(), 25).len(), 1);
+    // Changed at run time, the next sender gets the new text.
+    s.limiter.cli_ok(&[
+        "connector",
+        "set",
+        "Frontend",
+        "--reply-text",
+        "421 4.3.2 busy",
+    ]);
+    let (line, _) = first_line(&s, client_v6(0));
+    assert_eq!(line, "421 4.3.2 busy\r\n");
+    let shown = s.limiter.cli_ok(&["connector", "show", "Frontend"]);
+    assert!(shown.contains("421 4.3.2 busy"), "{shown}");
+}
+
+#[test]
+fn a_connector_switched_to_reply_at_run_time_replies() {
+    let s = Scenario::start(&connector(
+        "Frontend",
+        "[\"0.0.0.0/0\", \"::/0\"]",
+        "100",
+        "1",
+        100,
+    ));
+    let _held = s.open(client_v4(0), 1);
+    s.refused(client_v4(0));
+    s.limiter
+        .cli_ok(&["connector", "set", "Frontend", "--action", "reply"]);
+    let (line, closed) = first_line(&s, client_v4(0));
+    assert_eq!(line, format!("{EXCHANGE}\r\n"));
+    assert!(closed);
+    assert_eq!(s.limiter.live("Frontend"), 1);
+}
+
+#[test]
+fn a_sender_that_talks_first_still_gets_the_line() {
+    // A client that does not wait for the greeting (and one that never
+    // reads) must not hold the responder or reach the server.
+    let s = Scenario::start(&reply_connector("1", ""));
+    let _held = s.open(client_v4(0), 1);
+    let mut stream = s.connect(client_v4(0)).expect("handshake");
+    stream.write_all(b"EHLO pipelined.example\r\n").unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line).unwrap();
+    assert_eq!(line, format!("{EXCHANGE}\r\n"));
+    let _silent: Vec<TcpStream> = (0..3)
+        .map(|_| s.connect(client_v4(0)).expect("handshake"))
+        .collect();
+    assert_eq!(established(s.lab.server_ns(), 25).len(), 1);
+    assert_eq!(s.limiter.live("Frontend"), 1);
+}
+
+#[test]
+fn a_flood_from_one_source_gets_no_more_replies_than_the_gate_allows() {
+    let s = Scenario::start(&format!(
+        "{}action = \"reply\"\n",
+        connector(
+            "Frontend",
+            "[\"0.0.0.0/0\", \"::/0\"]",
+            "1",
+            "\"unlimited\"",
+            100
+        )
+    ));
+    let _held = s.open(client_v4(0), 1);
+    let dst = match server_v4(25) {
+        std::net::SocketAddr::V4(v4) => v4,
+        _ => unreachable!(),
+    };
+    let seconds = 3;
+    let report = syn_flood(&s.lab, SocketAddrV4::new(*dst.ip(), 25), 1, 5_000, |sent| {
+        sent < 5_000 * seconds
+    })
+    .expect("flooding");
+    let settled = wait_until(Duration::from_secs(5), Duration::from_millis(100), || {
+        let stats = stats(&s);
+        stats["replied"].as_u64().unwrap() + stats["reply_dropped"].as_u64().unwrap() >= report.sent
+    });
+    let stats = stats(&s);
+    assert!(settled, "{stats} after {report:?}");
+    let cpus = std::thread::available_parallelism().unwrap().get() as u64;
+    let elapsed = report.elapsed.as_secs() + 2;
+    let replied = stats["replied"].as_u64().unwrap();
+    // 4 a second per CPU for one source, whatever it sends.
+    assert!(
+        (1..=4 * cpus * elapsed).contains(&replied),
+        "{replied} replies to {} SYNs from {} in {:?}: {stats}",
+        report.sent,
+        spoofed_source(0),
+        report.elapsed
+    );
+    assert_eq!(
+        stats["reply_dropped"].as_u64().unwrap() + replied,
+        report.sent,
+        "{stats}"
+    );
+    // The real sender is still answered once the flood's second is over.
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(s.limiter.live("Frontend"), 1);
+    assert_eq!(established(s.lab.server_ns(), 25).len(), 1);
+}
