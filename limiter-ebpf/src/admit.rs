@@ -261,7 +261,7 @@ fn judge(flow: &FlowKey) -> Verdict {
     // Admitted even if every live connection were this source's: no need
     // to look the source up (a connector far from its caps).
     if admits(&config.limits, connector_live(state), None) {
-        return passed(flow, connector);
+        return admitted(flow, connector, config.action);
     }
     let source = source_key(connector, flow);
     let stamps = (
@@ -281,7 +281,7 @@ fn judge(flow: &FlowKey) -> Verdict {
         core::ptr::read_volatile(&raw const (*e).live)
     });
     if admits(&config.limits, live_total, Some(live_source)) {
-        return passed(flow, connector);
+        return admitted(flow, connector, config.action);
     }
     let evaluation = limiter_common::evaluate(&config.limits, live_total, live_source);
     let stamp_index = refusals::stamp_for(evaluation.rule, stamps.0, stamps.1);
@@ -319,6 +319,17 @@ fn judge(flow: &FlowKey) -> Verdict {
         action::REPLY => reply(flow, connector, evaluation.rule as u32),
         _ => Verdict::Drop,
     }
+}
+
+/// An admitted SYN. With action `reply`, a mark an earlier SYN of the same
+/// 4-tuple left (refused, or forged to plant it) is taken away, or `steer`
+/// would hand this one to the responder.
+#[inline(always)]
+fn admitted(flow: &FlowKey, connector: u32, connector_action: u32) -> Verdict {
+    if connector_action == action::REPLY {
+        let _ = REPLY_FLOWS.remove(flow);
+    }
+    passed(flow, connector)
 }
 
 /// A SYN refused with action `reply`: marked for the `steer` program, which

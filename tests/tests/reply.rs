@@ -9,9 +9,9 @@ use std::{
 
 use limiter_tests::{
     established,
-    flood::{spoofed_source, syn_flood},
+    flood::{spoofed_source, syn_flood, syn_packet},
     lab::{client_v4, client_v6, server_v4},
-    scenario::{Scenario, alive, connector},
+    scenario::{Scenario, alive, connector, server_side},
     wait_until,
 };
 
@@ -163,15 +163,9 @@ fn a_flood_from_one_source_gets_no_more_replies_than_the_gate_allows() {
         )
     ));
     let _held = s.open(client_v4(0), 1);
-    let dst = match server_v4(25) {
-        std::net::SocketAddr::V4(v4) => v4,
-        _ => unreachable!(),
-    };
     let seconds = 3;
-    let report = syn_flood(&s.lab, SocketAddrV4::new(*dst.ip(), 25), 1, 5_000, |sent| {
-        sent < 5_000 * seconds
-    })
-    .expect("flooding");
+    let dst = SocketAddrV4::new(*server_v4_ip(), 25);
+    let report = syn_flood(&s.lab, dst, 1, 5_000, |sent| sent < 5_000 * seconds).expect("flooding");
     let settled = wait_until(Duration::from_secs(5), Duration::from_millis(100), || {
         let stats = stats(&s);
         stats["replied"].as_u64().unwrap() + stats["reply_dropped"].as_u64().unwrap() >= report.sent
@@ -198,4 +192,72 @@ fn a_flood_from_one_source_gets_no_more_replies_than_the_gate_allows() {
     std::thread::sleep(Duration::from_millis(1100));
     assert_eq!(s.limiter.live("Frontend"), 1);
     assert_eq!(established(s.lab.server_ns(), 25).len(), 1);
+}
+
+#[test]
+fn a_forged_syn_cannot_plant_a_421_for_a_later_real_connection() {
+    // An attacker forges a SYN from a sender over its cap, on the port the
+    // sender will use next: it is refused and marked for the responder. Once
+    // the sender has a free slot, its real SYN from that port is admitted
+    // and reaches the server, not the responder.
+    let s = Scenario::start(&reply_connector("1", ""));
+    let mut held = s.open(client_v4(0), 1);
+    let dst = SocketAddrV4::new(*server_v4_ip(), 25);
+    let port = 40_000;
+    s.lab.client_ns().run(|| {
+        let raw = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::RAW,
+            Some(socket2::Protocol::from(libc::IPPROTO_RAW)),
+        )
+        .unwrap();
+        raw.send_to(
+            &syn_packet(client_v4(0), port, dst),
+            &socket2::SockAddr::from(dst),
+        )
+        .unwrap();
+    });
+    let replied = wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
+        stats(&s)["replied"] == 1
+    });
+    assert!(replied, "{}", stats(&s));
+    server_side(&mut held[0], "close");
+    assert!(wait_until(
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || s.limiter.live("Frontend") == 0
+    ));
+    let stream = s
+        .lab
+        .client_ns()
+        .run(|| {
+            let socket = socket2::Socket::new(
+                socket2::Domain::IPV4,
+                socket2::Type::STREAM,
+                Some(socket2::Protocol::TCP),
+            )?;
+            socket.set_reuse_address(true)?;
+            socket.bind(&socket2::SockAddr::from(SocketAddrV4::new(
+                client_v4(0),
+                port,
+            )))?;
+            socket.connect_timeout(&socket2::SockAddr::from(dst), Duration::from_secs(3))?;
+            Ok::<TcpStream, std::io::Error>(socket.into())
+        })
+        .expect("the real sender connects");
+    assert!(alive(&stream), "the server holds it: no 421, no close");
+    assert!(wait_until(
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || s.limiter.live("Frontend") == 1
+    ));
+    assert_eq!(established(s.lab.server_ns(), 25).len(), 1);
+}
+
+fn server_v4_ip() -> &'static std::net::Ipv4Addr {
+    static IP: std::sync::OnceLock<std::net::Ipv4Addr> = std::sync::OnceLock::new();
+    IP.get_or_init(|| match server_v4(25) {
+        std::net::SocketAddr::V4(v4) => *v4.ip(),
+        _ => unreachable!("server_v4 is IPv4"),
+    })
 }
