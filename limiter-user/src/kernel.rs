@@ -603,10 +603,12 @@ impl Kernel {
                 .set(responder::IPV6, ipv6, 0)
                 .map_err(map_err(names::RESPONDERS))?;
         }
-        let netns = File::open("/proc/self/ns/net").map_err(|source| KernelError::Cgroup {
-            path: PathBuf::from("/proc/self/ns/net"),
-            source,
-        })?;
+        // The calling thread's namespace (a thread may have entered another).
+        let netns =
+            File::open("/proc/thread-self/ns/net").map_err(|source| KernelError::Cgroup {
+                path: PathBuf::from("/proc/thread-self/ns/net"),
+                source,
+            })?;
         let steer: &mut SkLookup = program(&mut self.ebpf, programs::STEER)?;
         steer.attach(netns).map_err(prog_err(programs::STEER))?;
         self.replies = true;

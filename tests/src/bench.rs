@@ -455,13 +455,17 @@ pub enum Subject {
     /// SYN filter, where `BareDrop` never touches the frame.
     HeaderDrop,
     Limiter,
+    /// The limiter with action `reply`: refused SYNs answered by a
+    /// responder (each source's replies gated to a few a second).
+    LimiterReply,
     Iptables,
     Nftables,
 }
 
 impl Subject {
-    pub const ALL: [Subject; 7] = [
+    pub const ALL: [Subject; 8] = [
         Subject::Limiter,
+        Subject::LimiterReply,
         Subject::BareDrop,
         Subject::HeaderDrop,
         Subject::Iptables,
@@ -477,6 +481,7 @@ impl Subject {
             Subject::BareDrop => "bare XDP_DROP",
             Subject::HeaderDrop => "header_drop",
             Subject::Limiter => "limiter",
+            Subject::LimiterReply => "limiter, action reply",
             Subject::Iptables => "iptables connlimit",
             Subject::Nftables => "nftables ct count",
         }
@@ -488,12 +493,25 @@ impl Subject {
 pub struct Installed {
     _baseline: Option<Baseline>,
     limiter: Option<Kernel>,
+    /// The responder's listening sockets, with action reply (nothing
+    /// accepts: the flood's forged sources never complete a handshake).
+    _responders: Vec<TcpListener>,
 }
 
 impl Installed {
     /// The limiter's programs and maps, when the subject is the limiter.
     pub fn limiter(&self) -> Option<&Kernel> {
         self.limiter.as_ref()
+    }
+
+    /// What the daemon does every second while its responder runs: tells
+    /// the XDP program it still answers.
+    pub fn keep_replying(&mut self) {
+        if let Some(kernel) = self.limiter.as_mut().filter(|k| k.replies()) {
+            kernel
+                .responders_alive()
+                .expect("telling the kernel the responder answers");
+        }
     }
 }
 
@@ -520,23 +538,38 @@ pub fn install(lab: &FloodLab, subject: Subject, at_cap: u32) -> Installed {
                 ..Default::default()
             }
         }
-        Subject::Limiter => {
+        Subject::Limiter | Subject::LimiterReply => {
+            let reply = subject == Subject::LimiterReply;
             let text = format!(
                 "[[connector]]\nname = \"Frontend\"\nbindings = [\"0.0.0.0:25\"]\n\
                  max_inbound_connection = \"unlimited\"\n\
                  max_inbound_connection_per_source = {per_source}\n\
-                 max_inbound_connection_percentage_per_source = 100\n"
+                 max_inbound_connection_percentage_per_source = 100\n\
+                 action = \"{}\"\n",
+                if reply { "reply" } else { "drop" }
             );
             let config = Config::parse(&text, "bench.toml").expect("config");
             let iface = lab.server_iface.clone();
-            let kernel = lab.server.run(move || {
-                let mut kernel = load_limiter(
-                    &config,
-                    TableSizes {
-                        sources: 1 << 20,
-                        established: 1 << 14,
-                    },
-                );
+            let (kernel, responders) = lab.server.run(move || {
+                let sizes = TableSizes {
+                    sources: 1 << 20,
+                    established: 1 << 14,
+                };
+                let mut kernel = Kernel::load(sizes, None).expect("loading the programs");
+                let mut responders = Vec::new();
+                if reply {
+                    // As the daemon does: the responder first, so that the
+                    // connector is installed as replying.
+                    let ipv4 = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("responder");
+                    kernel
+                        .start_replies(&ipv4, None::<&TcpListener>)
+                        .expect("starting replies");
+                    responders.push(ipv4);
+                }
+                kernel.set_settings(&config, 0).expect("settings");
+                kernel
+                    .install(&config, &[0], &SelectionTable::build(&config))
+                    .expect("tables");
                 kernel
                     .attach_xdp(
                         &iface,
@@ -547,10 +580,11 @@ pub fn install(lab: &FloodLab, subject: Subject, at_cap: u32) -> Installed {
                 for i in 0..at_cap {
                     hold(&mut kernel, flood_source(i), FLOOD_SERVER, per_source);
                 }
-                kernel
+                (kernel, responders)
             });
             Installed {
                 limiter: Some(kernel),
+                _responders: responders,
                 ..Default::default()
             }
         }
@@ -611,10 +645,20 @@ pub fn measure(
     // The flood from 256 sources is one from sources at their cap; the one
     // from 65,536 mostly opens new connections.
     let at_cap = if sources <= 256 { sources } else { 0 };
-    let installed = install(&lab, subject, at_cap);
+    let mut installed = install(&lab, subject, at_cap);
     let received = lab.server_frames();
     let cpu = lab.server_cpu_seconds();
-    lab.flood(generator, sources, duration, rate);
+    let flooding = std::sync::atomic::AtomicBool::new(true);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while flooding.load(std::sync::atomic::Ordering::Relaxed) {
+                installed.keep_replying();
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        lab.flood(generator, sources, duration, rate);
+        flooding.store(false, std::sync::atomic::Ordering::Relaxed);
+    });
     let handled = lab.server_frames() - received;
     let cpu = lab.server_cpu_seconds() - cpu;
     drop(installed);
@@ -738,6 +782,18 @@ fn targets(
                 limiter / pps(256, Subject::BareDrop),
                 None,
                 Some(0.9),
+            ),
+            target(
+                "flood_256_reply_vs_drop",
+                pps(256, Subject::LimiterReply) / limiter,
+                None,
+                Some(0.83),
+            ),
+            target(
+                "flood_256_reply_cpu_vs_drop",
+                cpu(256, Subject::LimiterReply) / cpu(256, Subject::Limiter),
+                Some(1.2),
+                None,
             ),
             target(
                 "flood_256_header_drop_vs_bare_drop",
@@ -1052,6 +1108,7 @@ mod tests {
         let mut flood = Vec::new();
         for (subject, pps, cpu) in [
             (Subject::Limiter, 4.6e6, 0.011),
+            (Subject::LimiterReply, 4.0e6, 0.012),
             (Subject::BareDrop, 5.0e6, 0.01),
             (Subject::HeaderDrop, 4.8e6, 0.01),
             (Subject::Iptables, 0.2e6, 0.04),
@@ -1102,7 +1159,10 @@ mod tests {
         assert_eq!(t["flood_256_header_drop_vs_bare_drop"].bound, "floor");
         // 160 / 100 = 1.6 > 1.5.
         assert!(!t["scale_remote_ranges_syn_rejected"].holds);
-        assert_eq!(t.len(), 11);
+        // 4.0 / 4.6 = 0.87 >= 0.83; 0.012 / 0.011 = 1.09 <= 1.2.
+        assert!(t["flood_256_reply_vs_drop"].holds);
+        assert!(t["flood_256_reply_cpu_vs_drop"].holds);
+        assert_eq!(t.len(), 13);
     }
 
     #[test]

@@ -47,6 +47,7 @@ bindings = ["0.0.0.0:25", "[::]:25"]
 max_inbound_connection = 40
 max_inbound_connection_per_source = {FRONTEND_PER_SOURCE}
 max_inbound_connection_percentage_per_source = 25
+action = "reply"
 
 [[connector]]
 name = "Application Relay"
@@ -109,6 +110,9 @@ pub struct Summary {
     pub flooder_most_held: usize,
     /// `limiter explain` for the flooder, while it floods.
     pub explain_flooder: String,
+    /// What swaks saw, sent from the flooder's address while it holds its
+    /// cap: the responder's 421 line.
+    pub flooder_reply: String,
     /// `limiter stats --json` at the end.
     pub stats: serde_json::Value,
     /// Whether it stopped early (Ctrl-C).
@@ -155,6 +159,7 @@ pub fn run(options: &Options, stop: &AtomicBool) -> Summary {
     let refused: Mutex<BTreeMap<(String, String), u64>> = Mutex::default();
     let flooder_most_held = AtomicUsize::new(0);
     let explain_flooder = Mutex::new(String::new());
+    let mut flooder_reply = String::new();
 
     // The events, as `limiter events --follow` shows them.
     let mut follower = Command::new(crate::daemon::limiter_bin())
@@ -273,6 +278,12 @@ pub fn run(options: &Options, stop: &AtomicBool) -> Summary {
                 }
                 *explain_flooder.lock().unwrap() = text;
             }
+            if flooder_reply.is_empty() && Instant::now() >= explain_at {
+                flooder_reply = refused_transcript(&lab).unwrap_or_default();
+                if options.show && !flooder_reply.is_empty() {
+                    println!("\n$ swaks from the flooder's address\n{flooder_reply}");
+                }
+            }
             let held = established(lab.server_ns(), 25)
                 .into_iter()
                 .filter(|(_, remote)| remote.ip() == flooder())
@@ -300,9 +311,40 @@ pub fn run(options: &Options, stop: &AtomicBool) -> Summary {
         refused: refused.into_inner().unwrap(),
         flooder_most_held: flooder_most_held.into_inner(),
         explain_flooder: explain_flooder.into_inner().unwrap(),
+        flooder_reply,
         stats: limiter.cli_json(&["stats"]),
         interrupted: stop.load(Ordering::Relaxed),
     }
+}
+
+/// One SMTP session from the flooder's address, as swaks shows it, if the
+/// server's side answered with a 421 line (the connector's action reply):
+/// the flooder's cap is full only while its sessions run, so it tries a
+/// few times.
+fn refused_transcript(lab: &Lab) -> Option<String> {
+    for _ in 0..20 {
+        let mut swaks = lab.client_ns().command("swaks");
+        swaks
+            .args(["--server", "10.77.0.3", "--port", "25"])
+            .args(["--from", "bulk@flood.example"])
+            .args(["--to", &format!("inbox@{DOMAIN}")])
+            .args(["--timeout", "5"]);
+        if let Ok(out) = swaks.output() {
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            if text.contains("<** 421") {
+                return Some(
+                    text.lines()
+                        .filter(|l| {
+                            l.starts_with("===") || l.starts_with("<**") || l.starts_with("**")
+                        })
+                        .collect::<Vec<_>>()
+                        .join("\n"),
+                );
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    None
 }
 
 impl Summary {
@@ -344,6 +386,14 @@ impl Summary {
             "\n$ limiter explain {}\n{}",
             flooder(),
             self.explain_flooder
+        );
+        println!(
+            "\n$ swaks --server 10.77.0.3 (from the flooder's address, at its cap)\n{}",
+            if self.flooder_reply.is_empty() {
+                "(no 421 seen)"
+            } else {
+                &self.flooder_reply
+            }
         );
     }
 }

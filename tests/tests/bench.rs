@@ -49,3 +49,24 @@ fn the_limiter_under_the_flood_refuses_what_is_over_the_cap() {
     assert!(rejected > 0 && rejected <= sent, "{stats:?}");
     assert_eq!(row[stat::SYN_PASSED as usize], 0, "{stats:?}");
 }
+
+#[test]
+fn with_action_reply_the_flood_gets_a_few_replies_a_second_per_source() {
+    let _one = ONE_FLOOD.lock().unwrap_or_else(|e| e.into_inner());
+    let mut generator = Baseline::load().expect("the generator");
+    let lab = FloodLab::new();
+    let installed = bench::install(&lab, Subject::LimiterReply, 256);
+    let sent = lab.flood(&mut generator, 256, Duration::from_millis(300), None);
+    let stats = installed.limiter().unwrap().stats().unwrap();
+    let row = &stats.connectors[0];
+    let rejected = row[stat::REJECTED_PER_SOURCE as usize];
+    let replied = row[stat::REPLIED as usize];
+    let gated = row[stat::REPLY_GATED as usize];
+    assert!(rejected > 0 && rejected <= sent, "{stats:?}");
+    // Every refusal is answered or dropped; at most 4 a second for each
+    // source on each CPU (its cache set is its own, or shared).
+    assert_eq!(replied + gated, rejected, "{stats:?}");
+    let cpus = std::thread::available_parallelism().unwrap().get() as u64;
+    assert!(replied <= 256 * 4 * cpus, "{stats:?}");
+    assert!(gated > 0, "{stats:?}");
+}

@@ -55,4 +55,13 @@ fn the_demo_delivers_what_it_should_and_holds_the_flooder_to_its_cap() {
         summary.explain_flooder
     );
     assert!(summary.stats["admitted"].as_u64().unwrap() > 0);
+    // A sender over the cap hears why, as from Exchange.
+    assert!(
+        summary.flooder_reply.contains(
+            "<** 421 4.3.2 The maximum number of concurrent connections has exceeded a limit"
+        ),
+        "{}",
+        summary.flooder_reply
+    );
+    assert!(summary.stats["replied"].as_u64().unwrap() > 0);
 }
