@@ -82,8 +82,9 @@ pub mod names {
     pub const RESPONDERS: &str = "RESPONDERS";
     /// `PerCpuArray<ReplyBudget>`, a slot per refusal cache set. Not pinned.
     pub const REPLY_BUDGETS: &str = "REPLY_BUDGETS";
-    /// `Array<u64>`, one entry: when the daemon's responder last said it
-    /// answers (`CLOCK_MONOTONIC` ns). Not pinned.
+    /// `Array<u64>`, an entry per [`super::responder`] family: when the
+    /// daemon's responder last said it answers (`CLOCK_MONOTONIC` ns). Not
+    /// pinned.
     pub const REPLY_ALIVE: &str = "REPLY_ALIVE";
     /// Every map that is pinned, in the order they are pinned.
     pub const ALL: [&str; 19] = [
@@ -388,7 +389,7 @@ pub struct ReplyBudget {
 }
 /// A responder silent for longer than this is taken for gone: SYNs it
 /// would have answered are dropped.
-pub const REPLY_ALIVE_NS: u64 = 3_000_000_000;
+pub const REPLY_ALIVE_NS: u64 = 2_000_000_000;
 /// `RESPONDERS` indices: the responder's listening sockets.
 pub mod responder {
     pub const IPV4: u32 = 0;
@@ -595,9 +596,11 @@ pub mod stat {
     /// although no callback had released them (zero unless the daemon or
     /// the sock_ops program was away).
     pub const RECONCILED: u32 = 11;
-    /// SYNs refused with action `reply` and handed to the responder.
+    /// Connections refused with action `reply` and handed to the responder
+    /// (by `steer`, once each).
     pub const REPLIED: u32 = 12;
-    /// SYNs refused with action `reply` beyond the replies a second, dropped.
+    /// SYNs refused with action `reply` beyond the replies a second, or
+    /// with no responder to take them: dropped.
     pub const REPLY_GATED: u32 = 13;
     /// Counters per row.
     pub const COUNT: u32 = 14;

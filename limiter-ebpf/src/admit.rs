@@ -9,10 +9,10 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use limiter_common::{
-    Limits, Rule,
+    Limits, Rule, addr,
     maps::{
-        FlowKey, REPLIES_PER_SECOND, REPLY_ALIVE_NS, ReplyMark, SynSeen, action, stat,
-        syn_seen_slot,
+        FlowKey, REPLIES_PER_SECOND, REPLY_ALIVE_NS, REPLY_MARK_TTL_NS, ReplyMark, SynSeen, action,
+        responder, stat, syn_seen_slot,
     },
     refusals::{self, CachedRefusal, REFUSAL_WAYS, RefusalKey},
 };
@@ -335,7 +335,8 @@ fn admitted(flow: &FlowKey, connector: u32, connector_action: u32) -> Verdict {
 /// A SYN refused with action `reply`: marked for the `steer` program, which
 /// hands it to the daemon's responder, and passed on; unless this CPU has
 /// made its replies for the key's cache set this second (a flood costs a
-/// handshake per reply), then dropped. Both counted.
+/// handshake per reply), or no responder answers, then dropped and
+/// counted.
 #[inline(never)]
 fn reply(flow: &FlowKey, connector: u32, rule: u32) -> Verdict {
     let set = cache_key(flow).1.first_slot() / REFUSAL_WAYS;
@@ -346,8 +347,15 @@ fn reply(flow: &FlowKey, connector: u32, rule: u32) -> Verdict {
     // array, which only this CPU's XDP program writes.
     unsafe {
         let now = bpf_ktime_get_coarse_ns();
-        // No responder said it answers lately (the daemon is gone): drop.
-        let alive = REPLY_ALIVE.get(0).copied().unwrap_or(0);
+        // No responder for this family said it answers lately (the daemon
+        // is gone, or has none): drop. (`steer` could only refuse it with a
+        // RST.)
+        let family = if addr::words_are_ipv4(&flow.local_words()) {
+            responder::IPV4
+        } else {
+            responder::IPV6
+        };
+        let alive = REPLY_ALIVE.get(family).copied().unwrap_or(0);
         // (The coarse clock may lag the daemon's reading: never "gone" then.)
         if now.saturating_sub(alive) > REPLY_ALIVE_NS {
             bump(connector, stat::REPLY_GATED);
@@ -363,9 +371,19 @@ fn reply(flow: &FlowKey, connector: u32, rule: u32) -> Verdict {
         }
         (*budget).replies += 1;
     }
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // A retransmission of a SYN already marked keeps its mark: `steered`
+    // must stand, or the responder's handshake would count as the
+    // server's.
+    if let Some(existing) = REPLY_FLOWS.get_ptr(flow) {
+        // SAFETY: a map value, read at once.
+        if now.wrapping_sub(unsafe { (*existing).time_ns }) <= REPLY_MARK_TTL_NS {
+            return Verdict::Pass;
+        }
+    }
     let mark = ReplyMark {
-        // SAFETY: a helper without arguments.
-        time_ns: unsafe { bpf_ktime_get_ns() },
+        time_ns: now,
         connector,
         rule,
         steered: 0,
@@ -375,7 +393,7 @@ fn reply(flow: &FlowKey, connector: u32, rule: u32) -> Verdict {
         bump(connector, stat::REPLY_GATED);
         return Verdict::Drop;
     }
-    bump(connector, stat::REPLIED);
+    // Counted as replied by `steer`, once it has handed it over.
     Verdict::Pass
 }
 

@@ -94,7 +94,7 @@ pub static REPLY_FLOWS: LruHashMap<FlowKey, ReplyMark> =
 pub static RESPONDERS: SockMap = SockMap::with_max_entries(2, 0);
 
 #[map(name = "REPLY_ALIVE")]
-pub static REPLY_ALIVE: Array<u64> = Array::with_max_entries(1, 0);
+pub static REPLY_ALIVE: Array<u64> = Array::with_max_entries(2, 0);
 
 #[map(name = "REPLY_BUDGETS")]
 pub static REPLY_BUDGETS: PerCpuArray<ReplyBudget> = PerCpuArray::with_max_entries(REFUSAL_SETS, 0);

@@ -9,10 +9,11 @@ use aya_ebpf::{
 };
 use limiter_common::{
     addr,
-    maps::{FlowKey, REPLY_MARK_TTL_NS, responder},
+    maps::{FlowKey, REPLY_MARK_TTL_NS, responder, stat},
 };
 
 use crate::{
+    count::bump,
     maps::{REPLY_FLOWS, RESPONDERS},
     read_ctx,
 };
@@ -78,14 +79,25 @@ fn try_steer(ctx: &SkLookupContext) -> Option<u32> {
     } else {
         responder::IPV4
     };
-    // Refused all the same when no responder takes it (the daemon is gone):
-    // the mail server never sees it.
+    // SAFETY: as above.
+    let connector = unsafe { (*mark).connector };
+    // Refused all the same when no responder takes it (none listens for
+    // this family): the mail server never sees it.
     Some(match RESPONDERS.redirect_sk_lookup(ctx, index, 0) {
         Ok(()) => {
-            // SAFETY: as above.
-            unsafe { (*mark).steered = 1 };
+            // SAFETY: as above. Counted once per connection: a SYN cookie's
+            // ACK is looked up (and steered) again.
+            unsafe {
+                if (*mark).steered == 0 {
+                    (*mark).steered = 1;
+                    bump(connector, stat::REPLIED);
+                }
+            }
             sk_action::SK_PASS
         }
-        Err(_) => sk_action::SK_DROP,
+        Err(_) => {
+            bump(connector, stat::REPLY_GATED);
+            sk_action::SK_DROP
+        }
     })
 }

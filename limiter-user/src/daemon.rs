@@ -247,6 +247,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     ));
     let resetter = tokio::spawn(reset_connections(resets, daemon.clone(), reset_with));
     let sweeper = tokio::spawn(sweep_forever(daemon.clone()));
+    tasks.push(tokio::spawn(keep_replying(daemon.clone())));
     let status = daemon.clone();
     tasks.push(notify::ready(move || {
         status.lock().expect("daemon lock").status()
@@ -816,6 +817,25 @@ fn in_group(pid: Option<i32>, gid: u32, group: u32) -> bool {
         })
 }
 
+/// Tells the XDP program, twice a second, that the responder answers:
+/// without it (the daemon gone, and its `steer` program with it) refused
+/// SYNs of a reply connector are dropped.
+async fn keep_replying(daemon: Arc<Mutex<Daemon>>) {
+    let mut ticker = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        ticker.tick().await;
+        let mut daemon = daemon.lock().expect("daemon lock");
+        if daemon.kernel.replies()
+            && let Err(e) = daemon.kernel.responders_alive()
+        {
+            log::error!(
+                "telling the kernel the responder answers: {}",
+                error_chain(&e)
+            );
+        }
+    }
+}
+
 async fn sweep_forever(daemon: Arc<Mutex<Daemon>>) -> anyhow::Result<()> {
     let mut ticker = tokio::time::interval(SWEEP_EVERY);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1028,11 +1048,6 @@ impl Daemon {
             }
         }
         self.warn_about_undeclared_forwards();
-        if self.kernel.replies() {
-            self.kernel
-                .responders_alive()
-                .map_err(|e| anyhow!(error_chain(&e)))?;
-        }
         let responder_flows = self.responder_flows();
         let held = held_by_servers(&self.bound_ports(), &responder_flows)?;
         let counted: HashMap<FlowKey, u32> = self

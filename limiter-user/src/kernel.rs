@@ -181,6 +181,8 @@ pub struct Kernel {
     /// Whether SYNs refused with action `reply` go to a responder (else the
     /// kernel is told to drop them).
     replies: bool,
+    /// The families a responder listens for (`RESPONDERS` indices).
+    responder_families: Vec<u32>,
     sizes: TableSizes,
     pins: Option<PinDir>,
     /// Whether the maps were left by an earlier daemon (counts included).
@@ -286,6 +288,7 @@ impl Kernel {
             responders: take!(ebpf, names::RESPONDERS),
             reply_alive: take!(ebpf, names::REPLY_ALIVE),
             replies: false,
+            responder_families: Vec::new(),
             sizes,
             ebpf,
             pins: pins.cloned(),
@@ -598,10 +601,12 @@ impl Kernel {
         self.responders
             .set(responder::IPV4, ipv4, 0)
             .map_err(map_err(names::RESPONDERS))?;
+        self.responder_families = vec![responder::IPV4];
         if let Some(ipv6) = ipv6 {
             self.responders
                 .set(responder::IPV6, ipv6, 0)
                 .map_err(map_err(names::RESPONDERS))?;
+            self.responder_families.push(responder::IPV6);
         }
         // The calling thread's namespace (a thread may have entered another).
         let netns =
@@ -623,9 +628,13 @@ impl Kernel {
     /// Tells the XDP program the responder still answers: without this
     /// for a few seconds (the daemon gone), it drops what it would hand it.
     pub fn responders_alive(&mut self) -> Result<(), KernelError> {
-        self.reply_alive
-            .set(0, monotonic_ns(), 0)
-            .map_err(map_err(names::REPLY_ALIVE))
+        let now = monotonic_ns();
+        for family in &self.responder_families {
+            self.reply_alive
+                .set(*family, now, 0)
+                .map_err(map_err(names::REPLY_ALIVE))?;
+        }
+        Ok(())
     }
 
     /// The map of SYNs marked for a reply, for the responder.

@@ -261,3 +261,65 @@ fn server_v4_ip() -> &'static std::net::Ipv4Addr {
         _ => unreachable!("server_v4 is IPv4"),
     })
 }
+
+#[test]
+fn where_the_responder_cannot_listen_a_reply_is_a_drop_and_the_start_says_so() {
+    // Without loopback's ::1 the responder has nowhere to listen for IPv6:
+    // IPv6 senders over the cap are dropped, and the log says so; IPv4
+    // ones are still answered (steering needs no loopback route).
+    let lab = limiter_tests::Lab::new();
+    let cgroup = limiter_tests::Cgroup::new();
+    let _server =
+        limiter_tests::HoldServer::start(&lab, Some(&cgroup), limiter_tests::scenario::LISTEN);
+    lab.server_ns().ip(&["link", "set", "lo", "down"]);
+    let limiter = limiter_tests::Limiter::start(&lab, &cgroup, &reply_connector("1", ""));
+    let connect = |src: IpAddr| {
+        let dst = if src.is_ipv4() {
+            server_v4(25)
+        } else {
+            limiter_tests::lab::server_v6(25)
+        };
+        lab.connect(src, dst, limiter_tests::scenario::ADMIT_WAIT)
+    };
+    let v6: IpAddr = client_v6(0).into();
+    let _held = connect(v6).expect("the first is admitted");
+    assert_eq!(
+        connect(v6).map(|_| ()).map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::TimedOut),
+        "{}",
+        limiter.log()
+    );
+    let log = limiter.log();
+    assert!(log.contains("no IPv6 responder"), "{log}");
+    let v4: IpAddr = client_v4(0).into();
+    let _held = connect(v4).expect("the first is admitted");
+    let mut stream = connect(v4).expect("IPv4 is answered");
+    let mut line = String::new();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    BufReader::new(&mut stream).read_line(&mut line).unwrap();
+    assert_eq!(line, format!("{EXCHANGE}\r\n"));
+    let stats = limiter.cli_json(&["stats"]);
+    assert_eq!(stats["rejected_per_source"], 2, "{stats}");
+    assert_eq!(stats["replied"], 1, "{stats}");
+    assert_eq!(stats["reply_dropped"], 1, "{stats}");
+}
+
+#[test]
+fn with_the_daemon_gone_a_reply_connector_drops_and_replies_again_when_it_is_back() {
+    let mut s = Scenario::start(&reply_connector("1", ""));
+    let _held = s.open(client_v4(0), 1);
+    let log = s.limiter.kill();
+    assert!(log.contains("enforcing on"), "{log}");
+    // Its responder and `steer` went with it: once the kernel has not heard
+    // from it for 2 s, what it would have answered is dropped, and the
+    // server never sees it.
+    std::thread::sleep(Duration::from_millis(2500));
+    s.refused(client_v4(0));
+    assert_eq!(established(s.lab.server_ns(), 25).len(), 1);
+    s.limiter.spawn();
+    let (line, _) = first_line(&s, client_v4(0));
+    assert_eq!(line, format!("{EXCHANGE}\r\n"));
+    assert_eq!(s.limiter.live("Frontend"), 1);
+}
