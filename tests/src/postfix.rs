@@ -1,20 +1,25 @@
 //! [`Postfix`]: a real Postfix (Debian's package) in the lab's server
 //! namespace, with a config and queue of its own, listening on port 25 and
-//! delivering everything for `lab.test` to one maildir.
+//! delivering everything for `lab.test` to one maildir; or, with
+//! [`Postfix::start_relay_client`], one in the client namespace that sends
+//! its queue to the server.
 
 use std::{
     collections::BTreeMap,
+    io::Write,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::Duration,
 };
 
-use crate::{Cgroup, ChildGuard, Lab, spawn_in, wait_until};
+use crate::{Cgroup, ChildGuard, Lab, Netns, spawn_in, wait_until};
 
 /// The mail domain the lab's Postfix takes mail for.
 pub const DOMAIN: &str = "lab.test";
 
 const MASTER: &str = "/usr/lib/postfix/sbin/master";
+const SENDMAIL: &str = "/usr/sbin/sendmail";
 
 /// A running Postfix master; stopped (with its children) and its files
 /// removed on drop.
@@ -52,43 +57,68 @@ fn chown(path: &Path, uid: u32, gid: u32, mode: u32) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
 }
 
+/// A fresh instance directory, laid out as `postfix post-install` would.
+struct Prepared {
+    dir: PathBuf,
+    postfix_uid: u32,
+    postfix_gid: u32,
+}
+
+fn prepare(kind: &str) -> Prepared {
+    let dir = std::env::temp_dir().join(format!(
+        "limiter-test-{kind}-{}-{}",
+        std::process::id(),
+        crate::next_id()
+    ));
+    let (postfix_uid, postfix_gid) = (id("-u", "postfix"), id("-g", "postfix"));
+    let postdrop = group_id("postdrop");
+    for sub in ["etc", "spool", "data", "mail"] {
+        std::fs::create_dir_all(dir.join(sub)).expect("creating the Postfix directories");
+    }
+    // What `postfix post-install` would create (that command insists on
+    // a system-wide /etc/postfix/main.cf, which this lab leaves alone).
+    let spool = dir.join("spool");
+    chown(&dir, 0, 0, 0o755);
+    chown(&spool, 0, 0, 0o755);
+    for queue in [
+        "active", "bounce", "corrupt", "defer", "deferred", "flush", "hold", "incoming", "private",
+        "saved", "trace",
+    ] {
+        let path = spool.join(queue);
+        std::fs::create_dir_all(&path).unwrap();
+        chown(&path, postfix_uid, 0, 0o700);
+    }
+    for (queue, mode) in [("maildrop", 0o730), ("public", 0o710)] {
+        let path = spool.join(queue);
+        std::fs::create_dir_all(&path).unwrap();
+        chown(&path, postfix_uid, postdrop, mode);
+    }
+    std::fs::create_dir_all(spool.join("pid")).unwrap();
+    chown(&spool.join("pid"), 0, 0, 0o755);
+    chown(&dir.join("data"), postfix_uid, postfix_gid, 0o700);
+    chown(&dir.join("mail"), postfix_uid, postfix_gid, 0o755);
+    Prepared {
+        dir,
+        postfix_uid,
+        postfix_gid,
+    }
+}
+
+/// Whether a master.cf line is the SMTP server on port 25 (`smtp inet ...`).
+fn is_smtpd_listener(line: &str) -> bool {
+    let mut fields = line.split_whitespace();
+    fields.next() == Some("smtp") && fields.next() == Some("inet")
+}
+
 impl Postfix {
     /// Configures and starts Postfix in `lab`'s server namespace, in
     /// `cgroup` (so that the limiter tracks its sockets).
     pub fn start(lab: &Lab, cgroup: &Cgroup) -> Postfix {
-        let dir = std::env::temp_dir().join(format!(
-            "limiter-test-postfix-{}-{}",
-            std::process::id(),
-            crate::next_id()
-        ));
-        let (postfix_uid, postfix_gid) = (id("-u", "postfix"), id("-g", "postfix"));
-        let postdrop = group_id("postdrop");
-        for sub in ["etc", "spool", "data", "mail"] {
-            std::fs::create_dir_all(dir.join(sub)).expect("creating the Postfix directories");
-        }
-        // What `postfix post-install` would create (that command insists on
-        // a system-wide /etc/postfix/main.cf, which this lab leaves alone).
-        let spool = dir.join("spool");
-        chown(&dir, 0, 0, 0o755);
-        chown(&spool, 0, 0, 0o755);
-        for queue in [
-            "active", "bounce", "corrupt", "defer", "deferred", "flush", "hold", "incoming",
-            "private", "saved", "trace",
-        ] {
-            let path = spool.join(queue);
-            std::fs::create_dir_all(&path).unwrap();
-            chown(&path, postfix_uid, 0, 0o700);
-        }
-        for (queue, mode) in [("maildrop", 0o730), ("public", 0o710)] {
-            let path = spool.join(queue);
-            std::fs::create_dir_all(&path).unwrap();
-            chown(&path, postfix_uid, postdrop, mode);
-        }
-        std::fs::create_dir_all(spool.join("pid")).unwrap();
-        chown(&spool.join("pid"), 0, 0, 0o755);
-        chown(&dir.join("data"), postfix_uid, postfix_gid, 0o700);
-        chown(&dir.join("mail"), postfix_uid, postfix_gid, 0o755);
-
+        let Prepared {
+            dir,
+            postfix_uid,
+            postfix_gid,
+        } = prepare("postfix");
         let d = dir.display();
         let main_cf = format!(
             "compatibility_level = 3.6
@@ -133,14 +163,73 @@ maillog_file_prefixes = {d}
             dir.join("etc/master.cf"),
         )
         .expect("Postfix's master.cf.dist: is postfix installed?");
+        Self::launch(lab.server_ns(), Some(cgroup), dir)
+    }
 
+    /// Configures and starts a sending Postfix in `lab`'s client namespace
+    /// (outside any tracked cgroup): it listens on nothing, relays every
+    /// message to `relayhost` from the source address `bind`, and retries
+    /// deferred mail every second or two. Submit with [`Postfix::submit`].
+    pub fn start_relay_client(lab: &Lab, bind: IpAddr, relayhost: SocketAddr) -> Postfix {
+        let Prepared { dir, .. } = prepare("postfix-sender");
+        let d = dir.display();
+        let (protocols, relay) = match relayhost.ip() {
+            IpAddr::V4(ip) => ("ipv4", format!("[{ip}]:{}", relayhost.port())),
+            IpAddr::V6(ip) => ("ipv6", format!("[ipv6:{ip}]:{}", relayhost.port())),
+        };
+        let main_cf = format!(
+            "compatibility_level = 3.6
+queue_directory = {d}/spool
+data_directory = {d}/data
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = client.{DOMAIN}
+mydomain = {DOMAIN}
+# master.cf has no smtpd: this instance listens on nothing.
+inet_interfaces = loopback-only
+inet_protocols = {protocols}
+mydestination =
+relayhost = {relay}
+smtp_bind_address = {bind}
+# No DNS, no local delivery, no notices.
+smtp_dns_support_level = disabled
+local_transport = error:this sender delivers nothing locally
+notify_classes =
+alias_maps =
+alias_database =
+biff = no
+# A test waits for the retry: make it come quickly.
+queue_run_delay = 1s
+minimal_backoff_time = 1s
+maximal_backoff_time = 2s
+smtp_connect_timeout = 2s
+smtp_helo_timeout = 5s
+maillog_file = {d}/maillog
+maillog_file_prefixes = {d}
+",
+        );
+        std::fs::write(dir.join("etc/main.cf"), main_cf).unwrap();
+        let master_cf = std::fs::read_to_string("/usr/share/postfix/master.cf.dist")
+            .expect("Postfix's master.cf.dist: is postfix installed?");
+        let master_cf: String = master_cf
+            .lines()
+            .filter(|l| !is_smtpd_listener(l))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(dir.join("etc/master.cf"), master_cf).unwrap();
+        Self::launch(lab.client_ns(), None, dir)
+    }
+
+    /// Starts the master of the instance configured in `dir`, in `ns` (and
+    /// `cgroup`), and waits until it has started.
+    fn launch(ns: &Netns, cgroup: Option<&Cgroup>, dir: PathBuf) -> Postfix {
         let mut cmd = Command::new(MASTER);
         cmd.arg("-c")
             .arg(dir.join("etc"))
             .arg("-d")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut master = spawn_in(lab.server_ns(), Some(cgroup), cmd);
+        let mut master = spawn_in(ns, cgroup, cmd);
         master.capture();
         let mut postfix = Postfix {
             master: Some(master),
@@ -154,6 +243,34 @@ maillog_file_prefixes = {d}
         }
         assert!(up, "postfix did not start: {}", postfix.log());
         postfix
+    }
+
+    /// Submits `message` (headers and body) from `from` to `to` with
+    /// Postfix's sendmail, into this instance's queue.
+    pub fn submit(&self, from: &str, to: &str, message: &str) {
+        let mut child = Command::new(SENDMAIL)
+            .arg("-C")
+            .arg(self.dir.join("etc"))
+            .args(["-i", "-f", from, "--", to])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("running Postfix's sendmail");
+        child
+            .stdin
+            .take()
+            .expect("sendmail's stdin")
+            .write_all(message.as_bytes())
+            .expect("writing the message to sendmail");
+        let out = child.wait_with_output().expect("waiting for sendmail");
+        assert!(
+            out.status.success(),
+            "sendmail failed ({}): {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
     }
 
     /// Postfix's own log (its `maillog_file`).
