@@ -61,9 +61,9 @@ const MAX_REPLY_TEXT: usize = 510;
 
 /// A `reply_text` as the sender may get it: a 421 line of printable ASCII.
 fn check_reply_text(text: &str) -> Result<(), String> {
-    if !text.starts_with("421 ") {
+    if !text.starts_with("421 ") || text[4..].trim().is_empty() {
         return Err(format!(
-            "reply_text {text:?} must start with \"421 \" (a transient refusal: the sender retries)"
+            "reply_text {text:?} must be \"421 \" and a text (a transient refusal: the sender retries)"
         ));
     }
     if text.len() > MAX_REPLY_TEXT || !text.bytes().all(|b| (0x20..0x7f).contains(&b)) {
@@ -664,12 +664,33 @@ max_inbound_connection_percentage_per_source = 100
 "#;
 
     #[test]
-    fn the_packaged_example_is_the_built_in_default() {
+    fn the_packaged_example_is_the_built_in_default_answering_like_exchange() {
         let shipped = include_str!("../../dist/connectors.toml");
+        let mut expected = Config::builtin_default();
+        expected.connectors[0].action = Action::Reply;
+        assert_eq!(Config::parse(shipped, "connectors.toml").unwrap(), expected);
+    }
+
+    #[test]
+    fn reply_text_must_be_one_421_line() {
+        let with = |text: &str| {
+            parse(&format!(
+                "[[connector]]\nname = \"F\"\nbindings = [\"0.0.0.0:25\"]\naction = \"reply\"\nreply_text = {text:?}\n"
+            ))
+        };
         assert_eq!(
-            Config::parse(shipped, "connectors.toml").unwrap(),
-            Config::builtin_default()
+            with("421 4.3.2 busy").unwrap().connectors[0].reply_text,
+            "421 4.3.2 busy"
         );
+        for bad in [
+            "550 5.7.1 no",
+            "421 two\r\n250 lines",
+            "421 ",
+            "421 \u{e9}t\u{e9}",
+        ] {
+            assert!(with(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(with(&format!("421 {}", "x".repeat(600))).is_err());
     }
 
     fn parse(text: &str) -> Result<Config, ConfigError> {

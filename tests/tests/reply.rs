@@ -143,10 +143,19 @@ fn a_sender_that_talks_first_still_gets_the_line() {
     let mut line = String::new();
     BufReader::new(&stream).read_line(&mut line).unwrap();
     assert_eq!(line, format!("{EXCHANGE}\r\n"));
-    let _silent: Vec<TcpStream> = (0..3)
+    let silent: Vec<TcpStream> = (0..3)
         .map(|_| s.connect(client_v4(0)).expect("handshake"))
         .collect();
     assert_eq!(established(s.lab.server_ns(), 25).len(), 1);
+    // Read late, each holds the line and the end of the connection.
+    for mut stream in silent {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut all = String::new();
+        std::io::Read::read_to_string(&mut stream, &mut all).expect("line, then EOF");
+        assert_eq!(all, format!("{EXCHANGE}\r\n"));
+    }
     assert_eq!(s.limiter.live("Frontend"), 1);
 }
 
