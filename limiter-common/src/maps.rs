@@ -11,7 +11,7 @@ use crate::{
 };
 
 /// Bumped whenever a key or value below changes shape; part of the pin path.
-pub const MAP_LAYOUT_VERSION: u32 = 4;
+pub const MAP_LAYOUT_VERSION: u32 = 5;
 
 /// Map names, as they appear in the object file and under `--bpffs`.
 pub mod names {
@@ -80,7 +80,8 @@ pub mod names {
     /// `SockMap`: the responder's listening sockets (see
     /// [`super::responder`]). Not pinned: they are the daemon's.
     pub const RESPONDERS: &str = "RESPONDERS";
-    /// `PerCpuArray<ReplyBudget>`, a slot per refusal cache set. Not pinned.
+    /// `PerCpuArray<ReplyBudget>`, a slot per refusal cache set and one for
+    /// the CPU's replies in all. Not pinned.
     pub const REPLY_BUDGETS: &str = "REPLY_BUDGETS";
     /// `Array<u64>`, an entry per [`super::responder`] family: when the
     /// daemon's responder last said it answers (`CLOCK_MONOTONIC` ns). Not
@@ -363,9 +364,8 @@ pub struct ReplyMark {
     pub connector: u32,
     /// The rule that refused it (a `Rule` as u32): its wording.
     pub rule: u32,
-    /// Set by `steer` once it handed the SYN to a responder: only then is
-    /// the completed handshake the responder's, not the mail server's
-    /// (without a responder the SYN reaches the server and counts).
+    /// Set by `steer`: 1 once it handed the SYN to the responder, 2 if no
+    /// responder took it (so each is counted once).
     pub steered: u32,
     pub _pad: u32,
 }
@@ -373,11 +373,22 @@ pub struct ReplyMark {
 /// How long a reply mark steers: the SYN's retransmissions, and the ACK
 /// that completes a handshake answered with a SYN cookie.
 pub const REPLY_MARK_TTL_NS: u64 = 10_000_000_000;
-/// Entries of `REPLY_FLOWS`.
-pub const MAX_REPLY_FLOWS: u32 = 4096;
+/// Entries of `REPLY_FLOWS`: more than the replies all CPUs may make in
+/// [`REPLY_MARK_TTL_NS`], so that a live mark is not evicted.
+pub const MAX_REPLY_FLOWS: u32 = 16384;
 /// Replies a CPU makes a second for the keys of one set of its refusal
-/// cache; SYNs beyond are dropped (and counted).
+/// cache (a source is always in the same set); SYNs beyond are dropped (and
+/// counted).
 pub const REPLIES_PER_SECOND: u32 = 4;
+/// Replies a CPU makes a second in all: a flood of forged sources draws no
+/// more SYN-ACKs than this.
+pub const CPU_REPLIES_PER_SECOND: u32 = 64;
+/// The `REPLY_BUDGETS` slot of a CPU's replies in all (after one per set).
+pub const CPU_REPLY_BUDGET: u32 = crate::refusals::REFUSAL_SETS;
+/// `SO_MARK` of the responder's sockets: how the sock_ops program and the
+/// daemon tell the responder's connections from the mail server's (a
+/// value no routing rule is likely to match).
+pub const RESPONDER_SOCKET_MARK: u32 = 0x4c4d_5251;
 /// Where each CPU counts its replies, per set of its refusal cache.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -597,7 +608,8 @@ pub mod stat {
     /// the sock_ops program was away).
     pub const RECONCILED: u32 = 11;
     /// Connections refused with action `reply` and handed to the responder
-    /// (by `steer`, once each).
+    /// (by `steer`, once each; a forged source never completes the
+    /// handshake).
     pub const REPLIED: u32 = 12;
     /// SYNs refused with action `reply` beyond the replies a second, or
     /// with no responder to take them: dropped.

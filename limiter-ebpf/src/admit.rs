@@ -11,8 +11,8 @@ use aya_ebpf::{
 use limiter_common::{
     Limits, Rule, addr,
     maps::{
-        FlowKey, REPLIES_PER_SECOND, REPLY_ALIVE_NS, REPLY_MARK_TTL_NS, ReplyMark, SynSeen, action,
-        responder, stat, syn_seen_slot,
+        CPU_REPLIES_PER_SECOND, CPU_REPLY_BUDGET, FlowKey, REPLIES_PER_SECOND, REPLY_ALIVE_NS,
+        REPLY_MARK_TTL_NS, ReplyMark, SynSeen, action, responder, stat, syn_seen_slot,
     },
     refusals::{self, CachedRefusal, REFUSAL_WAYS, RefusalKey},
 };
@@ -339,46 +339,32 @@ fn admitted(flow: &FlowKey, connector: u32, connector_action: u32) -> Verdict {
 /// counted.
 #[inline(never)]
 fn reply(flow: &FlowKey, connector: u32, rule: u32) -> Verdict {
-    let set = cache_key(flow).1.first_slot() / REFUSAL_WAYS;
-    let Some(budget) = REPLY_BUDGETS.get_ptr_mut(set) else {
-        return Verdict::Drop;
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // No responder for this family said it answers lately (the daemon is
+    // gone, or has none): drop (`steer` could only refuse it with a RST).
+    // The coarse clock may lag the daemon's reading: never "gone" then.
+    let family = if addr::words_are_ipv4(&flow.local_words()) {
+        responder::IPV4
+    } else {
+        responder::IPV6
     };
-    // SAFETY: a helper without arguments; this CPU's slot of a per-CPU
-    // array, which only this CPU's XDP program writes.
-    unsafe {
-        let now = bpf_ktime_get_coarse_ns();
-        // No responder for this family said it answers lately (the daemon
-        // is gone, or has none): drop. (`steer` could only refuse it with a
-        // RST.)
-        let family = if addr::words_are_ipv4(&flow.local_words()) {
-            responder::IPV4
-        } else {
-            responder::IPV6
-        };
-        let alive = REPLY_ALIVE.get(family).copied().unwrap_or(0);
-        // (The coarse clock may lag the daemon's reading: never "gone" then.)
-        if now.saturating_sub(alive) > REPLY_ALIVE_NS {
-            bump(connector, stat::REPLY_GATED);
-            return Verdict::Drop;
-        }
-        if now.wrapping_sub((*budget).since_ns) >= 1_000_000_000 {
-            (*budget).since_ns = now;
-            (*budget).replies = 0;
-        }
-        if (*budget).replies >= REPLIES_PER_SECOND {
-            bump(connector, stat::REPLY_GATED);
-            return Verdict::Drop;
-        }
-        (*budget).replies += 1;
+    let alive = REPLY_ALIVE.get(family).copied().unwrap_or(0);
+    let set = cache_key(flow).1.first_slot() / REFUSAL_WAYS;
+    if now.saturating_sub(alive) > REPLY_ALIVE_NS
+        || !spend(set, REPLIES_PER_SECOND, now)
+        || !spend(CPU_REPLY_BUDGET, CPU_REPLIES_PER_SECOND, now)
+    {
+        bump(connector, stat::REPLY_GATED);
+        return Verdict::Drop;
     }
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    // A retransmission of a SYN already marked keeps its mark: `steered`
-    // must stand, or the responder's handshake would count as the
-    // server's.
+    // A retransmission of a SYN already marked keeps its mark (and the
+    // count of it `steer` made).
     if let Some(existing) = REPLY_FLOWS.get_ptr(flow) {
         // SAFETY: a map value, read at once.
-        if now.wrapping_sub(unsafe { (*existing).time_ns }) <= REPLY_MARK_TTL_NS {
+        if now.saturating_sub(unsafe { (*existing).time_ns }) <= REPLY_MARK_TTL_NS {
             return Verdict::Pass;
         }
     }
@@ -395,6 +381,28 @@ fn reply(flow: &FlowKey, connector: u32, rule: u32) -> Verdict {
     }
     // Counted as replied by `steer`, once it has handed it over.
     Verdict::Pass
+}
+
+/// Takes one reply from this CPU's budget `slot` of `per_second` replies a
+/// second; false when it is spent.
+#[inline(always)]
+fn spend(slot: u32, per_second: u32, now: u64) -> bool {
+    let Some(budget) = REPLY_BUDGETS.get_ptr_mut(slot) else {
+        return false;
+    };
+    // SAFETY: this CPU's slot of a per-CPU array, which only this CPU's XDP
+    // program writes.
+    unsafe {
+        if now.wrapping_sub((*budget).since_ns) >= 1_000_000_000 {
+            (*budget).since_ns = now;
+            (*budget).replies = 0;
+        }
+        if (*budget).replies >= per_second {
+            return false;
+        }
+        (*budget).replies += 1;
+    }
+    true
 }
 
 #[inline(always)]

@@ -97,7 +97,8 @@ pub static RESPONDERS: SockMap = SockMap::with_max_entries(2, 0);
 pub static REPLY_ALIVE: Array<u64> = Array::with_max_entries(2, 0);
 
 #[map(name = "REPLY_BUDGETS")]
-pub static REPLY_BUDGETS: PerCpuArray<ReplyBudget> = PerCpuArray::with_max_entries(REFUSAL_SETS, 0);
+pub static REPLY_BUDGETS: PerCpuArray<ReplyBudget> =
+    PerCpuArray::with_max_entries(REFUSAL_SETS + 1, 0);
 
 /// Only the daemon uses it (see `limiter_common::maps::names`); defined here
 /// so that it is created and pinned with the others.

@@ -71,7 +71,7 @@ fn try_steer(ctx: &SkLookupContext) -> Option<u32> {
     // SAFETY: a helper without arguments; a map value, read and written
     // with plain loads and stores (a racing SYN retransmission writes the
     // same).
-    if unsafe { bpf_ktime_get_ns().wrapping_sub((*mark).time_ns) } > REPLY_MARK_TTL_NS {
+    if unsafe { bpf_ktime_get_ns().saturating_sub((*mark).time_ns) } > REPLY_MARK_TTL_NS {
         return None;
     }
     let index = if family == AF_INET6 {
@@ -96,7 +96,13 @@ fn try_steer(ctx: &SkLookupContext) -> Option<u32> {
             sk_action::SK_PASS
         }
         Err(_) => {
-            bump(connector, stat::REPLY_GATED);
+            // SAFETY: as above.
+            unsafe {
+                if (*mark).steered == 0 {
+                    (*mark).steered = 2;
+                    bump(connector, stat::REPLY_GATED);
+                }
+            }
             sk_action::SK_DROP
         }
     })

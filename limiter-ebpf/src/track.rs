@@ -19,7 +19,8 @@ use aya_ebpf::{
 use limiter_common::{
     addr,
     maps::{
-        ConnKey, Endpoint, FlowKey, FlowValue, SourceKey, action, reset_reason, stat, syn_seen_slot,
+        ConnKey, Endpoint, FlowKey, FlowValue, RESPONDER_SOCKET_MARK, SourceKey, action,
+        reset_reason, stat, syn_seen_slot,
     },
 };
 
@@ -28,7 +29,7 @@ use crate::{
         bump, judge_and_count, port_is_bound, release, select_connector, select_forwarded,
         source_key,
     },
-    maps::{CONNECTORS, ESTABLISHED, REPLY_FLOWS, SETTINGS, SYNS_SEEN, UNDECLARED_FORWARDS},
+    maps::{CONNECTORS, ESTABLISHED, SETTINGS, SYNS_SEEN, UNDECLARED_FORWARDS},
     read_ctx,
     report::{ON_STACK, Rejection, reject, request_reset},
 };
@@ -50,6 +51,17 @@ pub fn run(ctx: &SockOpsContext) {
             on_closed(ctx)
         }
         _ => {}
+    }
+}
+
+/// Whether the socket is the responder's (it carries its `SO_MARK`).
+#[inline(always)]
+fn is_responders(ctx: &SockOpsContext) -> bool {
+    // SAFETY: the context's socket pointer, read with a load of its own
+    // size, and checked for null before its `mark` is read.
+    unsafe {
+        let sk = core::ptr::read_volatile(&raw const (*ctx.ops).__bindgen_anon_2.sk);
+        !sk.is_null() && core::ptr::read_volatile(&raw const (*sk).mark) == RESPONDER_SOCKET_MARK
     }
 }
 
@@ -188,14 +200,10 @@ fn on_established(ctx: &SockOpsContext) {
     let Some(flow) = socket_flow(ctx) else {
         return;
     };
-    // A handshake the responder completed for a SYN refused with action
-    // `reply` (when its socket is in the tracked cgroup): not a
-    // connection to count.
-    // SAFETY: a map value, read at once.
-    if REPLY_FLOWS
-        .get_ptr(&flow)
-        .is_some_and(|mark| unsafe { (*mark).steered } != 0)
-    {
+    // The responder's handshake (action `reply`), when the daemon is in
+    // the tracked cgroup: not a connection to count. Known by its socket,
+    // never by anything a client can send.
+    if is_responders(ctx) {
         return;
     }
     let conn = conn_key(ctx, &flow);

@@ -393,6 +393,8 @@ fn attach_and_count(
     let replies = if uses_replies(config) {
         start_replies(kernel).map(Some)
     } else {
+        // Marks an earlier daemon's connectors left must not steer.
+        kernel.clear_reply_marks();
         Ok(None)
     };
     install(kernel, config, &ids, &table)?;
@@ -432,11 +434,7 @@ fn attach_and_count(
         }
     }
     let ports: HashSet<u16> = table.ports.iter().copied().collect();
-    let responder_flows = match &replies {
-        Ok(Some(replies)) => replies.steered(),
-        _ => HashSet::new(),
-    };
-    let (reconciled, seeded) = reconcile(kernel, &ports, &responder_flows, netns_cookie)?;
+    let (reconciled, seeded) = reconcile(kernel, &ports, netns_cookie)?;
     Ok(StartParts {
         loaded,
         ids,
@@ -467,9 +465,7 @@ fn start_replies(kernel: &mut Kernel) -> Result<Arc<Replies>, String> {
             error_chain(&e)
         )
     })?;
-    let flows = kernel
-        .take_reply_flows()
-        .ok_or("the map of reply marks is already taken")?;
+    let flows = kernel.reply_flows_handle().map_err(|e| error_chain(&e))?;
     let replies = Arc::new(Replies::new(flows));
     for listener in std::iter::once(ipv4).chain(ipv6) {
         let replies = replies.clone();
@@ -485,6 +481,15 @@ fn start_replies(kernel: &mut Kernel) -> Result<Arc<Replies>, String> {
 
 /// Says what action `reply` cannot do for this config.
 fn warn_about_replies(config: &Config, unavailable: Option<&str>) {
+    for c in config.connectors.iter().filter(|c| {
+        c.action != crate::config::Action::Reply && c.reply_text != crate::config::EXCHANGE_REPLY
+    }) {
+        log::warn!(
+            "connector {:?}: reply_text is used only with action reply (its action is {})",
+            c.name,
+            c.action.name()
+        );
+    }
     for c in config
         .connectors
         .iter()
@@ -916,11 +921,10 @@ async fn reset_connections(
 fn reconcile(
     kernel: &mut Kernel,
     ports: &HashSet<u16>,
-    responder_flows: &HashSet<FlowKey>,
     netns: u64,
 ) -> anyhow::Result<((usize, usize), HashSet<FlowKey>)> {
     let counted_before = kernel.established_in(netns);
-    let held = held_by_servers(ports, responder_flows)?;
+    let held = held_by_servers(ports)?;
     let mut released = 0;
     for (flow, _) in counted_before.iter().filter(|(f, _)| !held.contains(f)) {
         if kernel
@@ -961,15 +965,11 @@ fn reconcile(
     Ok(((released, counted), seeded))
 }
 
-/// The connections servers hold on `ports`, the responder's left out.
-fn held_by_servers(
-    ports: &HashSet<u16>,
-    responder_flows: &HashSet<FlowKey>,
-) -> anyhow::Result<HashSet<FlowKey>> {
+/// The connections servers hold on `ports` (the responder's left out).
+fn held_by_servers(ports: &HashSet<u16>) -> anyhow::Result<HashSet<FlowKey>> {
     Ok(sockdiag::held_connections(ports)
         .context("reading the socket table")?
         .into_iter()
-        .filter(|flow| !responder_flows.contains(flow))
         .collect())
 }
 
@@ -1048,8 +1048,7 @@ impl Daemon {
             }
         }
         self.warn_about_undeclared_forwards();
-        let responder_flows = self.responder_flows();
-        let held = held_by_servers(&self.bound_ports(), &responder_flows)?;
+        let held = held_by_servers(&self.bound_ports())?;
         let counted: HashMap<FlowKey, u32> = self
             .kernel
             .established_in(self.netns_cookie)
@@ -1105,12 +1104,8 @@ impl Daemon {
         self.uncounted = uncounted;
         if self.last_reconcile.elapsed() >= RECONCILE_EVERY {
             let ports = self.bound_ports();
-            let ((released, counted), seeded) = reconcile(
-                &mut self.kernel,
-                &ports,
-                &responder_flows,
-                self.netns_cookie,
-            )?;
+            let ((released, counted), seeded) =
+                reconcile(&mut self.kernel, &ports, self.netns_cookie)?;
             self.seeded = seeded;
             self.last_reconcile = Instant::now();
             if released + counted > 0 {
@@ -1129,13 +1124,6 @@ impl Daemon {
         Ok(())
     }
 
-    fn responder_flows(&self) -> HashSet<FlowKey> {
-        self.replies
-            .as_ref()
-            .map(|replies| replies.steered())
-            .unwrap_or_default()
-    }
-
     /// Starts the responder when `config` is the first to use action
     /// reply, and says what it cannot do.
     fn prepare_replies(&mut self, config: &Config) {
@@ -1144,6 +1132,9 @@ impl Daemon {
                 Ok(replies) => self.replies = Some(replies),
                 Err(why) => self.replies_unavailable = Some(why),
             }
+        }
+        if !uses_replies(config) {
+            self.kernel.clear_reply_marks();
         }
         warn_about_replies(config, self.replies_unavailable.as_deref());
     }

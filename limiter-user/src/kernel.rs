@@ -57,6 +57,12 @@ pub enum KernelError {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error("a second handle on map {name}: {source}")]
+    MapHandle {
+        name: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("map {0} is missing from the eBPF object")]
     MissingMap(&'static str),
     #[error("program {0} is missing from the eBPF object")]
@@ -174,8 +180,7 @@ pub struct Kernel {
     undeclared_forwards: HashMap<MapData, Endpoint, u32>,
     connector_names: Array<MapData, [u8; CONNECTOR_NAME_BYTES]>,
     refusals: PerCpuArray<MapData, CachedRefusal>,
-    /// Taken by the responder (see [`Kernel::take_reply_flows`]).
-    reply_flows: Option<HashMap<MapData, FlowKey, ReplyMark>>,
+    reply_flows: HashMap<MapData, FlowKey, ReplyMark>,
     responders: SockMap<MapData>,
     reply_alive: Array<MapData, u64>,
     /// Whether SYNs refused with action `reply` go to a responder (else the
@@ -262,8 +267,6 @@ impl Kernel {
         {
             let track: &mut SockOps = program(&mut ebpf, programs::TRACK)?;
             track.load().map_err(prog_err(programs::TRACK))?;
-            let steer: &mut SkLookup = program(&mut ebpf, programs::STEER)?;
-            steer.load().map_err(prog_err(programs::STEER))?;
         }
         // The typed handles check key and value sizes: a pinned map of
         // another shape is refused here.
@@ -284,7 +287,7 @@ impl Kernel {
             undeclared_forwards: take!(ebpf, names::UNDECLARED_FORWARDS),
             connector_names: take!(ebpf, names::CONNECTOR_NAMES),
             refusals: take!(ebpf, names::REFUSALS),
-            reply_flows: Some(take!(ebpf, names::REPLY_FLOWS)),
+            reply_flows: take!(ebpf, names::REPLY_FLOWS),
             responders: take!(ebpf, names::RESPONDERS),
             reply_alive: take!(ebpf, names::REPLY_ALIVE),
             replies: false,
@@ -614,7 +617,10 @@ impl Kernel {
                 path: PathBuf::from("/proc/thread-self/ns/net"),
                 source,
             })?;
+        // Loaded only now: a kernel without sk_lookup fails here, not at
+        // start.
         let steer: &mut SkLookup = program(&mut self.ebpf, programs::STEER)?;
+        steer.load().map_err(prog_err(programs::STEER))?;
         steer.attach(netns).map_err(prog_err(programs::STEER))?;
         self.replies = true;
         self.responders_alive()
@@ -637,9 +643,32 @@ impl Kernel {
         Ok(())
     }
 
-    /// The map of SYNs marked for a reply, for the responder.
-    pub fn take_reply_flows(&mut self) -> Option<HashMap<MapData, FlowKey, ReplyMark>> {
-        self.reply_flows.take()
+    /// A handle of its own on the map of SYNs marked for a reply, for the
+    /// responder.
+    pub fn reply_flows_handle(&self) -> Result<HashMap<MapData, FlowKey, ReplyMark>, KernelError> {
+        use aya::maps::IterableMap;
+        use std::os::fd::AsFd;
+        let fd = self
+            .reply_flows
+            .map()
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|source| KernelError::MapHandle {
+                name: names::REPLY_FLOWS,
+                source,
+            })?;
+        let data = MapData::from_fd(fd).map_err(map_err(names::REPLY_FLOWS))?;
+        HashMap::try_from(aya::maps::Map::LruHashMap(data)).map_err(map_err(names::REPLY_FLOWS))
+    }
+
+    /// Forgets every reply mark: when no connector replies, none may steer
+    /// (a mark planted before would send an admitted SYN to the responder).
+    pub fn clear_reply_marks(&mut self) {
+        let flows: Vec<FlowKey> = self.reply_flows.keys().filter_map(Result::ok).collect();
+        for flow in flows {
+            let _ = self.reply_flows.remove(&flow);
+        }
     }
 
     /// Every CPU's cached refusals: (CPU, slot, entry), the empty slots left

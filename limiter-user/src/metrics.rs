@@ -93,7 +93,7 @@ pub fn render(s: &Snapshot) -> String {
         closed
             .get_or_create(&connector())
             .inc_by(c.closed + c.seeded_closed);
-        for (outcome, n) in [("answered", c.replied), ("dropped", c.reply_dropped)] {
+        for (outcome, n) in [("handed", c.replied), ("dropped", c.reply_dropped)] {
             replies
                 .get_or_create(&ReplyLabel {
                     connector: name.clone(),
@@ -119,7 +119,7 @@ pub fn render(s: &Snapshot) -> String {
     );
     registry.register(
         "replies",
-        "SYNs refused with action reply: answered with the connector's 421 line, or dropped beyond the replies a second",
+        "SYNs refused with action reply: handed to the responder (which completes the handshake and writes the connector's 421 line), or dropped (beyond the replies a second, or no responder)",
         replies,
     );
     registry.register(

@@ -255,8 +255,9 @@ pub struct Counters {
     /// Counted connections found gone from the socket table without a
     /// callback (the daemon or sock_ops was away): corrections.
     pub reconciled: u64,
-    /// SYNs refused with action reply and handed to the responder, which
-    /// answered with the connector's 421 line.
+    /// Connections refused with action reply and handed to the responder,
+    /// which completes the handshake (a forged source never does) and
+    /// writes the connector's 421 line.
     #[serde(default)]
     pub replied: u64,
     /// SYNs refused with action reply beyond the replies a second (or with

@@ -5,15 +5,16 @@
 //! closes. The mail server never sees the connection, and it never counts.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     io,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener},
+    os::fd::AsRawFd,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
-use limiter_common::maps::{FlowKey, ReplyMark};
+use limiter_common::maps::{FlowKey, RESPONDER_SOCKET_MARK, ReplyMark};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -26,8 +27,8 @@ use crate::{config::Config, selection::to_addr};
 /// unanswered (the kernel's budget of replies a second keeps this far off).
 const MAX_OPEN: usize = 512;
 /// How long a sender has to take the line and close, after which the
-/// responder closes anyway.
-const LINGER: Duration = Duration::from_secs(5);
+/// responder resets the connection.
+const LINGER: Duration = Duration::from_secs(3);
 
 /// What the responder shares with the daemon: the kernel's marks and each
 /// connector's line.
@@ -58,18 +59,6 @@ impl Replies {
         *self.texts.lock().expect("texts lock") = texts;
     }
 
-    /// The connections steered to the responder: its own, not the mail
-    /// server's, although the socket table shows them on a mail port.
-    pub fn steered(&self) -> HashSet<FlowKey> {
-        let flows = self.flows.lock().expect("flows lock");
-        flows
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, mark)| mark.steered != 0)
-            .map(|(flow, _)| flow)
-            .collect()
-    }
-
     /// The line for a connection, by the connector that refused it.
     fn text_for(&self, flow: &FlowKey) -> String {
         let connector = self
@@ -91,11 +80,26 @@ impl Replies {
 }
 
 /// The responder's listening sockets, on loopback at ports the kernel
-/// picks: nothing reaches them but what `steer` hands them. IPv6 is
-/// `None` where loopback has no `::1`.
+/// picks: nothing reaches them but what `steer` hands them. Each carries
+/// [`RESPONDER_SOCKET_MARK`], and so does every connection it accepts. IPv6
+/// is `None` where loopback has no `::1`.
 pub fn listen() -> io::Result<(TcpListener, Option<TcpListener>)> {
     let ipv4 = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-    let ipv6 = match TcpListener::bind((Ipv6Addr::LOCALHOST, 0)) {
+    set_int_option(
+        &ipv4,
+        libc::SOL_SOCKET,
+        libc::SO_MARK,
+        RESPONDER_SOCKET_MARK as i32,
+    )?;
+    let ipv6 = match TcpListener::bind((Ipv6Addr::LOCALHOST, 0)).and_then(|listener| {
+        set_int_option(
+            &listener,
+            libc::SOL_SOCKET,
+            libc::SO_MARK,
+            RESPONDER_SOCKET_MARK as i32,
+        )?;
+        Ok(listener)
+    }) {
         Ok(listener) => Some(listener),
         Err(e) => {
             log::info!(
@@ -133,8 +137,17 @@ pub async fn serve(listener: TcpListener, replies: Arc<Replies>) -> anyhow::Resu
         };
         let replies = replies.clone();
         tokio::spawn(async move {
+            let mut stream = stream;
             let text = replies.text_for(&flow);
-            let _ = tokio::time::timeout(LINGER, answer(stream, &text)).await;
+            if tokio::time::timeout(LINGER, answer(&mut stream, &text))
+                .await
+                .is_err()
+            {
+                // A sender that neither reads nor closes: a RST frees the
+                // socket at once (no orphan waiting for it to read).
+                let _ = set_linger_zero(&stream);
+            }
+            drop(stream);
             replies.forget(&flow);
             drop(permit);
         });
@@ -144,12 +157,53 @@ pub async fn serve(listener: TcpListener, replies: Arc<Replies>) -> anyhow::Resu
 /// Writes the line and waits for the sender to close (it reads the line
 /// before its connection is torn down, and may send QUIT), discarding
 /// what it sends.
-async fn answer(mut stream: TcpStream, text: &str) -> io::Result<()> {
+async fn answer(stream: &mut TcpStream, text: &str) -> io::Result<()> {
     stream.write_all(format!("{text}\r\n").as_bytes()).await?;
     stream.shutdown().await?;
     let mut sink = [0u8; 512];
     while stream.read(&mut sink).await? > 0 {}
     Ok(())
+}
+
+fn set_int_option(socket: &impl AsRawFd, level: i32, name: i32, value: i32) -> io::Result<()> {
+    // SAFETY: a valid descriptor and a buffer of the option's size.
+    let done = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            (&value as *const i32).cast(),
+            size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if done == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// `SO_LINGER` on, with no time: the close resets the connection.
+fn set_linger_zero(socket: &impl AsRawFd) -> io::Result<()> {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid descriptor and a buffer of the option's size.
+    let done = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if done == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// The flow key of a connection, from the server's side.

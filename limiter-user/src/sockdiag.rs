@@ -5,7 +5,7 @@
 
 use std::{collections::HashSet, io, net::IpAddr};
 
-use limiter_common::maps::FlowKey;
+use limiter_common::maps::{FlowKey, RESPONDER_SOCKET_MARK};
 use netlink_packet_core::{
     NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkDeserializable, NetlinkHeader, NetlinkMessage,
     NetlinkPayload, NetlinkSerializable,
@@ -13,7 +13,7 @@ use netlink_packet_core::{
 use netlink_packet_sock_diag::{
     SockDiagDestroy, SockDiagMessage,
     constants::{AF_INET, AF_INET6, IPPROTO_TCP},
-    inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
+    inet::{ExtensionFlags, InetRequest, SocketId, StateFlags, nlas::Nla},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
 
@@ -26,7 +26,8 @@ fn held() -> StateFlags {
 }
 
 /// The connections of this network namespace that a server holds on a
-/// local port in `ports`, as flow keys from the server's side.
+/// local port in `ports`, as flow keys from the server's side (the
+/// responder's left out).
 pub fn held_connections(ports: &HashSet<u16>) -> io::Result<Vec<FlowKey>> {
     let mut flows = Vec::new();
     for family in [AF_INET, AF_INET6] {
@@ -90,8 +91,14 @@ fn dump(family: u8, mut each: impl FnMut(&SocketId)) -> io::Result<()> {
     receive::<SockDiagMessage>(&socket, |message| {
         if let SockDiagMessage::InetResponse(response) = message {
             let id = &response.header.socket_id;
+            // The responder's connections (action reply) are no server's;
+            // the kernel gives a socket's mark to a privileged reader.
+            let responders = response
+                .nlas
+                .iter()
+                .any(|nla| matches!(nla, Nla::Mark(mark) if *mark == RESPONDER_SOCKET_MARK));
             // Only what a connection's addresses can be.
-            if matches!(id.source_address, IpAddr::V4(_) | IpAddr::V6(_)) {
+            if matches!(id.source_address, IpAddr::V4(_) | IpAddr::V6(_)) && !responders {
                 each(id);
             }
         }

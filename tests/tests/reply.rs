@@ -332,3 +332,51 @@ fn with_the_daemon_gone_a_reply_connector_drops_and_replies_again_when_it_is_bac
     assert_eq!(line, format!("{EXCHANGE}\r\n"));
     assert_eq!(s.limiter.live("Frontend"), 1);
 }
+
+#[test]
+fn with_the_daemon_in_the_tracked_cgroup_the_responders_handshakes_are_not_the_servers() {
+    // As in production, where the tracked cgroup is the root: the sock_ops
+    // program sees the responder's handshakes too, and must know them by
+    // their socket.
+    let lab = limiter_tests::Lab::new();
+    let cgroup = limiter_tests::Cgroup::new();
+    let _server =
+        limiter_tests::HoldServer::start(&lab, Some(&cgroup), limiter_tests::scenario::LISTEN);
+    let procs = cgroup.path().join("cgroup.procs");
+    let launch = limiter_tests::daemon::Launch {
+        wrapper: vec![
+            "sh".into(),
+            "-c".into(),
+            format!("echo $$ > {} && exec \"$@\"", procs.display()).into(),
+            "sh".into(),
+        ],
+        ..Default::default()
+    };
+    let limiter = limiter_tests::Limiter::start_launched(
+        &lab,
+        &cgroup,
+        Some(&reply_connector("1", "")),
+        &[],
+        launch,
+    );
+    assert!(cgroup.procs().len() >= 2, "the daemon is in the cgroup");
+    let connect = || lab.connect(client_v4(0).into(), server_v4(25), Duration::from_secs(2));
+    let _held = connect().expect("the first is admitted");
+    for _ in 0..3 {
+        let stream = connect().expect("a refused sender is answered");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut all = String::new();
+        std::io::Read::read_to_string(&mut &stream, &mut all).expect("the line, then EOF");
+        assert_eq!(all, format!("{EXCHANGE}\r\n"));
+    }
+    std::thread::sleep(Duration::from_millis(2500));
+    let stats = limiter.cli_json(&["stats"]);
+    assert_eq!(stats["admitted"], 1, "{stats}");
+    assert_eq!(stats["rejected_late"], 0, "{stats}");
+    assert_eq!(stats["replied"], 3, "{stats}");
+    assert_eq!(stats["seeded"], 0, "{stats}");
+    let status = limiter.status();
+    assert_eq!(status.live_total, 1, "{status:?}");
+}
