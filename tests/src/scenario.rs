@@ -69,6 +69,21 @@ pub fn connector(name: &str, ranges: &str, max: &str, per_source: &str, pct: u32
     )
 }
 
+/// [`connector`] "Frontend" on every remote address, with these caps (the
+/// percentage rule off) and action `reply`.
+pub fn reply_connector(max: &str, per_source: &str) -> String {
+    format!(
+        "{}action = \"reply\"\n",
+        connector(
+            "Frontend",
+            "[\"0.0.0.0/0\", \"::/0\"]",
+            max,
+            per_source,
+            100
+        )
+    )
+}
+
 impl Scenario {
     /// Connects from `src` to the server's port 25 of the same family.
     pub fn connect(&self, src: impl Into<IpAddr>) -> std::io::Result<TcpStream> {

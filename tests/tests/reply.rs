@@ -11,24 +11,11 @@ use limiter_tests::{
     established,
     flood::{spoofed_source, syn_flood, syn_packet},
     lab::{client_v4, client_v6, server_v4},
-    scenario::{Scenario, alive, connector, server_side},
+    scenario::{Scenario, alive, connector, reply_connector, server_side},
     wait_until,
 };
 
 const EXCHANGE: &str = "421 4.3.2 The maximum number of concurrent connections has exceeded a limit, closing transmission channel";
-
-fn reply_connector(per_source: &str, extra: &str) -> String {
-    format!(
-        "{}action = \"reply\"\n{extra}",
-        connector(
-            "Frontend",
-            "[\"0.0.0.0/0\", \"::/0\"]",
-            "100",
-            per_source,
-            100
-        )
-    )
-}
 
 /// Connects from `src`: the handshake must complete, and the first line
 /// the sender reads is returned, with whether the connection closed after it.
@@ -56,7 +43,7 @@ fn stats(s: &Scenario) -> serde_json::Value {
 
 #[test]
 fn over_the_cap_a_sender_reads_the_421_line_and_the_server_never_sees_it() {
-    let s = Scenario::start(&reply_connector("2", ""));
+    let s = Scenario::start(&reply_connector("100", "2"));
     let held = s.open(client_v4(0), 2);
     let (line, closed) = first_line(&s, client_v4(0));
     assert_eq!(line, format!("{EXCHANGE}\r\n"));
@@ -86,9 +73,9 @@ fn over_the_cap_a_sender_reads_the_421_line_and_the_server_never_sees_it() {
 #[test]
 fn the_configured_text_reaches_ipv6_senders() {
     let custom = "421 4.7.0 mx.lab.test too many connections from your host, try later";
-    let s = Scenario::start(&reply_connector(
-        "1",
-        &format!("reply_text = \"{custom}\"\n"),
+    let s = Scenario::start(&format!(
+        "{}reply_text = \"{custom}\"\n",
+        reply_connector("100", "1")
     ));
     let _held = s.open(client_v6(0), 1);
     let (line, closed) = first_line(&s, client_v6(0));
@@ -133,7 +120,7 @@ fn a_connector_switched_to_reply_at_run_time_replies() {
 fn a_sender_that_talks_first_still_gets_the_line() {
     // A client that does not wait for the greeting (and one that never
     // reads) must not hold the responder or reach the server.
-    let s = Scenario::start(&reply_connector("1", ""));
+    let s = Scenario::start(&reply_connector("100", "1"));
     let _held = s.open(client_v4(0), 1);
     let mut stream = s.connect(client_v4(0)).expect("handshake");
     stream.write_all(b"EHLO pipelined.example\r\n").unwrap();
@@ -161,16 +148,7 @@ fn a_sender_that_talks_first_still_gets_the_line() {
 
 #[test]
 fn a_flood_from_one_source_gets_no_more_replies_than_the_gate_allows() {
-    let s = Scenario::start(&format!(
-        "{}action = \"reply\"\n",
-        connector(
-            "Frontend",
-            "[\"0.0.0.0/0\", \"::/0\"]",
-            "1",
-            "\"unlimited\"",
-            100
-        )
-    ));
+    let s = Scenario::start(&reply_connector("1", "\"unlimited\""));
     let _held = s.open(client_v4(0), 1);
     let seconds = 3;
     let dst = SocketAddrV4::new(*server_v4_ip(), 25);
@@ -209,7 +187,7 @@ fn a_forged_syn_cannot_plant_a_421_for_a_later_real_connection() {
     // sender will use next: it is refused and marked for the responder. Once
     // the sender has a free slot, its real SYN from that port is admitted
     // and reaches the server, not the responder.
-    let s = Scenario::start(&reply_connector("1", ""));
+    let s = Scenario::start(&reply_connector("100", "1"));
     let mut held = s.open(client_v4(0), 1);
     let dst = SocketAddrV4::new(*server_v4_ip(), 25);
     let port = 40_000;
@@ -281,7 +259,7 @@ fn where_the_responder_cannot_listen_a_reply_is_a_drop_and_the_start_says_so() {
     let _server =
         limiter_tests::HoldServer::start(&lab, Some(&cgroup), limiter_tests::scenario::LISTEN);
     lab.server_ns().ip(&["link", "set", "lo", "down"]);
-    let limiter = limiter_tests::Limiter::start(&lab, &cgroup, &reply_connector("1", ""));
+    let limiter = limiter_tests::Limiter::start(&lab, &cgroup, &reply_connector("100", "1"));
     let connect = |src: IpAddr| {
         let dst = if src.is_ipv4() {
             server_v4(25)
@@ -317,7 +295,7 @@ fn where_the_responder_cannot_listen_a_reply_is_a_drop_and_the_start_says_so() {
 
 #[test]
 fn with_the_daemon_gone_a_reply_connector_drops_and_replies_again_when_it_is_back() {
-    let mut s = Scenario::start(&reply_connector("1", ""));
+    let mut s = Scenario::start(&reply_connector("100", "1"));
     let _held = s.open(client_v4(0), 1);
     let log = s.limiter.kill();
     assert!(log.contains("enforcing on"), "{log}");
@@ -355,7 +333,7 @@ fn with_the_daemon_in_the_tracked_cgroup_the_responders_handshakes_are_not_the_s
     let limiter = limiter_tests::Limiter::start_launched(
         &lab,
         &cgroup,
-        Some(&reply_connector("1", "")),
+        Some(&reply_connector("100", "1")),
         &[],
         launch,
     );

@@ -12,24 +12,11 @@ use limiter_tests::{
     flood::syn_packet,
     lab::{SERVER_V4, client_v4},
     rawtcp::{RawClient, Shape},
-    scenario::{Scenario, alive, connector, server_side},
+    scenario::{Scenario, alive, reply_connector, server_side},
     wait_until,
 };
 
 const SERVER: SocketAddrV4 = SocketAddrV4::new(SERVER_V4, 25);
-
-fn reply_connector(per_source: &str) -> String {
-    format!(
-        "{}action = \"reply\"\n",
-        connector(
-            "Frontend",
-            "[\"0.0.0.0/0\", \"::/0\"]",
-            "100",
-            per_source,
-            100
-        )
-    )
-}
 
 fn from(s: &Scenario, source: Ipv4Addr) -> usize {
     established(s.lab.server_ns(), 25)
@@ -53,7 +40,7 @@ fn replied(s: &Scenario) -> u64 {
 /// answers every SYN with a cookie (as under a SYN flood).
 #[test]
 fn an_ack_after_the_mark_ttl_is_counted_and_judged_like_any_handshake() {
-    let s = Scenario::start(&reply_connector("1"));
+    let s = Scenario::start(&reply_connector("100", "1"));
     s.lab.server_ns().set_sysctl("net.ipv4.tcp_syncookies", "2");
     let source = client_v4(0);
     let _held = s.open(source, 1);
@@ -95,7 +82,7 @@ fn an_ack_after_the_mark_ttl_is_counted_and_judged_like_any_handshake() {
 /// 4-tuples are counted, and held to its cap, like any.
 #[test]
 fn marks_left_from_action_reply_let_no_source_past_its_cap_after_the_action_changes() {
-    let s = Scenario::start(&reply_connector("1"));
+    let s = Scenario::start(&reply_connector("100", "1"));
     let source = client_v4(0);
     let mut held = s.open(source, 1);
     let ports: Vec<u16> = (31_000..31_004).collect();
@@ -170,16 +157,7 @@ fn marks_left_from_action_reply_let_no_source_past_its_cap_after_the_action_chan
 /// replies a second at most, whatever the sources.
 #[test]
 fn forged_sources_at_the_total_cap_draw_at_most_64_syn_acks_a_second_per_cpu() {
-    let s = Scenario::start(&format!(
-        "{}action = \"reply\"\n",
-        connector(
-            "Frontend",
-            "[\"0.0.0.0/0\", \"::/0\"]",
-            "1",
-            "\"unlimited\"",
-            100
-        )
-    ));
+    let s = Scenario::start(&reply_connector("1", "\"unlimited\""));
     let _held = s.open(client_v4(0), 1);
     // The Internet: a route back to the forged sources.
     s.lab.server_ns().ip(&[
