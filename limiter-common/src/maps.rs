@@ -80,6 +80,13 @@ pub mod names {
     /// `SockMap`: the responder's listening sockets (see
     /// [`super::responder`]). Not pinned: they are the daemon's.
     pub const RESPONDERS: &str = "RESPONDERS";
+    /// `Array<u64>`, one entry: `bpf_ktime_get_ns()` of the newest reply
+    /// mark, so that `steer` skips its lookup while no mark can be live.
+    /// Not pinned.
+    pub const LAST_REPLY_MARK: &str = "LAST_REPLY_MARK";
+    /// `PerCpuArray<DiagGate>`, a slot per [`super::diag`] condition. Not
+    /// pinned.
+    pub const DIAG_GATES: &str = "DIAG_GATES";
     /// `PerCpuArray<ReplyBudget>`, a slot per refusal cache set and one for
     /// the CPU's replies in all. Not pinned.
     pub const REPLY_BUDGETS: &str = "REPLY_BUDGETS";
@@ -405,6 +412,30 @@ pub const REPLY_ALIVE_NS: u64 = 2_000_000_000;
 pub mod responder {
     pub const IPV4: u32 = 0;
     pub const IPV6: u32 = 1;
+}
+
+/// Where each CPU counts a rare condition until it is told (see
+/// [`diag`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DiagGate {
+    pub count: u64,
+    /// `bpf_ktime_get_coarse_ns()` when it was last told.
+    pub told_ns: u64,
+}
+
+/// The rare conditions the kernel programs tell the daemon's log about
+/// (`DIAG_GATES` indices).
+pub mod diag {
+    /// A SYN to a bound port that could not be read whole, dropped.
+    pub const UNREADABLE: u32 = 0;
+    /// A connection reset because a table it needed was full.
+    pub const TABLE_FULL: u32 = 1;
+    /// A connection judged over a cap when its handshake completed.
+    pub const LATE_RESET: u32 = 2;
+    /// A released count with no source entry to go back to.
+    pub const LOST_SOURCE: u32 = 3;
+    pub const COUNT: u32 = 4;
 }
 
 /// A connector as the kernel sees it.

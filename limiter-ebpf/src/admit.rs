@@ -20,9 +20,10 @@ use limiter_common::{
 use crate::{
     atomic,
     count::{bump, connector_live, connector_state, select_connector, source_key},
+    diag,
     maps::{
-        CONNECTORS, REFUSALS, RELEASE_STAMPS, REPLY_ALIVE, REPLY_BUDGETS, REPLY_FLOWS,
-        REPLY_SCRATCH, SETTINGS, SOURCE_LIVE, STATS, SYNS_SEEN,
+        CONNECTORS, LAST_REPLY_MARK, REFUSALS, RELEASE_STAMPS, REPLY_ALIVE, REPLY_BUDGETS,
+        REPLY_FLOWS, REPLY_SCRATCH, SETTINGS, SOURCE_LIVE, STATS, SYNS_SEEN,
     },
     parse::{self, LinkLayer, Packet, ReplyLayout},
     report::{IN_SCRATCH, Rejection, reject, rejected_counter},
@@ -47,6 +48,8 @@ pub fn run(ctx: &XdpContext, link: LinkLayer) -> u32 {
         Packet::Pass => return xdp_action::XDP_PASS,
         Packet::Unreadable => {
             bump(stat::GLOBAL_ROW, stat::UNREADABLE);
+            diag::note(limiter_common::maps::diag::UNREADABLE);
+            diag::tell(ctx);
             return xdp_action::XDP_DROP;
         }
         Packet::Syn(syn) => syn,
@@ -378,6 +381,10 @@ fn reply(flow: &FlowKey, connector: u32, rule: u32) -> Verdict {
     if REPLY_FLOWS.insert(flow, &mark, 0).is_err() {
         bump(connector, stat::REPLY_GATED);
         return Verdict::Drop;
+    }
+    if let Some(last) = LAST_REPLY_MARK.get_ptr_mut(0) {
+        // SAFETY: a map value; a plain store (replies are few a second).
+        unsafe { core::ptr::write_volatile(last, now) };
     }
     // Counted as replied by `steer`, once it has handed it over.
     Verdict::Pass

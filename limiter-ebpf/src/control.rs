@@ -50,6 +50,7 @@ pub fn run(ctx: &XdpContext) -> u32 {
     };
     // SAFETY: as above; the field is within the checked bytes.
     unsafe { core::ptr::write_unaligned(&raw mut (*frame).result, result) };
+    crate::diag::tell(ctx);
     xdp_action::XDP_PASS
 }
 

@@ -16,7 +16,8 @@ use limiter_common::{
     addr::{self, Words},
     maps::{
         BindingKey, ConnectorState, FORWARDED_BINDING, FlowKey, FlowValue, RANGE_KEY_BINDING_BITS,
-        RangeKey, ReportGate, SOURCE_FORGOTTEN, SourceCount, SourceKey, stat, wildcard_binding_id,
+        RangeKey, ReportGate, SOURCE_FORGOTTEN, SourceCount, SourceKey, diag, stat,
+        wildcard_binding_id,
     },
     refusals,
 };
@@ -282,6 +283,8 @@ pub fn release(flow: &FlowValue) {
             atomic::decrement(&raw mut (*entry).live);
             (*entry).last_change_ns = bpf_ktime_get_ns();
         }
+    } else {
+        crate::diag::note(diag::LOST_SOURCE);
     }
     let connector = flow.source.connector;
     bump_stamp(refusals::connector_stamp(connector));

@@ -20,6 +20,7 @@ mod admit;
 mod atomic;
 mod control;
 mod count;
+mod diag;
 mod maps;
 mod parse;
 mod report;

@@ -13,7 +13,7 @@ use limiter_common::maps::{
     RejectionEvent, ReportGate, ResetRequest, SYNS_SEEN_SLOTS, Settings, SourceCount, SourceKey,
     SynSeen, stat,
 };
-use limiter_common::maps::{FlowKey, MAX_REPLY_FLOWS, ReplyBudget, ReplyMark};
+use limiter_common::maps::{DiagGate, FlowKey, MAX_REPLY_FLOWS, ReplyBudget, ReplyMark, diag};
 use limiter_common::refusals::{CachedRefusal, REFUSAL_SETS, REFUSAL_SLOTS, RELEASE_STAMPS_LEN};
 
 use crate::parse::ReplyLayout;
@@ -85,6 +85,12 @@ pub static REPLY_SCRATCH: PerCpuArray<ReplyLayout> = PerCpuArray::with_max_entri
 
 #[map(name = "RELEASE_STAMPS")]
 pub static RELEASE_STAMPS: Array<u32> = Array::with_max_entries(RELEASE_STAMPS_LEN, 0);
+
+#[map(name = "LAST_REPLY_MARK")]
+pub static LAST_REPLY_MARK: Array<u64> = Array::with_max_entries(1, 0);
+
+#[map(name = "DIAG_GATES")]
+pub static DIAG_GATES: PerCpuArray<DiagGate> = PerCpuArray::with_max_entries(diag::COUNT, 0);
 
 #[map(name = "REPLY_FLOWS")]
 pub static REPLY_FLOWS: LruHashMap<FlowKey, ReplyMark> =

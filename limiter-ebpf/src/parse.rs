@@ -10,44 +10,72 @@
 //! the kernel would reassemble or unwrap it and accept it uncounted.
 //! Anything else unexpected is [`Packet::Pass`]: the program fails open.
 
+use core::mem::offset_of;
+
 use aya_ebpf::programs::XdpContext;
 use limiter_common::{addr, maps::FlowKey};
+use network_types::{
+    eth::{EthHdr, EtherType},
+    ip::{IpProto, Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+    vlan::VlanHdr,
+};
 
 use crate::count::port_is_bound;
 
-const ETH_HLEN: usize = 14;
-const VLAN_HLEN: usize = 4;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-const ETH_P_8021Q: u16 = 0x8100;
-const ETH_P_8021AD: u16 = 0x88a8;
+// The header layouts are network-types'; each field is read with a load of
+// its own at its offset, checked against the bytes made readable, since a
+// struct read of a whole header would copy bytes nobody needs.
+const ETH_HLEN: usize = EthHdr::LEN;
+const ETH_TYPE: usize = offset_of!(EthHdr, ether_type);
+const VLAN_HLEN: usize = VlanHdr::LEN;
+const VLAN_TYPE: usize = offset_of!(VlanHdr, ether_type);
+// network-types stores EtherTypes in network order; `u16_at` reads them in
+// host order.
+const ETH_P_IP: u16 = u16::from_be(EtherType::Ipv4 as u16);
+const ETH_P_IPV6: u16 = u16::from_be(EtherType::Ipv6 as u16);
+const ETH_P_8021Q: u16 = u16::from_be(EtherType::Ieee8021q as u16);
+const ETH_P_8021AD: u16 = u16::from_be(EtherType::Ieee8021ad as u16);
 /// VLAN tags followed. The kernel strips nested priority tags (VLAN 0) one
 /// after the other, so a frame with more is unreadable, not harmless.
 const MAX_VLAN_TAGS: usize = 4;
 
-pub const IPV4_MIN_HLEN: usize = 20;
-pub const IPV6_HLEN: usize = 40;
-pub const IPPROTO_TCP: u8 = 6;
+pub const IPV4_MIN_HLEN: usize = Ipv4Hdr::LEN;
+const IPV4_TOT_LEN: usize = offset_of!(Ipv4Hdr, tot_len);
+const IPV4_FRAGS: usize = offset_of!(Ipv4Hdr, frags);
+const IPV4_PROTO: usize = offset_of!(Ipv4Hdr, proto);
+const IPV4_SRC: usize = offset_of!(Ipv4Hdr, src_addr);
+const IPV4_DST: usize = offset_of!(Ipv4Hdr, dst_addr);
+pub const IPV6_HLEN: usize = Ipv6Hdr::LEN;
+const IPV6_PAYLOAD_LEN: usize = offset_of!(Ipv6Hdr, payload_len);
+const IPV6_NEXT: usize = offset_of!(Ipv6Hdr, next_hdr);
+const IPV6_SRC: usize = offset_of!(Ipv6Hdr, src_addr);
+const IPV6_DST: usize = offset_of!(Ipv6Hdr, dst_addr);
+pub const IPPROTO_TCP: u8 = IpProto::Tcp as u8;
 const IPV4_FRAG_OFFSET_MASK: u16 = 0x1fff;
 const IPV4_MORE_FRAGMENTS: u16 = 0x2000;
 
-const IPV6_HOP_BY_HOP: u8 = 0;
-const IPV6_ROUTING: u8 = 43;
-const IPV6_FRAGMENT: u8 = 44;
-const IPV6_AUTH: u8 = 51;
-const IPV6_DEST_OPTIONS: u8 = 60;
+const IPV6_HOP_BY_HOP: u8 = IpProto::HopOpt as u8;
+const IPV6_ROUTING: u8 = IpProto::Ipv6Route as u8;
+const IPV6_FRAGMENT: u8 = IpProto::Ipv6Frag as u8;
+const IPV6_AUTH: u8 = IpProto::Ah as u8;
+const IPV6_DEST_OPTIONS: u8 = IpProto::Ipv6Opts as u8;
 /// Extension header lengths are counted in units of this many bytes (the
 /// authentication header's in units of 4).
 const IPV6_EXTENSION_UNIT: usize = 8;
 /// Extension headers followed; a longer chain is unreadable.
 const IPV6_MAX_EXTENSION_HEADERS: usize = 8;
 
+const TCP_SOURCE: usize = offset_of!(TcpHdr, source);
+const TCP_DEST: usize = offset_of!(TcpHdr, dest);
+const TCP_SEQ: usize = offset_of!(TcpHdr, seq);
 /// Bytes of the TCP header holding the ports.
-const TCP_PORTS_END: usize = 4;
+const TCP_PORTS_END: usize = TCP_SEQ;
 /// The TCP header without options.
-pub const TCP_HDR_LEN: usize = 20;
-const TCP_FLAGS_OFFSET: usize = 13;
-const TCP_DATA_OFFSET: usize = 12;
+pub const TCP_HDR_LEN: usize = TcpHdr::LEN;
+/// The data offset's byte (its high nibble), then the flags' byte.
+const TCP_DATA_OFFSET: usize = offset_of!(TcpHdr, _bitfield_1);
+const TCP_FLAGS_OFFSET: usize = TCP_DATA_OFFSET + 1;
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
@@ -175,13 +203,13 @@ fn try_parse(ctx: &XdpContext, link: LinkLayer) -> Step<Packet> {
 #[inline(always)]
 fn ethernet(ctx: &XdpContext) -> Step<(usize, u16)> {
     let mut offset = ETH_HLEN;
-    let mut ether_type = u16_at(ctx, ETH_HLEN - 2).ok_or(Packet::Pass)?;
+    let mut ether_type = u16_at(ctx, ETH_TYPE).ok_or(Packet::Pass)?;
     let mut tag = 0;
     while tag < MAX_VLAN_TAGS {
         if ether_type != ETH_P_8021Q && ether_type != ETH_P_8021AD {
             return Ok((offset, ether_type));
         }
-        ether_type = u16_at(ctx, offset + 2).ok_or(Packet::Pass)?;
+        ether_type = u16_at(ctx, offset + VLAN_TYPE).ok_or(Packet::Pass)?;
         offset += VLAN_HLEN;
         tag += 1;
     }
@@ -199,9 +227,9 @@ fn ipv4(ctx: &XdpContext, offset: usize) -> Step<L4> {
     let (version_ihl, total_len, fragment_field, protocol) = unsafe {
         (
             *ip,
-            u16::from_be_bytes([*ip.add(2), *ip.add(3)]) as usize,
-            u16::from_be_bytes([*ip.add(6), *ip.add(7)]),
-            *ip.add(9),
+            u16::from_be_bytes([*ip.add(IPV4_TOT_LEN), *ip.add(IPV4_TOT_LEN + 1)]) as usize,
+            u16::from_be_bytes([*ip.add(IPV4_FRAGS), *ip.add(IPV4_FRAGS + 1)]),
+            *ip.add(IPV4_PROTO),
         )
     };
     let header_len = ((version_ihl & 0x0f) as usize) * 4;
@@ -237,8 +265,8 @@ fn ipv6(ctx: &XdpContext, offset: usize) -> Step<L4> {
     let (version, payload_len, mut next_header) = unsafe {
         (
             *ip >> 4,
-            u16::from_be_bytes([*ip.add(4), *ip.add(5)]) as usize,
-            *ip.add(6),
+            u16::from_be_bytes([*ip.add(IPV6_PAYLOAD_LEN), *ip.add(IPV6_PAYLOAD_LEN + 1)]) as usize,
+            *ip.add(IPV6_NEXT),
         )
     };
     let end = offset + IPV6_HLEN + payload_len;
@@ -326,7 +354,8 @@ fn tcp(ctx: &XdpContext, l4: L4, link: LinkLayer) -> Step<Packet> {
         }
         let ports = bytes_at(ctx, l4.offset, TCP_PORTS_END).ok_or(Packet::Pass)?;
         // SAFETY: within the TCP_PORTS_END bytes checked.
-        let local_port = unsafe { u16::from_be_bytes([*ports.add(2), *ports.add(3)]) };
+        let local_port =
+            unsafe { u16::from_be_bytes([*ports.add(TCP_DEST), *ports.add(TCP_DEST + 1)]) };
         return Err(if port_is_bound(local_port) {
             Packet::Unreadable
         } else {
@@ -338,7 +367,7 @@ fn tcp(ctx: &XdpContext, l4: L4, link: LinkLayer) -> Step<Packet> {
     let (flags, local_port, header_len) = unsafe {
         (
             *tcp.add(TCP_FLAGS_OFFSET),
-            u16::from_be_bytes([*tcp.add(2), *tcp.add(3)]),
+            u16::from_be_bytes([*tcp.add(TCP_DEST), *tcp.add(TCP_DEST + 1)]),
             ((*tcp.add(TCP_DATA_OFFSET) >> 4) as usize) * 4,
         )
     };
@@ -363,8 +392,13 @@ fn tcp(ctx: &XdpContext, l4: L4, link: LinkLayer) -> Step<Packet> {
     // SAFETY: within the TCP_HDR_LEN bytes checked.
     let (remote_port, seq) = unsafe {
         (
-            u16::from_be_bytes([*tcp, *tcp.add(1)]),
-            u32::from_be_bytes([*tcp.add(4), *tcp.add(5), *tcp.add(6), *tcp.add(7)]),
+            u16::from_be_bytes([*tcp.add(TCP_SOURCE), *tcp.add(TCP_SOURCE + 1)]),
+            u32::from_be_bytes([
+                *tcp.add(TCP_SEQ),
+                *tcp.add(TCP_SEQ + 1),
+                *tcp.add(TCP_SEQ + 2),
+                *tcp.add(TCP_SEQ + 3),
+            ]),
         )
     };
     let reply = (link == LinkLayer::Ethernet && l4.plain && !l4.fragment).then_some(ReplyLayout {
@@ -378,16 +412,16 @@ fn tcp(ctx: &XdpContext, l4: L4, link: LinkLayer) -> Step<Packet> {
         unsafe {
             (
                 [
-                    word_at(ip, 24),
-                    word_at(ip, 28),
-                    word_at(ip, 32),
-                    word_at(ip, 36),
+                    word_at(ip, IPV6_DST),
+                    word_at(ip, IPV6_DST + 4),
+                    word_at(ip, IPV6_DST + 8),
+                    word_at(ip, IPV6_DST + 12),
                 ],
                 [
-                    word_at(ip, 8),
-                    word_at(ip, 12),
-                    word_at(ip, 16),
-                    word_at(ip, 20),
+                    word_at(ip, IPV6_SRC),
+                    word_at(ip, IPV6_SRC + 4),
+                    word_at(ip, IPV6_SRC + 8),
+                    word_at(ip, IPV6_SRC + 12),
                 ],
             )
         }
@@ -396,8 +430,8 @@ fn tcp(ctx: &XdpContext, l4: L4, link: LinkLayer) -> Step<Packet> {
         // SAFETY: the addresses end at byte 20, which was checked.
         unsafe {
             (
-                addr::ipv4_words(word_at(ip, 16)),
-                addr::ipv4_words(word_at(ip, 12)),
+                addr::ipv4_words(word_at(ip, IPV4_DST)),
+                addr::ipv4_words(word_at(ip, IPV4_SRC)),
             )
         }
     };

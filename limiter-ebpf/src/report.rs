@@ -8,7 +8,7 @@ use limiter_common::{
     addr::{self, Words},
     maps::{
         ConnKey, ConnectorConfig, FlowKey, REPORT_INTERVAL_NS, RejectionEvent, ReportGate,
-        ResetRequest, SourceCount, SourceKey, gate, stat,
+        ResetRequest, SourceCount, SourceKey, gate, reset_reason, stat,
     },
     refusals::CachedRefusal,
 };
@@ -228,6 +228,11 @@ fn fill(event: *mut RejectionEvent, rejection: &Rejection, kind: u32, folded: u3
 /// it to the daemon's sweep.
 #[inline(never)]
 pub fn request_reset(conn: &ConnKey, socket_cookie: u64, reason: u32) {
+    crate::diag::note(if reason == reset_reason::TABLE_FULL {
+        limiter_common::maps::diag::TABLE_FULL
+    } else {
+        limiter_common::maps::diag::LATE_RESET
+    });
     let request = ResetRequest {
         conn: *conn,
         socket_cookie,

@@ -14,7 +14,7 @@ use limiter_common::{
 
 use crate::{
     count::bump,
-    maps::{REPLY_FLOWS, RESPONDERS},
+    maps::{LAST_REPLY_MARK, REPLY_FLOWS, RESPONDERS},
     read_ctx,
 };
 
@@ -29,6 +29,18 @@ pub fn run(ctx: &SkLookupContext) -> u32 {
 /// `None`: not ours, the kernel's lookup goes on.
 #[inline(always)]
 fn try_steer(ctx: &SkLookupContext) -> Option<u32> {
+    // No mark made within its TTL: none to find (every SYN the namespace
+    // takes comes here, so the common case costs no hash lookup). A mark
+    // made on another CPU a moment ago may be missed: that SYN then goes
+    // to the mail server, which counts and judges it when it completes.
+    // SAFETY: a helper without arguments; a map value, read at once.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let last = LAST_REPLY_MARK
+        .get_ptr(0)
+        .map_or(0, |last| unsafe { core::ptr::read_volatile(last) });
+    if now.saturating_sub(last) > REPLY_MARK_TTL_NS {
+        return None;
+    }
     let lookup: *const bpf_sk_lookup = ctx.lookup;
     // SAFETY: fields of the context, each read with a load of its own (the
     // verifier checks every access to the context).
@@ -71,7 +83,7 @@ fn try_steer(ctx: &SkLookupContext) -> Option<u32> {
     // SAFETY: a helper without arguments; a map value, read and written
     // with plain loads and stores (a racing SYN retransmission writes the
     // same).
-    if unsafe { bpf_ktime_get_ns().saturating_sub((*mark).time_ns) } > REPLY_MARK_TTL_NS {
+    if unsafe { now.saturating_sub((*mark).time_ns) } > REPLY_MARK_TTL_NS {
         return None;
     }
     let index = if family == AF_INET6 {

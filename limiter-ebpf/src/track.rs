@@ -52,6 +52,7 @@ pub fn run(ctx: &SockOpsContext) {
         }
         _ => {}
     }
+    crate::diag::tell(ctx);
 }
 
 /// Whether the socket is the responder's (it carries its `SO_MARK`).

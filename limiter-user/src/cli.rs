@@ -240,6 +240,32 @@ struct RunArgs {
     /// daemon that adopts pinned tables keeps their size).
     #[arg(long, default_value_t = limiter_common::maps::DEFAULT_TABLE_ENTRIES, value_name = "N")]
     table_entries: u32,
+    /// Rare kernel-side conditions (an unreadable SYN dropped, a table
+    /// full, a handshake judged over a cap, a state thought impossible)
+    /// told in the daemon's log from this level up, at most once a second
+    /// each. Off: the kernel programs carry no logging code.
+    #[arg(long, value_enum, default_value_t = KernelLogLevel::Off, value_name = "LEVEL")]
+    kernel_log_level: KernelLogLevel,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum KernelLogLevel {
+    Off,
+    Error,
+    Warn,
+    Info,
+}
+
+impl KernelLogLevel {
+    /// aya-log's level number (0: off).
+    fn raw(self) -> u8 {
+        match self {
+            KernelLogLevel::Off => 0,
+            KernelLogLevel::Error => aya_log::Level::Error as u8,
+            KernelLogLevel::Warn => aya_log::Level::Warn as u8,
+            KernelLogLevel::Info => aya_log::Level::Info as u8,
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -346,6 +372,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                 metrics: args.metrics,
                 keep_attached: args.keep_attached,
                 table_entries: args.table_entries,
+                kernel_log_level: args.kernel_log_level.raw(),
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

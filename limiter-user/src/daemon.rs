@@ -83,6 +83,8 @@ pub struct RunOptions {
     pub keep_attached: bool,
     /// Entries of the source and established tables.
     pub table_entries: u32,
+    /// aya-log's level for the kernel programs' diagnostics (0: off).
+    pub kernel_log_level: u8,
 }
 
 /// The daemon's state, shared by the control socket and the sweeper.
@@ -211,6 +213,10 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         .kernel
         .take_resets()
         .context("the reset ring is missing")?;
+    let kernel_log = daemon
+        .kernel
+        .take_kernel_log(options.kernel_log_level)
+        .context("reading the kernel programs' log (--kernel-log-level)")?;
     let reset_with = daemon.resetter.clone();
     let daemon = Arc::new(Mutex::new(daemon));
     let hub = Arc::new(EventHub::default());
@@ -247,6 +253,9 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     ));
     let resetter = tokio::spawn(reset_connections(resets, daemon.clone(), reset_with));
     let sweeper = tokio::spawn(sweep_forever(daemon.clone()));
+    if let Some(kernel_log) = kernel_log {
+        tasks.push(tokio::spawn(tell_kernel_log(kernel_log)));
+    }
     tasks.push(tokio::spawn(keep_replying(daemon.clone())));
     let status = daemon.clone();
     tasks.push(notify::ready(move || {
@@ -317,13 +326,14 @@ fn start(
         sources: options.table_entries,
         established: options.table_entries,
     };
-    let mut kernel = Kernel::load(sizes, Some(pins)).map_err(|e| {
-        anyhow!(
-            "loading the programs and maps (--table-entries {}): {}",
-            options.table_entries,
-            error_chain(&e)
-        )
-    })?;
+    let mut kernel =
+        Kernel::load_with_log(sizes, Some(pins), options.kernel_log_level).map_err(|e| {
+            anyhow!(
+                "loading the programs and maps (--table-entries {}): {}",
+                options.table_entries,
+                error_chain(&e)
+            )
+        })?;
     let result = attach_and_count(options, loaded, links, cgroup, netns_cookie, &mut kernel);
     match result {
         Ok(parts) => {
@@ -820,6 +830,26 @@ fn in_group(pid: Option<i32>, gid: u32, group: u32) -> bool {
                 .split_whitespace()
                 .any(|g| g.parse::<u32>() == Ok(group))
         })
+}
+
+/// Writes what the kernel programs tell (aya-log) to the daemon's log.
+async fn tell_kernel_log(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    // SAFETY: the logger owns its ring buffer's fd, which stays open and
+    // the same for as long as the AsyncFd owns the logger.
+    let mut logger = match unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) } {
+        Ok(logger) => logger,
+        Err(e) => {
+            log::error!("watching the kernel programs' log: {}", e.into_parts().1);
+            return;
+        }
+    };
+    loop {
+        let Ok(mut guard) = logger.readable_mut().await else {
+            return;
+        };
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+    }
 }
 
 /// Tells the XDP program, twice a second, that the responder answers:

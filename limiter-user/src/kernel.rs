@@ -214,9 +214,20 @@ impl Kernel {
     ///
     /// A load that fails removes what it pinned, unless it adopted it.
     pub fn load(sizes: TableSizes, pins: Option<&PinDir>) -> Result<Kernel, KernelError> {
+        Self::load_with_log(sizes, pins, 0)
+    }
+
+    /// Like [`Kernel::load`], with the kernel programs' diagnostics told
+    /// from aya-log level `log_level` up (0: off, and the verifier drops
+    /// their code); see [`Kernel::take_kernel_log`].
+    pub fn load_with_log(
+        sizes: TableSizes,
+        pins: Option<&PinDir>,
+        log_level: u8,
+    ) -> Result<Kernel, KernelError> {
         let adopted = pins.is_some_and(PinDir::has_maps);
         let root_existed = pins.is_some_and(|p| p.root().exists());
-        let loaded = Self::load_adopting(sizes, pins, adopted, !root_existed);
+        let loaded = Self::load_adopting(sizes, pins, adopted, !root_existed, log_level);
         if loaded.is_err()
             && !adopted
             && let Some(pins) = pins
@@ -234,9 +245,11 @@ impl Kernel {
         pins: Option<&PinDir>,
         adopted: bool,
         made_root: bool,
+        log_level: u8,
     ) -> Result<Kernel, KernelError> {
         let mut sizes = sizes;
         let mut loader = EbpfLoader::new();
+        loader.override_global(aya_log::LEVEL, &log_level, true);
         if let Some(pins) = pins {
             pins.create()?;
             if adopted {
@@ -345,6 +358,18 @@ impl Kernel {
     /// The rejection event ring, for one reader.
     pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
         self.events.take()
+    }
+
+    /// The reader of the kernel programs' diagnostics (aya-log), which
+    /// writes them to this process's log; `Ok(None)` when they are off.
+    pub fn take_kernel_log(
+        &mut self,
+        log_level: u8,
+    ) -> Result<Option<aya_log::EbpfLogger<&'static dyn log::Log>>, aya_log::Error> {
+        if log_level == 0 {
+            return Ok(None);
+        }
+        aya_log::EbpfLogger::init(&mut self.ebpf).map(Some)
     }
 
     /// The reset request ring, for one reader.

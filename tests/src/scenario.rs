@@ -3,7 +3,7 @@
 
 use std::{
     io::{BufRead, BufReader, ErrorKind, Write},
-    net::{IpAddr, TcpStream},
+    net::{IpAddr, Ipv4Addr, TcpStream},
     time::Duration,
 };
 
@@ -12,6 +12,7 @@ use crate::{
     daemon::Launch,
     established,
     lab::{server_v4, server_v6},
+    rawtcp::NftTable,
     wait_until,
 };
 
@@ -189,4 +190,37 @@ pub fn echo(stream: &mut TcpStream, line: &str) -> String {
         .unwrap();
     BufReader::new(&*stream).read_line(&mut reply).unwrap();
     reply.trim_end().to_string()
+}
+
+/// `n` connections from `source` whose last ACKs are held back (a client's
+/// nftables rule drops them) until `hold` has passed, then let through with
+/// data: every SYN passes while the source holds nothing, and the
+/// handshakes complete together, each judged as it does.
+pub fn completing_together(
+    lab: &Lab,
+    source: Ipv4Addr,
+    n: usize,
+    hold: Duration,
+) -> Vec<TcpStream> {
+    let held_back = NftTable::new(
+        lab.client_ns(),
+        "ip",
+        "holdacks",
+        &format!(
+            "chain out {{ type filter hook output priority 0; \
+             ip saddr {source} tcp dport 25 tcp flags & (syn | ack | fin | rst | psh) == ack drop; }}"
+        ),
+    );
+    let mut streams: Vec<TcpStream> = (0..n)
+        .map(|_| {
+            lab.connect(source.into(), server_v4(25), ADMIT_WAIT)
+                .expect("the client's side completes")
+        })
+        .collect();
+    std::thread::sleep(hold);
+    drop(held_back);
+    for stream in &mut streams {
+        stream.write_all(b"hello\n").expect("writing");
+    }
+    streams
 }

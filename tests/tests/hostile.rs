@@ -10,7 +10,7 @@
 //! no forger can cost a real sender the connections its caps allow.
 
 use std::{
-    io::{ErrorKind, Write},
+    io::ErrorKind,
     net::{IpAddr, Ipv4Addr, SocketAddrV4, TcpStream},
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
@@ -22,7 +22,7 @@ use limiter_tests::{
     frames::{IPV6_DEST_OPTIONS, Segment},
     lab::{SERVER_V4, SERVER_V6, client_v4, client_v6, server_v4},
     rawtcp::{NftTable, RawClient, Shape, mac, send_frames},
-    scenario::{ADMIT_WAIT, SETTLE, Scenario, alive, connector, server_side},
+    scenario::{ADMIT_WAIT, SETTLE, Scenario, alive, completing_together, connector, server_side},
     sockets_in_state, tcp_hold_bin, wait_until,
 };
 
@@ -37,34 +37,6 @@ fn still_up(s: &Scenario, streams: &[TcpStream], expected: usize) -> usize {
     let up = streams.iter().filter(|stream| alive(stream)).count();
     assert_eq!(up, expected, "{:?}", s.limiter.status());
     up
-}
-
-/// `n` connections from `source` whose last ACKs are held back (a client's
-/// nftables rule drops them) until `hold` has passed, then let through with
-/// data: every SYN passes while the source holds nothing, and the
-/// handshakes complete together, each judged as it does.
-fn completing_together(lab: &Lab, source: Ipv4Addr, n: usize, hold: Duration) -> Vec<TcpStream> {
-    let held_back = NftTable::new(
-        lab.client_ns(),
-        "ip",
-        "holdacks",
-        &format!(
-            "chain out {{ type filter hook output priority 0; \
-             ip saddr {source} tcp dport 25 tcp flags & (syn | ack | fin | rst | psh) == ack drop; }}"
-        ),
-    );
-    let mut streams: Vec<TcpStream> = (0..n)
-        .map(|_| {
-            lab.connect(source.into(), server_v4(25), ADMIT_WAIT)
-                .expect("the client's side completes")
-        })
-        .collect();
-    std::thread::sleep(hold);
-    drop(held_back);
-    for stream in &mut streams {
-        stream.write_all(b"hello\n").expect("writing");
-    }
-    streams
 }
 
 fn from(s: &Scenario, source: impl Into<IpAddr>) -> usize {
