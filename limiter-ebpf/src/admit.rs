@@ -137,7 +137,12 @@ fn from_cache(flow: &FlowKey) -> Verdict {
                 return match cached_verdict(entry, generation) {
                     // SAFETY: as above.
                     Some(Verdict::Reply) => unsafe {
-                        reply(flow, (*entry).connector - 1, (*entry).rule as u32)
+                        reply(
+                            flow,
+                            (*entry).connector - 1,
+                            (*entry).rule as u32,
+                            first / REFUSAL_WAYS,
+                        )
                     },
                     Some(verdict) => verdict,
                     None => Verdict::Judge,
@@ -319,7 +324,9 @@ fn judge(flow: &FlowKey) -> Verdict {
     });
     match config.action {
         action::RESET => Verdict::Reset,
-        action::REPLY => reply(flow, connector, evaluation.rule as u32),
+        // The key's set is found in `reply`: here it would grow this
+        // frame past the verifier's stack.
+        action::REPLY => reply(flow, connector, evaluation.rule as u32, SET_UNKNOWN),
         _ => Verdict::Drop,
     }
 }
@@ -341,21 +348,27 @@ fn admitted(flow: &FlowKey, connector: u32, connector_action: u32) -> Verdict {
 /// handshake per reply), or no responder answers, then dropped and
 /// counted.
 #[inline(never)]
-fn reply(flow: &FlowKey, connector: u32, rule: u32) -> Verdict {
+fn reply(flow: &FlowKey, connector: u32, rule: u32, set: u32) -> Verdict {
+    let set = if set == SET_UNKNOWN {
+        cache_key(flow).1.first_slot() / REFUSAL_WAYS
+    } else {
+        set
+    };
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    // No responder for this family said it answers lately (the daemon is
-    // gone, or has none): drop (`steer` could only refuse it with a RST).
-    // The coarse clock may lag the daemon's reading: never "gone" then.
+    // The key's own budget first: under a flood it is the one spent, and
+    // the SYN is dropped after one CPU-local lookup. Then: a responder for
+    // this family said it answers lately (else the daemon is gone, or has
+    // none: `steer` could only refuse the SYN with a RST), and this CPU's
+    // replies in all. The coarse clock may lag the daemon's reading: never
+    // "gone" then.
     let family = if addr::words_are_ipv4(&flow.local_words()) {
         responder::IPV4
     } else {
         responder::IPV6
     };
-    let alive = REPLY_ALIVE.get(family).copied().unwrap_or(0);
-    let set = cache_key(flow).1.first_slot() / REFUSAL_WAYS;
-    if now.saturating_sub(alive) > REPLY_ALIVE_NS
-        || !spend(set, REPLIES_PER_SECOND, now)
+    if !spend(set, REPLIES_PER_SECOND, now)
+        || now.saturating_sub(REPLY_ALIVE.get(family).copied().unwrap_or(0)) > REPLY_ALIVE_NS
         || !spend(CPU_REPLY_BUDGET, CPU_REPLIES_PER_SECOND, now)
     {
         bump(connector, stat::REPLY_GATED);
@@ -389,6 +402,9 @@ fn reply(flow: &FlowKey, connector: u32, rule: u32) -> Verdict {
     // Counted as replied by `steer`, once it has handed it over.
     Verdict::Pass
 }
+
+/// For [`reply`]: the SYN's refusal cache set is not known yet.
+const SET_UNKNOWN: u32 = u32::MAX;
 
 /// Takes one reply from this CPU's budget `slot` of `per_second` replies a
 /// second; false when it is spent.

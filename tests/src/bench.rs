@@ -193,6 +193,53 @@ const LOCAL: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 
 /// A limiter loaded with one connector on port 25 with `ranges` remote
 /// ranges (the client's the last), one connection per source.
+/// A refused SYN of a connector with action `reply` whose replies this
+/// second are spent (what a flood against it costs), with the responder
+/// started in a namespace of its own.
+fn reply_micro(rounds: usize, drop: f64) -> Micro {
+    let ns = crate::netns::OwnedNetns::new();
+    ns.run(|| {
+        let text = "[[connector]]\nname = \"Bench\"\nbindings = [\"0.0.0.0:25\"]\n\
+                    max_inbound_connection = \"unlimited\"\nmax_inbound_connection_per_source = 1\n\
+                    max_inbound_connection_percentage_per_source = 100\naction = \"reply\"\n";
+        let config = Config::parse(text, "bench.toml").expect("a valid bench config");
+        let mut kernel = Kernel::load(
+            TableSizes {
+                sources: 1 << 18,
+                established: 1 << 18,
+            },
+            None,
+        )
+        .expect("loading the programs");
+        let responder = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("responder");
+        kernel
+            .start_replies(&responder, None::<&TcpListener>)
+            .expect("starting replies");
+        kernel.set_settings(&config, 0).expect("settings");
+        kernel
+            .install(&config, &[0], &SelectionTable::build(&config))
+            .expect("tables");
+        let over_cap = over_cap_syn(&mut kernel);
+        let admit = kernel.admit_program().expect("admit");
+        let before = counter(&kernel, stat::REPLY_GATED);
+        let ns = cost(admit, &over_cap, rounds);
+        // All but the few replies of each second were dropped by the gate.
+        check_moved(
+            &kernel,
+            stat::REPLY_GATED,
+            before,
+            rounds as u64 * REPEAT as u64 / 2,
+            "SYN rejected, action reply",
+        );
+        Micro {
+            case: "SYN rejected, action reply (its replies spent)".into(),
+            ns,
+            baseline: "bare XDP_DROP".into(),
+            ratio: ns / drop,
+        }
+    })
+}
+
 fn limiter(ranges: u32) -> Kernel {
     let mut list: Vec<String> = (0..ranges.saturating_sub(1))
         .map(|i| Ipv4Addr::from(u32::from(Ipv4Addr::new(100, 64, 0, 0)) + i * 3).to_string())
@@ -342,6 +389,7 @@ fn micro(options: &Options, baseline: &Baseline) -> Vec<Micro> {
         baseline: "bare XDP_DROP".into(),
         ratio: rejected / drop,
     });
+    out.push(reply_micro(rounds, drop));
     let before = counter(&kernel, stat::SYN_PASSED);
     let admitted = single_runs(admit, fresh_syns(SINGLE_RUNS as u32, 1));
     check_moved(
