@@ -185,6 +185,11 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         );
     }
 
+    // Before anything answers: a client that sees the control socket may
+    // stop the daemon at once, and must find it handling SIGTERM.
+    let mut terminate = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
+
     // Then make things, undoing them all if a step fails.
     let mut made = Made::default();
     let started = start(
@@ -262,8 +267,6 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         status.lock().expect("daemon lock").status()
     }));
 
-    let mut terminate = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
     let failure = tokio::select! {
         _ = terminate.recv() => { log::info!("SIGTERM: stopping"); None }
         _ = interrupt.recv() => { log::info!("SIGINT: stopping"); None }
