@@ -212,6 +212,27 @@ impl Lab {
         self.client.run(|| crate::connect_from(src, dst, timeout))
     }
 
+    /// A connect from `src`, port included (reused if need be), to `dst`,
+    /// run in the client namespace.
+    pub fn connect_from_port(
+        &self,
+        src: SocketAddr,
+        dst: SocketAddr,
+        timeout: Duration,
+    ) -> io::Result<TcpStream> {
+        self.client.run(|| {
+            let socket = socket2::Socket::new(
+                socket2::Domain::for_address(dst),
+                socket2::Type::STREAM,
+                Some(socket2::Protocol::TCP),
+            )?;
+            socket.set_reuse_address(true)?;
+            socket.bind(&socket2::SockAddr::from(src))?;
+            socket.connect_timeout(&socket2::SockAddr::from(dst), timeout)?;
+            Ok(socket.into())
+        })
+    }
+
     /// [`crate::connect_many_from`] run in the client namespace: `n`
     /// connects from `src` to `dst` whose SYNs all leave before any is
     /// waited on; results in order.

@@ -216,21 +216,11 @@ fn a_forged_syn_cannot_plant_a_421_for_a_later_real_connection() {
     ));
     let stream = s
         .lab
-        .client_ns()
-        .run(|| {
-            let socket = socket2::Socket::new(
-                socket2::Domain::IPV4,
-                socket2::Type::STREAM,
-                Some(socket2::Protocol::TCP),
-            )?;
-            socket.set_reuse_address(true)?;
-            socket.bind(&socket2::SockAddr::from(SocketAddrV4::new(
-                client_v4(0),
-                port,
-            )))?;
-            socket.connect_timeout(&socket2::SockAddr::from(dst), Duration::from_secs(3))?;
-            Ok::<TcpStream, std::io::Error>(socket.into())
-        })
+        .connect_from_port(
+            SocketAddrV4::new(client_v4(0), port).into(),
+            dst.into(),
+            Duration::from_secs(3),
+        )
         .expect("the real sender connects");
     assert!(alive(&stream), "the server holds it: no 421, no close");
     assert!(wait_until(

@@ -124,21 +124,11 @@ fn marks_left_from_action_reply_let_no_source_past_its_cap_after_the_action_chan
         .iter()
         .filter_map(|port| {
             s.lab
-                .client_ns()
-                .run(|| {
-                    let socket = socket2::Socket::new(
-                        socket2::Domain::IPV4,
-                        socket2::Type::STREAM,
-                        Some(socket2::Protocol::TCP),
-                    )?;
-                    socket.set_reuse_address(true)?;
-                    socket.bind(&socket2::SockAddr::from(SocketAddrV4::new(source, *port)))?;
-                    socket.connect_timeout(
-                        &socket2::SockAddr::from(SERVER),
-                        Duration::from_secs(2),
-                    )?;
-                    Ok::<TcpStream, std::io::Error>(socket.into())
-                })
+                .connect_from_port(
+                    SocketAddrV4::new(source, *port).into(),
+                    SERVER.into(),
+                    Duration::from_secs(2),
+                )
                 .ok()
         })
         .collect();
