@@ -424,6 +424,10 @@ pub struct DiagGate {
     pub told_ns: u64,
 }
 
+/// The read-only global of the kernel programs that holds aya-log's level
+/// for [`diag`] conditions (0: off); set at load.
+pub const KERNEL_LOG_LEVEL: &str = "KERNEL_LOG_LEVEL";
+
 /// The rare conditions the kernel programs tell the daemon's log about
 /// (`DIAG_GATES` indices).
 pub mod diag {

@@ -1,22 +1,37 @@
 //! Rare kernel-side conditions, told to the operator through aya-log at the
 //! level `limiter run --kernel-log-level` sets. Off by default: the level
-//! is a constant of the loaded program then, and the verifier drops the
-//! code that tells. A condition is noted where it happens (a per-CPU
-//! count) and told from the program's top, at most once a second per CPU
-//! and condition, with how many happened since: never a line per packet.
+//! is then a constant of the loaded programs (a read-only global the daemon
+//! sets at load), and the verifier drops everything here, the counting
+//! too. A condition is noted where it happens (a per-CPU count) and told
+//! from the program's top, at most once a second per CPU and condition,
+//! with how many happened since: never a line per packet.
 
-use aya_ebpf::{EbpfContext, helpers::bpf_ktime_get_coarse_ns};
+use aya_ebpf::{EbpfContext, Global, helpers::bpf_ktime_get_coarse_ns};
 use aya_log_ebpf::{error, info, warn};
 use limiter_common::maps::{DiagGate, diag};
 
 use crate::maps::DIAG_GATES;
 
+/// aya-log's level number from which conditions are told (0: off), set by
+/// the daemon at load (`limiter_common::maps::KERNEL_LOG_LEVEL`).
+#[unsafe(no_mangle)]
+static KERNEL_LOG_LEVEL: Global<u8> = Global::new(0);
+
+#[inline(always)]
+fn off() -> bool {
+    KERNEL_LOG_LEVEL.load() == 0
+}
+
 /// Counts one `condition` (a [`diag`] index) on this CPU.
 #[inline(always)]
 pub fn note(condition: u32) {
+    if off() {
+        return;
+    }
     if let Some(gate) = DIAG_GATES.get_ptr_mut(condition) {
-        // SAFETY: this CPU's slot of a per-CPU array; programs on one CPU
-        // do not run into each other here (a plain add, as for the stats).
+        // SAFETY: this CPU's slot of a per-CPU array. Plain stores: an XDP
+        // program may interrupt a sock_ops or control run on this CPU and
+        // lose a count or tell twice in a second, nothing worse.
         unsafe { (*gate).count += 1 };
     }
 }
@@ -24,6 +39,9 @@ pub fn note(condition: u32) {
 /// Tells what was noted on this CPU, each condition at most once a second.
 #[inline(always)]
 pub fn tell<C: EbpfContext>(ctx: &C) {
+    if off() {
+        return;
+    }
     if let Some(n) = due(diag::UNREADABLE) {
         warn!(
             ctx,

@@ -243,7 +243,8 @@ struct RunArgs {
     /// Rare kernel-side conditions (an unreadable SYN dropped, a table
     /// full, a handshake judged over a cap, a state thought impossible)
     /// told in the daemon's log from this level up, at most once a second
-    /// each. Off: the kernel programs carry no logging code.
+    /// each per CPU. Off: the verifier drops the kernel programs' logging
+    /// and counting code.
     #[arg(long, value_enum, default_value_t = KernelLogLevel::Off, value_name = "LEVEL")]
     kernel_log_level: KernelLogLevel,
 }

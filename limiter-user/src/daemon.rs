@@ -847,10 +847,16 @@ async fn tell_kernel_log(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
         }
     };
     loop {
-        let Ok(mut guard) = logger.readable_mut().await else {
-            return;
+        let mut guard = match logger.readable_mut().await {
+            Ok(guard) => guard,
+            Err(e) => {
+                log::error!("reading the kernel programs' log stopped: {e}");
+                return;
+            }
         };
-        guard.get_inner_mut().flush();
+        // Writing a line may wait on a slow syslog collector: off the
+        // runtime's workers.
+        tokio::task::block_in_place(|| guard.get_inner_mut().flush());
         guard.clear_ready();
     }
 }

@@ -249,7 +249,9 @@ impl Kernel {
     ) -> Result<Kernel, KernelError> {
         let mut sizes = sizes;
         let mut loader = EbpfLoader::new();
-        loader.override_global(aya_log::LEVEL, &log_level, true);
+        loader
+            .override_global(aya_log::LEVEL, &log_level, true)
+            .override_global(limiter_common::maps::KERNEL_LOG_LEVEL, &log_level, true);
         if let Some(pins) = pins {
             pins.create()?;
             if adopted {
