@@ -76,6 +76,7 @@ pub mod names {
     /// SYN's header layout while it judges it. Not pinned.
     pub const REPLY_SCRATCH: &str = "REPLY_SCRATCH";
     /// `LruHashMap<FlowKey, ReplyMark>`: SYNs refused with action `reply`.
+    /// Not pinned: its marks are for this daemon's responder.
     pub const REPLY_FLOWS: &str = "REPLY_FLOWS";
     /// `SockMap`: the responder's listening sockets (see
     /// [`super::responder`]). Not pinned: they are the daemon's.
@@ -95,7 +96,7 @@ pub mod names {
     /// pinned.
     pub const REPLY_ALIVE: &str = "REPLY_ALIVE";
     /// Every map that is pinned, in the order they are pinned.
-    pub const ALL: [&str; 19] = [
+    pub const ALL: [&str; 18] = [
         SETTINGS,
         BOUND_PORTS,
         SPECIFIC_PORTS,
@@ -114,7 +115,6 @@ pub mod names {
         UNDECLARED_FORWARDS,
         CONNECTOR_NAMES,
         RELEASE_STAMPS,
-        REPLY_FLOWS,
     ];
 }
 

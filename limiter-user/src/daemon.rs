@@ -406,8 +406,6 @@ fn attach_and_count(
     let replies = if uses_replies(config) {
         start_replies(kernel).map(Some)
     } else {
-        // Marks an earlier daemon's connectors left must not steer.
-        kernel.clear_reply_marks();
         Ok(None)
     };
     install(kernel, config, &ids, &table)?;

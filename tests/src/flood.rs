@@ -63,6 +63,21 @@ pub fn syn_packet(src: Ipv4Addr, sport: u16, dst: SocketAddrV4) -> [u8; 40] {
     p
 }
 
+/// Sends one SYN from `src:sport` to `dst` from the lab's client namespace,
+/// by hand: the client's kernel knows nothing of it (and answers a SYN-ACK
+/// with a RST).
+pub fn send_syn(lab: &Lab, src: Ipv4Addr, sport: u16, dst: SocketAddrV4) -> io::Result<()> {
+    lab.client_ns().run(|| {
+        let socket = Socket::new(
+            Domain::IPV4,
+            Type::RAW,
+            Some(Protocol::from(libc::IPPROTO_RAW)),
+        )?;
+        socket.send_to(&syn_packet(src, sport, dst), &SockAddr::from(dst))?;
+        Ok(())
+    })
+}
+
 /// What a flood sent.
 #[derive(Clone, Copy, Debug)]
 pub struct FloodReport {

@@ -9,7 +9,7 @@ use std::{
 
 use limiter_tests::{
     established,
-    flood::{spoofed_source, syn_flood, syn_packet},
+    flood::{send_syn, spoofed_source, syn_flood},
     lab::{client_v4, client_v6, server_v4},
     scenario::{Scenario, alive, connector, reply_connector, server_side},
     wait_until,
@@ -191,19 +191,7 @@ fn a_forged_syn_cannot_plant_a_421_for_a_later_real_connection() {
     let mut held = s.open(client_v4(0), 1);
     let dst = SocketAddrV4::new(*server_v4_ip(), 25);
     let port = 40_000;
-    s.lab.client_ns().run(|| {
-        let raw = socket2::Socket::new(
-            socket2::Domain::IPV4,
-            socket2::Type::RAW,
-            Some(socket2::Protocol::from(libc::IPPROTO_RAW)),
-        )
-        .unwrap();
-        raw.send_to(
-            &syn_packet(client_v4(0), port, dst),
-            &socket2::SockAddr::from(dst),
-        )
-        .unwrap();
-    });
+    send_syn(&s.lab, client_v4(0), port, dst).expect("sending a SYN by hand");
     let replied = wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
         stats(&s)["replied"] == 1
     });

@@ -9,7 +9,7 @@ use std::{
 
 use limiter_tests::{
     established,
-    flood::syn_packet,
+    flood::send_syn,
     lab::{SERVER_V4, client_v4},
     rawtcp::{RawClient, Shape},
     scenario::{Scenario, alive, reply_connector, server_side},
@@ -88,22 +88,10 @@ fn marks_left_from_action_reply_let_no_source_past_its_cap_after_the_action_chan
     let ports: Vec<u16> = (31_000..31_004).collect();
     // Plain raw SYNs: the client's kernel answers the responder's SYN-ACK
     // with a RST, so the responder never accepts and never forgets.
-    s.lab.client_ns().run(|| {
-        let raw = socket2::Socket::new(
-            socket2::Domain::IPV4,
-            socket2::Type::RAW,
-            Some(socket2::Protocol::from(libc::IPPROTO_RAW)),
-        )
-        .unwrap();
-        for port in &ports {
-            raw.send_to(
-                &syn_packet(source, *port, SERVER),
-                &socket2::SockAddr::from(SERVER),
-            )
-            .unwrap();
-            std::thread::sleep(Duration::from_millis(300));
-        }
-    });
+    for port in &ports {
+        send_syn(&s.lab, source, *port, SERVER).expect("sending a SYN by hand");
+        std::thread::sleep(Duration::from_millis(300));
+    }
     assert!(
         wait_until(Duration::from_secs(3), Duration::from_millis(50), || {
             replied(&s) == ports.len() as u64
