@@ -233,6 +233,75 @@ pub fn percentage_cap(limits: &Limits, live_total: u32) -> u32 {
     (remaining * pct).div_ceil(100) as u32
 }
 
+/// What a source can hold on a connector while the other sources' live
+/// connections stay as they are: its own connections shrink what is left
+/// for the percentage rule, so this is often below the cap its next
+/// connection meets ("cap 60, can hold 59").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Headroom {
+    /// The most live connections the source can hold ([`UNLIMITED`] when no
+    /// limit stops it).
+    pub holds_at_most: u32,
+    /// The rule that refuses the connection after those ([`Rule::None`]
+    /// when nothing does).
+    pub stopped_by: Rule,
+}
+
+impl Headroom {
+    /// How many more connections the source can open now (0 when it already
+    /// holds more, e.g. after a limit was lowered); [`UNLIMITED`] when no
+    /// limit stops it.
+    pub fn can_open(&self, live_source: u32) -> u32 {
+        if self.holds_at_most == UNLIMITED {
+            UNLIMITED
+        } else {
+            self.holds_at_most.saturating_sub(live_source)
+        }
+    }
+}
+
+/// The [`Headroom`] of a source with `live_source` of the connector's
+/// `live_total` connections, found by asking [`evaluate`] itself (each rule
+/// only tightens as the source's count grows, so a bisection finds the
+/// first refusal). Not for the packet path.
+pub fn headroom(limits: &Limits, live_total: u32, live_source: u32) -> Headroom {
+    let others = live_total.saturating_sub(live_source);
+    // Whether the source may hold `held` connections: whether its
+    // `held`-th was admitted with the others live.
+    let holds = |held: u32| held == 0 || admits(limits, others.saturating_add(held - 1), held - 1);
+    let max = limits.max_inbound_connection;
+    let per_source = limits.max_inbound_connection_per_source;
+    let mut high = UNLIMITED;
+    if max != UNLIMITED {
+        high = high.min(max.saturating_sub(others));
+    }
+    if per_source != UNLIMITED {
+        high = high.min(per_source);
+    }
+    if high == UNLIMITED {
+        // Neither the total nor a per-source number: nothing stops it (the
+        // percentage rule needs the total).
+        return Headroom {
+            holds_at_most: UNLIMITED,
+            stopped_by: Rule::None,
+        };
+    }
+    // holds(low) is true, holds(high + 1) false.
+    let mut low = 0;
+    while low < high {
+        let middle = low + (high - low).div_ceil(2);
+        if holds(middle) {
+            low = middle;
+        } else {
+            high = middle - 1;
+        }
+    }
+    Headroom {
+        holds_at_most: low,
+        stopped_by: evaluate(limits, others.saturating_add(low), low).rule,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -342,6 +411,33 @@ mod tests {
         assert_eq!((e.admitted, e.rule), (false, Rule::Total));
     }
 
+    #[test]
+    fn headroom_reads_the_seeds_cases_right() {
+        // 2000 others live: the next connection meets 60, the source holds 59.
+        let h = headroom(&limits(5000, 100, 2), 2000, 0);
+        assert_eq!((h.holds_at_most, h.stopped_by), (59, Rule::Percentage));
+        assert_eq!(h.can_open(0), 59);
+        // The lab: 40 / unlimited / 25 %: cap 10, stops at 8.
+        let h = headroom(&limits(40, UNLIMITED, 25), 0, 0);
+        assert_eq!((h.holds_at_most, h.stopped_by), (8, Rule::Percentage));
+        assert_eq!(evaluate(&limits(40, UNLIMITED, 25), 0, 0).cap, 10);
+        // Holding 8 of 8: nothing more, the same answer.
+        let h = headroom(&limits(40, UNLIMITED, 25), 8, 8);
+        assert_eq!((h.holds_at_most, h.can_open(8)), (8, 0));
+        // A lowered limit: holding more than it allows opens nothing.
+        let h = headroom(&limits(100, 5, 100), 10, 10);
+        assert_eq!(
+            (h.holds_at_most, h.stopped_by, h.can_open(10)),
+            (5, Rule::PerSource, 0)
+        );
+        let h = headroom(&limits(UNLIMITED, UNLIMITED, 2), 7, 3);
+        assert_eq!((h.holds_at_most, h.stopped_by), (UNLIMITED, Rule::None));
+        assert_eq!(h.can_open(3), UNLIMITED);
+        // The total, with others holding all of it.
+        let h = headroom(&limits(10, UNLIMITED, 100), 10, 0);
+        assert_eq!((h.holds_at_most, h.stopped_by), (0, Rule::Total));
+    }
+
     fn any_limit(range: core::ops::RangeInclusive<u32>) -> impl Strategy<Value = u32> {
         prop_oneof![Just(UNLIMITED), range]
     }
@@ -379,6 +475,30 @@ mod tests {
             let l = limits(max, per, pct);
             if admits_any_source(&l, live_total) {
                 prop_assert!(admits(&l, live_total, own.min(live_total)));
+            }
+        }
+
+        /// The headroom is what connecting one after the other gets.
+        #[test]
+        fn headroom_is_what_connecting_one_by_one_gets(
+            max in any_limit(1..=300),
+            per in any_limit(1..=120),
+            pct in 1u32..=100,
+            live_total in 0u32..=320,
+            own in 0u32..=320,
+        ) {
+            let l = limits(max, per, pct);
+            let live_source = own.min(live_total);
+            let others = live_total - live_source;
+            let h = headroom(&l, live_total, live_source);
+            if max == UNLIMITED && per == UNLIMITED {
+                prop_assert_eq!(h.holds_at_most, UNLIMITED);
+            } else {
+                let held = holds(&l, others);
+                prop_assert_eq!(h.holds_at_most, held);
+                let next = evaluate(&l, others + held, held);
+                prop_assert!(!next.admitted);
+                prop_assert_eq!(h.stopped_by, next.rule);
             }
         }
 

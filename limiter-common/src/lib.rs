@@ -7,4 +7,6 @@ pub mod admission;
 pub mod maps;
 pub mod refusals;
 
-pub use admission::{Evaluation, Limits, Rule, UNLIMITED, admits, admits_any_source, evaluate};
+pub use admission::{
+    Evaluation, Headroom, Limits, Rule, UNLIMITED, admits, admits_any_source, evaluate, headroom,
+};

@@ -11,7 +11,7 @@ use crate::{
 };
 
 /// Bumped whenever a key or value below changes shape; part of the pin path.
-pub const MAP_LAYOUT_VERSION: u32 = 5;
+pub const MAP_LAYOUT_VERSION: u32 = 6;
 
 /// Map names, as they appear in the object file and under `--bpffs`.
 pub mod names {
@@ -649,8 +649,18 @@ pub mod stat {
     /// SYNs refused with action `reply` beyond the replies a second, or
     /// with no responder to take them: dropped.
     pub const REPLY_GATED: u32 = 13;
+    /// With action `monitor`: connections admitted and counted that
+    /// `max_inbound_connection` would have refused (a dry run; never in the
+    /// `REJECTED_*` counters).
+    pub const MONITORED_TOTAL: u32 = 14;
+    /// With action `monitor`: would have been refused by
+    /// `max_inbound_connection_per_source`.
+    pub const MONITORED_PER_SOURCE: u32 = 15;
+    /// With action `monitor`: would have been refused by the percentage
+    /// rule.
+    pub const MONITORED_PERCENTAGE: u32 = 16;
     /// Counters per row.
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 17;
     /// The row for what belongs to no connector.
     pub const GLOBAL_ROW: u32 = MAX_CONNECTORS;
     /// Global: SYNs to a bound port that the program could not read whole

@@ -191,7 +191,10 @@ fn cached_verdict(entry: *mut CachedRefusal, generation: u32) -> Option<Verdict>
         core::ptr::write_volatile(&raw mut (*entry).gate, gate + 1);
         bump(
             (*entry).connector - 1,
-            rejected_counter(Rule::from_raw((*entry).rule as u32).unwrap_or(Rule::PerSource)),
+            rejected_counter(
+                Rule::from_raw((*entry).rule as u32).unwrap_or(Rule::PerSource),
+                false,
+            ),
         );
         Some(match (*entry).action as u32 {
             action::RESET => Verdict::Reset,

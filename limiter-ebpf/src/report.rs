@@ -8,7 +8,7 @@ use limiter_common::{
     addr::{self, Words},
     maps::{
         ConnKey, ConnectorConfig, FlowKey, REPORT_INTERVAL_NS, RejectionEvent, ReportGate,
-        ResetRequest, SourceCount, SourceKey, gate, reset_reason, stat,
+        ResetRequest, SourceCount, SourceKey, action, gate, reset_reason, stat,
     },
     refusals::CachedRefusal,
 };
@@ -59,7 +59,13 @@ pub const ON_STACK: bool = false;
 #[inline(never)]
 pub fn reject<const SCRATCH: bool>(rejection: &Rejection) {
     let connector = rejection.source.connector;
-    bump(connector, rejected_counter(rejection.evaluation.rule));
+    bump(
+        connector,
+        rejected_counter(
+            rejection.evaluation.rule,
+            rejection.config.action == action::MONITOR,
+        ),
+    );
     if rejection.late {
         bump(connector, stat::REJECTED_LATE);
     }
@@ -251,11 +257,18 @@ pub fn request_reset(conn: &ConnKey, socket_cookie: u64, reason: u32) {
     }
 }
 
+/// The counter of a refusal by `rule`; with action monitor, of one that
+/// would have been (the connection was admitted).
 #[inline(always)]
-pub fn rejected_counter(rule: Rule) -> u32 {
-    match rule {
+pub fn rejected_counter(rule: Rule, monitor: bool) -> u32 {
+    let counter = match rule {
         Rule::Total => stat::REJECTED_TOTAL,
         Rule::PerSource => stat::REJECTED_PER_SOURCE,
         Rule::None | Rule::Percentage => stat::REJECTED_PERCENTAGE,
+    };
+    if monitor {
+        counter - stat::REJECTED_TOTAL + stat::MONITORED_TOTAL
+    } else {
+        counter
     }
 }

@@ -242,8 +242,12 @@ fn judge_completed(ctx: &SockOpsContext, conn: &ConnKey, connector: u32) {
         request_reset(conn, socket_cookie, reset_reason::TABLE_FULL);
         return;
     }
-    if judged.evaluation.admitted {
+    // With action monitor, a connection over a cap is admitted too (and
+    // counted apart as one that would have been refused).
+    if judged.evaluation.admitted || monitor {
         bump(connector, stat::ADMITTED);
+    }
+    if judged.evaluation.admitted {
         return;
     }
     reject::<ON_STACK>(&Rejection {

@@ -14,7 +14,7 @@ use crate::{
     events::Event,
     kernel::XdpModeRequest,
     logging::{self, DaemonLog},
-    report::{Explanation, SourceEntry, StatsReport},
+    report::{Answer, Explanation, SourceEntry, StatsReport, verdict},
 };
 
 #[derive(Parser)]
@@ -613,105 +613,199 @@ fn print_sources(sources: &[SourceEntry]) {
                 s.connector.clone(),
                 s.source.clone(),
                 s.live.to_string(),
-                s.cap.map_or("-".to_string(), |c| c.to_string()),
-                s.rule.clone(),
+                or_unlimited(s.can_open),
+                or_unlimited(s.holds_at_most),
+                limit_name(&s.stopped_by).to_string(),
             ]
         })
         .collect();
-    print_table(&["CONNECTOR", "SOURCE", "LIVE", "CAP", "LIMIT"], &rows);
+    print_table(
+        &[
+            "CONNECTOR",
+            "SOURCE",
+            "LIVE",
+            "CAN OPEN",
+            "HOLDS AT MOST",
+            "STOPPED BY",
+        ],
+        &rows,
+    );
+}
+
+fn or_unlimited(n: Option<u32>) -> String {
+    n.map_or("unlimited".to_string(), |n| n.to_string())
 }
 
 fn print_explanation(e: &Explanation) {
-    let Some(connector) = &e.connector else {
+    if e.answers.is_empty() {
         println!(
             "{}: no connector takes it{}; it passes untouched",
             e.ip,
-            e.local
+            e.answer
+                .local
                 .as_ref()
                 .map(|l| format!(" on {l}"))
                 .unwrap_or_default()
         );
         return;
-    };
-    println!(
-        "{} -> {}: connector \"{connector}\"",
-        e.ip,
-        e.local.as_deref().unwrap_or("?")
-    );
-    let show = |v: &Option<serde_json::Value>| v.as_ref().map(plain).unwrap_or_default();
-    println!(
-        "limits: {} in total, {} per source, {}% of the remaining per source",
-        show(&e.max_inbound_connection),
-        show(&e.max_inbound_connection_per_source),
-        e.max_inbound_connection_percentage_per_source
-            .unwrap_or_default()
-    );
-    println!(
-        "live: {} on the connector, {} from {} (this source)",
-        e.live_total, e.live_source, e.source
-    );
-    let cap = e.cap.map_or("no cap".to_string(), |c| format!("cap {c}"));
-    if e.admitted {
-        println!(
-            "a new connection now: admitted; {cap}, set by {}",
-            rule_words(&e.rule)
-        );
-    } else {
-        println!(
-            "a new connection now: REJECTED by {} (event {}); {cap}",
-            rule_words(&e.rule),
-            e.event_id.unwrap_or_default()
-        );
+    }
+    for (i, answer) in e.answers.iter().enumerate() {
+        if i > 0 {
+            println!();
+        }
+        print_answer(&e.ip, &e.source, answer);
     }
 }
 
-fn rule_words(rule: &str) -> &'static str {
+/// One connector's answer, in Exchange's names.
+fn print_answer(ip: &str, source: &str, a: &Answer) {
+    println!(
+        "{ip} -> {}: connector \"{}\", action {}",
+        a.bindings.join(", "),
+        a.connector.as_deref().unwrap_or_default(),
+        a.action.as_deref().unwrap_or_default()
+    );
+    let show = |v: &Option<serde_json::Value>| v.as_ref().map(plain).unwrap_or_default();
+    let pct = a
+        .max_inbound_connection_percentage_per_source
+        .unwrap_or_default();
+    println!(
+        "limits: MaxInboundConnection {}, MaxInboundConnectionPerSource {}, MaxInboundConnectionPercentagePerSource {pct}",
+        show(&a.max_inbound_connection),
+        show(&a.max_inbound_connection_per_source),
+    );
+    let counted_as = if source == ip {
+        "this source".to_string()
+    } else {
+        format!("this source, counted as {source}")
+    };
+    println!(
+        "live: {} on the connector, {} from {ip} ({counted_as})",
+        a.live_total, a.live_source
+    );
+    let event = a.event_id.unwrap_or_default();
+    match a.verdict.as_str() {
+        verdict::REJECTED => println!(
+            "a new connection now: REJECTED by {} (event {event}); {}",
+            limit_name(&a.rule),
+            cap_words(a, pct)
+        ),
+        verdict::WOULD_REJECT => println!(
+            "a new connection now: would be REJECTED by {} (event {event}); action monitor admits it and reports it; {}",
+            limit_name(&a.rule),
+            cap_words(a, pct)
+        ),
+        _ => println!("a new connection now: admitted; {}", cap_words(a, pct)),
+    }
+    match a.holds_at_most {
+        None => println!("this source: no limit stops it"),
+        Some(held) => println!(
+            "this source can hold {held}, {} more now; then {} stops it",
+            a.can_open.unwrap_or_default(),
+            limit_name(&a.stopped_by)
+        ),
+    }
+}
+
+/// The cap the next connection meets, and where it comes from.
+fn cap_words(a: &Answer, pct: u32) -> String {
+    let Some(cap) = a.cap else {
+        return "no limit applies".to_string();
+    };
+    match a.rule.as_str() {
+        "percentage" => {
+            format!("{pct} % of the remaining: {cap} (MaxInboundConnectionPercentagePerSource)")
+        }
+        "total" => format!("what MaxInboundConnection leaves it: {cap}"),
+        _ => format!("MaxInboundConnectionPerSource: {cap}"),
+    }
+}
+
+/// A limit's name for people: Exchange's (JSON keeps the config file's).
+fn limit_name(rule: &str) -> &'static str {
     match rule {
-        "total" => "max_inbound_connection",
-        "per_source" => "max_inbound_connection_per_source",
-        "percentage" => "max_inbound_connection_percentage_per_source",
+        "total" => "MaxInboundConnection",
+        "per_source" => "MaxInboundConnectionPerSource",
+        "percentage" => "MaxInboundConnectionPercentagePerSource",
+        "table_full" => "a full kernel table",
         _ => "no limit",
     }
 }
 
 fn print_stats(s: &StatsReport) {
-    let row = |name: &str, c: &crate::report::Counters| {
-        vec![
-            name.to_string(),
-            c.admitted.to_string(),
-            c.rejected.to_string(),
-            c.rejected_total_limit.to_string(),
-            c.rejected_per_source.to_string(),
-            c.rejected_percentage.to_string(),
-            c.rejected_late.to_string(),
-            c.rejected_table_full.to_string(),
-            c.replied.to_string(),
-            c.reply_dropped.to_string(),
-            c.closed.to_string(),
-        ]
-    };
-    let mut rows: Vec<Vec<String>> = s
+    let mut blocks: Vec<(&str, &crate::report::Counters)> = s
         .connectors
         .iter()
-        .map(|c| row(&c.name, &c.counters))
+        .map(|c| (c.name.as_str(), &c.counters))
         .collect();
-    rows.push(row("(all)", &s.total));
-    print_table(
-        &[
-            "CONNECTOR",
-            "ADMITTED",
-            "REJECTED",
-            "TOTAL",
-            "PER SOURCE",
-            "PERCENTAGE",
-            "OF THEM LATE",
-            "TABLE FULL",
-            "REPLIED",
-            "REPLY DROPPED",
-            "CLOSED",
-        ],
-        &rows,
-    );
+    blocks.push(("(all)", &s.total));
+    for (i, (name, c)) in blocks.iter().enumerate() {
+        if i > 0 {
+            println!();
+        }
+        println!("{:<49}: {name}", "Connector");
+        let lines: [(&str, u64, bool); 14] = [
+            ("Admitted", c.admitted, true),
+            ("Rejected", c.rejected, true),
+            ("  by MaxInboundConnection", c.rejected_total_limit, true),
+            (
+                "  by MaxInboundConnectionPerSource",
+                c.rejected_per_source,
+                true,
+            ),
+            (
+                "  by MaxInboundConnectionPercentagePerSource",
+                c.rejected_percentage,
+                true,
+            ),
+            (
+                "  of them at handshake completion (reset)",
+                c.rejected_late,
+                true,
+            ),
+            (
+                "  answered with the 421 line (action reply)",
+                c.replied,
+                c.replied + c.reply_dropped > 0,
+            ),
+            (
+                "  dropped beyond the replies a second",
+                c.reply_dropped,
+                c.replied + c.reply_dropped > 0,
+            ),
+            (
+                "Reset for a full kernel table",
+                c.rejected_table_full,
+                c.rejected_table_full > 0,
+            ),
+            (
+                "Would be rejected (action monitor: admitted)",
+                c.would_reject,
+                c.would_reject > 0,
+            ),
+            (
+                "  by MaxInboundConnection",
+                c.would_reject_total_limit,
+                c.would_reject > 0,
+            ),
+            (
+                "  by MaxInboundConnectionPerSource",
+                c.would_reject_per_source,
+                c.would_reject > 0,
+            ),
+            (
+                "  by MaxInboundConnectionPercentagePerSource",
+                c.would_reject_percentage,
+                c.would_reject > 0,
+            ),
+            ("Closed", c.closed, true),
+        ];
+        for (label, n, shown) in lines {
+            if shown {
+                println!("{label:<49}: {n}");
+            }
+        }
+    }
     for (what, n) in [
         ("unreadable SYNs dropped", s.unreadable_dropped),
         ("resets deferred", s.resets_deferred),

@@ -38,7 +38,7 @@ use crate::{
     report::{self, Connectors, limit_json},
     resets::Resetter,
     responder::{self, Replies},
-    selection::{SelectionTable, from_addr},
+    selection::{SelectionTable, canonical, from_addr},
     sockdiag,
 };
 
@@ -1468,16 +1468,30 @@ impl Daemon {
                     .map_err(|e| anyhow!(e))?,
             )?,
             Request::Explain { ip, local } => {
-                let ip = ip
+                let ip: std::net::IpAddr = ip
                     .trim()
                     .parse()
                     .map_err(|_| anyhow!("{ip:?} is not an IP address"))?;
-                let local = match local {
+                let local: Option<std::net::SocketAddr> = match local {
                     Some(text) => Some(text.trim().parse().map_err(|_| {
                         anyhow!("--local {text:?} is not IP:PORT (IPv6 as [addr]:port)")
                     })?),
                     None => None,
                 };
+                // An IPv4 packet carries an IPv4 destination: it never
+                // reaches an IPv6 binding such as [::]:25, and the reverse.
+                if let Some(local) = local
+                    && canonical(local.ip()).is_ipv4() != canonical(ip).is_ipv4()
+                {
+                    let family = |v4: bool| if v4 { "IPv4" } else { "IPv6" };
+                    let ip_v4 = canonical(ip).is_ipv4();
+                    bail!(
+                        "{ip} is {} and cannot reach --local {local} ({}): give an {} local address",
+                        family(ip_v4),
+                        family(!ip_v4),
+                        family(ip_v4)
+                    );
+                }
                 let explanation =
                     report::explain(&self.connectors(), &self.table, &self.kernel, ip, local)
                         .map_err(|e| anyhow!(error_chain(&e)))?;

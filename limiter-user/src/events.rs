@@ -88,15 +88,28 @@ pub struct Event {
     pub period_seconds: Option<u64>,
 }
 
-/// Exchange's message for a rejection by `rule`.
-pub fn exchange_message(rule: Rule, connector: &str, remote: IpAddr, limits: &Limits) -> String {
+/// Exchange's message for a rejection by `rule`; with action monitor
+/// (`monitor`), said as what would have happened, since the connection was
+/// admitted.
+pub fn exchange_message(
+    rule: Rule,
+    connector: &str,
+    remote: IpAddr,
+    limits: &Limits,
+    monitor: bool,
+) -> String {
+    let rejected = if monitor {
+        "would have rejected (action monitor: admitted)"
+    } else {
+        "rejected"
+    };
     match rule {
         Rule::Total => format!(
-            "Receive connector \"{connector}\" rejected an incoming connection. The maximum number of connections ({}) for this connector has been reached.",
+            "Receive connector \"{connector}\" {rejected} an incoming connection. The maximum number of connections ({}) for this connector has been reached.",
             LimitValue::display(limits.max_inbound_connection)
         ),
         _ => format!(
-            "Receive connector \"{connector}\" rejected an incoming connection from IP address {remote}. The maximum number of connections per source ({}) for this connector has been reached by this source IP address.",
+            "Receive connector \"{connector}\" {rejected} an incoming connection from IP address {remote}. The maximum number of connections per source ({}) for this connector has been reached by this source IP address.",
             LimitValue::display(limits.max_inbound_connection_per_source)
         ),
     }
@@ -132,7 +145,13 @@ impl Event {
             configured,
             effective,
             rule: rule.name().to_string(),
-            message: exchange_message(rule, connector, remote, &limits),
+            message: exchange_message(
+                rule,
+                connector,
+                remote,
+                &limits,
+                raw.action == action::MONITOR,
+            ),
             source_identity: show_source(&raw.source, ipv6_prefix_length),
             local: SocketAddr::new(from_addr(&raw.local), raw.local_port).to_string(),
             live_total: raw.live_total,
@@ -494,6 +513,15 @@ mod tests {
             "Receive connector \"Default Frontend\" rejected an incoming connection. The maximum number of connections (5000) for this connector has been reached."
         );
         assert_eq!((e.event_id, e.configured, e.effective), (1009, 5000, 5000));
+        // Action monitor admitted it: the text says what would have been.
+        let mut monitored = raw(Rule::PerSource, "192.0.2.7", 100, 20);
+        monitored.action = action::MONITOR;
+        let e = Event::from_kernel(&monitored, "Default Frontend", 64, at(0));
+        assert_eq!(
+            e.message,
+            "Receive connector \"Default Frontend\" would have rejected (action monitor: admitted) an incoming connection from IP address 192.0.2.7. The maximum number of connections per source (20) for this connector has been reached by this source IP address."
+        );
+        assert_eq!(e.action, "monitor");
         // The percentage rule: 1021 with the per-source value in the text,
         // the percentage and the cap it worked out to in the fields.
         let e = Event::from_kernel(

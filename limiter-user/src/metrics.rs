@@ -48,6 +48,9 @@ struct ConnectorLabel {
 struct RuleLabel {
     connector: String,
     rule: &'static str,
+    /// "enforce" (refused as the connector's action says) or "monitor"
+    /// (would have been refused; admitted).
+    action: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -75,16 +78,20 @@ pub fn render(s: &Snapshot) -> String {
             connector: name.clone(),
         };
         admitted.get_or_create(&connector()).inc_by(c.admitted);
-        for (rule, n) in [
-            ("total", c.rejected_total_limit),
-            ("per_source", c.rejected_per_source),
-            ("percentage", c.rejected_percentage),
-            ("table_full", c.rejected_table_full),
+        for (rule, action, n) in [
+            ("total", "enforce", c.rejected_total_limit),
+            ("per_source", "enforce", c.rejected_per_source),
+            ("percentage", "enforce", c.rejected_percentage),
+            ("table_full", "enforce", c.rejected_table_full),
+            ("total", "monitor", c.would_reject_total_limit),
+            ("per_source", "monitor", c.would_reject_per_source),
+            ("percentage", "monitor", c.would_reject_percentage),
         ] {
             rejected
                 .get_or_create(&RuleLabel {
                     connector: name.clone(),
                     rule,
+                    action,
                 })
                 .inc_by(n);
         }
@@ -109,7 +116,7 @@ pub fn render(s: &Snapshot) -> String {
     );
     registry.register(
         "connections_rejected",
-        "Connections rejected (or only reported, with action monitor), by the rule that fired: SYNs refused, and connections reset when their handshake completed",
+        "Connections rejected, by the rule that fired: with action=\"enforce\", SYNs refused and connections reset when their handshake completed; with action=\"monitor\", connections a connector with action monitor admitted and would have refused",
         rejected,
     );
     registry.register(
@@ -266,6 +273,7 @@ mod tests {
                 Counters {
                     admitted: 7,
                     rejected_per_source: 3,
+                    would_reject_percentage: 5,
                     ..Default::default()
                 },
                 4,
@@ -277,8 +285,9 @@ mod tests {
         let text = render(&snapshot);
         for line in [
             "limiter_connections_admitted_total{connector=\"Default Frontend\"} 7",
-            "limiter_connections_rejected_total{connector=\"Default Frontend\",rule=\"per_source\"} 3",
-            "limiter_connections_rejected_total{connector=\"Default Frontend\",rule=\"total\"} 0",
+            "limiter_connections_rejected_total{connector=\"Default Frontend\",rule=\"per_source\",action=\"enforce\"} 3",
+            "limiter_connections_rejected_total{connector=\"Default Frontend\",rule=\"total\",action=\"enforce\"} 0",
+            "limiter_connections_rejected_total{connector=\"Default Frontend\",rule=\"percentage\",action=\"monitor\"} 5",
             "limiter_live_connections{connector=\"Default Frontend\"} 4",
             "limiter_events_lost_total 2",
             "limiter_map_capacity{map=\"established\"} 262144",

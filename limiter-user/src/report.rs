@@ -12,7 +12,7 @@ use limiter_common::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::{Config, Connector, LimitValue},
+    config::{Action, Config, Connector, LimitValue},
     kernel::{Kernel, KernelError, Stats},
     selection::{SelectionTable, canonical, from_addr, to_addr},
 };
@@ -72,6 +72,22 @@ pub struct SourceEntry {
     pub cap: Option<u32>,
     /// The limit behind `cap` ("total", "per_source", "percentage", "none").
     pub rule: String,
+    /// How many more connections the source can open now, the others'
+    /// connections staying as they are; null when no limit stops it.
+    #[serde(default)]
+    pub can_open: Option<u32>,
+    /// The most connections the source can hold so (its own connections
+    /// shrink what is left for the percentage rule: often below `cap`).
+    #[serde(default)]
+    pub holds_at_most: Option<u32>,
+    /// The limit that refuses the connection after those ("none": nothing).
+    #[serde(default)]
+    pub stopped_by: String,
+}
+
+/// A limit, or nothing, as JSON: null for unlimited.
+fn limited(raw: u32) -> Option<u32> {
+    (raw != UNLIMITED).then_some(raw)
 }
 
 /// The sources holding connections, largest first.
@@ -103,12 +119,16 @@ pub fn sources(
             .connector_live(key.connector)
             .map_err(|e| e.to_string())?;
         let evaluation = limiter_common::evaluate(&connector.limits, live_total, count.live);
+        let headroom = limiter_common::headroom(&connector.limits, live_total, count.live);
         out.push(SourceEntry {
             connector: connector.name.clone(),
             source: show_source(&key.addr, connectors.config.ipv6_prefix_length),
             live: count.live,
-            cap: (evaluation.cap != UNLIMITED).then_some(evaluation.cap),
+            cap: limited(evaluation.cap),
             rule: evaluation.rule.name().to_string(),
+            can_open: limited(headroom.can_open(count.live)),
+            holds_at_most: limited(headroom.holds_at_most),
+            stopped_by: headroom.stopped_by.name().to_string(),
         });
     }
     out.sort_by(|a, b| {
@@ -123,33 +143,80 @@ pub fn sources(
     Ok(out)
 }
 
-/// Why a connection from an address would be admitted or refused now.
+/// What happens to a new connection now.
+pub mod verdict {
+    /// Let in.
+    pub const ADMITTED: &str = "admitted";
+    /// Refused as the connector's action says.
+    pub const REJECTED: &str = "rejected";
+    /// Over a cap, but the connector only reports (action monitor): let in.
+    pub const WOULD_REJECT: &str = "would_reject";
+}
+
+/// Why a connection from an address would be admitted or refused now: the
+/// answer for the connector the source uses most (or, holding nothing, the
+/// first binding, port 25 first, whose connector takes it), and one answer
+/// for every connector it can reach.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Explanation {
     pub ip: String,
-    /// The local address and port the connection was assumed to reach.
-    pub local: Option<String>,
-    pub connector: Option<String>,
     /// The source identity it is counted as.
     pub source: String,
+    #[serde(flatten)]
+    pub answer: Answer,
+    /// Each connector that takes a connection from `ip` on some binding,
+    /// `answer`'s first (just that one with `--local`).
+    #[serde(default)]
+    pub answers: Vec<Answer>,
+}
+
+/// One connector's answer.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Answer {
+    /// The local address and port the connection was assumed to reach.
+    pub local: Option<String>,
+    /// Every binding of the connector through which `ip` reaches it.
+    #[serde(default)]
+    pub bindings: Vec<String>,
+    pub connector: Option<String>,
+    /// The connector's action ("drop", "reset", "monitor", "reply").
+    #[serde(default)]
+    pub action: Option<String>,
     /// Live connections on the connector, and from this source on it.
     pub live_total: u32,
     pub live_source: u32,
-    /// The most connections the source may hold with the new one.
+    /// The cap the next connection from the source meets (the most
+    /// connections it may hold with that one, counts as they are now).
     pub cap: Option<u32>,
     /// The limit that binds now: the one that refuses, or the tightest.
     pub rule: String,
-    /// Whether a new connection would be admitted now.
+    /// Whether a new connection would be let in now (with action monitor,
+    /// also one over a cap: see `verdict`).
     pub admitted: bool,
-    /// The event a refusal is reported as.
+    /// "admitted", "rejected" or "would_reject" (action monitor: over a
+    /// cap, let in and reported).
+    #[serde(default)]
+    pub verdict: String,
+    /// The event a refusal (or, with action monitor, a would-be refusal)
+    /// is reported as.
     pub event_id: Option<u32>,
+    /// How many more connections the source can open now, the others'
+    /// connections staying as they are; null when no limit stops it.
+    #[serde(default)]
+    pub can_open: Option<u32>,
+    /// The most connections the source can hold so.
+    #[serde(default)]
+    pub holds_at_most: Option<u32>,
+    /// The limit that refuses the connection after those.
+    #[serde(default)]
+    pub stopped_by: String,
     pub max_inbound_connection: Option<serde_json::Value>,
     pub max_inbound_connection_per_source: Option<serde_json::Value>,
     pub max_inbound_connection_percentage_per_source: Option<u32>,
 }
 
-/// Explains a connection from `ip` to `local` (by default: the first
-/// binding, port 25 first, whose connector takes `ip`).
+/// Explains a connection from `ip` to `local`, or, without `local`, to
+/// every binding of its family.
 pub fn explain(
     connectors: &Connectors,
     table: &SelectionTable,
@@ -175,54 +242,79 @@ pub fn explain(
             bindings
         }
     };
-    let found = candidates.iter().find_map(|local| {
-        table
-            .select(local.ip(), local.port(), ip)
-            .map(|id| (*local, id))
-    });
-    let mut explanation = Explanation {
-        ip: ip.to_string(),
+    // One answer per connector, with every binding that reaches it.
+    let mut answers: Vec<(u32, Answer)> = Vec::new();
+    for local in candidates {
+        let Some(id) = table.select(local.ip(), local.port(), ip) else {
+            continue;
+        };
+        if let Some((_, answer)) = answers.iter_mut().find(|(known, _)| *known == id) {
+            answer.bindings.push(local.to_string());
+            continue;
+        }
+        let connector = connectors.by_id(id).expect("ids come from the table");
+        let live_total = kernel.connector_live(id)?;
+        let live_source = kernel.source_live(&SourceKey {
+            connector: id,
+            addr: source_identity,
+        });
+        answers.push((id, answer(connector, local, live_total, live_source)));
+    }
+    // The connector the source holds most on comes first (a stable sort
+    // keeps the bindings' order among the others).
+    answers.sort_by_key(|(_, a)| std::cmp::Reverse(a.live_source));
+    let answers: Vec<Answer> = answers.into_iter().map(|(_, a)| a).collect();
+    let first = answers.first().cloned().unwrap_or_else(|| Answer {
         local: local.map(|l| l.to_string()),
-        connector: None,
-        source: show_source(&source_identity, connectors.config.ipv6_prefix_length),
-        live_total: 0,
-        live_source: 0,
-        cap: None,
         rule: Rule::None.name().to_string(),
         admitted: true,
-        event_id: None,
-        max_inbound_connection: None,
-        max_inbound_connection_per_source: None,
-        max_inbound_connection_percentage_per_source: None,
-    };
-    let Some((local, id)) = found else {
-        return Ok(explanation);
-    };
-    let connector = connectors.by_id(id).expect("ids come from the table");
-    let live_total = kernel.connector_live(id)?;
-    let live_source = kernel.source_live(&SourceKey {
-        connector: id,
-        addr: source_identity,
+        verdict: verdict::ADMITTED.to_string(),
+        stopped_by: Rule::None.name().to_string(),
+        ..Answer::default()
     });
-    let evaluation = limiter_common::evaluate(&connector.limits, live_total, live_source);
-    explanation.local = Some(local.to_string());
-    explanation.connector = Some(connector.name.clone());
-    explanation.live_total = live_total;
-    explanation.live_source = live_source;
-    explanation.cap = (evaluation.cap != UNLIMITED).then_some(evaluation.cap);
-    explanation.rule = evaluation.rule.name().to_string();
-    explanation.admitted = evaluation.admitted;
-    explanation.event_id = (!evaluation.admitted).then(|| evaluation.rule.event_id());
-    explanation.max_inbound_connection = Some(limit_json(connector.limits.max_inbound_connection));
-    explanation.max_inbound_connection_per_source = Some(limit_json(
-        connector.limits.max_inbound_connection_per_source,
-    ));
-    explanation.max_inbound_connection_percentage_per_source = Some(
-        connector
-            .limits
-            .max_inbound_connection_percentage_per_source,
-    );
-    Ok(explanation)
+    Ok(Explanation {
+        ip: ip.to_string(),
+        source: show_source(&source_identity, connectors.config.ipv6_prefix_length),
+        answer: first,
+        answers,
+    })
+}
+
+/// What `connector` does with a new connection to `local` from a source
+/// holding `live_source` of its `live_total` connections.
+fn answer(connector: &Connector, local: SocketAddr, live_total: u32, live_source: u32) -> Answer {
+    let limits = &connector.limits;
+    let evaluation = limiter_common::evaluate(limits, live_total, live_source);
+    let headroom = limiter_common::headroom(limits, live_total, live_source);
+    let monitor = connector.action == Action::Monitor;
+    let verdict = match (evaluation.admitted, monitor) {
+        (true, _) => verdict::ADMITTED,
+        (false, true) => verdict::WOULD_REJECT,
+        (false, false) => verdict::REJECTED,
+    };
+    Answer {
+        local: Some(local.to_string()),
+        bindings: vec![local.to_string()],
+        connector: Some(connector.name.clone()),
+        action: Some(connector.action.name().to_string()),
+        live_total,
+        live_source,
+        cap: limited(evaluation.cap),
+        rule: evaluation.rule.name().to_string(),
+        admitted: evaluation.admitted || monitor,
+        verdict: verdict.to_string(),
+        event_id: (!evaluation.admitted).then(|| evaluation.rule.event_id()),
+        can_open: limited(headroom.can_open(live_source)),
+        holds_at_most: limited(headroom.holds_at_most),
+        stopped_by: headroom.stopped_by.name().to_string(),
+        max_inbound_connection: Some(limit_json(limits.max_inbound_connection)),
+        max_inbound_connection_per_source: Some(limit_json(
+            limits.max_inbound_connection_per_source,
+        )),
+        max_inbound_connection_percentage_per_source: Some(
+            limits.max_inbound_connection_percentage_per_source,
+        ),
+    }
 }
 
 /// Counters of the kernel programs.
@@ -230,8 +322,9 @@ pub fn explain(
 pub struct Counters {
     /// Connections admitted and counted when their handshake completed.
     pub admitted: u64,
-    /// Connections refused (or, with action monitor, that would have been):
-    /// SYNs refused, and connections reset when their handshake completed.
+    /// Connections refused: SYNs refused, and connections reset when their
+    /// handshake completed (never those of action monitor: see
+    /// `would_reject`).
     pub rejected: u64,
     pub rejected_total_limit: u64,
     pub rejected_per_source: u64,
@@ -264,6 +357,16 @@ pub struct Counters {
     /// no responder running): dropped.
     #[serde(default)]
     pub reply_dropped: u64,
+    /// With action monitor: connections admitted that a limit would have
+    /// refused (reported, in `admitted` too), and by which limit.
+    #[serde(default)]
+    pub would_reject: u64,
+    #[serde(default)]
+    pub would_reject_total_limit: u64,
+    #[serde(default)]
+    pub would_reject_per_source: u64,
+    #[serde(default)]
+    pub would_reject_percentage: u64,
 }
 
 impl Counters {
@@ -288,6 +391,12 @@ impl Counters {
             reconciled: at(stat::RECONCILED),
             replied: at(stat::REPLIED),
             reply_dropped: at(stat::REPLY_GATED),
+            would_reject: at(stat::MONITORED_TOTAL)
+                + at(stat::MONITORED_PER_SOURCE)
+                + at(stat::MONITORED_PERCENTAGE),
+            would_reject_total_limit: at(stat::MONITORED_TOTAL),
+            would_reject_per_source: at(stat::MONITORED_PER_SOURCE),
+            would_reject_percentage: at(stat::MONITORED_PERCENTAGE),
         }
     }
 
@@ -307,6 +416,10 @@ impl Counters {
         self.reconciled += other.reconciled;
         self.replied += other.replied;
         self.reply_dropped += other.reply_dropped;
+        self.would_reject += other.would_reject;
+        self.would_reject_total_limit += other.would_reject_total_limit;
+        self.would_reject_per_source += other.would_reject_per_source;
+        self.would_reject_percentage += other.would_reject_percentage;
     }
 }
 

@@ -451,21 +451,61 @@ fn reset_refuses_at_once_and_monitor_only_reports() {
         .find(|c| c["name"] == "Monitor")
         .unwrap()
         .clone();
+    // All three admitted; two of them would have been refused, and are
+    // counted so, never as rejections.
     assert_eq!(
         (
             monitor["admitted"].as_u64(),
-            monitor["rejected_per_source"].as_u64()
+            monitor["rejected"].as_u64(),
+            monitor["rejected_per_source"].as_u64(),
+            monitor["would_reject"].as_u64(),
+            monitor["would_reject_per_source"].as_u64()
         ),
-        (Some(1), Some(2))
+        (Some(3), Some(0), Some(0), Some(2), Some(2)),
+        "{stats}"
+    );
+    let table = s.limiter.cli_ok(&["stats"]);
+    assert!(
+        table.lines().any(
+            |l| l.starts_with("Would be rejected (action monitor: admitted)") && l.ends_with(": 2")
+        ),
+        "{table}"
     );
     let events = s.limiter.cli_ok(&["events", "--json"]);
-    let actions: Vec<serde_json::Value> = events
+    let events: Vec<serde_json::Value> = events
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["action"].clone())
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
         .collect();
+    assert!(events.iter().any(|e| e["action"] == "reset"), "{events:?}");
+    let monitored: Vec<&serde_json::Value> =
+        events.iter().filter(|e| e["action"] == "monitor").collect();
+    assert!(!monitored.is_empty(), "{events:?}");
+    for e in monitored {
+        let message = e["message"].as_str().unwrap();
+        assert!(
+            message.starts_with(
+                "Receive connector \"Monitor\" would have rejected (action monitor: admitted) an incoming connection"
+            ),
+            "{message}"
+        );
+    }
+    // explain says the same: over the cap, let in, reported.
+    let e = s.limiter.cli_json(&["explain", &client_v4(10).to_string()]);
+    assert_eq!(
+        (
+            e["verdict"].as_str(),
+            e["admitted"].as_bool(),
+            e["event_id"].as_u64()
+        ),
+        (Some("would_reject"), Some(true), Some(1021)),
+        "{e}"
+    );
+    let text = s.limiter.cli_ok(&["explain", &client_v4(10).to_string()]);
     assert!(
-        actions.contains(&"reset".into()) && actions.contains(&"monitor".into()),
-        "{events}"
+        text.contains(
+            "a new connection now: would be REJECTED by MaxInboundConnectionPerSource (event 1021); action monitor admits it"
+        ) && !text.contains(": REJECTED"),
+        "{text}"
     );
 }
 

@@ -402,13 +402,19 @@ fn http_get(s: &Scenario, addr: &str, path: &str) -> (String, String) {
 #[test]
 fn metrics_are_scraped_over_http() {
     let s = Scenario::start_with(
-        Some(&connector("Frontend", "[\"0.0.0.0/0\"]", "100", "2", 100)),
+        Some(&format!(
+            "{}{}action = \"monitor\"\n",
+            connector("Frontend", "[\"0.0.0.0/0\"]", "100", "2", 100),
+            connector("Watch", "[\"10.77.0.11\"]", "100", "1", 100),
+        )),
         &["--metrics", "127.0.0.1:9464"],
     );
     let _held = s.open(client_v4(0), 2);
     for _ in 0..3 {
         s.refused(client_v4(0));
     }
+    // Monitor admits both; the second would have been refused.
+    let _watched = s.open(client_v4(1), 2);
     let (head, body) = http_get(&s, "127.0.0.1:9464", "/metrics");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(
@@ -428,19 +434,45 @@ fn metrics_are_scraped_over_http() {
         2.0
     );
     assert_eq!(
-        value("limiter_connections_rejected_total{connector=\"Frontend\",rule=\"per_source\"}"),
+        value(
+            "limiter_connections_rejected_total{connector=\"Frontend\",rule=\"per_source\",action=\"enforce\"}"
+        ),
         3.0
     );
     assert_eq!(
-        value("limiter_connections_rejected_total{connector=\"Frontend\",rule=\"total\"}"),
+        value(
+            "limiter_connections_rejected_total{connector=\"Frontend\",rule=\"total\",action=\"enforce\"}"
+        ),
         0.0
     );
     assert_eq!(
         value("limiter_live_connections{connector=\"Frontend\"}"),
         2.0
     );
+    assert_eq!(
+        value("limiter_connections_admitted_total{connector=\"Watch\"}"),
+        2.0
+    );
+    assert_eq!(
+        value(
+            "limiter_connections_rejected_total{connector=\"Watch\",rule=\"per_source\",action=\"monitor\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            "limiter_connections_rejected_total{connector=\"Watch\",rule=\"per_source\",action=\"enforce\"}"
+        ),
+        0.0
+    );
+    assert_eq!(
+        value(
+            "limiter_connections_rejected_total{connector=\"Frontend\",rule=\"per_source\",action=\"monitor\"}"
+        ),
+        0.0
+    );
     assert_eq!(value("limiter_events_lost_total"), 0.0);
-    assert_eq!(value("limiter_map_entries{map=\"established\"}"), 2.0);
+    assert_eq!(value("limiter_map_entries{map=\"established\"}"), 4.0);
     assert_eq!(value("limiter_map_capacity{map=\"established\"}"), 262144.0);
     // No per-source series.
     assert!(!body.contains("10.77.0.10"), "{body}");

@@ -343,6 +343,12 @@ fn explain_tells_the_seeds_three_cases() {
         (Some(20), Some("per_source"))
     );
     assert_eq!(e["admitted"], true);
+    assert_eq!(e["verdict"], "admitted");
+    assert_eq!(
+        (e["holds_at_most"].as_u64(), e["can_open"].as_u64()),
+        (Some(20), Some(20))
+    );
+    assert_eq!(e["stopped_by"], "per_source");
     // Per source unlimited: the 2 % of 5000 - 1 still binds.
     s.limiter.cli_ok(&[
         "connector",
@@ -356,9 +362,16 @@ fn explain_tells_the_seeds_three_cases() {
         (e["cap"].as_u64(), e["rule"].as_str()),
         (Some(100), Some("percentage"))
     );
+    // Its own connections shrink what is left: it can hold 99, not 100.
+    assert_eq!(
+        (e["holds_at_most"].as_u64(), e["stopped_by"].as_str()),
+        (Some(99), Some("percentage"))
+    );
     let text = s.limiter.cli_ok(&["explain", new_source]);
     assert!(
-        text.contains("connector \"Default Frontend\"") && text.contains("cap 100"),
+        text.contains("connector \"Default Frontend\"")
+            && text.contains("2 % of the remaining: 100")
+            && text.contains("can hold 99, 99 more now"),
         "{text}"
     );
 
@@ -408,6 +421,17 @@ fn explain_tells_the_seeds_three_cases() {
         (e["cap"].as_u64(), e["rule"].as_str()),
         (Some(60), Some("percentage"))
     );
+    assert_eq!(
+        (e["holds_at_most"].as_u64(), e["can_open"].as_u64()),
+        (Some(59), Some(59))
+    );
+    // The seed's sentence, as the operator reads it.
+    let text = s.limiter.cli_ok(&["explain", new_source]);
+    assert!(
+        text.contains("2 % of the remaining: 60 (MaxInboundConnectionPercentagePerSource)")
+            && text.contains("this source can hold 59, 59 more now"),
+        "{text}"
+    );
     // And the kernel agrees: that source gets 59, not 60.
     let _own = s.open(client_v4(0), 59);
     s.refused(client_v4(0));
@@ -415,6 +439,31 @@ fn explain_tells_the_seeds_three_cases() {
     assert_eq!(
         (e["admitted"].as_bool(), e["event_id"].as_u64()),
         (Some(false), Some(1021))
+    );
+    assert_eq!(
+        (
+            e["verdict"].as_str(),
+            e["can_open"].as_u64(),
+            e["holds_at_most"].as_u64()
+        ),
+        (Some("rejected"), Some(0), Some(59))
+    );
+    // `sources` shows the same: it holds what it can, no cap below it.
+    let sources = s.limiter.cli_json(&["sources"]);
+    let own = sources
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["source"] == client_v4(0).to_string())
+        .expect("the source holding 59");
+    assert_eq!(
+        (
+            own["live"].as_u64(),
+            own["holds_at_most"].as_u64(),
+            own["can_open"].as_u64()
+        ),
+        (Some(59), Some(59), Some(0)),
+        "{own}"
     );
     drop(held);
 }
@@ -452,6 +501,87 @@ fn explain_names_no_connector_for_strangers_and_honours_local() {
 }
 
 #[test]
+fn explain_answers_for_the_connector_a_source_uses_and_every_other_it_reaches() {
+    // "Specific" on the server's own address for one source, "Wide" on every
+    // local address for its /24: the source's connections go to Specific.
+    let config = "[[connector]]\nname = \"Wide\"\nbindings = [\"0.0.0.0:25\"]\n\
+         remote_ip_ranges = [\"10.77.0.0/24\"]\nmax_inbound_connection = 100\n\
+         max_inbound_connection_per_source = 2\n\
+         max_inbound_connection_percentage_per_source = 100\n\
+         [[connector]]\nname = \"Specific\"\nbindings = [\"10.77.0.1:25\"]\n\
+         remote_ip_ranges = [\"10.77.0.10\"]\nmax_inbound_connection = 40\n\
+         max_inbound_connection_per_source = \"unlimited\"\n\
+         max_inbound_connection_percentage_per_source = 25\n";
+    let s = Scenario::start(config);
+    let source = client_v4(0).to_string();
+    let mut held = s.open(client_v4(0), 3);
+    let e = s.limiter.cli_json(&["explain", &source]);
+    assert_eq!(
+        (&e["connector"], &e["local"], &e["live_source"]),
+        (&"Specific".into(), &"10.77.0.1:25".into(), &3.into()),
+        "{e}"
+    );
+    // 40 / unlimited / 25 %: the next connection meets ceil(36 / 4) = 9,
+    // but the source stops at 8 (ceil((40 - 9) / 4) = 8).
+    assert_eq!(
+        (
+            e["cap"].as_u64(),
+            e["holds_at_most"].as_u64(),
+            e["can_open"].as_u64()
+        ),
+        (Some(9), Some(8), Some(5)),
+        "{e}"
+    );
+    let answers = e["answers"].as_array().unwrap();
+    assert_eq!(answers.len(), 2, "{e}");
+    assert_eq!(
+        (
+            &answers[1]["connector"],
+            &answers[1]["local"],
+            &answers[1]["live_source"],
+            &answers[1]["cap"]
+        ),
+        (&"Wide".into(), &"0.0.0.0:25".into(), &0.into(), &2.into())
+    );
+    let text = s.limiter.cli_ok(&["explain", &source]);
+    assert!(
+        text.contains("10.77.0.10 -> 10.77.0.1:25: connector \"Specific\"")
+            && text.contains("10.77.0.10 -> 0.0.0.0:25: connector \"Wide\"")
+            && text.contains("this source can hold 8, 5 more now"),
+        "{text}"
+    );
+    // And the kernel stops it at 8, as said.
+    held.extend(s.open(client_v4(0), 5));
+    s.refused(client_v4(0));
+    let sources = s.limiter.cli_json(&["sources"]);
+    assert_eq!(
+        (
+            &sources[0]["live"],
+            &sources[0]["holds_at_most"],
+            &sources[0]["can_open"],
+            &sources[0]["stopped_by"]
+        ),
+        (&8.into(), &8.into(), &0.into(), &"percentage".into()),
+        "{sources}"
+    );
+    let table = s.limiter.cli_ok(&["sources"]);
+    assert!(
+        table.starts_with("CONNECTOR  SOURCE      LIVE  CAN OPEN  HOLDS AT MOST  STOPPED BY")
+            && table.contains("MaxInboundConnectionPercentagePerSource"),
+        "{table}"
+    );
+    // An IPv4 source never reaches an IPv6 binding.
+    let line = s
+        .limiter
+        .cli_err(&["explain", &source, "--local", "[::]:25"]);
+    assert!(
+        line.contains("10.77.0.10 is IPv4 and cannot reach --local [::]:25 (IPv6)"),
+        "{line}"
+    );
+    drop(held);
+}
+
+#[test]
 fn stats_count_admissions_and_rejections() {
     let s = Scenario::start(&connector("Frontend", "[\"0.0.0.0/0\"]", "100", "2", 100));
     let _held = s.open(client_v4(0), 2);
@@ -468,6 +598,14 @@ fn stats_count_admissions_and_rejections() {
     assert_eq!(stats["connectors"][0]["rejected_per_source"], 3);
     let table = s.limiter.cli_ok(&["stats"]);
     assert!(table.contains("(all)"), "{table}");
+    // In Exchange's names, and no dry-run lines where there is no monitor.
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("  by MaxInboundConnectionPerSource ") && l.ends_with(": 3"))
+            && !table.contains("Would be rejected"),
+        "{table}"
+    );
 }
 
 #[test]
