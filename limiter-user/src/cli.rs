@@ -562,7 +562,7 @@ fn print_connectors(list: &[ConnectorStatus]) {
             "CONNECTOR",
             "BINDINGS",
             "REMOTE RANGES",
-            "LIMITS (TOTAL / SOURCE / %)",
+            "LIMITS (MaxInboundConnection / PerSource / Percentage)",
             "ACTION",
             "LIVE",
         ],
@@ -684,18 +684,17 @@ fn print_answer(ip: &str, source: &str, a: &Answer) {
         a.live_total, a.live_source
     );
     let event = a.event_id.unwrap_or_default();
+    let rule = limit_name(&a.rule);
+    let cap = cap_words(a, pct);
     match a.verdict.as_str() {
-        verdict::REJECTED => println!(
-            "a new connection now: REJECTED by {} (event {event}); {}",
-            limit_name(&a.rule),
-            cap_words(a, pct)
-        ),
+        verdict::REJECTED => {
+            println!("a new connection now: REJECTED by {rule} (event {event}): {cap}")
+        }
         verdict::WOULD_REJECT => println!(
-            "a new connection now: would be REJECTED by {} (event {event}); action monitor admits it and reports it; {}",
-            limit_name(&a.rule),
-            cap_words(a, pct)
+            "a new connection now: would be REJECTED by {rule} (event {event}): {cap}; action monitor admits it and reports it"
         ),
-        _ => println!("a new connection now: admitted; {}", cap_words(a, pct)),
+        _ if a.cap.is_none() => println!("a new connection now: admitted; no limit applies"),
+        _ => println!("a new connection now: admitted; its cap: {cap} ({rule})"),
     }
     match a.holds_at_most {
         None => println!("this source: no limit stops it"),
@@ -707,17 +706,13 @@ fn print_answer(ip: &str, source: &str, a: &Answer) {
     }
 }
 
-/// The cap the next connection meets, and where it comes from.
+/// The cap the next connection meets, as its limit works it out.
 fn cap_words(a: &Answer, pct: u32) -> String {
-    let Some(cap) = a.cap else {
-        return "no limit applies".to_string();
-    };
+    let cap = a.cap.unwrap_or_default();
     match a.rule.as_str() {
-        "percentage" => {
-            format!("{pct} % of the remaining: {cap} (MaxInboundConnectionPercentagePerSource)")
-        }
-        "total" => format!("what MaxInboundConnection leaves it: {cap}"),
-        _ => format!("MaxInboundConnectionPerSource: {cap}"),
+        "percentage" => format!("{pct} % of the remaining: {cap}"),
+        "total" => format!("what the total leaves it: {cap}"),
+        _ => format!("{cap} per source"),
     }
 }
 

@@ -503,7 +503,7 @@ fn reset_refuses_at_once_and_monitor_only_reports() {
     let text = s.limiter.cli_ok(&["explain", &client_v4(10).to_string()]);
     assert!(
         text.contains(
-            "a new connection now: would be REJECTED by MaxInboundConnectionPerSource (event 1021); action monitor admits it"
+            "a new connection now: would be REJECTED by MaxInboundConnectionPerSource (event 1021): 1 per source; action monitor admits it"
         ) && !text.contains(": REJECTED"),
         "{text}"
     );
