@@ -1376,18 +1376,19 @@ impl Daemon {
         )
     }
 
-    /// Applies `edit` to the config: validated like the file, installed in
-    /// the kernel for the next SYN, written back atomically. Any failure
-    /// leaves the kernel and the file as they were.
+    /// Applies `edit` of connector `changed` to the config: validated like
+    /// the file, installed in the kernel for the next SYN, written back
+    /// atomically. Any failure leaves the kernel and the file as they were.
     fn change(
         &mut self,
+        changed: &str,
         edit: impl FnOnce(&mut ConfigDocument) -> Result<(), String>,
     ) -> anyhow::Result<()> {
         let _reloading = notify::Reloading::start();
         let mut document = self.document.clone();
         edit(&mut document).map_err(|e| anyhow!(e))?;
         let file = self.config_path.display().to_string();
-        let config = document.validate(&file).map_err(|e| anyhow!(e))?;
+        let config = document.validate_change(changed).map_err(|e| anyhow!(e))?;
         if config.ipv6_prefix_length != self.config.ipv6_prefix_length {
             bail!("ipv6_prefix_length takes effect only at start");
         }
@@ -1450,17 +1451,17 @@ impl Daemon {
                 serde_json::to_value(self.connector_status(self.index_of(&name)?)?)?
             }
             Request::ConnectorNew { name, changes } => {
-                self.change(|d| d.new_connector(name.trim(), &changes))?;
+                self.change(&name, |d| d.new_connector(name.trim(), &changes))?;
                 serde_json::to_value(self.connector_status(self.index_of(&name)?)?)?
             }
             Request::ConnectorSet { name, changes } => {
-                self.change(|d| d.set_connector(&name, &changes))?;
+                self.change(&name, |d| d.set_connector(&name, &changes))?;
                 serde_json::to_value(self.connector_status(self.index_of(&name)?)?)?
             }
             Request::ConnectorRemove { name } => {
                 let index = self.index_of(&name)?;
                 let removed = self.config.connectors[index].name.clone();
-                self.change(|d| d.remove_connector(&name))?;
+                self.change(&removed, |d| d.remove_connector(&name))?;
                 serde_json::json!({ "removed": removed })
             }
             Request::Sources { connector, top } => serde_json::to_value(

@@ -10,7 +10,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 use toml_edit::{Array, ArrayOfTables, DocumentMut, Item, Table, Value, value};
 
-use crate::config::{Config, LimitValue};
+use crate::config::{self, Action, Config, FieldNames, LimitValue};
 
 /// The fields a `connector new|set` may change; `None` leaves a field as
 /// it is (or at its default for a new connector).
@@ -33,6 +33,51 @@ pub struct ConnectorChanges {
 impl ConnectorChanges {
     pub fn is_empty(&self) -> bool {
         *self == ConnectorChanges::default()
+    }
+
+    /// Checks each value on its own, naming the flag it came with: a bad
+    /// value is the operator's typing, not the file's.
+    pub fn check(&self) -> Result<(), EditError> {
+        let flags = &FieldNames::FLAGS;
+        if let Some(list) = &self.bindings {
+            config::parse_bindings(flags, list)?;
+        }
+        if let Some(list) = &self.forwarded_to {
+            config::parse_forwarded_to(flags, list)?;
+        }
+        if let Some(list) = &self.remote_ip_ranges {
+            config::parse_remote_ip_ranges(flags, list)?;
+        }
+        let limits: [(&str, &Option<String>, config::LimitCheck); 3] = [
+            (
+                flags.max_inbound_connection,
+                &self.max_inbound_connection,
+                config::check_max_inbound_connection,
+            ),
+            (
+                flags.max_inbound_connection_per_source,
+                &self.max_inbound_connection_per_source,
+                config::check_max_inbound_connection_per_source,
+            ),
+            (
+                flags.max_inbound_connection_percentage_per_source,
+                &self.max_inbound_connection_percentage_per_source,
+                config::check_max_inbound_connection_percentage_per_source,
+            ),
+        ];
+        for (flag, text, check) in limits {
+            if let Some(text) = text {
+                let v: LimitValue = text.trim().parse().map_err(|e| format!("{flag} {e}"))?;
+                check(flag, v)?;
+            }
+        }
+        if let Some(action) = &self.action {
+            Action::parse_named(flags.action, action.trim())?;
+        }
+        if let Some(text) = &self.reply_text {
+            config::check_reply_text(flags.reply_text, text)?;
+        }
+        Ok(())
     }
 }
 
@@ -138,6 +183,7 @@ impl ConfigDocument {
                 "connector \"{name}\": a new connector needs --bindings"
             ));
         }
+        changes.check()?;
         let mut table = Table::new();
         table.insert("name", value(name));
         apply(&mut table, changes);
@@ -157,10 +203,11 @@ impl ConfigDocument {
         let index = self
             .index_of(name)?
             .ok_or_else(|| format!("there is no connector \"{name}\""))?;
+        changes.check()?;
         let table = self
             .connectors_mut()?
             .get_mut(index)
-            .expect("index from position");
+            .ok_or_else(|| format!("there is no connector \"{name}\""))?;
         apply(table, changes);
         Ok(())
     }
@@ -177,6 +224,12 @@ impl ConfigDocument {
     /// Validates the document as a config file called `file`.
     pub fn validate(&self, file: &str) -> Result<Config, EditError> {
         Config::parse(&self.to_string(), file).map_err(|e| e.to_string())
+    }
+
+    /// Validates the document after a change to connector `changed` (see
+    /// [`Config::parse_change`]).
+    pub fn validate_change(&self, changed: &str) -> Result<Config, EditError> {
+        Config::parse_change(&self.to_string(), changed)
     }
 
     /// Writes the document to `path` atomically: a temporary file in the
@@ -312,26 +365,113 @@ mod tests {
     }
 
     #[test]
-    fn bad_values_are_named_by_validation() {
-        for (what, to, needle) in [
+    fn bad_values_name_the_flag_not_the_file() {
+        for (what, to, expected) in [
             (
                 "per_source",
                 "0",
-                "max_inbound_connection_per_source 0 is out of range",
+                "--max-inbound-connection-per-source 0 is out of range (1 to 10000, or unlimited)",
             ),
-            ("per_source", "10001", "10001 is out of range"),
-            ("pct", "101", "101 is out of range"),
-            ("max", "lots", "is not a number"),
-            ("ranges", "10.0.0.0/33", "is not an IP address"),
+            (
+                "pct",
+                "0",
+                "--max-inbound-connection-percentage-per-source 0 is out of range (1 to 100)",
+            ),
+            (
+                "pct",
+                "unlimited",
+                "--max-inbound-connection-percentage-per-source cannot be unlimited (1 to 100; 100 turns it off)",
+            ),
+            (
+                "max",
+                "lots",
+                "--max-inbound-connection \"lots\" is not a number or \"unlimited\"",
+            ),
+            (
+                "ranges",
+                "10.0.0.0/33",
+                "--remote-ip-ranges \"10.0.0.0/33\" is not an IP address, a CIDR block or a first-last range",
+            ),
+            (
+                "bindings",
+                "0.0.0.0",
+                "--bindings \"0.0.0.0\" is not IP:port (IPv6 as [addr]:port)",
+            ),
+            (
+                "bindings",
+                "0.0.0.0:25,0.0.0.0:25",
+                "--bindings 0.0.0.0:25 is listed twice",
+            ),
         ] {
             let mut d = ConfigDocument::parse(FILE).unwrap();
-            d.set_connector("Default Frontend", &set(what, to)).unwrap();
-            let e = d.validate("c.toml").unwrap_err();
-            assert!(
-                e.contains("connector \"Default Frontend\"") && e.contains(needle),
-                "{e}"
+            assert_eq!(
+                d.set_connector("Default Frontend", &set(what, to)),
+                Err(expected.to_string())
             );
+            assert_eq!(d.to_string(), FILE, "nothing changed");
         }
+        let mut d = ConfigDocument::parse(FILE).unwrap();
+        let mut bad = set("bindings", "0.0.0.0:587");
+        bad.action = Some("bounce".into());
+        assert_eq!(
+            d.new_connector("Relay", &bad),
+            Err("--action \"bounce\" is not drop, reset, monitor or reply".to_string())
+        );
+        // Errors of the file itself still name the file and its keys.
+        let e = Config::parse(
+            &FILE.replace("= 20 #", "= 0 #"),
+            "/etc/limiter/connectors.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            e,
+            "/etc/limiter/connectors.toml: connector \"Default Frontend\": max_inbound_connection_per_source 0 is out of range (1 to 10000, or unlimited)"
+        );
+    }
+
+    #[test]
+    fn a_collision_names_the_changed_connector_first() {
+        let two = "[[connector]]\nname = \"Old\"\nbindings = [\"0.0.0.0:25\"]\n\
+                   remote_ip_ranges = [\"10.1.0.0/24\"]\n\
+                   [[connector]]\nname = \"Later\"\nbindings = [\"0.0.0.0:25\"]\n\
+                   remote_ip_ranges = [\"10.2.0.0/24\"]\n";
+        // Added with a range that starts first: at start the old one would
+        // be blamed.
+        let mut d = ConfigDocument::parse(two).unwrap();
+        let mut crossing = set("bindings", "0.0.0.0:25");
+        crossing.remote_ip_ranges = Some(vec!["10.0.255.0-10.1.0.5".into()]);
+        d.new_connector("New", &crossing).unwrap();
+        assert_eq!(
+            d.validate_change("New").unwrap_err(),
+            "connector \"New\": remote range 10.0.255.0-10.1.0.5 overlaps 10.1.0.0/24 (connector \"Old\") on binding 0.0.0.0:25 without one containing the other"
+        );
+        assert!(
+            d.validate("c.toml")
+                .unwrap_err()
+                .starts_with("c.toml: connector \"Old\": ")
+        );
+        // The earlier connector changed to the later one's range.
+        let mut d = ConfigDocument::parse(two).unwrap();
+        d.set_connector("old", &set("ranges", "10.2.0.0-10.2.0.255"))
+            .unwrap();
+        assert_eq!(
+            d.validate_change("old").unwrap_err(),
+            "connector \"Old\": remote range 10.2.0.0-10.2.0.255 on binding 0.0.0.0:25 is also on connector \"Later\""
+        );
+        // A new binding that is where an old connector's connections end up.
+        let mut d = ConfigDocument::parse(two).unwrap();
+        let forwarded = ConnectorChanges {
+            forwarded_to: Some(vec!["10.0.0.2:25".into()]),
+            ..ConnectorChanges::default()
+        };
+        d.set_connector("Old", &forwarded).unwrap();
+        d.new_connector("New", &set("bindings", "10.0.0.2:25"))
+            .unwrap();
+        assert_eq!(
+            d.validate_change("New").unwrap_err(),
+            "connector \"New\": binding 10.0.0.2:25 is a forwarded_to endpoint of connector \"Old\""
+        );
     }
 
     #[test]
