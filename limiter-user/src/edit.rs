@@ -8,7 +8,7 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
-use toml_edit::{Array, ArrayOfTables, DocumentMut, Item, Table, Value, value};
+use toml_edit::{Array, ArrayOfTables, DocumentMut, Item, RawString, Table, Value, value};
 
 use crate::config::{self, Action, Config, FieldNames, LimitValue};
 
@@ -187,6 +187,15 @@ impl ConfigDocument {
         let mut table = Table::new();
         table.insert("name", value(name));
         apply(&mut table, changes);
+        // What follows the last connector (comments, a commented-out
+        // example) stays where it was: above the new one.
+        let trailing = raw(Some(self.doc.trailing()));
+        if trailing.contains('#') {
+            table
+                .decor_mut()
+                .set_prefix(format!("{}\n\n", trailing.trim_end()));
+            self.doc.set_trailing("");
+        }
         self.connectors_mut()?.push(table);
         Ok(())
     }
@@ -212,12 +221,32 @@ impl ConfigDocument {
         Ok(())
     }
 
-    /// Removes connector `name`.
+    /// Removes connector `name`. The comments above it stay: they may say
+    /// something about what follows, and a comment wrongly kept is easier
+    /// to delete than a lost one is to get back.
     pub fn remove_connector(&mut self, name: &str) -> Result<(), EditError> {
         let index = self
             .index_of(name)?
             .ok_or_else(|| format!("there is no connector \"{name}\""))?;
-        self.connectors_mut()?.remove(index);
+        let connectors = self.connectors_mut()?;
+        let above = connectors
+            .get(index)
+            .map(|t| raw(t.decor().prefix()))
+            .unwrap_or_default();
+        connectors.remove(index);
+        if above.contains('#') {
+            match connectors.get_mut(index) {
+                Some(next) => {
+                    let prefix = format!("{above}{}", raw(next.decor().prefix()));
+                    next.decor_mut().set_prefix(prefix);
+                }
+                None => {
+                    let trailing =
+                        format!("{}\n{}", above.trim_end(), raw(Some(self.doc.trailing())));
+                    self.doc.set_trailing(trailing);
+                }
+            }
+        }
         Ok(())
     }
 
@@ -269,32 +298,128 @@ impl std::fmt::Display for ConfigDocument {
     }
 }
 
-fn apply(table: &mut Table, changes: &ConnectorChanges) {
-    let list = |items: &[String]| {
-        let mut array = Array::new();
-        for item in items {
-            array.push(item.trim());
+/// The text of a piece of layout (whitespace and comments).
+fn raw(text: Option<&RawString>) -> String {
+    text.and_then(RawString::as_str)
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// `text` split after its first newline: the rest of a line, and what
+/// follows it.
+fn split_line(text: &str) -> (&str, &str) {
+    match text.find('\n') {
+        Some(i) => text.split_at(i + 1),
+        None => ("", text),
+    }
+}
+
+/// Sets `key` of `table` to `new`, keeping the layout of the value it
+/// replaces: its spacing and the comment after it.
+fn put(table: &mut Table, key: &str, mut new: Value) {
+    match table.get_mut(key).and_then(Item::as_value_mut) {
+        Some(old) => {
+            *new.decor_mut() = old.decor().clone();
+            *old = new;
         }
-        Item::Value(Value::Array(array))
+        None => {
+            table.insert(key, Item::Value(new));
+        }
+    }
+}
+
+/// A list of `items` laid out like `old`, the list it replaces: written on
+/// several lines, each item that stays keeps its line, comment included,
+/// and new ones get lines of their own.
+fn list_like(old: Option<&Value>, items: &[String]) -> Value {
+    let mut array = Array::new();
+    for item in items {
+        array.push(item.trim());
+    }
+    let Some(Value::Array(old)) = old else {
+        return Value::Array(array);
+    };
+    let prefixes: Vec<String> = old.iter().map(|v| raw(v.decor().prefix())).collect();
+    if prefixes.iter().any(|p| p.contains('\n')) {
+        // An item's comment is the rest of its line, which the parser puts
+        // before the next item (or at the end of the list).
+        let mut end = raw(Some(old.trailing()));
+        if !old.trailing_comma() {
+            end = format!(
+                "{}{end}",
+                raw(old.iter().last().and_then(|v| v.decor().suffix()))
+            );
+        }
+        let line_rests: Vec<&str> = prefixes
+            .iter()
+            .skip(1)
+            .map(|p| split_line(p).0)
+            .chain([split_line(&end).0])
+            .collect();
+        let kept: Vec<(Option<&str>, &str, &str)> = old
+            .iter()
+            .zip(&prefixes)
+            .zip(&line_rests)
+            .map(|((v, prefix), rest)| (v.as_str().map(str::trim), split_line(prefix).1, *rest))
+            .collect();
+        let indent = kept
+            .iter()
+            .rev()
+            .map(|(_, above, _)| above.rsplit('\n').next().unwrap_or_default())
+            .find(|i| i.trim().is_empty())
+            .unwrap_or("    ");
+        // What goes before an item: the rest of the line before it, then
+        // its own lines.
+        let mut before = split_line(&prefixes[0]).0.to_string();
+        for item in array.iter_mut() {
+            let (above, rest) = kept
+                .iter()
+                .find(|(text, _, _)| *text == item.as_str())
+                .map(|(_, above, rest)| (*above, *rest))
+                .unwrap_or((indent, "\n"));
+            item.decor_mut().set_prefix(format!("{before}{above}"));
+            item.decor_mut().set_suffix("");
+            before = rest.to_string();
+        }
+        let after_end = split_line(&end).1;
+        match array.iter_mut().last() {
+            Some(last) if !old.trailing_comma() => {
+                last.decor_mut().set_suffix(before);
+                array.set_trailing(after_end);
+            }
+            _ => {
+                array.set_trailing_comma(old.trailing_comma());
+                array.set_trailing(format!("{before}{after_end}"));
+            }
+        }
+    }
+    *array.decor_mut() = old.decor().clone();
+    Value::Array(array)
+}
+
+fn apply(table: &mut Table, changes: &ConnectorChanges) {
+    let list = |table: &mut Table, key: &str, items: &[String]| {
+        let new = list_like(table.get(key).and_then(Item::as_value), items);
+        put(table, key, new);
     };
     // A number stays a number; anything else is kept as text for validation
     // to judge ("unlimited", or a mistake it will name).
     let limit = |text: &str| match text.trim().parse::<i64>() {
-        Ok(n) => value(n),
-        Err(_) => value(text.trim()),
+        Ok(n) => Value::from(n),
+        Err(_) => Value::from(text.trim()),
     };
     if let Some(bindings) = &changes.bindings {
-        table.insert("bindings", list(bindings));
+        list(table, "bindings", bindings);
     }
     if let Some(endpoints) = &changes.forwarded_to {
         if endpoints.is_empty() {
             table.remove("forwarded_to");
         } else {
-            table.insert("forwarded_to", list(endpoints));
+            list(table, "forwarded_to", endpoints);
         }
     }
     if let Some(ranges) = &changes.remote_ip_ranges {
-        table.insert("remote_ip_ranges", list(ranges));
+        list(table, "remote_ip_ranges", ranges);
     }
     for (key, change) in [
         ("max_inbound_connection", &changes.max_inbound_connection),
@@ -308,14 +433,14 @@ fn apply(table: &mut Table, changes: &ConnectorChanges) {
         ),
     ] {
         if let Some(text) = change {
-            table.insert(key, limit(text));
+            put(table, key, limit(text));
         }
     }
     if let Some(action) = &changes.action {
-        table.insert("action", value(action.trim()));
+        put(table, "action", Value::from(action.trim()));
     }
     if let Some(text) = &changes.reply_text {
-        table.insert("reply_text", value(text.as_str()));
+        put(table, "reply_text", Value::from(text.as_str()));
     }
 }
 
@@ -471,6 +596,67 @@ mod tests {
         assert_eq!(
             d.validate_change("New").unwrap_err(),
             "connector \"New\": binding 10.0.0.2:25 is a forwarded_to endpoint of connector \"Old\""
+        );
+    }
+
+    #[test]
+    fn set_keeps_inline_comments_and_list_layout() {
+        let file = "[[connector]]\nname = \"Frontend\"\n\
+            bindings = [\"0.0.0.0:25\"]    # the MX\n\
+            remote_ip_ranges = [\n    \"10.1.0.0/24\",     # app servers\n    \"192.168.1.75\",    # scanner\n]\n\
+            max_inbound_connection_per_source = 20   # agreed with security, ticket 4711\n";
+        let mut d = ConfigDocument::parse(file).unwrap();
+        let mut change = set("per_source", "30");
+        change.bindings = Some(vec!["0.0.0.0:25".into(), "[::]:25".into()]);
+        change.remote_ip_ranges = Some(vec!["192.168.1.75".into(), "10.3.0.0/24".into()]);
+        d.set_connector("Frontend", &change).unwrap();
+        assert_eq!(
+            d.to_string(),
+            "[[connector]]\nname = \"Frontend\"\n\
+             bindings = [\"0.0.0.0:25\", \"[::]:25\"]    # the MX\n\
+             remote_ip_ranges = [\n    \"192.168.1.75\",    # scanner\n    \"10.3.0.0/24\",\n]\n\
+             max_inbound_connection_per_source = 30   # agreed with security, ticket 4711\n"
+        );
+        // Without a trailing comma, and an item added in the middle.
+        let file = "[[connector]]\nname = \"F\"\nbindings = [\"0.0.0.0:25\"]\n\
+            remote_ip_ranges = [ # who may\n  \"10.1.0.0/24\", # apps\n  \"10.2.0.0/24\" # backup\n] # end\n";
+        let mut d = ConfigDocument::parse(file).unwrap();
+        d.set_connector("F", &set("ranges", "10.1.0.0/24,10.5.0.0/24,10.2.0.0/24"))
+            .unwrap();
+        assert_eq!(
+            d.to_string(),
+            "[[connector]]\nname = \"F\"\nbindings = [\"0.0.0.0:25\"]\n\
+             remote_ip_ranges = [ # who may\n  \"10.1.0.0/24\", # apps\n  \"10.5.0.0/24\",\n  \"10.2.0.0/24\" # backup\n] # end\n"
+        );
+        d.validate("c.toml").unwrap();
+    }
+
+    #[test]
+    fn comments_between_connectors_stay_where_they_were() {
+        let shipped = include_str!("../../dist/connectors.toml");
+        let mut d = ConfigDocument::parse(shipped).unwrap();
+        let mut relay = set("bindings", "0.0.0.0:25");
+        relay.remote_ip_ranges = Some(vec!["10.1.0.0/24".into()]);
+        d.new_connector("Relay", &relay).unwrap();
+        let text = d.to_string();
+        let example = text.find("# name = \"Application Relay\"").unwrap();
+        let added = text.find("name = \"Relay\"").unwrap();
+        assert!(example < added, "{text}");
+        assert!(text.starts_with(shipped.trim_end()), "{text}");
+        assert_eq!(d.validate("c.toml").unwrap().connectors.len(), 2);
+        // Removed again: the file as it was.
+        d.remove_connector("Relay").unwrap();
+        assert_eq!(d.to_string(), shipped);
+        // A comment above a removed connector stays for the next one.
+        let file = "[[connector]]\nname = \"A\"\nbindings = [\"0.0.0.0:25\"]\n\n\
+            # Submission.\n[[connector]]\nname = \"B\"\nbindings = [\"0.0.0.0:587\"]\n\n\
+            [[connector]]\nname = \"C\"\nbindings = [\"0.0.0.0:465\"]\n";
+        let mut d = ConfigDocument::parse(file).unwrap();
+        d.remove_connector("B").unwrap();
+        assert_eq!(
+            d.to_string(),
+            "[[connector]]\nname = \"A\"\nbindings = [\"0.0.0.0:25\"]\n\n\
+             # Submission.\n\n[[connector]]\nname = \"C\"\nbindings = [\"0.0.0.0:465\"]\n"
         );
     }
 
