@@ -4,6 +4,7 @@
 
 use std::{
     io::Write,
+    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
 };
 
@@ -263,8 +264,11 @@ impl ConfigDocument {
 
     /// Writes the document to `path` atomically: a temporary file in the
     /// same directory, flushed to disk, then renamed over the old one (whose
-    /// permissions it keeps).
+    /// permissions and owner it keeps). A symlink is written through: its
+    /// target is replaced and the link stays, as config management left it.
     pub fn write_atomically(&self, path: &Path) -> std::io::Result<()> {
+        let path = resolve_symlinks(path)?;
+        let path = path.as_path();
         let dir = path
             .parent()
             .filter(|d| !d.as_os_str().is_empty())
@@ -279,6 +283,10 @@ impl ConfigDocument {
             let mut file = std::fs::File::create(&temp)?;
             if let Ok(meta) = std::fs::metadata(path) {
                 file.set_permissions(meta.permissions())?;
+                let made = file.metadata()?;
+                if (made.uid(), made.gid()) != (meta.uid(), meta.gid()) {
+                    std::os::unix::fs::fchown(&file, Some(meta.uid()), Some(meta.gid()))?;
+                }
             }
             file.write_all(self.to_string().as_bytes())?;
             file.sync_all()?;
@@ -290,6 +298,26 @@ impl ConfigDocument {
         }
         result
     }
+}
+
+/// The file `path` names once symlinks are followed (which need not exist
+/// yet).
+fn resolve_symlinks(path: &Path) -> std::io::Result<PathBuf> {
+    let mut path = path.to_path_buf();
+    // The kernel's own limit on a chain of links.
+    for _ in 0..40 {
+        match std::fs::symlink_metadata(&path) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                let target = std::fs::read_link(&path)?;
+                path = match path.parent() {
+                    Some(dir) => dir.join(target),
+                    None => target,
+                };
+            }
+            _ => return Ok(path),
+        }
+    }
+    Err(std::io::Error::from_raw_os_error(libc::ELOOP))
 }
 
 impl std::fmt::Display for ConfigDocument {
@@ -716,6 +744,37 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names.len(), 1, "no temporary file left: {names:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_symlink_is_written_through() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("limiter-edit-link-{}", std::process::id()));
+        let (etc, deployed) = (dir.join("etc"), dir.join("deployed"));
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::create_dir_all(&deployed).unwrap();
+        let target = deployed.join("connectors.toml");
+        std::fs::write(&target, "# old\n").unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o640)).unwrap();
+        // A relative link, through a second link.
+        std::os::unix::fs::symlink("../deployed/connectors.toml", etc.join("real.toml")).unwrap();
+        std::os::unix::fs::symlink("real.toml", etc.join("connectors.toml")).unwrap();
+        let d = ConfigDocument::parse(FILE).unwrap();
+        d.write_atomically(&etc.join("connectors.toml")).unwrap();
+        for link in ["connectors.toml", "real.toml"] {
+            let meta = std::fs::symlink_metadata(etc.join(link)).unwrap();
+            assert!(meta.file_type().is_symlink(), "{link} is still a link");
+        }
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), FILE);
+        let mode = std::fs::metadata(&target).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o640);
+        assert_eq!(std::fs::read_dir(&etc).unwrap().count(), 2);
+        assert_eq!(std::fs::read_dir(&deployed).unwrap().count(), 1);
+        // A dangling link: its target is made.
+        std::fs::remove_file(&target).unwrap();
+        d.write_atomically(&etc.join("connectors.toml")).unwrap();
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), FILE);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

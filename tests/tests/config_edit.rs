@@ -1,7 +1,49 @@
 //! What `limiter connector new|set|remove` do to the operator's config
 //! file, end to end against the real daemon.
 
-use limiter_tests::{lab::client_v4, scenario::Scenario};
+use std::{
+    os::unix::fs::{MetadataExt, PermissionsExt},
+    path::{Path, PathBuf},
+};
+
+use limiter_tests::{
+    lab::client_v4,
+    scenario::{Scenario, connector},
+};
+
+/// A directory of the test's own, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(what: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!(
+            "limiter-test-{what}-{}-{}",
+            std::process::id(),
+            limiter_tests::next_id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
 
 const COMMENTED: &str = "# Our MX.
 [[connector]]
@@ -88,4 +130,54 @@ bindings = [\"10.77.0.1:2525\"]
         file.ends_with("]\n\n# Submission comes later (ticket 4712).\n"),
         "{file}"
     );
+}
+
+#[test]
+fn a_symlinked_config_is_written_through_to_its_target() {
+    let dir = TempDir::new("symlink");
+    let (etc, deployed) = (dir.path().join("etc"), dir.path().join("deployed"));
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::create_dir_all(&deployed).unwrap();
+    // As config management leaves it: a link to a file of its own, with
+    // its own mode and owner.
+    let target = deployed.join("connectors.toml");
+    std::fs::write(
+        &target,
+        connector("Frontend", "[\"0.0.0.0/0\", \"::/0\"]", "100", "2", 100),
+    )
+    .unwrap();
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o640)).unwrap();
+    std::os::unix::fs::chown(&target, Some(65534), Some(65534)).unwrap();
+    let link = etc.join("connectors.toml");
+    std::os::unix::fs::symlink("../deployed/connectors.toml", &link).unwrap();
+    let s = Scenario::start_with(None, &["--config", link.to_str().unwrap()]);
+    for per_source in ["3", "4"] {
+        s.limiter.cli_ok(&[
+            "connector",
+            "set",
+            "Frontend",
+            "--max-inbound-connection-per-source",
+            per_source,
+        ]);
+        let meta = std::fs::symlink_metadata(&link).unwrap();
+        assert!(meta.file_type().is_symlink(), "the link was replaced");
+        assert_eq!(
+            std::fs::read_link(&link).unwrap(),
+            Path::new("../deployed/connectors.toml")
+        );
+        let text = std::fs::read_to_string(&target).unwrap();
+        assert!(
+            text.contains(&format!(
+                "max_inbound_connection_per_source = {per_source}\n"
+            )),
+            "{text}"
+        );
+        let meta = std::fs::metadata(&target).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o640);
+        assert_eq!((meta.uid(), meta.gid()), (65534, 65534));
+        assert_eq!(names_in(&etc), ["connectors.toml"]);
+        assert_eq!(names_in(&deployed), ["connectors.toml"]);
+    }
+    let _four = s.open(client_v4(0), 4);
+    s.refused(client_v4(0));
 }
