@@ -181,3 +181,58 @@ fn a_symlinked_config_is_written_through_to_its_target() {
     let _four = s.open(client_v4(0), 4);
     s.refused(client_v4(0));
 }
+
+#[test]
+fn the_last_connector_stays_unless_the_daemon_allows_empty() {
+    let s = Scenario::start(&format!(
+        "{}{}",
+        connector("Frontend", "[\"0.0.0.0/0\", \"::/0\"]", "100", "1", 100),
+        connector("Relay", "[\"10.77.0.20-10.77.0.29\"]", "100", "2", 100)
+    ));
+    let path = s.limiter.config_path().unwrap().to_path_buf();
+    s.limiter.cli_ok(&["connector", "remove", "Relay"]);
+    let before = std::fs::read(&path).unwrap();
+    assert_eq!(
+        s.limiter.cli_err(&["connector", "remove", "frontend"]),
+        "limiter: connector \"Frontend\" is the last one, and without it nothing would be enforced: \
+         the daemon allows that only when started with --allow-empty (nothing changed)"
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), before, "the file changed");
+    assert_eq!(s.limiter.status().connectors.len(), 1);
+    let _one = s.open(client_v4(0), 1);
+    s.refused(client_v4(0));
+}
+
+#[test]
+fn with_allow_empty_a_config_without_connectors_runs_and_enforces_nothing() {
+    let s = Scenario::start_with(
+        Some("# Connectors come later.\nipv6_prefix_length = 64\n"),
+        &["--allow-empty"],
+    );
+    let path = s.limiter.config_path().unwrap().to_path_buf();
+    assert!(s.limiter.status().connectors.is_empty());
+    let log = s.limiter.log();
+    assert!(
+        log.contains("no connectors (--allow-empty): nothing is enforced"),
+        "{log}"
+    );
+    s.limiter.cli_ok(&[
+        "connector",
+        "new",
+        "Frontend",
+        "--bindings",
+        "0.0.0.0:25",
+        "--max-inbound-connection-per-source",
+        "1",
+    ]);
+    let _one = s.open(client_v4(0), 1);
+    s.refused(client_v4(0));
+    // The last one may go: then nothing is enforced.
+    s.limiter.cli_ok(&["connector", "remove", "Frontend"]);
+    assert!(s.limiter.status().connectors.is_empty());
+    let _more = s.open(client_v4(0), 2);
+    assert_eq!(
+        std::fs::read_to_string(&path).unwrap(),
+        "# Connectors come later.\nipv6_prefix_length = 64\n"
+    );
+}
