@@ -247,6 +247,12 @@ struct RunArgs {
     /// and counting code.
     #[arg(long, value_enum, default_value_t = KernelLogLevel::Off, value_name = "LEVEL")]
     kernel_log_level: KernelLogLevel,
+    /// Start even when the config has no connectors (enforcing nothing
+    /// until `limiter connector new` adds one), and let `limiter connector
+    /// remove` remove the last one. Without it, both are refused: an empty
+    /// file is more often a mistake than a wish.
+    #[arg(long)]
+    allow_empty: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -374,6 +380,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                 keep_attached: args.keep_attached,
                 table_entries: args.table_entries,
                 kernel_log_level: args.kernel_log_level.raw(),
+                allow_empty: args.allow_empty,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

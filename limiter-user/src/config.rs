@@ -59,19 +59,107 @@ pub const EXCHANGE_REPLY: &str = "421 4.3.2 The maximum number of concurrent con
 /// out).
 const MAX_REPLY_TEXT: usize = 510;
 
-/// A `reply_text` as the sender may get it: a 421 line of printable ASCII.
-fn check_reply_text(text: &str) -> Result<(), String> {
+/// A `reply_text` as the sender may get it: a 421 line of printable ASCII;
+/// `name` is what the operator calls it (the key or the flag).
+pub fn check_reply_text(name: &str, text: &str) -> Result<(), String> {
     if !text.starts_with("421 ") || text[4..].trim().is_empty() {
         return Err(format!(
-            "reply_text {text:?} must be \"421 \" and a text (a transient refusal: the sender retries)"
+            "{name} {text:?} must be \"421 \" and a text (a transient refusal: the sender retries)"
         ));
     }
     if text.len() > MAX_REPLY_TEXT || !text.bytes().all(|b| (0x20..0x7f).contains(&b)) {
         return Err(format!(
-            "reply_text {text:?} must be one line of printable ASCII, at most {MAX_REPLY_TEXT} characters"
+            "{name} {text:?} must be one line of printable ASCII, at most {MAX_REPLY_TEXT} characters"
         ));
     }
     Ok(())
+}
+
+/// What a connector's fields are called in a message: the file's keys when
+/// the file is at fault, the flags of `connector new|set` when a flag is.
+#[derive(Clone, Copy, Debug)]
+pub struct FieldNames {
+    /// Of one binding (the key is a list).
+    pub binding: &'static str,
+    pub forwarded_to: &'static str,
+    pub remote_ip_ranges: &'static str,
+    pub max_inbound_connection: &'static str,
+    pub max_inbound_connection_per_source: &'static str,
+    pub max_inbound_connection_percentage_per_source: &'static str,
+    pub action: &'static str,
+    pub reply_text: &'static str,
+}
+
+impl FieldNames {
+    /// The config file's keys.
+    pub const KEYS: FieldNames = FieldNames {
+        binding: "binding",
+        forwarded_to: "forwarded_to",
+        remote_ip_ranges: "remote_ip_ranges",
+        max_inbound_connection: "max_inbound_connection",
+        max_inbound_connection_per_source: "max_inbound_connection_per_source",
+        max_inbound_connection_percentage_per_source: "max_inbound_connection_percentage_per_source",
+        action: "action",
+        reply_text: "reply_text",
+    };
+    /// The flags of `limiter connector new|set`.
+    pub const FLAGS: FieldNames = FieldNames {
+        binding: "--bindings",
+        forwarded_to: "--forwarded-to",
+        remote_ip_ranges: "--remote-ip-ranges",
+        max_inbound_connection: "--max-inbound-connection",
+        max_inbound_connection_per_source: "--max-inbound-connection-per-source",
+        max_inbound_connection_percentage_per_source: "--max-inbound-connection-percentage-per-source",
+        action: "--action",
+        reply_text: "--reply-text",
+    };
+}
+
+/// The bindings of a list, each once.
+pub fn parse_bindings(names: &FieldNames, list: &[String]) -> Result<Vec<Binding>, String> {
+    if list.is_empty() {
+        return Err("no bindings".to_string());
+    }
+    let mut bindings = Vec::new();
+    for b in list {
+        let binding = Binding::parse_named(names.binding, b)?;
+        if bindings.contains(&binding) {
+            return Err(format!("{} {binding} is listed twice", names.binding));
+        }
+        bindings.push(binding);
+    }
+    Ok(bindings)
+}
+
+/// The `forwarded_to` endpoints of a list: the server's own addresses, each
+/// once (that they are not also bindings is checked with the bindings).
+pub fn parse_forwarded_to(names: &FieldNames, list: &[String]) -> Result<Vec<Binding>, String> {
+    let name = names.forwarded_to;
+    let mut endpoints = Vec::new();
+    for f in list {
+        let endpoint = Binding::parse_named(name, f)?;
+        if endpoint.is_wildcard() {
+            return Err(format!(
+                "{name} {endpoint} is not an address: give the server's own (a container's, say)"
+            ));
+        }
+        if endpoints.contains(&endpoint) {
+            return Err(format!("{name} {endpoint} is listed twice"));
+        }
+        endpoints.push(endpoint);
+    }
+    Ok(endpoints)
+}
+
+/// The remote ranges of a list.
+pub fn parse_remote_ip_ranges(names: &FieldNames, list: &[String]) -> Result<Vec<IpRange>, String> {
+    let name = names.remote_ip_ranges;
+    if list.is_empty() {
+        return Err(format!("{name} is empty"));
+    }
+    list.iter()
+        .map(|r| r.parse::<IpRange>().map_err(|e| format!("{name} {e}")))
+        .collect()
 }
 
 /// A local `IP:port`; `0.0.0.0` and `::` stand for any local address of the
@@ -99,25 +187,32 @@ impl fmt::Display for Binding {
     }
 }
 
-impl FromStr for Binding {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
+impl Binding {
+    /// Parses `s`, calling it `name` in an error.
+    pub fn parse_named(name: &str, s: &str) -> Result<Binding, String> {
         let addr: SocketAddr = s
             .trim()
             .parse()
-            .map_err(|_| format!("binding {s:?} is not IP:port (IPv6 as [addr]:port)"))?;
+            .map_err(|_| format!("{name} {s:?} is not IP:port (IPv6 as [addr]:port)"))?;
         if addr.port() == 0 {
-            return Err(format!("binding {s:?} has port 0"));
+            return Err(format!("{name} {s:?} has port 0"));
         }
         if let IpAddr::V6(v6) = addr.ip()
             && v6.to_ipv4_mapped().is_some()
         {
             return Err(format!(
-                "binding {s:?} is an IPv4-mapped address; write it as IPv4"
+                "{name} {s:?} is an IPv4-mapped address; write it as IPv4"
             ));
         }
         Ok(Binding(addr))
+    }
+}
+
+impl FromStr for Binding {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Binding::parse_named("binding", s)
     }
 }
 
@@ -157,17 +252,24 @@ impl Action {
     }
 }
 
-impl FromStr for Action {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
+impl Action {
+    /// Parses `s`, calling it `name` in an error.
+    pub fn parse_named(name: &str, s: &str) -> Result<Action, String> {
         match s {
             "drop" => Ok(Action::Drop),
             "reset" => Ok(Action::Reset),
             "monitor" => Ok(Action::Monitor),
             "reply" => Ok(Action::Reply),
-            _ => Err(format!("action {s:?} is not drop, reset, monitor or reply")),
+            _ => Err(format!("{name} {s:?} is not drop, reset, monitor or reply")),
         }
+    }
+}
+
+impl FromStr for Action {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Action::parse_named("action", s)
     }
 }
 
@@ -207,27 +309,31 @@ impl LimitValue {
     pub fn from_toml(name: &str, value: &toml::Value) -> Result<LimitValue, String> {
         match value {
             toml::Value::Integer(n) => Ok(LimitValue::Value(*n)),
-            toml::Value::String(s) => s.parse().map_err(|e| format!("{name}: {e}")),
-            other => Err(format!("{name}: {other} is not a number or \"unlimited\"")),
+            toml::Value::String(s) => s.parse().map_err(|e| format!("{name} {e}")),
+            other => Err(format!("{name} {other} is not a number or \"unlimited\"")),
         }
     }
 }
 
+/// A check of one limit against Exchange's range, calling it by the given
+/// name in an error.
+pub type LimitCheck = fn(&str, LimitValue) -> Result<u32, String>;
+
 /// The three limits of a connector as numbers checked against Exchange's
 /// ranges.
-pub fn check_max_inbound_connection(v: LimitValue) -> Result<u32, String> {
+pub fn check_max_inbound_connection(name: &str, v: LimitValue) -> Result<u32, String> {
     match v {
         LimitValue::Unlimited => Ok(UNLIMITED),
         LimitValue::Value(n) if (1..=MAX_INBOUND_CONNECTION_LIMIT as i64).contains(&n) => {
             Ok(n as u32)
         }
         LimitValue::Value(n) => Err(format!(
-            "max_inbound_connection {n} is out of range (1 to {MAX_INBOUND_CONNECTION_LIMIT}, or unlimited)"
+            "{name} {n} is out of range (1 to {MAX_INBOUND_CONNECTION_LIMIT}, or unlimited)"
         )),
     }
 }
 
-pub fn check_max_inbound_connection_per_source(v: LimitValue) -> Result<u32, String> {
+pub fn check_max_inbound_connection_per_source(name: &str, v: LimitValue) -> Result<u32, String> {
     match v {
         LimitValue::Unlimited => Ok(UNLIMITED),
         LimitValue::Value(n)
@@ -236,21 +342,21 @@ pub fn check_max_inbound_connection_per_source(v: LimitValue) -> Result<u32, Str
             Ok(n as u32)
         }
         LimitValue::Value(n) => Err(format!(
-            "max_inbound_connection_per_source {n} is out of range (1 to {MAX_INBOUND_CONNECTION_PER_SOURCE_LIMIT}, or unlimited)"
+            "{name} {n} is out of range (1 to {MAX_INBOUND_CONNECTION_PER_SOURCE_LIMIT}, or unlimited)"
         )),
     }
 }
 
-pub fn check_max_inbound_connection_percentage_per_source(v: LimitValue) -> Result<u32, String> {
+pub fn check_max_inbound_connection_percentage_per_source(
+    name: &str,
+    v: LimitValue,
+) -> Result<u32, String> {
     match v {
         LimitValue::Value(n) if (1..=100).contains(&n) => Ok(n as u32),
-        LimitValue::Unlimited => Err(
-            "max_inbound_connection_percentage_per_source cannot be unlimited (1 to 100; 100 turns it off)"
-                .to_string(),
-        ),
-        LimitValue::Value(n) => Err(format!(
-            "max_inbound_connection_percentage_per_source {n} is out of range (1 to 100)"
+        LimitValue::Unlimited => Err(format!(
+            "{name} cannot be unlimited (1 to 100; 100 turns it off)"
         )),
+        LimitValue::Value(n) => Err(format!("{name} {n} is out of range (1 to 100)")),
     }
 }
 
@@ -274,6 +380,21 @@ pub enum ConfigError {
         connector: String,
         reason: String,
     },
+}
+
+impl ConfigError {
+    /// The error without the file's name: for a change, where the file is
+    /// not at fault.
+    pub fn without_file(&self) -> String {
+        match self {
+            ConfigError::Global { reason, .. } => reason.clone(),
+            ConfigError::Syntax { line, reason, .. } => format!("line {line}: {reason}"),
+            ConfigError::Connector {
+                connector, reason, ..
+            } => format!("connector \"{connector}\": {reason}"),
+            other => other.to_string(),
+        }
+    }
 }
 
 /// The file as written; validated into [`Config`].
@@ -336,6 +457,18 @@ impl Config {
 
     /// Parses and validates the text of a config file called `file`.
     pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        Config::parse_blaming(text, file, None)
+    }
+
+    /// Validates the text of a config file after a change to connector
+    /// `changed`. The file was valid before, so the change is at fault: the
+    /// error names neither the file nor its line, and a collision names the
+    /// changed connector first.
+    pub fn parse_change(text: &str, changed: &str) -> Result<Config, String> {
+        Config::parse_blaming(text, "", Some(changed)).map_err(|e| e.without_file())
+    }
+
+    fn parse_blaming(text: &str, file: &str, changed: Option<&str>) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             let line = e
                 .span()
@@ -362,11 +495,19 @@ impl Config {
                 },
             }
         })?;
-        Config::from_raw(&raw, file)
+        Config::from_raw_blaming(&raw, file, changed)
     }
 
     /// Validates a raw configuration.
     pub fn from_raw(raw: &RawConfig, file: &str) -> Result<Config, ConfigError> {
+        Config::from_raw_blaming(raw, file, None)
+    }
+
+    fn from_raw_blaming(
+        raw: &RawConfig,
+        file: &str,
+        changed: Option<&str>,
+    ) -> Result<Config, ConfigError> {
         let global = |reason: String| ConfigError::Global {
             file: file.to_string(),
             reason,
@@ -419,7 +560,7 @@ impl Config {
             connectors,
         };
         config
-            .check_pairs()
+            .check_pairs(changed)
             .map_err(|(connector, reason)| ConfigError::Connector {
                 file: file.to_string(),
                 connector,
@@ -430,17 +571,31 @@ impl Config {
 
     /// Exchange's rule for (binding, remote range) pairs: on each binding, no
     /// pair twice, and two ranges overlap only when one contains the other.
-    /// Returns the connector to blame and why.
-    fn check_pairs(&self) -> Result<(), (String, String)> {
+    /// Returns the connector to blame and why: connector `changed` when it is
+    /// one of the two.
+    fn check_pairs(&self, changed: Option<&str>) -> Result<(), (String, String)> {
+        let is_changed = |i: usize| {
+            changed.is_some_and(|c| self.connectors[i].name.eq_ignore_ascii_case(c.trim()))
+        };
         // An endpoint is a binding of some connectors or a forward target of
         // some, never both: the kernel gives it one binding id.
-        for c in &self.connectors {
+        for (i, c) in self.connectors.iter().enumerate() {
             for endpoint in &c.forwarded_to {
-                if let Some(other) = self
+                if let Some((j, other)) = self
                     .connectors
                     .iter()
-                    .find(|o| o.bindings.contains(endpoint))
+                    .enumerate()
+                    .find(|(_, o)| o.bindings.contains(endpoint))
                 {
+                    if is_changed(j) && !is_changed(i) {
+                        return Err((
+                            other.name.clone(),
+                            format!(
+                                "binding {endpoint} is a forwarded_to endpoint of connector \"{}\"",
+                                c.name
+                            ),
+                        ));
+                    }
                     return Err((
                         c.name.clone(),
                         format!(
@@ -484,26 +639,30 @@ impl Config {
                 while open.last().is_some_and(|(r, _)| r.last() < range.first()) {
                     open.pop();
                 }
-                if let Some((outer, outer_owner)) = open.last() {
-                    let name = &self.connectors[owner].name;
-                    let other = &self.connectors[*outer_owner].name;
-                    if outer.first() == range.first() && outer.last() == range.last() {
-                        let reason = if owner == *outer_owner {
-                            format!("remote range {range} is listed twice for binding {binding}")
+                if let Some(&(outer, outer_owner)) = open.last() {
+                    let same = outer.first() == range.first() && outer.last() == range.last();
+                    if same || !outer.contains_range(&range) {
+                        // Told from the side of the later one in the file, or of
+                        // the connector being changed.
+                        let ((mine, me), (theirs, them)) =
+                            if is_changed(outer_owner) && !is_changed(owner) {
+                                ((outer, outer_owner), (range, owner))
+                            } else {
+                                ((range, owner), (outer, outer_owner))
+                            };
+                        let other = &self.connectors[them].name;
+                        let reason = if me == them && same {
+                            format!("remote range {mine} is listed twice for binding {binding}")
+                        } else if same {
+                            format!(
+                                "remote range {mine} on binding {binding} is also on connector \"{other}\""
+                            )
                         } else {
                             format!(
-                                "remote range {range} on binding {binding} is also on connector \"{other}\""
+                                "remote range {mine} overlaps {theirs} (connector \"{other}\") on binding {binding} without one containing the other"
                             )
                         };
-                        return Err((name.clone(), reason));
-                    }
-                    if !outer.contains_range(&range) {
-                        return Err((
-                            name.clone(),
-                            format!(
-                                "remote range {range} overlaps {outer} (connector \"{other}\") on binding {binding} without one containing the other"
-                            ),
-                        ));
+                        return Err((self.connectors[me].name.clone(), reason));
                     }
                 }
                 open.push((range, owner));
@@ -552,37 +711,15 @@ impl Connector {
         if name.chars().any(|ch| ch.is_control() || ch == '"') {
             return Err("the name contains a control character or a double quote".to_string());
         }
-        if rc.bindings.is_empty() {
-            return Err("no bindings".to_string());
-        }
-        let mut bindings = Vec::new();
-        for b in &rc.bindings {
-            let binding: Binding = b.parse()?;
-            if bindings.contains(&binding) {
-                return Err(format!("binding {binding} is listed twice"));
-            }
-            bindings.push(binding);
-        }
-        let mut forwarded_to = Vec::new();
-        for f in rc.forwarded_to.iter().flatten() {
-            let endpoint: Binding = f.parse()?;
-            if endpoint.is_wildcard() {
-                return Err(format!(
-                    "forwarded_to {endpoint} is not an address: give the server's own (a container's, say)"
-                ));
-            }
-            if forwarded_to.contains(&endpoint) || bindings.contains(&endpoint) {
-                return Err(format!("{endpoint} is listed twice"));
-            }
-            forwarded_to.push(endpoint);
+        let keys = &FieldNames::KEYS;
+        let bindings = parse_bindings(keys, &rc.bindings)?;
+        let forwarded_to = parse_forwarded_to(keys, rc.forwarded_to.as_deref().unwrap_or(&[]))?;
+        if let Some(endpoint) = forwarded_to.iter().find(|e| bindings.contains(e)) {
+            return Err(format!("{endpoint} is listed twice"));
         }
         let remote_ip_ranges = match &rc.remote_ip_ranges {
             None => vec![IpRange::everything(true), IpRange::everything(false)],
-            Some(list) if list.is_empty() => return Err("remote_ip_ranges is empty".to_string()),
-            Some(list) => list
-                .iter()
-                .map(|r| r.parse::<IpRange>().map_err(|e| e.to_string()))
-                .collect::<Result<Vec<_>, _>>()?,
+            Some(list) => parse_remote_ip_ranges(keys, list)?,
         };
         let serves_something = bindings
             .iter()
@@ -593,39 +730,41 @@ impl Connector {
             );
         }
         let defaults = Limits::EXCHANGE_DEFAULT;
+        let limit = |name: &str, value: &Option<toml::Value>, default: u32, check: LimitCheck| {
+            match value {
+                None => Ok(default),
+                Some(v) => check(name, LimitValue::from_toml(name, v)?),
+            }
+        };
         let limits = Limits {
-            max_inbound_connection: match &rc.max_inbound_connection {
-                None => defaults.max_inbound_connection,
-                Some(v) => check_max_inbound_connection(LimitValue::from_toml(
-                    "max_inbound_connection",
-                    v,
-                )?)?,
-            },
-            max_inbound_connection_per_source: match &rc.max_inbound_connection_per_source {
-                None => defaults.max_inbound_connection_per_source,
-                Some(v) => check_max_inbound_connection_per_source(LimitValue::from_toml(
-                    "max_inbound_connection_per_source",
-                    v,
-                )?)?,
-            },
-            max_inbound_connection_percentage_per_source: match &rc
-                .max_inbound_connection_percentage_per_source
-            {
-                None => defaults.max_inbound_connection_percentage_per_source,
-                Some(v) => check_max_inbound_connection_percentage_per_source(
-                    LimitValue::from_toml("max_inbound_connection_percentage_per_source", v)?,
-                )?,
-            },
+            max_inbound_connection: limit(
+                keys.max_inbound_connection,
+                &rc.max_inbound_connection,
+                defaults.max_inbound_connection,
+                check_max_inbound_connection,
+            )?,
+            max_inbound_connection_per_source: limit(
+                keys.max_inbound_connection_per_source,
+                &rc.max_inbound_connection_per_source,
+                defaults.max_inbound_connection_per_source,
+                check_max_inbound_connection_per_source,
+            )?,
+            max_inbound_connection_percentage_per_source: limit(
+                keys.max_inbound_connection_percentage_per_source,
+                &rc.max_inbound_connection_percentage_per_source,
+                defaults.max_inbound_connection_percentage_per_source,
+                check_max_inbound_connection_percentage_per_source,
+            )?,
         };
         let action = match &rc.action {
             None => Action::Drop,
-            Some(a) => a.parse()?,
+            Some(a) => Action::parse_named(keys.action, a)?,
         };
         let reply_text = rc
             .reply_text
             .clone()
             .unwrap_or_else(|| EXCHANGE_REPLY.to_string());
-        check_reply_text(&reply_text)?;
+        check_reply_text(keys.reply_text, &reply_text)?;
         Ok(Connector {
             name,
             bindings,
@@ -958,9 +1097,9 @@ mod fuzz {
         fn any_binding_or_limit_text_is_judged(text in "\\PC{0,40}") {
             let _ = text.parse::<Binding>();
             if let Ok(value) = text.parse::<LimitValue>() {
-                let _ = check_max_inbound_connection(value);
-                let _ = check_max_inbound_connection_per_source(value);
-                let _ = check_max_inbound_connection_percentage_per_source(value);
+                let _ = check_max_inbound_connection("max", value);
+                let _ = check_max_inbound_connection_per_source("per_source", value);
+                let _ = check_max_inbound_connection_percentage_per_source("pct", value);
             }
         }
     }

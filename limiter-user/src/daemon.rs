@@ -85,6 +85,9 @@ pub struct RunOptions {
     pub table_entries: u32,
     /// aya-log's level for the kernel programs' diagnostics (0: off).
     pub kernel_log_level: u8,
+    /// Start on a config without connectors, and let the last connector be
+    /// removed: enforcing nothing is then what the operator asked for.
+    pub allow_empty: bool,
 }
 
 /// The daemon's state, shared by the control socket and the sweeper.
@@ -125,6 +128,8 @@ struct Daemon {
     /// Why the responder could not start (said once; connectors with
     /// action reply drop instead).
     replies_unavailable: Option<String>,
+    /// `--allow-empty`: a config without connectors is accepted.
+    allow_empty: bool,
 }
 
 /// What a start made before the kernel's own undo list: undone if the
@@ -150,6 +155,18 @@ impl Made {
 pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     // Everything that can be checked, before anything is made.
     let loaded = load_config(options.config.as_deref())?;
+    if loaded.config.connectors.is_empty() {
+        if !options.allow_empty {
+            bail!(
+                "{}: no connectors, so limiter would enforce nothing: add a [[connector]], or start with --allow-empty",
+                loaded.source
+            );
+        }
+        log::warn!(
+            "{}: no connectors (--allow-empty): nothing is enforced until `limiter connector new` adds one",
+            loaded.source
+        );
+    }
     if options.ifaces.is_empty() {
         bail!("no interface given: use --iface IFACE (repeatable)");
     }
@@ -341,6 +358,7 @@ fn start(
     match result {
         Ok(parts) => {
             let mut daemon = Daemon::new(kernel, parts, cgroup.to_path_buf(), netns_cookie);
+            daemon.allow_empty = options.allow_empty;
             daemon.kernel.commit();
             for what in daemon
                 .kernel
@@ -1050,6 +1068,7 @@ impl Daemon {
             last_reconcile: Instant::now(),
             replies,
             replies_unavailable,
+            allow_empty: false,
         };
         let (released, counted) = reconciled;
         log::info!(
@@ -1376,18 +1395,24 @@ impl Daemon {
         )
     }
 
-    /// Applies `edit` to the config: validated like the file, installed in
-    /// the kernel for the next SYN, written back atomically. Any failure
-    /// leaves the kernel and the file as they were.
+    /// Applies `edit` of connector `changed` to the config: validated like
+    /// the file, installed in the kernel for the next SYN, written back
+    /// atomically. Any failure leaves the kernel and the file as they were.
     fn change(
         &mut self,
+        changed: &str,
         edit: impl FnOnce(&mut ConfigDocument) -> Result<(), String>,
     ) -> anyhow::Result<()> {
         let _reloading = notify::Reloading::start();
         let mut document = self.document.clone();
         edit(&mut document).map_err(|e| anyhow!(e))?;
         let file = self.config_path.display().to_string();
-        let config = document.validate(&file).map_err(|e| anyhow!(e))?;
+        let config = document.validate_change(changed).map_err(|e| anyhow!(e))?;
+        if config.connectors.is_empty() && !self.allow_empty {
+            bail!(
+                "connector \"{changed}\" is the last one, and without it nothing would be enforced: the daemon allows that only when started with --allow-empty (nothing changed)"
+            );
+        }
         if config.ipv6_prefix_length != self.config.ipv6_prefix_length {
             bail!("ipv6_prefix_length takes effect only at start");
         }
@@ -1450,17 +1475,17 @@ impl Daemon {
                 serde_json::to_value(self.connector_status(self.index_of(&name)?)?)?
             }
             Request::ConnectorNew { name, changes } => {
-                self.change(|d| d.new_connector(name.trim(), &changes))?;
+                self.change(&name, |d| d.new_connector(name.trim(), &changes))?;
                 serde_json::to_value(self.connector_status(self.index_of(&name)?)?)?
             }
             Request::ConnectorSet { name, changes } => {
-                self.change(|d| d.set_connector(&name, &changes))?;
+                self.change(&name, |d| d.set_connector(&name, &changes))?;
                 serde_json::to_value(self.connector_status(self.index_of(&name)?)?)?
             }
             Request::ConnectorRemove { name } => {
                 let index = self.index_of(&name)?;
                 let removed = self.config.connectors[index].name.clone();
-                self.change(|d| d.remove_connector(&name))?;
+                self.change(&removed, |d| d.remove_connector(&name))?;
                 serde_json::json!({ "removed": removed })
             }
             Request::Sources { connector, top } => serde_json::to_value(

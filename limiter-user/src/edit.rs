@@ -4,13 +4,14 @@
 
 use std::{
     io::Write,
+    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
 };
 
 use serde::{Deserialize, Serialize};
-use toml_edit::{Array, ArrayOfTables, DocumentMut, Item, Table, Value, value};
+use toml_edit::{Array, ArrayOfTables, DocumentMut, Item, RawString, Table, Value, value};
 
-use crate::config::{Config, LimitValue};
+use crate::config::{self, Action, Config, FieldNames, LimitValue};
 
 /// The fields a `connector new|set` may change; `None` leaves a field as
 /// it is (or at its default for a new connector).
@@ -33,6 +34,51 @@ pub struct ConnectorChanges {
 impl ConnectorChanges {
     pub fn is_empty(&self) -> bool {
         *self == ConnectorChanges::default()
+    }
+
+    /// Checks each value on its own, naming the flag it came with: a bad
+    /// value is the operator's typing, not the file's.
+    pub fn check(&self) -> Result<(), EditError> {
+        let flags = &FieldNames::FLAGS;
+        if let Some(list) = &self.bindings {
+            config::parse_bindings(flags, list)?;
+        }
+        if let Some(list) = &self.forwarded_to {
+            config::parse_forwarded_to(flags, list)?;
+        }
+        if let Some(list) = &self.remote_ip_ranges {
+            config::parse_remote_ip_ranges(flags, list)?;
+        }
+        let limits: [(&str, &Option<String>, config::LimitCheck); 3] = [
+            (
+                flags.max_inbound_connection,
+                &self.max_inbound_connection,
+                config::check_max_inbound_connection,
+            ),
+            (
+                flags.max_inbound_connection_per_source,
+                &self.max_inbound_connection_per_source,
+                config::check_max_inbound_connection_per_source,
+            ),
+            (
+                flags.max_inbound_connection_percentage_per_source,
+                &self.max_inbound_connection_percentage_per_source,
+                config::check_max_inbound_connection_percentage_per_source,
+            ),
+        ];
+        for (flag, text, check) in limits {
+            if let Some(text) = text {
+                let v: LimitValue = text.trim().parse().map_err(|e| format!("{flag} {e}"))?;
+                check(flag, v)?;
+            }
+        }
+        if let Some(action) = &self.action {
+            Action::parse_named(flags.action, action.trim())?;
+        }
+        if let Some(text) = &self.reply_text {
+            config::check_reply_text(flags.reply_text, text)?;
+        }
+        Ok(())
     }
 }
 
@@ -138,9 +184,19 @@ impl ConfigDocument {
                 "connector \"{name}\": a new connector needs --bindings"
             ));
         }
+        changes.check()?;
         let mut table = Table::new();
         table.insert("name", value(name));
         apply(&mut table, changes);
+        // What follows the last connector (comments, a commented-out
+        // example) stays where it was: above the new one.
+        let trailing = raw(Some(self.doc.trailing()));
+        if trailing.contains('#') {
+            table
+                .decor_mut()
+                .set_prefix(format!("{}\n\n", trailing.trim_end()));
+            self.doc.set_trailing("");
+        }
         self.connectors_mut()?.push(table);
         Ok(())
     }
@@ -157,20 +213,41 @@ impl ConfigDocument {
         let index = self
             .index_of(name)?
             .ok_or_else(|| format!("there is no connector \"{name}\""))?;
+        changes.check()?;
         let table = self
             .connectors_mut()?
             .get_mut(index)
-            .expect("index from position");
+            .ok_or_else(|| format!("there is no connector \"{name}\""))?;
         apply(table, changes);
         Ok(())
     }
 
-    /// Removes connector `name`.
+    /// Removes connector `name`. The comments above it stay: they may say
+    /// something about what follows, and a comment wrongly kept is easier
+    /// to delete than a lost one is to get back.
     pub fn remove_connector(&mut self, name: &str) -> Result<(), EditError> {
         let index = self
             .index_of(name)?
             .ok_or_else(|| format!("there is no connector \"{name}\""))?;
-        self.connectors_mut()?.remove(index);
+        let connectors = self.connectors_mut()?;
+        let above = connectors
+            .get(index)
+            .map(|t| raw(t.decor().prefix()))
+            .unwrap_or_default();
+        connectors.remove(index);
+        if above.contains('#') {
+            match connectors.get_mut(index) {
+                Some(next) => {
+                    let prefix = format!("{above}{}", raw(next.decor().prefix()));
+                    next.decor_mut().set_prefix(prefix);
+                }
+                None => {
+                    let trailing =
+                        format!("{}\n{}", above.trim_end(), raw(Some(self.doc.trailing())));
+                    self.doc.set_trailing(trailing);
+                }
+            }
+        }
         Ok(())
     }
 
@@ -179,10 +256,19 @@ impl ConfigDocument {
         Config::parse(&self.to_string(), file).map_err(|e| e.to_string())
     }
 
+    /// Validates the document after a change to connector `changed` (see
+    /// [`Config::parse_change`]).
+    pub fn validate_change(&self, changed: &str) -> Result<Config, EditError> {
+        Config::parse_change(&self.to_string(), changed)
+    }
+
     /// Writes the document to `path` atomically: a temporary file in the
     /// same directory, flushed to disk, then renamed over the old one (whose
-    /// permissions it keeps).
+    /// permissions and owner it keeps). A symlink is written through: its
+    /// target is replaced and the link stays, as config management left it.
     pub fn write_atomically(&self, path: &Path) -> std::io::Result<()> {
+        let path = resolve_symlinks(path)?;
+        let path = path.as_path();
         let dir = path
             .parent()
             .filter(|d| !d.as_os_str().is_empty())
@@ -197,6 +283,10 @@ impl ConfigDocument {
             let mut file = std::fs::File::create(&temp)?;
             if let Ok(meta) = std::fs::metadata(path) {
                 file.set_permissions(meta.permissions())?;
+                let made = file.metadata()?;
+                if (made.uid(), made.gid()) != (meta.uid(), meta.gid()) {
+                    std::os::unix::fs::fchown(&file, Some(meta.uid()), Some(meta.gid()))?;
+                }
             }
             file.write_all(self.to_string().as_bytes())?;
             file.sync_all()?;
@@ -210,38 +300,154 @@ impl ConfigDocument {
     }
 }
 
+/// The file `path` names once symlinks are followed (which need not exist
+/// yet).
+fn resolve_symlinks(path: &Path) -> std::io::Result<PathBuf> {
+    let mut path = path.to_path_buf();
+    // The kernel's own limit on a chain of links.
+    for _ in 0..40 {
+        match std::fs::symlink_metadata(&path) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                let target = std::fs::read_link(&path)?;
+                path = match path.parent() {
+                    Some(dir) => dir.join(target),
+                    None => target,
+                };
+            }
+            _ => return Ok(path),
+        }
+    }
+    Err(std::io::Error::from_raw_os_error(libc::ELOOP))
+}
+
 impl std::fmt::Display for ConfigDocument {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         self.doc.fmt(f)
     }
 }
 
-fn apply(table: &mut Table, changes: &ConnectorChanges) {
-    let list = |items: &[String]| {
-        let mut array = Array::new();
-        for item in items {
-            array.push(item.trim());
+/// The text of a piece of layout (whitespace and comments).
+fn raw(text: Option<&RawString>) -> String {
+    text.and_then(RawString::as_str)
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// `text` split after its first newline: the rest of a line, and what
+/// follows it.
+fn split_line(text: &str) -> (&str, &str) {
+    match text.find('\n') {
+        Some(i) => text.split_at(i + 1),
+        None => ("", text),
+    }
+}
+
+/// Sets `key` of `table` to `new`, keeping the layout of the value it
+/// replaces: its spacing and the comment after it.
+fn put(table: &mut Table, key: &str, mut new: Value) {
+    match table.get_mut(key).and_then(Item::as_value_mut) {
+        Some(old) => {
+            *new.decor_mut() = old.decor().clone();
+            *old = new;
         }
-        Item::Value(Value::Array(array))
+        None => {
+            table.insert(key, Item::Value(new));
+        }
+    }
+}
+
+/// A list of `items` laid out like `old`, the list it replaces: written on
+/// several lines, each item that stays keeps its line, comment included,
+/// and new ones get lines of their own.
+fn list_like(old: Option<&Value>, items: &[String]) -> Value {
+    let mut array = Array::new();
+    for item in items {
+        array.push(item.trim());
+    }
+    let Some(Value::Array(old)) = old else {
+        return Value::Array(array);
+    };
+    let prefixes: Vec<String> = old.iter().map(|v| raw(v.decor().prefix())).collect();
+    if prefixes.iter().any(|p| p.contains('\n')) {
+        // An item's comment is the rest of its line, which the parser puts
+        // before the next item (or at the end of the list).
+        let mut end = raw(Some(old.trailing()));
+        if !old.trailing_comma() {
+            end = format!(
+                "{}{end}",
+                raw(old.iter().last().and_then(|v| v.decor().suffix()))
+            );
+        }
+        let line_rests: Vec<&str> = prefixes
+            .iter()
+            .skip(1)
+            .map(|p| split_line(p).0)
+            .chain([split_line(&end).0])
+            .collect();
+        let kept: Vec<(Option<&str>, &str, &str)> = old
+            .iter()
+            .zip(&prefixes)
+            .zip(&line_rests)
+            .map(|((v, prefix), rest)| (v.as_str().map(str::trim), split_line(prefix).1, *rest))
+            .collect();
+        let indent = kept
+            .iter()
+            .rev()
+            .map(|(_, above, _)| above.rsplit('\n').next().unwrap_or_default())
+            .find(|i| i.trim().is_empty())
+            .unwrap_or("    ");
+        // What goes before an item: the rest of the line before it, then
+        // its own lines.
+        let mut before = split_line(&prefixes[0]).0.to_string();
+        for item in array.iter_mut() {
+            let (above, rest) = kept
+                .iter()
+                .find(|(text, _, _)| *text == item.as_str())
+                .map(|(_, above, rest)| (*above, *rest))
+                .unwrap_or((indent, "\n"));
+            item.decor_mut().set_prefix(format!("{before}{above}"));
+            item.decor_mut().set_suffix("");
+            before = rest.to_string();
+        }
+        let after_end = split_line(&end).1;
+        match array.iter_mut().last() {
+            Some(last) if !old.trailing_comma() => {
+                last.decor_mut().set_suffix(before);
+                array.set_trailing(after_end);
+            }
+            _ => {
+                array.set_trailing_comma(old.trailing_comma());
+                array.set_trailing(format!("{before}{after_end}"));
+            }
+        }
+    }
+    *array.decor_mut() = old.decor().clone();
+    Value::Array(array)
+}
+
+fn apply(table: &mut Table, changes: &ConnectorChanges) {
+    let list = |table: &mut Table, key: &str, items: &[String]| {
+        let new = list_like(table.get(key).and_then(Item::as_value), items);
+        put(table, key, new);
     };
     // A number stays a number; anything else is kept as text for validation
     // to judge ("unlimited", or a mistake it will name).
     let limit = |text: &str| match text.trim().parse::<i64>() {
-        Ok(n) => value(n),
-        Err(_) => value(text.trim()),
+        Ok(n) => Value::from(n),
+        Err(_) => Value::from(text.trim()),
     };
     if let Some(bindings) = &changes.bindings {
-        table.insert("bindings", list(bindings));
+        list(table, "bindings", bindings);
     }
     if let Some(endpoints) = &changes.forwarded_to {
         if endpoints.is_empty() {
             table.remove("forwarded_to");
         } else {
-            table.insert("forwarded_to", list(endpoints));
+            list(table, "forwarded_to", endpoints);
         }
     }
     if let Some(ranges) = &changes.remote_ip_ranges {
-        table.insert("remote_ip_ranges", list(ranges));
+        list(table, "remote_ip_ranges", ranges);
     }
     for (key, change) in [
         ("max_inbound_connection", &changes.max_inbound_connection),
@@ -255,14 +461,14 @@ fn apply(table: &mut Table, changes: &ConnectorChanges) {
         ),
     ] {
         if let Some(text) = change {
-            table.insert(key, limit(text));
+            put(table, key, limit(text));
         }
     }
     if let Some(action) = &changes.action {
-        table.insert("action", value(action.trim()));
+        put(table, "action", Value::from(action.trim()));
     }
     if let Some(text) = &changes.reply_text {
-        table.insert("reply_text", value(text.as_str()));
+        put(table, "reply_text", Value::from(text.as_str()));
     }
 }
 
@@ -312,26 +518,174 @@ mod tests {
     }
 
     #[test]
-    fn bad_values_are_named_by_validation() {
-        for (what, to, needle) in [
+    fn bad_values_name_the_flag_not_the_file() {
+        for (what, to, expected) in [
             (
                 "per_source",
                 "0",
-                "max_inbound_connection_per_source 0 is out of range",
+                "--max-inbound-connection-per-source 0 is out of range (1 to 10000, or unlimited)",
             ),
-            ("per_source", "10001", "10001 is out of range"),
-            ("pct", "101", "101 is out of range"),
-            ("max", "lots", "is not a number"),
-            ("ranges", "10.0.0.0/33", "is not an IP address"),
+            (
+                "pct",
+                "0",
+                "--max-inbound-connection-percentage-per-source 0 is out of range (1 to 100)",
+            ),
+            (
+                "pct",
+                "unlimited",
+                "--max-inbound-connection-percentage-per-source cannot be unlimited (1 to 100; 100 turns it off)",
+            ),
+            (
+                "max",
+                "lots",
+                "--max-inbound-connection \"lots\" is not a number or \"unlimited\"",
+            ),
+            (
+                "ranges",
+                "10.0.0.0/33",
+                "--remote-ip-ranges \"10.0.0.0/33\" is not an IP address, a CIDR block or a first-last range",
+            ),
+            (
+                "bindings",
+                "0.0.0.0",
+                "--bindings \"0.0.0.0\" is not IP:port (IPv6 as [addr]:port)",
+            ),
+            (
+                "bindings",
+                "0.0.0.0:25,0.0.0.0:25",
+                "--bindings 0.0.0.0:25 is listed twice",
+            ),
         ] {
             let mut d = ConfigDocument::parse(FILE).unwrap();
-            d.set_connector("Default Frontend", &set(what, to)).unwrap();
-            let e = d.validate("c.toml").unwrap_err();
-            assert!(
-                e.contains("connector \"Default Frontend\"") && e.contains(needle),
-                "{e}"
+            assert_eq!(
+                d.set_connector("Default Frontend", &set(what, to)),
+                Err(expected.to_string())
             );
+            assert_eq!(d.to_string(), FILE, "nothing changed");
         }
+        let mut d = ConfigDocument::parse(FILE).unwrap();
+        let mut bad = set("bindings", "0.0.0.0:587");
+        bad.action = Some("bounce".into());
+        assert_eq!(
+            d.new_connector("Relay", &bad),
+            Err("--action \"bounce\" is not drop, reset, monitor or reply".to_string())
+        );
+        // Errors of the file itself still name the file and its keys.
+        let e = Config::parse(
+            &FILE.replace("= 20 #", "= 0 #"),
+            "/etc/limiter/connectors.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            e,
+            "/etc/limiter/connectors.toml: connector \"Default Frontend\": max_inbound_connection_per_source 0 is out of range (1 to 10000, or unlimited)"
+        );
+    }
+
+    #[test]
+    fn a_collision_names_the_changed_connector_first() {
+        let two = "[[connector]]\nname = \"Old\"\nbindings = [\"0.0.0.0:25\"]\n\
+                   remote_ip_ranges = [\"10.1.0.0/24\"]\n\
+                   [[connector]]\nname = \"Later\"\nbindings = [\"0.0.0.0:25\"]\n\
+                   remote_ip_ranges = [\"10.2.0.0/24\"]\n";
+        // Added with a range that starts first: at start the old one would
+        // be blamed.
+        let mut d = ConfigDocument::parse(two).unwrap();
+        let mut crossing = set("bindings", "0.0.0.0:25");
+        crossing.remote_ip_ranges = Some(vec!["10.0.255.0-10.1.0.5".into()]);
+        d.new_connector("New", &crossing).unwrap();
+        assert_eq!(
+            d.validate_change("New").unwrap_err(),
+            "connector \"New\": remote range 10.0.255.0-10.1.0.5 overlaps 10.1.0.0/24 (connector \"Old\") on binding 0.0.0.0:25 without one containing the other"
+        );
+        assert!(
+            d.validate("c.toml")
+                .unwrap_err()
+                .starts_with("c.toml: connector \"Old\": ")
+        );
+        // The earlier connector changed to the later one's range.
+        let mut d = ConfigDocument::parse(two).unwrap();
+        d.set_connector("old", &set("ranges", "10.2.0.0-10.2.0.255"))
+            .unwrap();
+        assert_eq!(
+            d.validate_change("old").unwrap_err(),
+            "connector \"Old\": remote range 10.2.0.0-10.2.0.255 on binding 0.0.0.0:25 is also on connector \"Later\""
+        );
+        // A new binding that is where an old connector's connections end up.
+        let mut d = ConfigDocument::parse(two).unwrap();
+        let forwarded = ConnectorChanges {
+            forwarded_to: Some(vec!["10.0.0.2:25".into()]),
+            ..ConnectorChanges::default()
+        };
+        d.set_connector("Old", &forwarded).unwrap();
+        d.new_connector("New", &set("bindings", "10.0.0.2:25"))
+            .unwrap();
+        assert_eq!(
+            d.validate_change("New").unwrap_err(),
+            "connector \"New\": binding 10.0.0.2:25 is a forwarded_to endpoint of connector \"Old\""
+        );
+    }
+
+    #[test]
+    fn set_keeps_inline_comments_and_list_layout() {
+        let file = "[[connector]]\nname = \"Frontend\"\n\
+            bindings = [\"0.0.0.0:25\"]    # the MX\n\
+            remote_ip_ranges = [\n    \"10.1.0.0/24\",     # app servers\n    \"192.168.1.75\",    # scanner\n]\n\
+            max_inbound_connection_per_source = 20   # agreed with security, ticket 4711\n";
+        let mut d = ConfigDocument::parse(file).unwrap();
+        let mut change = set("per_source", "30");
+        change.bindings = Some(vec!["0.0.0.0:25".into(), "[::]:25".into()]);
+        change.remote_ip_ranges = Some(vec!["192.168.1.75".into(), "10.3.0.0/24".into()]);
+        d.set_connector("Frontend", &change).unwrap();
+        assert_eq!(
+            d.to_string(),
+            "[[connector]]\nname = \"Frontend\"\n\
+             bindings = [\"0.0.0.0:25\", \"[::]:25\"]    # the MX\n\
+             remote_ip_ranges = [\n    \"192.168.1.75\",    # scanner\n    \"10.3.0.0/24\",\n]\n\
+             max_inbound_connection_per_source = 30   # agreed with security, ticket 4711\n"
+        );
+        // Without a trailing comma, and an item added in the middle.
+        let file = "[[connector]]\nname = \"F\"\nbindings = [\"0.0.0.0:25\"]\n\
+            remote_ip_ranges = [ # who may\n  \"10.1.0.0/24\", # apps\n  \"10.2.0.0/24\" # backup\n] # end\n";
+        let mut d = ConfigDocument::parse(file).unwrap();
+        d.set_connector("F", &set("ranges", "10.1.0.0/24,10.5.0.0/24,10.2.0.0/24"))
+            .unwrap();
+        assert_eq!(
+            d.to_string(),
+            "[[connector]]\nname = \"F\"\nbindings = [\"0.0.0.0:25\"]\n\
+             remote_ip_ranges = [ # who may\n  \"10.1.0.0/24\", # apps\n  \"10.5.0.0/24\",\n  \"10.2.0.0/24\" # backup\n] # end\n"
+        );
+        d.validate("c.toml").unwrap();
+    }
+
+    #[test]
+    fn comments_between_connectors_stay_where_they_were() {
+        let shipped = include_str!("../../dist/connectors.toml");
+        let mut d = ConfigDocument::parse(shipped).unwrap();
+        let mut relay = set("bindings", "0.0.0.0:25");
+        relay.remote_ip_ranges = Some(vec!["10.1.0.0/24".into()]);
+        d.new_connector("Relay", &relay).unwrap();
+        let text = d.to_string();
+        let example = text.find("# name = \"Application Relay\"").unwrap();
+        let added = text.find("name = \"Relay\"").unwrap();
+        assert!(example < added, "{text}");
+        assert!(text.starts_with(shipped.trim_end()), "{text}");
+        assert_eq!(d.validate("c.toml").unwrap().connectors.len(), 2);
+        // Removed again: the file as it was.
+        d.remove_connector("Relay").unwrap();
+        assert_eq!(d.to_string(), shipped);
+        // A comment above a removed connector stays for the next one.
+        let file = "[[connector]]\nname = \"A\"\nbindings = [\"0.0.0.0:25\"]\n\n\
+            # Submission.\n[[connector]]\nname = \"B\"\nbindings = [\"0.0.0.0:587\"]\n\n\
+            [[connector]]\nname = \"C\"\nbindings = [\"0.0.0.0:465\"]\n";
+        let mut d = ConfigDocument::parse(file).unwrap();
+        d.remove_connector("B").unwrap();
+        assert_eq!(
+            d.to_string(),
+            "[[connector]]\nname = \"A\"\nbindings = [\"0.0.0.0:25\"]\n\n\
+             # Submission.\n\n[[connector]]\nname = \"C\"\nbindings = [\"0.0.0.0:465\"]\n"
+        );
     }
 
     #[test]
@@ -390,6 +744,37 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names.len(), 1, "no temporary file left: {names:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_symlink_is_written_through() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("limiter-edit-link-{}", std::process::id()));
+        let (etc, deployed) = (dir.join("etc"), dir.join("deployed"));
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::create_dir_all(&deployed).unwrap();
+        let target = deployed.join("connectors.toml");
+        std::fs::write(&target, "# old\n").unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o640)).unwrap();
+        // A relative link, through a second link.
+        std::os::unix::fs::symlink("../deployed/connectors.toml", etc.join("real.toml")).unwrap();
+        std::os::unix::fs::symlink("real.toml", etc.join("connectors.toml")).unwrap();
+        let d = ConfigDocument::parse(FILE).unwrap();
+        d.write_atomically(&etc.join("connectors.toml")).unwrap();
+        for link in ["connectors.toml", "real.toml"] {
+            let meta = std::fs::symlink_metadata(etc.join(link)).unwrap();
+            assert!(meta.file_type().is_symlink(), "{link} is still a link");
+        }
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), FILE);
+        let mode = std::fs::metadata(&target).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o640);
+        assert_eq!(std::fs::read_dir(&etc).unwrap().count(), 2);
+        assert_eq!(std::fs::read_dir(&deployed).unwrap().count(), 1);
+        // A dangling link: its target is made.
+        std::fs::remove_file(&target).unwrap();
+        d.write_atomically(&etc.join("connectors.toml")).unwrap();
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), FILE);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -149,7 +149,7 @@ fn bad_changes_fail_in_one_line_and_change_nothing() {
                 "--max-inbound-connection-per-source",
                 "0",
             ],
-            "max_inbound_connection_per_source 0 is out of range",
+            "--max-inbound-connection-per-source 0 is out of range",
         ),
         (
             &[
@@ -159,7 +159,7 @@ fn bad_changes_fail_in_one_line_and_change_nothing() {
                 "--max-inbound-connection-per-source",
                 "10001",
             ],
-            "max_inbound_connection_per_source 10001 is out of range",
+            "--max-inbound-connection-per-source 10001 is out of range",
         ),
         (
             &[
@@ -169,7 +169,7 @@ fn bad_changes_fail_in_one_line_and_change_nothing() {
                 "--max-inbound-connection-percentage-per-source",
                 "101",
             ],
-            "max_inbound_connection_percentage_per_source 101 is out of range",
+            "--max-inbound-connection-percentage-per-source 101 is out of range",
         ),
         (
             &[
@@ -179,7 +179,7 @@ fn bad_changes_fail_in_one_line_and_change_nothing() {
                 "--max-inbound-connection",
                 "0",
             ],
-            "max_inbound_connection 0 is out of range",
+            "--max-inbound-connection 0 is out of range",
         ),
         (
             &[
@@ -201,7 +201,7 @@ fn bad_changes_fail_in_one_line_and_change_nothing() {
                 "--remote-ip-ranges",
                 "10.77.0.0/33",
             ],
-            "\"10.77.0.0/33\" is not an IP address",
+            "--remote-ip-ranges \"10.77.0.0/33\" is not an IP address",
         ),
         (
             &["connector", "new", "frontend", "--bindings", "0.0.0.0:587"],
@@ -209,7 +209,7 @@ fn bad_changes_fail_in_one_line_and_change_nothing() {
         ),
         (
             &["connector", "set", "Frontend", "--action", "bounce"],
-            "action \"bounce\"",
+            "--action \"bounce\"",
         ),
         (
             &["connector", "remove", "Nope"],
@@ -230,6 +230,47 @@ fn bad_changes_fail_in_one_line_and_change_nothing() {
             line.starts_with("limiter: ") && line.contains(needle),
             "{args:?}: {line}"
         );
+        // A flag the operator typed is not the file's fault.
+        assert!(!line.contains(path.to_str().unwrap()), "{args:?}: {line}");
+    }
+    // Whole lines: the flag as typed; in a collision, the connector being
+    // added or changed first, then the one it collides with.
+    let exact: &[(&[&str], &str)] = &[
+        (
+            &[
+                "connector",
+                "set",
+                "Frontend",
+                "--max-inbound-connection-percentage-per-source",
+                "0",
+            ],
+            "limiter: --max-inbound-connection-percentage-per-source 0 is out of range (1 to 100)",
+        ),
+        (
+            &[
+                "connector",
+                "new",
+                "Crossing",
+                "--bindings",
+                "0.0.0.0:25",
+                "--remote-ip-ranges",
+                "10.77.0.15-10.77.0.25",
+            ],
+            "limiter: connector \"Crossing\": remote range 10.77.0.15-10.77.0.25 overlaps 10.77.0.20-10.77.0.29 (connector \"Relay\") on binding 0.0.0.0:25 without one containing the other",
+        ),
+        (
+            &[
+                "connector",
+                "set",
+                "Frontend",
+                "--remote-ip-ranges",
+                "10.77.0.20-10.77.0.29",
+            ],
+            "limiter: connector \"Frontend\": remote range 10.77.0.20-10.77.0.29 on binding 0.0.0.0:25 is also on connector \"Relay\"",
+        ),
+    ];
+    for (args, expected) in exact {
+        assert_eq!(s.limiter.cli_err(args), *expected, "{args:?}");
     }
     assert_eq!(
         std::fs::read(&path).unwrap(),

@@ -141,6 +141,26 @@ fn a_missing_interface_is_named_once_and_nothing_is_made() {
 }
 
 #[test]
+fn an_empty_config_is_refused_unless_allowed() {
+    let lab = Lab::new();
+    let cgroup = Cgroup::new();
+    let attempt = Attempt::new();
+    let file = attempt.dir.join("connectors.toml");
+    for text in ["", "# Connectors come later.\nipv6_prefix_length = 64\n"] {
+        std::fs::write(&file, text).unwrap();
+        let line = attempt.fails(&lab, &cgroup, &[], &[]);
+        assert_eq!(
+            line,
+            format!(
+                "limiter: {}: no connectors, so limiter would enforce nothing: add a [[connector]], or start with --allow-empty",
+                file.display()
+            )
+        );
+        assert_eq!(xdp_program(&lab, lab.server_iface()), None);
+    }
+}
+
+#[test]
 fn a_wrong_cgroup_bpffs_control_socket_or_metrics_address_is_refused_first() {
     let lab = Lab::new();
     let cgroup = Cgroup::new();
