@@ -8,10 +8,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde::de::DeserializeOwned;
 
 use crate::{
-    control::{self, ConnectorStatus, DEFAULT_CONTROL_PATH, Reply, Request, Status},
+    control::{self, ConnectorStatus, DEFAULT_CONTROL_PATH, Reloaded, Reply, Request, Status},
     daemon::{self, DEFAULT_BPFFS_PATH, RunOptions},
     edit::ConnectorChanges,
     events::Event,
+    fleet::{self, Fleet},
     kernel::XdpModeRequest,
     logging::{self, DaemonLog},
     report::{Answer, Explanation, SourceEntry, StatsReport, verdict},
@@ -70,6 +71,10 @@ enum Command {
     },
     /// Counters of admitted and rejected connections.
     Stats(Common),
+    /// Read the config file again and apply it, as SIGHUP and `systemctl
+    /// reload` do: for the next SYN, established connections untouched. A
+    /// file that does not pass changes nothing (one line, exit 1).
+    Reload(Common),
     /// Remove what a stopped daemon left attached (with --keep-attached, or
     /// killed): its programs, links and pinned maps.
     Detach {
@@ -184,6 +189,39 @@ struct Common {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Ask this server instead of the local daemon (repeatable; an ssh
+    /// config alias works): runs `limiter ... --json` there through `ssh`
+    /// (or `$LIMITER_SSH`), all servers at once, and prints one table with
+    /// a SERVER column. Exits 1 unless every server answered.
+    #[arg(long = "server", value_name = "HOST")]
+    servers: Vec<String>,
+    /// Ask the servers named in PATH, one a line (`#` comments), besides
+    /// any --server.
+    #[arg(long, value_name = "PATH")]
+    servers_file: Option<PathBuf>,
+    /// How long to wait for each server (with --server), in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    server_timeout: u64,
+}
+
+impl Command {
+    /// The options of a command that talks to a daemon.
+    fn common(&self) -> Option<&Common> {
+        match self {
+            Command::Status { common, .. }
+            | Command::Sources { common, .. }
+            | Command::Explain { common, .. }
+            | Command::Stats(common)
+            | Command::Reload(common)
+            | Command::Events { common, .. }
+            | Command::Connector(ConnectorCommand::List(common))
+            | Command::Connector(ConnectorCommand::Show { common, .. })
+            | Command::Connector(ConnectorCommand::New { common, .. })
+            | Command::Connector(ConnectorCommand::Set { common, .. })
+            | Command::Connector(ConnectorCommand::Remove { common, .. }) => Some(common),
+            Command::Run(_) | Command::Detach { .. } => None,
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -359,6 +397,15 @@ fn ask<T: DeserializeOwned>(
 }
 
 fn dispatch(command: Command) -> anyhow::Result<()> {
+    if let Some(common) = command.common()
+        && let Some(fleet) = Fleet::new(
+            &common.servers,
+            common.servers_file.as_deref(),
+            std::time::Duration::from_secs(common.server_timeout),
+        )?
+    {
+        return fan_out(&command, &fleet, common.json);
+    }
     match command {
         Command::Run(args) => {
             let syslog = args
@@ -459,6 +506,9 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             })
         }
         Command::Stats(common) => ask(&common, Request::Stats, |s: StatsReport| print_stats(&s)),
+        Command::Reload(common) => ask(&common, Request::Reload, |r: Reloaded| {
+            println!("{}", r.describe())
+        }),
         Command::Events { follow, common } => events(&common, follow),
         Command::Detach { bpffs, control } => {
             if let Ok(value) = control::request(&control, &Request::Status) {
@@ -513,6 +563,248 @@ fn events(common: &Common, follow: bool) -> anyhow::Result<()> {
     }
 }
 
+/// Runs `command` on every server of `fleet` and prints their answers
+/// together: one table with a SERVER column where the command prints a
+/// table, else one block a server; with `json`, one list whose entries
+/// carry a `server` field (`error` for a server that did not answer).
+/// Fails (exit 1) unless every server answered.
+fn fan_out(command: &Command, fleet: &Fleet, json: bool) -> anyhow::Result<()> {
+    let args = fleet::remote_args(std::env::args().skip(1));
+    let events = matches!(command, Command::Events { .. });
+    let answers = if let Command::Events { follow: true, .. } = command {
+        let print = |server: &str, line: &str| {
+            if let Ok(event) = serde_json::from_str::<Event>(line) {
+                print_server_event(server, &event, json);
+            }
+        };
+        fleet.stream(&args, &print)
+    } else {
+        fleet.ask(&args)
+    };
+    let mut answered: Vec<(String, serde_json::Value)> = Vec::new();
+    let mut failed: Vec<(String, String)> = Vec::new();
+    for answer in answers {
+        let value = answer.outcome.and_then(|out| {
+            // `events --json` prints an object a line; the others one value.
+            let mut values = serde_json::Deserializer::from_str(&out)
+                .into_iter::<serde_json::Value>()
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("its answer is not limiter's JSON: {e}"))?;
+            Ok(if events || values.len() != 1 {
+                serde_json::Value::Array(values)
+            } else {
+                values.remove(0)
+            })
+        });
+        match value {
+            Ok(value) => answered.push((answer.server, value)),
+            Err(e) => failed.push((answer.server, e)),
+        }
+    }
+    let changes = matches!(
+        command,
+        Command::Reload(_)
+            | Command::Connector(
+                ConnectorCommand::New { .. }
+                    | ConnectorCommand::Set { .. }
+                    | ConnectorCommand::Remove { .. }
+            )
+    );
+    if json {
+        print_fleet_json(&answered, &failed, events)?;
+    } else if changes {
+        print_fleet_changes(fleet, &answered, &failed);
+    } else {
+        print_fleet_text(command, &answered)?;
+    }
+    if failed.is_empty() {
+        return Ok(());
+    }
+    if !changes && !json {
+        for (server, error) in &failed {
+            eprintln!("limiter: {server}: {error}");
+        }
+    }
+    let names: Vec<&str> = failed.iter().map(|(s, _)| s.as_str()).collect();
+    anyhow::bail!(
+        "{} of {} servers failed: {}",
+        failed.len(),
+        fleet.hosts().len(),
+        names.join(", ")
+    )
+}
+
+fn with_server(server: &str, value: &serde_json::Value) -> serde_json::Value {
+    let mut entry = serde_json::Map::new();
+    entry.insert("server".into(), server.into());
+    match value {
+        serde_json::Value::Object(fields) => {
+            entry.extend(fields.iter().map(|(k, v)| (k.clone(), v.clone())))
+        }
+        other => {
+            entry.insert("result".into(), other.clone());
+        }
+    }
+    serde_json::Value::Object(entry)
+}
+
+/// One list: each server's entries (or its one object) with `server`; a
+/// server that did not answer as `{"server", "error"}`. Events stay one
+/// object a line.
+fn print_fleet_json(
+    answered: &[(String, serde_json::Value)],
+    failed: &[(String, String)],
+    events: bool,
+) -> anyhow::Result<()> {
+    let mut list: Vec<serde_json::Value> = Vec::new();
+    for (server, value) in answered {
+        match value {
+            serde_json::Value::Array(entries) => {
+                list.extend(entries.iter().map(|e| with_server(server, e)))
+            }
+            one => list.push(with_server(server, one)),
+        }
+    }
+    list.extend(
+        failed
+            .iter()
+            .map(|(server, error)| serde_json::json!({ "server": server, "error": error })),
+    );
+    if events {
+        for entry in &list {
+            println!("{}", serde_json::to_string(entry)?);
+        }
+    } else {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+    }
+    Ok(())
+}
+
+/// A change on several servers: whether it took, server by server.
+fn print_fleet_changes(
+    fleet: &Fleet,
+    answered: &[(String, serde_json::Value)],
+    failed: &[(String, String)],
+) {
+    let rows: Vec<Vec<String>> = fleet
+        .hosts()
+        .iter()
+        .map(|host| {
+            let result = match (
+                answered.iter().find(|(s, _)| s == host),
+                failed.iter().find(|(s, _)| s == host),
+            ) {
+                (Some((_, value)), _) => change_words(value),
+                (None, Some((_, error))) => format!("FAILED, nothing changed there: {error}"),
+                (None, None) => "FAILED: no answer".to_string(),
+            };
+            vec![host.clone(), result]
+        })
+        .collect();
+    print_table(&["SERVER", "RESULT"], &rows);
+}
+
+/// What a server said a change did.
+fn change_words(value: &serde_json::Value) -> String {
+    if let Ok(c) = serde_json::from_value::<ConnectorStatus>(value.clone()) {
+        return format!(
+            "changed: \"{}\" {} {}, live {}",
+            c.name,
+            limits(&c),
+            c.action,
+            c.live
+        );
+    }
+    if let Ok(reloaded) = serde_json::from_value::<Reloaded>(value.clone()) {
+        return reloaded.describe();
+    }
+    format!("removed \"{}\"", plain(&value["removed"]))
+}
+
+/// Tables get a SERVER column; other answers one block a server.
+fn print_fleet_text(
+    command: &Command,
+    answered: &[(String, serde_json::Value)],
+) -> anyhow::Result<()> {
+    if answered.is_empty() {
+        return Ok(());
+    }
+    fn typed<T: DeserializeOwned>(value: &serde_json::Value) -> anyhow::Result<T> {
+        serde_json::from_value(value.clone()).context("reading a server's answer")
+    }
+    let prefixed = |header: &[&str], rows: Vec<Vec<String>>| {
+        let mut full = vec!["SERVER"];
+        full.extend_from_slice(header);
+        print_table(&full, &rows);
+    };
+    match command {
+        Command::Sources { .. } => {
+            let mut rows = Vec::new();
+            for (server, value) in answered {
+                for entry in typed::<Vec<SourceEntry>>(value)? {
+                    let mut row = vec![server.clone()];
+                    row.extend(source_row(&entry));
+                    rows.push(row);
+                }
+            }
+            prefixed(&SOURCES_HEADER, rows);
+        }
+        Command::Connector(ConnectorCommand::List(_)) => {
+            let mut rows = Vec::new();
+            for (server, value) in answered {
+                for entry in typed::<Vec<ConnectorStatus>>(value)? {
+                    let mut row = vec![server.clone()];
+                    row.extend(connector_row(&entry));
+                    rows.push(row);
+                }
+            }
+            prefixed(&CONNECTORS_HEADER, rows);
+        }
+        Command::Events { .. } => {
+            let mut all: Vec<(String, Event)> = Vec::new();
+            for (server, value) in answered {
+                all.extend(
+                    typed::<Vec<Event>>(value)?
+                        .into_iter()
+                        .map(|e| (server.clone(), e)),
+                );
+            }
+            all.sort_by(|a, b| a.1.time.cmp(&b.1.time));
+            for (server, event) in &all {
+                print_server_event(server, event, false);
+            }
+        }
+        _ => {
+            for (i, (server, value)) in answered.iter().enumerate() {
+                if i > 0 {
+                    println!();
+                }
+                println!("{:<42}: {server}", "Server");
+                match command {
+                    Command::Status { .. } => print_status(&typed(value)?),
+                    Command::Connector(ConnectorCommand::Show { .. }) => {
+                        print_connector(&typed(value)?)
+                    }
+                    Command::Explain { .. } => print_explanation(&typed(value)?),
+                    Command::Stats(_) => print_stats(&typed(value)?),
+                    _ => println!("{}", serde_json::to_string_pretty(value)?),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_server_event(server: &str, event: &Event, json: bool) {
+    if json {
+        if let Ok(value) = serde_json::to_value(event) {
+            println!("{}", with_server(server, &value));
+        }
+    } else {
+        println!("{server}  {}", event.line());
+    }
+}
+
 fn print_status(s: &Status) {
     println!(
         "limiter {} (pid {}), up {}s, config: {}",
@@ -550,31 +842,29 @@ fn limits(c: &ConnectorStatus) -> String {
     )
 }
 
+const CONNECTORS_HEADER: [&str; 6] = [
+    "CONNECTOR",
+    "BINDINGS",
+    "REMOTE RANGES",
+    "LIMITS (MaxInboundConnection / PerSource / Percentage)",
+    "ACTION",
+    "LIVE",
+];
+
+fn connector_row(c: &ConnectorStatus) -> Vec<String> {
+    vec![
+        c.name.clone(),
+        c.bindings.join(","),
+        c.remote_ip_ranges.join(","),
+        limits(c),
+        c.action.clone(),
+        c.live.to_string(),
+    ]
+}
+
 fn print_connectors(list: &[ConnectorStatus]) {
-    let rows: Vec<Vec<String>> = list
-        .iter()
-        .map(|c| {
-            vec![
-                c.name.clone(),
-                c.bindings.join(","),
-                c.remote_ip_ranges.join(","),
-                limits(c),
-                c.action.clone(),
-                c.live.to_string(),
-            ]
-        })
-        .collect();
-    print_table(
-        &[
-            "CONNECTOR",
-            "BINDINGS",
-            "REMOTE RANGES",
-            "LIMITS (MaxInboundConnection / PerSource / Percentage)",
-            "ACTION",
-            "LIVE",
-        ],
-        &rows,
-    );
+    let rows: Vec<Vec<String>> = list.iter().map(connector_row).collect();
+    print_table(&CONNECTORS_HEADER, &rows);
 }
 
 fn print_connector(c: &ConnectorStatus) {
@@ -612,31 +902,29 @@ fn print_connector(c: &ConnectorStatus) {
     println!("LiveConnections                           : {}", c.live);
 }
 
+const SOURCES_HEADER: [&str; 6] = [
+    "CONNECTOR",
+    "SOURCE",
+    "LIVE",
+    "CAN OPEN",
+    "HOLDS AT MOST",
+    "STOPPED BY",
+];
+
+fn source_row(s: &SourceEntry) -> Vec<String> {
+    vec![
+        s.connector.clone(),
+        s.source.clone(),
+        s.live.to_string(),
+        or_unlimited(s.can_open),
+        or_unlimited(s.holds_at_most),
+        limit_name(&s.stopped_by).to_string(),
+    ]
+}
+
 fn print_sources(sources: &[SourceEntry]) {
-    let rows: Vec<Vec<String>> = sources
-        .iter()
-        .map(|s| {
-            vec![
-                s.connector.clone(),
-                s.source.clone(),
-                s.live.to_string(),
-                or_unlimited(s.can_open),
-                or_unlimited(s.holds_at_most),
-                limit_name(&s.stopped_by).to_string(),
-            ]
-        })
-        .collect();
-    print_table(
-        &[
-            "CONNECTOR",
-            "SOURCE",
-            "LIVE",
-            "CAN OPEN",
-            "HOLDS AT MOST",
-            "STOPPED BY",
-        ],
-        &rows,
-    );
+    let rows: Vec<Vec<String>> = sources.iter().map(source_row).collect();
+    print_table(&SOURCES_HEADER, &rows);
 }
 
 fn or_unlimited(n: Option<u32>) -> String {

@@ -56,6 +56,8 @@ pub enum Request {
     },
     /// The kernel programs' counters.
     Stats,
+    /// Reads the config file again and applies it (as SIGHUP does).
+    Reload,
     /// The recent rejection events; with `follow`, a live stream after them.
     Events {
         #[serde(default)]
@@ -96,6 +98,43 @@ pub struct Status {
     /// connections are not counted.
     #[serde(default)]
     pub undeclared_forwards: Vec<String>,
+}
+
+/// What a reload changed, by connector name.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reloaded {
+    /// The file read.
+    pub config: String,
+    /// Connectors now.
+    pub connectors: usize,
+    pub added: Vec<String>,
+    pub changed: Vec<String>,
+    pub removed: Vec<String>,
+}
+
+impl Reloaded {
+    /// One line for the log and the CLI.
+    pub fn describe(&self) -> String {
+        let list = |names: &[String]| {
+            if names.is_empty() {
+                "none".to_string()
+            } else {
+                names
+                    .iter()
+                    .map(|n| format!("\"{n}\""))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        };
+        format!(
+            "reloaded {}: {} connector(s); added {}, changed {}, removed {}",
+            self.config,
+            self.connectors,
+            list(&self.added),
+            list(&self.changed),
+            list(&self.removed)
+        )
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -26,7 +26,7 @@ use tokio::{
 
 use crate::{
     config::Config,
-    control::{ConnectorStatus, InterfaceStatus, Reply, Request, Status},
+    control::{ConnectorStatus, InterfaceStatus, Reloaded, Reply, Request, Status},
     edit::ConfigDocument,
     events::{Event, EventHub, Folder, SyslogSink},
     kernel::{
@@ -130,6 +130,8 @@ struct Daemon {
     replies_unavailable: Option<String>,
     /// `--allow-empty`: a config without connectors is accepted.
     allow_empty: bool,
+    /// `--config`, as given: what a reload reads again.
+    config_arg: Option<PathBuf>,
 }
 
 /// What a start made before the kernel's own undo list: undone if the
@@ -206,6 +208,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     // stop the daemon at once, and must find it handling SIGTERM.
     let mut terminate = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
+    let hangup = signal(SignalKind::hangup()).context("installing a SIGHUP handler")?;
 
     // Then make things, undoing them all if a step fails.
     let mut made = Made::default();
@@ -279,6 +282,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         tasks.push(tokio::spawn(tell_kernel_log(kernel_log)));
     }
     tasks.push(tokio::spawn(keep_replying(daemon.clone())));
+    tasks.push(tokio::spawn(reload_on_hangup(hangup, daemon.clone())));
     let status = daemon.clone();
     tasks.push(notify::ready(move || {
         status.lock().expect("daemon lock").status()
@@ -359,6 +363,7 @@ fn start(
         Ok(parts) => {
             let mut daemon = Daemon::new(kernel, parts, cgroup.to_path_buf(), netns_cookie);
             daemon.allow_empty = options.allow_empty;
+            daemon.config_arg = options.config.clone();
             daemon.kernel.commit();
             for what in daemon
                 .kernel
@@ -1069,6 +1074,7 @@ impl Daemon {
             replies,
             replies_unavailable,
             allow_empty: false,
+            config_arg: None,
         };
         let (released, counted) = reconciled;
         log::info!(
@@ -1422,6 +1428,77 @@ impl Daemon {
                 "{file} was changed by hand since the daemon read it; restart the daemon to load it (nothing changed)"
             );
         }
+        let previous = self.apply(config)?;
+        if let Err(e) = document.write_atomically(&self.config_path) {
+            self.undo(previous);
+            bail!("writing {file}: {e} (nothing changed)");
+        }
+        log::info!("config changed and written to {file}");
+        self.config_on_disk = Some(document.to_string());
+        self.config_source = file;
+        self.document = document;
+        Ok(())
+    }
+
+    /// Reads the config file again, checks it exactly as `limiter run`
+    /// does, and applies it like a live change: for the next SYN,
+    /// established connections untouched, connector ids kept by name. The
+    /// file is then what live changes edit. A file that does not pass
+    /// changes nothing: the daemon keeps enforcing what it had.
+    fn reload(&mut self) -> anyhow::Result<Reloaded> {
+        let _reloading = notify::Reloading::start();
+        let loaded = load_config(self.config_arg.as_deref())?;
+        if loaded.config.connectors.is_empty() && !self.allow_empty {
+            bail!(
+                "{}: no connectors, so limiter would enforce nothing: add a [[connector]], or start the daemon with --allow-empty (nothing changed)",
+                loaded.source
+            );
+        }
+        if loaded.config.ipv6_prefix_length != self.config.ipv6_prefix_length {
+            bail!(
+                "{}: ipv6_prefix_length {} takes effect only at start (the daemon counts per /{}; nothing changed)",
+                loaded.source,
+                loaded.config.ipv6_prefix_length,
+                self.config.ipv6_prefix_length
+            );
+        }
+        let before = self.config.connectors.clone();
+        self.apply(loaded.config)?;
+        let named = |list: &[crate::config::Connector], other: &[crate::config::Connector]| {
+            list.iter()
+                .filter(|c| !other.iter().any(|o| o.name.eq_ignore_ascii_case(&c.name)))
+                .map(|c| c.name.clone())
+                .collect::<Vec<_>>()
+        };
+        let reloaded = Reloaded {
+            config: loaded.source.clone(),
+            connectors: self.config.connectors.len(),
+            added: named(&self.config.connectors, &before),
+            removed: named(&before, &self.config.connectors),
+            changed: self
+                .config
+                .connectors
+                .iter()
+                .filter(|c| {
+                    before
+                        .iter()
+                        .any(|b| b.name.eq_ignore_ascii_case(&c.name) && b != *c)
+                })
+                .map(|c| c.name.clone())
+                .collect(),
+        };
+        self.config_on_disk = loaded.text;
+        self.config_source = loaded.source;
+        self.config_path = loaded.path;
+        self.document = loaded.document;
+        log::info!("{}", reloaded.describe());
+        Ok(reloaded)
+    }
+
+    /// Installs `config` for the next SYN (ids kept by name), and returns
+    /// what it replaced, for [`Daemon::undo`]. A failure leaves the kernel
+    /// as it was.
+    fn apply(&mut self, config: Config) -> anyhow::Result<(Config, Vec<u32>, SelectionTable)> {
         let ids = self.assign_ids(&config)?;
         let table = SelectionTable::build_with_ids(&config, &ids);
         self.prepare_replies(&config);
@@ -1435,19 +1512,21 @@ impl Daemon {
                 error_chain(&e)
             );
         }
-        if let Err(e) = document.write_atomically(&self.config_path) {
-            self.restore();
-            bail!("writing {file}: {e} (nothing changed)");
-        }
-        log::info!("config changed and written to {file}");
-        self.config_on_disk = Some(document.to_string());
-        self.config_source = file;
         self.used_ids.extend(ids.iter().copied());
+        let previous = (
+            std::mem::replace(&mut self.config, config),
+            std::mem::replace(&mut self.ids, ids),
+            std::mem::replace(&mut self.table, table),
+        );
+        Ok(previous)
+    }
+
+    /// Puts back what [`Daemon::apply`] replaced.
+    fn undo(&mut self, (config, ids, table): (Config, Vec<u32>, SelectionTable)) {
         self.config = config;
         self.ids = ids;
         self.table = table;
-        self.document = document;
-        Ok(())
+        self.restore();
     }
 
     /// Puts the current config back into the kernel after a failed change.
@@ -1525,12 +1604,24 @@ impl Daemon {
             Request::Events { .. } => {
                 bail!("events are answered by the connection handler")
             }
+            Request::Reload => serde_json::to_value(self.reload()?)?,
             Request::Stats => {
                 let stats = self.kernel.stats().map_err(|e| anyhow!(error_chain(&e)))?;
                 serde_json::to_value(report::stats(&self.connectors(), &stats))?
             }
         };
         Ok(value)
+    }
+}
+
+/// Reloads the config on every SIGHUP (`systemctl reload` with
+/// `kill -HUP`); a refused file is said in the log, and nothing changes.
+async fn reload_on_hangup(mut hangup: tokio::signal::unix::Signal, daemon: Arc<Mutex<Daemon>>) {
+    while hangup.recv().await.is_some() {
+        let result = tokio::task::block_in_place(|| daemon.lock().expect("daemon lock").reload());
+        if let Err(e) = result {
+            log::error!("SIGHUP: reload refused, still enforcing the config read before: {e:#}");
+        }
     }
 }
 

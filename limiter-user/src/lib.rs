@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod docs;
 pub mod edit;
 pub mod events;
+pub mod fleet;
 pub mod kernel;
 pub mod logging;
 pub mod metrics;
