@@ -1,5 +1,6 @@
 //! [`Limiter`]: the real `limiter run` daemon, attached to a lab's server
-//! interface, with its own config file, control socket, cgroup and bpffs.
+//! interface (or any interface in a namespace, [`Limiter::start_in`]), with
+//! its own config file, control socket, cgroup and bpffs.
 
 use std::{
     ffi::OsString,
@@ -85,6 +86,27 @@ impl Limiter {
         extra: &[&str],
         launch: Launch,
     ) -> Limiter {
+        Self::start_in(
+            lab.server_ns(),
+            lab.server_iface(),
+            cgroup,
+            config,
+            extra,
+            launch,
+        )
+    }
+
+    /// Like [`Limiter::start_launched`], without a [`Lab`]: the daemon runs
+    /// in the network namespace `ns` with `--iface iface` (an interface in
+    /// `ns`), e.g. on a server of a [`crate::fleet::FleetLab`].
+    pub fn start_in(
+        ns: &Netns,
+        iface: &str,
+        cgroup: &Cgroup,
+        config: Option<&str>,
+        extra: &[&str],
+        launch: Launch,
+    ) -> Limiter {
         let dir = std::env::temp_dir().join(format!(
             "limiter-test-{}-{}",
             std::process::id(),
@@ -96,7 +118,7 @@ impl Limiter {
         let mut args: Vec<OsString> = vec![
             "run".into(),
             "--iface".into(),
-            lab.server_iface().into(),
+            iface.into(),
             "--cgroup".into(),
             cgroup.path().into(),
             "--bpffs".into(),
@@ -120,7 +142,7 @@ impl Limiter {
             child: None,
             bin: launch.bin.clone().unwrap_or_else(limiter_bin),
             launch,
-            ns: lab.server_ns().clone(),
+            ns: ns.clone(),
             args,
             dir,
             control,

@@ -12,7 +12,9 @@
 //! [`Netns::command`] switch namespace only in the child process.
 //!
 //! Traffic only ever goes to the addresses of the two namespaces a [`Lab`]
-//! creates (10.77.0.0/24 and fd77::/48 on a veth pair between them).
+//! creates (10.77.0.0/24 and fd77::/48 on a veth pair between them), or to
+//! those of a [`FleetLab`]'s namespaces (10.78.k.0/24, one veth pair per
+//! server).
 //!
 //! The fixtures need root (CAP_SYS_ADMIN, CAP_NET_ADMIN) and the `ip`
 //! (iproute2), `nsenter` (util-linux) and `ss` (iproute2) programs. They
@@ -42,6 +44,7 @@ pub mod child;
 pub mod client;
 pub mod daemon;
 pub mod demo;
+pub mod fleet;
 pub mod flood;
 pub mod floodlab;
 pub mod frames;
@@ -64,6 +67,7 @@ pub use cgroup::Cgroup;
 pub use child::{ChildGuard, spawn_in};
 pub use client::{connect_from, connect_many_from};
 pub use daemon::Limiter;
+pub use fleet::FleetLab;
 pub use hold::{HoldServer, tcp_hold_path};
 pub use journald::Journald;
 pub use lab::Lab;

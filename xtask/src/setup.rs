@@ -37,7 +37,18 @@ const PACKAGES: &[&str] = &[
     "iptables",
     "nftables",
     "ethtool",
+    // The fleet tests (`limiter ... --server HOST`): a real sshd per server,
+    // each started by the test in its own namespace with a config, keys
+    // and known_hosts of the test's own; ssh and ssh-keygen on the
+    // operator's side. Installed without starting a system-wide sshd (see
+    // `ServicesHeld`).
+    "openssh-server",
+    "openssh-client",
 ];
+
+/// Debian's hook for maintainer scripts: while it exits 101, `invoke-rc.d`
+/// (and `deb-systemd-invoke`) start no service.
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Builds the .deb (`cargo xtask dist`).
@@ -83,11 +94,76 @@ fn install_packages() -> anyhow::Result<()> {
         bail!("debconf-set-selections failed");
     }
     run(Command::new("apt-get").args(["update", "-q"]))?;
+    // The packages' services (sshd, postfix, rsyslog, ...) are not started:
+    // the tests run their own, inside their namespaces.
+    let held = ServicesHeld::new()?;
     run(Command::new("apt-get")
         .args(["install", "-y", "-q", "--no-install-recommends"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))?;
-    Ok(())
+    held.release()
+}
+
+/// A /usr/sbin/policy-rc.d that denies every service start, for the time
+/// of an install: the file that was there before (if any) is put back, or
+/// ours removed, when this is released or dropped (also on an error).
+struct ServicesHeld {
+    /// The file it replaced: its content and permissions.
+    original: Option<(Vec<u8>, std::fs::Permissions)>,
+    released: bool,
+}
+
+impl ServicesHeld {
+    fn new() -> anyhow::Result<ServicesHeld> {
+        use std::os::unix::fs::PermissionsExt;
+        let original = match std::fs::read(POLICY_RC_D) {
+            Ok(content) => Some((content, std::fs::metadata(POLICY_RC_D)?.permissions())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e).with_context(|| format!("reading {POLICY_RC_D}")),
+        };
+        let held = ServicesHeld {
+            original,
+            released: false,
+        };
+        std::fs::write(
+            POLICY_RC_D,
+            "#!/bin/sh\n# cargo xtask setup: no service starts while installing.\nexit 101\n",
+        )
+        .with_context(|| format!("writing {POLICY_RC_D}"))?;
+        std::fs::set_permissions(POLICY_RC_D, std::fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("making {POLICY_RC_D} executable"))?;
+        Ok(held)
+    }
+
+    /// Puts back what was there before.
+    fn restore(&mut self) -> anyhow::Result<()> {
+        self.released = true;
+        match self.original.take() {
+            Some((content, permissions)) => {
+                std::fs::write(POLICY_RC_D, content)
+                    .with_context(|| format!("restoring {POLICY_RC_D}"))?;
+                std::fs::set_permissions(POLICY_RC_D, permissions)
+                    .with_context(|| format!("restoring {POLICY_RC_D}'s mode"))?;
+            }
+            None => std::fs::remove_file(POLICY_RC_D)
+                .with_context(|| format!("removing {POLICY_RC_D}"))?,
+        }
+        Ok(())
+    }
+
+    fn release(mut self) -> anyhow::Result<()> {
+        self.restore()
+    }
+}
+
+impl Drop for ServicesHeld {
+    fn drop(&mut self) {
+        if !self.released
+            && let Err(e) = self.restore()
+        {
+            eprintln!("setup: {e:#}");
+        }
+    }
 }
 
 fn package_installed(package: &str) -> bool {
