@@ -1,104 +1,192 @@
-//! The fleet lab itself: two servers, each with a real sshd and its own
-//! limiter daemon, reached from the ops namespace through the system ssh
-//! client with the lab's `ssh_config` (what `LIMITER_SSH` carries).
+//! One command for several servers: two servers, each with a real sshd and
+//! its own limiter daemon, driven from the ops namespace through the system
+//! ssh client (`LIMITER_SSH` carries the lab's `ssh_config`).
 
-use std::time::{Duration, Instant};
+use std::{
+    net::{SocketAddr, TcpStream},
+    time::Duration,
+};
 
-use limiter_tests::{FleetLab, daemon::limiter_bin, scenario::connector};
+use limiter_tests::{
+    FleetLab, HoldServer, connect_from,
+    fleet::{ops_addr, server_addr},
+    scenario::connector,
+    tcp_hold_path,
+};
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// `ssh mxK limiter status --json` from the ops namespace: the daemon's
-/// status as JSON.
-fn remote_status(fleet: &FleetLab, destination: &str) -> serde_json::Value {
-    let out = fleet.ssh(destination, &["limiter", "status", "--json"]);
-    assert!(
-        out.status.success(),
-        "ssh {destination} limiter status --json: {}\n{}",
-        out.status,
-        text(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{destination}: {e}: {}", text(&out.stdout)))
+/// Runs the CLI in the ops namespace; its exit code, stdout and stderr.
+fn cli(fleet: &FleetLab, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = fleet.cli(args);
+    (out.status.code(), text(&out.stdout), text(&out.stderr))
+}
+
+fn per_source(fleet: &FleetLab, k: usize) -> serde_json::Value {
+    fleet
+        .limiter(k)
+        .cli_json(&["connector", "show", "Frontend"])["max_inbound_connection_per_source"]
+        .clone()
 }
 
 #[test]
-fn each_server_answers_with_its_own_daemon_and_a_stopped_sshd_fails_fast() {
+fn one_command_reads_and_changes_every_server_and_names_the_one_that_failed() {
     let mut fleet = FleetLab::new(2);
-    assert_eq!(fleet.hosts(), ["mx1", "mx2"]);
     for k in 1..=2 {
         fleet.start_limiter(
             k,
-            &connector("Frontend", "[\"0.0.0.0/0\", \"::/0\"]", "100", "10", 100),
+            &connector("Frontend", "[\"0.0.0.0/0\"]", "100", "10", 100),
         );
     }
-    let pids = [fleet.limiter(1).status().pid, fleet.limiter(2).status().pid];
-    assert_ne!(pids[0], pids[1]);
+    let _servers: Vec<HoldServer> = (1..=2)
+        .map(|k| {
+            HoldServer::start_in(
+                &tcp_hold_path(),
+                fleet.server_ns(k),
+                Some(fleet.cgroup(k)),
+                &[&format!("{}:25", server_addr(k))],
+            )
+        })
+        .collect();
+    // The ops side holds 2 connections on mx1 and 3 on mx2.
+    let held: Vec<TcpStream> = [(1, 2), (2, 3)]
+        .into_iter()
+        .flat_map(|(k, n)| std::iter::repeat_n(k, n))
+        .map(|k| {
+            fleet
+                .ops_ns()
+                .run(|| {
+                    connect_from(
+                        ops_addr(k).into(),
+                        SocketAddr::new(server_addr(k).into(), 25),
+                        Duration::from_secs(5),
+                    )
+                })
+                .expect("admitted")
+        })
+        .collect();
 
-    // The session's environment: the binary under test first on PATH, and
-    // the server's own control socket.
-    let out = fleet.ssh("mx1", &["command -v limiter; echo $LIMITER_CONTROL"]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    // Who holds how many, fleet-wide: JSON with a server field each.
+    let (code, out, err) = cli(
+        &fleet,
+        &["sources", "--server", "mx1", "--server", "mx2", "--json"],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let sources: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let seen: Vec<(String, String, u64)> = sources
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["server"].as_str().unwrap().to_string(),
+                e["source"].as_str().unwrap().to_string(),
+                e["live"].as_u64().unwrap(),
+            )
+        })
+        .collect();
     assert_eq!(
-        text(&out.stdout),
-        format!(
-            "{}\n{}\n",
-            fleet.dir().join("bin/limiter").display(),
-            fleet.control(1).display()
+        seen,
+        [
+            ("mx1".to_string(), ops_addr(1).to_string(), 2),
+            ("mx2".to_string(), ops_addr(2).to_string(), 3)
+        ]
+    );
+    // And as one table, the servers from a file.
+    let file = fleet.servers_file(&["mx1", "mx2"]);
+    let (code, out, err) = cli(
+        &fleet,
+        &["sources", "--servers-file", file.to_str().unwrap()],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let lines: Vec<Vec<&str>> = out
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(lines[0][..3], ["SERVER", "CONNECTOR", "SOURCE"], "{out}");
+    assert_eq!(
+        lines[1][..4],
+        ["mx1", "Frontend", &ops_addr(1).to_string(), "2"]
+    );
+    assert_eq!(
+        lines[2][..4],
+        ["mx2", "Frontend", &ops_addr(2).to_string(), "3"]
+    );
+
+    // One change for both: each says it took, and each wrote its file.
+    let set = |fleet: &FleetLab, n: &str| {
+        cli(
+            fleet,
+            &[
+                "connector",
+                "set",
+                "Frontend",
+                "--max-inbound-connection-per-source",
+                n,
+                "--server",
+                "mx1",
+                "--server",
+                "mx2",
+            ],
         )
+    };
+    let (code, out, err) = set(&fleet, "3");
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("mx1     changed: \"Frontend\""))
+            && out
+                .lines()
+                .any(|l| l.starts_with("mx2     changed: \"Frontend\"")),
+        "{out}"
+    );
+    for k in 1..=2 {
+        assert_eq!(per_source(&fleet, k), 3, "mx{k}");
+        let file = std::fs::read_to_string(fleet.limiter(k).config_path().unwrap()).unwrap();
+        assert!(
+            file.contains("max_inbound_connection_per_source = 3"),
+            "{file}"
+        );
+    }
+
+    // mx2's daemon stops mid-way: mx1 is changed, mx2 reported failed.
+    fleet.kill_limiter(2);
+    let (code, out, err) = set(&fleet, "4");
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("mx1     changed: \"Frontend\""))
+            && out.lines().any(|l| l.starts_with(
+                "mx2     FAILED, nothing changed there: cannot reach the limiter daemon"
+            )),
+        "{out}"
     );
     assert_eq!(
-        std::fs::canonicalize(fleet.dir().join("bin/limiter")).unwrap(),
-        std::fs::canonicalize(limiter_bin()).unwrap()
+        err.trim_end(),
+        "limiter: 1 of 2 servers failed: mx2",
+        "{err}"
     );
+    assert_eq!(per_source(&fleet, 1), 4);
 
-    // Each server's sshd runs that server's daemon's status.
-    for (k, pid) in [(1, pids[0]), (2, pids[1])] {
-        let status = remote_status(&fleet, &format!("mx{k}"));
-        assert_eq!(status["pid"], pid, "mx{k}: {status}");
-        assert_eq!(
-            status["interfaces"][0]["name"],
-            fleet.server_iface(k),
-            "mx{k}: {status}"
-        );
-        assert_eq!(status["connectors"][0]["name"], "Frontend", "mx{k}");
-    }
-    // The bare address works as well as the name.
-    assert_eq!(remote_status(&fleet, "10.78.2.1")["pid"], pids[1]);
-
-    // The CLI runs in the ops namespace, where no daemon is.
-    let out = fleet.cli(&["--version"]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-
-    // A daemon that is down: ssh works, the remote limiter fails.
-    fleet.kill_limiter(2);
-    let out = fleet.ssh("mx2", &["limiter", "status", "--json"]);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
-    fleet.restart_limiter(2);
-    let restarted = fleet.limiter(2).status().pid;
-    assert_eq!(remote_status(&fleet, "mx2")["pid"], restarted);
-
-    // mx2's sshd stopped: ssh to it fails at once, mx1 still answers.
+    // mx2 unreachable (its sshd gone): named in JSON, the other answers.
     fleet.stop_sshd(2);
-    assert!(!fleet.sshd_running(2));
-    let start = Instant::now();
-    let out = fleet.ssh("mx2", &["limiter", "status", "--json"]);
-    assert_eq!(out.status.code(), Some(255), "ssh's own failure");
-    assert!(
-        text(&out.stderr).contains("Connection refused"),
-        "{}",
-        text(&out.stderr)
+    let (code, out, err) = cli(
+        &fleet,
+        &["stats", "--server", "mx1", "--server", "mx2", "--json"],
     );
+    assert_eq!(code, Some(1), "{err}");
+    let stats: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(stats[0]["server"], "mx1", "{stats}");
+    assert!(stats[0]["admitted"].as_u64().unwrap() >= 2, "{stats}");
+    assert_eq!(stats[1]["server"], "mx2", "{stats}");
     assert!(
-        start.elapsed() < Duration::from_secs(2),
-        "{:?}",
-        start.elapsed()
+        stats[1]["error"]
+            .as_str()
+            .unwrap()
+            .contains("Connection refused"),
+        "{stats}"
     );
-    assert_eq!(remote_status(&fleet, "mx1")["pid"], pids[0]);
-
-    // And back.
-    fleet.start_sshd(2);
-    assert_eq!(remote_status(&fleet, "mx2")["pid"], restarted);
+    drop(held);
 }
