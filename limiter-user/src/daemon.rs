@@ -570,11 +570,12 @@ async fn report_events(
                     }
                 }
                 events = collect_quiet_gates(&daemon, &mut gates);
+                // Summaries are for syslog only: followers have every
+                // report already, and would count its rejections twice.
                 for summary in folder.tick(Instant::now()) {
                     if let Some(sink) = sink.as_mut() {
                         sink.write(&summary);
                     }
-                    hub.publish(summary);
                 }
             }
         }
