@@ -348,14 +348,32 @@ pub struct SyslogSink {
     writer: Writer,
     /// Lines that could not be written.
     pub errors: u64,
+    /// Its socket was missing at start, which was said then: failures are
+    /// not said again until a line gets through.
+    said_missing: bool,
 }
 
 impl SyslogSink {
     pub fn new(destination: Destination) -> SyslogSink {
-        log::info!("events and log lines go to {destination}");
+        let writer = Writer::new(destination);
+        let destination = writer.destination();
+        let said_missing = match writer.missing_socket() {
+            Some(path) => {
+                log::warn!(
+                    "{} does not exist (no journald and no syslog daemon?): events reach only `limiter events`, and the daemon's own lines only stderr, until a syslog daemon makes it",
+                    path.display()
+                );
+                true
+            }
+            None => {
+                log::info!("events and log lines go to {destination}");
+                false
+            }
+        };
         SyslogSink {
-            writer: Writer::new(destination),
+            writer,
             errors: 0,
+            said_missing,
         }
     }
 
@@ -365,11 +383,14 @@ impl SyslogSink {
         let fields = event.fields();
         let msgid = event.event_id.to_string();
         let result = self.writer.send(&entry(event, &msgid, &message, &fields));
+        if result.is_ok() {
+            self.said_missing = false;
+        }
         if let Err(e) = result {
             self.errors += 1;
             // The first failure, then one in a thousand: a missing syslogd
             // must not flood the daemon's own log.
-            if self.errors % 1000 == 1 {
+            if self.errors % 1000 == 1 && !self.said_missing {
                 log::warn!(
                     "events to {}: {e} ({} line(s) lost so far)",
                     self.writer.destination(),
