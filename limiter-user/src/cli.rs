@@ -456,7 +456,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Detach { bpffs, control } => {
             if let Ok(value) = control::request(&control, &Request::Status) {
                 anyhow::bail!(
-                    "a limiter daemon (pid {}) is running on {}: stop it instead (SIGTERM detaches)",
+                    "a limiter daemon (pid {}) is running on {}: stop it first (it detaches when it stops, unless it runs with --keep-attached, as the systemd unit does: then run `limiter detach` after it stopped)",
                     value["pid"],
                     control.display()
                 );

@@ -267,24 +267,25 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         status.lock().expect("daemon lock").status()
     }));
 
-    let failure = tokio::select! {
-        _ = terminate.recv() => { log::info!("SIGTERM: stopping"); None }
-        _ = interrupt.recv() => { log::info!("SIGINT: stopping"); None }
-        result = sweeper => Some(("sweeper", result)),
-        result = reporter => Some(("event reader", result)),
-        result = resetter => Some(("resetter", result)),
+    let (why, failure) = tokio::select! {
+        _ = terminate.recv() => ("SIGTERM", None),
+        _ = interrupt.recv() => ("SIGINT", None),
+        result = sweeper => ("the sweeper ended", Some(("sweeper", result))),
+        result = reporter => ("the event reader ended", Some(("event reader", result))),
+        result = resetter => ("the resetter ended", Some(("resetter", result))),
     };
     notify::stopping();
     for task in tasks {
         task.abort();
     }
     let _ = std::fs::remove_file(&control_path);
+    // One line that says what happens to enforcement.
     if options.keep_attached {
         log::info!(
-            "leaving the programs attached (--keep-attached): they keep enforcing, and the next `limiter run` adopts them"
+            "{why}: stopping; the programs stay attached (--keep-attached): they keep enforcing, and the next `limiter run` adopts them"
         );
     } else {
-        log::info!("detaching");
+        log::info!("{why}: stopping and detaching the programs");
         if let Err(e) = daemon.lock().expect("daemon lock").kernel.detach() {
             log::error!("detaching: {}", error_chain(&e));
         }
