@@ -127,12 +127,19 @@ pub struct ConnectorStatus {
 /// Why a request could not be answered.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    /// Nothing listens there: no daemon, or a stale socket.
     #[error("cannot reach the limiter daemon at {path}: {source} (is `limiter run` running?)")]
     Connect {
         path: String,
         #[source]
         source: std::io::Error,
     },
+    /// The socket (or a directory on its way) is not this user's to use:
+    /// the daemon may well be running.
+    #[error(
+        "permission denied on the control socket {path}: run as root, or as a member of the group the daemon was given with --control-group"
+    )]
+    Denied { path: String },
     #[error("talking to the daemon at {path}: {source}")]
     Io {
         path: String,
@@ -175,9 +182,17 @@ impl Replies {
             path: shown.clone(),
             source,
         };
-        let mut stream = UnixStream::connect(path).map_err(|source| ClientError::Connect {
-            path: shown.clone(),
-            source,
+        let mut stream = UnixStream::connect(path).map_err(|source| match source.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                ClientError::Connect {
+                    path: shown.clone(),
+                    source,
+                }
+            }
+            std::io::ErrorKind::PermissionDenied => ClientError::Denied {
+                path: shown.clone(),
+            },
+            _ => io(source),
         })?;
         stream.set_read_timeout(timeout).map_err(io)?;
         let mut line =

@@ -1536,11 +1536,15 @@ async fn serve_client(
         true => {}
         false => {
             let (_, mut writer) = stream.into_split();
-            let _ = write_reply(
-                &mut writer,
-                &Reply::Error("only root may use the control socket".into()),
-            )
-            .await;
+            let refusal = match group {
+                Some(_) => {
+                    "permission denied: only root and members of the daemon's --control-group may use the control socket"
+                }
+                None => {
+                    "permission denied: only root may use the control socket (the daemon runs without --control-group)"
+                }
+            };
+            let _ = write_reply(&mut writer, &Reply::Error(refusal.into())).await;
             return;
         }
     }
