@@ -299,6 +299,14 @@ pub fn main() -> ExitCode {
     // `limiter run` installs a logger that also takes its --syslog way
     // (see `dispatch`).
     if !matches!(cli.command, Command::Run(_)) {
+        // A command whose reader went away (`limiter events | head -1`)
+        // ends quietly of SIGPIPE, as cat does, instead of panicking in
+        // println!. Never the daemon: it must not die of a closed socket.
+        // Its own socket writes use MSG_NOSIGNAL (see `control`).
+        // SAFETY: no other thread runs yet, and SIG_DFL is a valid action.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
         env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
             .format_target(false)
             .init();

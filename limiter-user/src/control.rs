@@ -4,7 +4,7 @@
 //! peer's credentials as well).
 
 use std::{
-    io::{BufRead, BufReader, Write},
+    io::{BufRead, BufReader},
     os::unix::net::UnixStream,
     path::Path,
     time::Duration,
@@ -182,7 +182,7 @@ impl Replies {
             path: shown.clone(),
             source,
         };
-        let mut stream = UnixStream::connect(path).map_err(|source| match source.kind() {
+        let stream = UnixStream::connect(path).map_err(|source| match source.kind() {
             std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
                 ClientError::Connect {
                     path: shown.clone(),
@@ -198,7 +198,7 @@ impl Replies {
         let mut line =
             serde_json::to_string(request).map_err(|e| ClientError::Protocol(e.to_string()))?;
         line.push('\n');
-        stream.write_all(line.as_bytes()).map_err(io)?;
+        send(&stream, line.as_bytes()).map_err(io)?;
         Ok(Replies {
             reader: BufReader::new(stream),
             path: shown,
@@ -222,6 +222,36 @@ impl Replies {
         }
         serde_json::from_str(&line).map_err(|e| ClientError::Protocol(e.to_string()))
     }
+}
+
+/// Writes `bytes` with MSG_NOSIGNAL: the CLI's commands die quietly of
+/// SIGPIPE when their reader goes away (see `cli::main`), but a daemon
+/// that hung up must be an error said in words, not that.
+fn send(stream: &UnixStream, mut bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    while !bytes.is_empty() {
+        // SAFETY: the pointer and length are those of a live slice, and the
+        // fd is the stream's, open for as long as it is borrowed.
+        let sent = unsafe {
+            libc::send(
+                stream.as_raw_fd(),
+                bytes.as_ptr().cast(),
+                bytes.len(),
+                libc::MSG_NOSIGNAL,
+            )
+        };
+        match sent {
+            0 => return Err(std::io::ErrorKind::WriteZero.into()),
+            n if n > 0 => bytes = &bytes[n.unsigned_abs()..],
+            _ => {
+                let error = std::io::Error::last_os_error();
+                if error.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(error);
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
