@@ -148,6 +148,9 @@ pub enum ClientError {
     },
     #[error("the daemon sent a reply that is not valid: {0}")]
     Protocol(String),
+    /// The daemon hung up: it stopped, or it would not answer.
+    #[error("the daemon closed the connection to {path}")]
+    Closed { path: String },
     #[error("{0}")]
     Refused(String),
 }
@@ -216,9 +219,9 @@ impl Replies {
                 source,
             })?;
         if read == 0 {
-            return Err(ClientError::Protocol(
-                "the daemon closed the connection".into(),
-            ));
+            return Err(ClientError::Closed {
+                path: self.path.clone(),
+            });
         }
         serde_json::from_str(&line).map_err(|e| ClientError::Protocol(e.to_string()))
     }

@@ -4,10 +4,11 @@
 //! stopping does to enforcement.
 
 use std::{
-    io::{BufRead, BufReader},
+    io::{BufRead, BufReader, Read},
     os::unix::process::ExitStatusExt,
-    process::{Command, Output, Stdio},
-    time::Duration,
+    process::{Child, Command, Output, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use limiter_tests::{
@@ -166,6 +167,148 @@ fn a_user_who_may_not_use_the_socket_is_told_so() {
         stderr.contains("(is `limiter run` running?)") && !stderr.contains("permission"),
         "{stderr}"
     );
+}
+
+/// `limiter events ARGS` as a child, its lines collected as they come.
+struct Follower {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Follower {
+    fn start(s: &Scenario, args: &[&str]) -> Follower {
+        let mut child = Command::new(limiter_bin())
+            .args(["events", "--json"])
+            .args(args)
+            .arg("--control")
+            .arg(s.limiter.control())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let into = lines.clone();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                into.lock().unwrap().push(line);
+            }
+        });
+        Follower {
+            child,
+            lines,
+            reader: Some(reader),
+        }
+    }
+
+    fn events(&self) -> Vec<serde_json::Value> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// Waits up to 10 s for it to end; returns its status and stderr.
+    fn end(mut self) -> (std::process::ExitStatus, String) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("the follower did not end when the daemon stopped");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        if let Some(reader) = self.reader.take() {
+            reader.join().unwrap();
+        }
+        let mut stderr = String::new();
+        self.child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut stderr)
+            .unwrap();
+        (status, stderr)
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn events_since_and_lines_and_a_follower_that_starts_where_asked_and_ends_with_the_daemon() {
+    let mut s = Scenario::start(&monitor_config());
+    let _held = s.open(client_v4(0), 1);
+    for _ in 0..15 {
+        one_event(&s);
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
+            events_json(&s, &[]).len() == 15
+        }),
+        "{:?}",
+        events_json(&s, &[])
+    );
+    let all = events_json(&s, &[]);
+    assert_eq!(events_json(&s, &["-n", "3"]), all[12..]);
+    assert_eq!(events_json(&s, &["--lines", "all"]), all);
+    assert_eq!(events_json(&s, &["--since", "1h"]), all);
+    assert!(events_json(&s, &["--since", "2099-01-01T00:00:00Z"]).is_empty());
+    // The times have the same form, so they sort as text.
+    let since = all[9]["time"].as_str().unwrap();
+    let from_then: Vec<serde_json::Value> = all
+        .iter()
+        .filter(|e| e["time"].as_str().unwrap() >= since)
+        .cloned()
+        .collect();
+    assert_eq!(events_json(&s, &["--since", since]), from_then);
+    assert_eq!(events_json(&s, &["--since", since, "-n", "1"]), all[14..]);
+
+    // Following starts from the last ten, or from now with -n 0.
+    let tail = Follower::start(&s, &["--follow"]);
+    let new_only = Follower::start(&s, &["-n", "0", "--follow"]);
+    assert!(
+        wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
+            tail.events().len() >= 10
+        }),
+        "{:?}",
+        tail.events()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(tail.events(), all[5..]);
+    assert!(new_only.events().is_empty(), "{:?}", new_only.events());
+    one_event(&s);
+    assert!(
+        wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
+            tail.events().len() == 11 && new_only.events().len() == 1
+        }),
+        "{:?}\n{:?}",
+        tail.events(),
+        new_only.events()
+    );
+    assert_eq!(tail.events()[10], new_only.events()[0]);
+
+    // The daemon stops: each follower says so, in one line, and exits 0.
+    s.limiter.terminate();
+    for follower in [tail, new_only] {
+        let (status, stderr) = follower.end();
+        assert_eq!(
+            stderr, "limiter: the daemon stopped (control socket closed)\n",
+            "{status:?}"
+        );
+        assert!(status.success(), "{status:?}: {stderr}");
+    }
 }
 
 #[test]
