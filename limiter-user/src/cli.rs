@@ -87,9 +87,21 @@ enum Command {
     },
     /// The recent 1009 / 1021 events; with --follow, new ones as they come.
     Events {
-        /// Keep printing new events until interrupted.
-        #[arg(long)]
+        /// Keep printing new events until interrupted, after the last 10
+        /// recent ones (unless --lines or --since says otherwise). Ends
+        /// with exit status 0 when the daemon stops.
+        #[arg(short = 'f', long)]
         follow: bool,
+        /// Only the events since then: a duration ago (`10m`, `1h 30m`) or
+        /// a time (`2026-11-27 23:59`, local time; RFC 3339 with `Z` or an
+        /// offset).
+        #[arg(long, value_name = "DURATION|TIME", value_parser = parse_since)]
+        since: Option<jiff::Timestamp>,
+        /// Of the recent events, only the last N (`all`: every one the
+        /// daemon keeps); 0 with --follow prints only new ones [default:
+        /// all, or 10 with --follow without --since].
+        #[arg(short = 'n', long, value_name = "N|all", value_parser = parse_lines)]
+        lines: Option<Lines>,
         #[command(flatten)]
         common: Common,
     },
@@ -343,6 +355,14 @@ pub fn main() -> ExitCode {
     // `limiter run` installs a logger that also takes its --syslog way
     // (see `dispatch`).
     if !matches!(cli.command, Command::Run(_)) {
+        // A command whose reader went away (`limiter events | head -1`)
+        // ends quietly of SIGPIPE, as cat does, instead of panicking in
+        // println!. Never the daemon: it must not die of a closed socket.
+        // Its own socket writes use MSG_NOSIGNAL (see `control`).
+        // SAFETY: no other thread runs yet, and SIG_DFL is a valid action.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
         env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
             .format_target(false)
             .init();
@@ -509,11 +529,16 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Reload(common) => ask(&common, Request::Reload, |r: Reloaded| {
             println!("{}", r.describe())
         }),
-        Command::Events { follow, common } => events(&common, follow),
+        Command::Events {
+            follow,
+            since,
+            lines,
+            common,
+        } => events(&common, follow, since, lines),
         Command::Detach { bpffs, control } => {
             if let Ok(value) = control::request(&control, &Request::Status) {
                 anyhow::bail!(
-                    "a limiter daemon (pid {}) is running on {}: stop it instead (SIGTERM detaches)",
+                    "a limiter daemon (pid {}) is running on {}: stop it first (it detaches when it stops, unless it runs with --keep-attached, as the systemd unit does: then run `limiter detach` after it stopped)",
                     value["pid"],
                     control.display()
                 );
@@ -530,9 +555,89 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
     }
 }
 
+/// How many of the recent events `limiter events` prints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Lines {
+    All,
+    Last(usize),
+}
+
+fn parse_lines(text: &str) -> Result<Lines, String> {
+    match text {
+        "all" => Ok(Lines::All),
+        _ => text
+            .parse()
+            .map(Lines::Last)
+            .map_err(|_| format!("{text:?} is not a number of events or `all`")),
+    }
+}
+
+/// `--since`: a duration ago, or a time (local unless it says otherwise),
+/// as journalctl takes it.
+fn parse_since(text: &str) -> Result<jiff::Timestamp, String> {
+    let ago = text.strip_prefix('-').unwrap_or(text);
+    if let Ok(duration) = humantime::parse_duration(ago) {
+        let duration = jiff::SignedDuration::try_from(duration).map_err(|e| e.to_string())?;
+        return jiff::Timestamp::now()
+            .checked_sub(duration)
+            .map_err(|e| format!("{text}: {e}"));
+    }
+    if let Ok(time) = text.parse::<jiff::Timestamp>() {
+        return Ok(time);
+    }
+    let local = |time: jiff::civil::DateTime| {
+        time.to_zoned(jiff::tz::TimeZone::system())
+            .map(|zoned| zoned.timestamp())
+            .map_err(|e| format!("{text}: {e}"))
+    };
+    if let Ok(time) = text.parse::<jiff::civil::DateTime>() {
+        return local(time);
+    }
+    if let Ok(date) = text.parse::<jiff::civil::Date>() {
+        return local(date.to_datetime(jiff::civil::Time::midnight()));
+    }
+    Err(format!(
+        "{text:?} is neither a duration (10m, 1h 30m) nor a time (2026-11-27 23:59, 2026-11-27T23:59:00Z)"
+    ))
+}
+
+/// Whether `event` happened at or after `since` (one whose time cannot be
+/// read is kept).
+fn since_then(event: &Event, since: Option<jiff::Timestamp>) -> bool {
+    match (since, event.time.parse::<jiff::Timestamp>()) {
+        (Some(since), Ok(time)) => time >= since,
+        _ => true,
+    }
+}
+
+/// Whether the daemon's end of the connection is gone.
+fn hung_up(error: &control::ClientError) -> bool {
+    match error {
+        control::ClientError::Closed { .. } => true,
+        control::ClientError::Io { source, .. } => {
+            source.kind() == std::io::ErrorKind::ConnectionReset
+        }
+        _ => false,
+    }
+}
+
 /// Prints events: one line each, or one JSON object a line.
-fn events(common: &Common, follow: bool) -> anyhow::Result<()> {
+fn events(
+    common: &Common,
+    follow: bool,
+    since: Option<jiff::Timestamp>,
+    lines: Option<Lines>,
+) -> anyhow::Result<()> {
+    // Like `tail -f` and `journalctl -f`: following starts from the last
+    // ten, unless asked for more.
+    let lines = lines.unwrap_or(match (follow, since) {
+        (true, None) => Lines::Last(10),
+        _ => Lines::All,
+    });
     let print = |event: &Event| {
+        if !since_then(event, since) {
+            return;
+        }
         if common.json {
             println!("{}", serde_json::to_string(event).unwrap_or_default());
         } else {
@@ -545,11 +650,26 @@ fn events(common: &Common, follow: bool) -> anyhow::Result<()> {
         (!follow).then_some(std::time::Duration::from_secs(30)),
     )?;
     loop {
-        match replies.next_reply()? {
+        let reply = match replies.next_reply() {
+            Ok(reply) => reply,
+            // A follower is told the end of its stream in words; the
+            // daemon closes a follower's connection only when it stops.
+            Err(e) if follow && hung_up(&e) => {
+                eprintln!("limiter: the daemon stopped (control socket closed)");
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match reply {
             Reply::Ok(recent) => {
                 let recent: Vec<Event> =
                     serde_json::from_value(recent).context("reading the daemon's reply")?;
-                recent.iter().for_each(print);
+                let recent: Vec<&Event> = recent.iter().filter(|e| since_then(e, since)).collect();
+                let skip = match lines {
+                    Lines::All => 0,
+                    Lines::Last(n) => recent.len().saturating_sub(n),
+                };
+                recent[skip..].iter().copied().for_each(print);
                 if !follow {
                     return Ok(());
                 }
@@ -1135,5 +1255,68 @@ fn plain(v: &serde_json::Value) -> String {
     match v {
         serde_json::Value::String(s) => s.clone(),
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_and_since_read_like_journalctl() {
+        assert_eq!(parse_lines("all"), Ok(Lines::All));
+        assert_eq!(parse_lines("0"), Ok(Lines::Last(0)));
+        assert!(parse_lines("-3").is_err());
+        let ago = |text: &str| {
+            jiff::Timestamp::now()
+                .duration_since(parse_since(text).unwrap())
+                .as_secs()
+        };
+        assert!((599..=601).contains(&ago("10m")), "{}", ago("10m"));
+        assert!((5399..=5401).contains(&ago("-1h 30m")));
+        assert_eq!(
+            parse_since("2026-11-27T23:59:01Z").unwrap().as_second(),
+            1_795_823_941
+        );
+        assert_eq!(
+            parse_since("2026-11-27T23:59:01+01:00")
+                .unwrap()
+                .as_second(),
+            1_795_823_941 - 3600
+        );
+        // Local time, as journalctl reads it.
+        for local in ["2026-11-27 23:59", "2026-11-27T23:59:01", "2026-11-27"] {
+            assert!(parse_since(local).is_ok(), "{local}");
+        }
+        assert!(parse_since("yesterday-ish").is_err());
+    }
+
+    #[test]
+    fn since_keeps_what_it_cannot_read() {
+        let event = |time: &str| Event {
+            time: time.into(),
+            event_id: 1021,
+            connector: "F".into(),
+            source: "192.0.2.7".into(),
+            configured: 1,
+            effective: 1,
+            rule: "per_source".into(),
+            message: String::new(),
+            source_identity: "192.0.2.7".into(),
+            local: "192.0.2.1:25".into(),
+            live_total: 1,
+            live_source: 1,
+            action: "drop".into(),
+            count: 1,
+            late: false,
+            repeat: false,
+            summary: false,
+            period_seconds: None,
+        };
+        let since = parse_since("2026-11-27T23:59:01Z").ok();
+        assert!(since_then(&event("2026-11-27T23:59:01.000Z"), since));
+        assert!(!since_then(&event("2026-11-27T23:59:00.999Z"), since));
+        assert!(since_then(&event("garbled"), since));
+        assert!(since_then(&event("2026-11-27T23:59:00.999Z"), None));
     }
 }

@@ -288,24 +288,25 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         status.lock().expect("daemon lock").status()
     }));
 
-    let failure = tokio::select! {
-        _ = terminate.recv() => { log::info!("SIGTERM: stopping"); None }
-        _ = interrupt.recv() => { log::info!("SIGINT: stopping"); None }
-        result = sweeper => Some(("sweeper", result)),
-        result = reporter => Some(("event reader", result)),
-        result = resetter => Some(("resetter", result)),
+    let (why, failure) = tokio::select! {
+        _ = terminate.recv() => ("SIGTERM", None),
+        _ = interrupt.recv() => ("SIGINT", None),
+        result = sweeper => ("the sweeper ended", Some(("sweeper", result))),
+        result = reporter => ("the event reader ended", Some(("event reader", result))),
+        result = resetter => ("the resetter ended", Some(("resetter", result))),
     };
     notify::stopping();
     for task in tasks {
         task.abort();
     }
     let _ = std::fs::remove_file(&control_path);
+    // One line that says what happens to enforcement.
     if options.keep_attached {
         log::info!(
-            "leaving the programs attached (--keep-attached): they keep enforcing, and the next `limiter run` adopts them"
+            "{why}: stopping; the programs stay attached (--keep-attached): they keep enforcing, and the next `limiter run` adopts them"
         );
     } else {
-        log::info!("detaching");
+        log::info!("{why}: stopping and detaching the programs");
         if let Err(e) = daemon.lock().expect("daemon lock").kernel.detach() {
             log::error!("detaching: {}", error_chain(&e));
         }
@@ -593,11 +594,12 @@ async fn report_events(
                     }
                 }
                 events = collect_quiet_gates(&daemon, &mut gates);
+                // Summaries are for syslog only: followers have every
+                // report already, and would count its rejections twice.
                 for summary in folder.tick(Instant::now()) {
                     if let Some(sink) = sink.as_mut() {
                         sink.write(&summary);
                     }
-                    hub.publish(summary);
                 }
             }
         }
@@ -1664,11 +1666,15 @@ async fn serve_client(
         true => {}
         false => {
             let (_, mut writer) = stream.into_split();
-            let _ = write_reply(
-                &mut writer,
-                &Reply::Error("only root may use the control socket".into()),
-            )
-            .await;
+            let refusal = match group {
+                Some(_) => {
+                    "permission denied: only root and members of the daemon's --control-group may use the control socket"
+                }
+                None => {
+                    "permission denied: only root may use the control socket (the daemon runs without --control-group)"
+                }
+            };
+            let _ = write_reply(&mut writer, &Reply::Error(refusal.into())).await;
             return;
         }
     }

@@ -71,7 +71,8 @@ pub struct Event {
     /// How many rejections this line stands for: 1, or more when the
     /// kernel folded a source's repeats within a second into one report
     /// (see `limiter_common::maps::ReportGate`), or the repeats a summary
-    /// folds.
+    /// folds. Over the reports (`summary` false) they add up to the
+    /// kernel's rejected count.
     pub count: u64,
     /// The connection was reset when its handshake completed over a cap
     /// (its SYN had passed), not refused at its SYN.
@@ -83,7 +84,9 @@ pub struct Event {
     /// folded into its period's summary.
     #[serde(default)]
     pub repeat: bool,
-    /// Whether this line sums up repeats over `period_seconds`.
+    /// Whether this line sums up repeats over `period_seconds`: syslog's
+    /// and the journal's summary lines. `limiter events` streams the
+    /// reports only (an older daemon streamed summaries too).
     pub summary: bool,
     pub period_seconds: Option<u64>,
 }
@@ -200,10 +203,11 @@ impl Event {
     pub fn log_message(&self) -> String {
         let mut message = self.message.clone();
         if self.summary {
+            let seconds = self.period_seconds.unwrap_or_default();
             message.push_str(&format!(
-                " Repeated {} times in the last {} seconds.",
-                self.count,
-                self.period_seconds.unwrap_or_default()
+                " Repeated {} in the last {seconds} second{}.",
+                times(self.count),
+                plural(seconds)
             ));
         }
         message
@@ -218,16 +222,19 @@ impl Event {
         }
     }
 
-    /// The line for people.
+    /// The line for people, with how many rejections it stands for.
     pub fn line(&self) -> String {
+        // A daemon no longer streams summaries, but an older one may.
         let repeats = if self.summary {
             format!(
-                " (repeated {} times in the last {}s)",
-                self.count,
+                " (repeated {} in the last {}s)",
+                times(self.count),
                 self.period_seconds.unwrap_or_default()
             )
+        } else if self.action == "monitor" {
+            format!(" ({} connection{})", self.count, plural(self.count))
         } else {
-            String::new()
+            format!(" ({} refusal{})", self.count, plural(self.count))
         };
         let monitor = if self.action == "monitor" {
             " [monitor: admitted]"
@@ -247,6 +254,18 @@ impl Event {
             self.live_source
         )
     }
+}
+
+/// "once", "7 times".
+fn times(count: u64) -> String {
+    match count {
+        1 => "once".to_string(),
+        n => format!("{n} times"),
+    }
+}
+
+fn plural(n: u64) -> &'static str {
+    if n == 1 { "" } else { "s" }
 }
 
 /// What makes two rejections "the same" for folding: connector, source,
@@ -348,14 +367,32 @@ pub struct SyslogSink {
     writer: Writer,
     /// Lines that could not be written.
     pub errors: u64,
+    /// Its socket was missing at start, which was said then: failures are
+    /// not said again until a line gets through.
+    said_missing: bool,
 }
 
 impl SyslogSink {
     pub fn new(destination: Destination) -> SyslogSink {
-        log::info!("events and log lines go to {destination}");
+        let writer = Writer::new(destination);
+        let destination = writer.destination();
+        let said_missing = match writer.missing_socket() {
+            Some(path) => {
+                log::warn!(
+                    "{} does not exist (no journald and no syslog daemon?): events reach only `limiter events`, and the daemon's own lines only stderr, until a syslog daemon makes it",
+                    path.display()
+                );
+                true
+            }
+            None => {
+                log::info!("events and log lines go to {destination}");
+                false
+            }
+        };
         SyslogSink {
-            writer: Writer::new(destination),
+            writer,
             errors: 0,
+            said_missing,
         }
     }
 
@@ -365,11 +402,14 @@ impl SyslogSink {
         let fields = event.fields();
         let msgid = event.event_id.to_string();
         let result = self.writer.send(&entry(event, &msgid, &message, &fields));
+        if result.is_ok() {
+            self.said_missing = false;
+        }
         if let Err(e) = result {
             self.errors += 1;
             // The first failure, then one in a thousand: a missing syslogd
             // must not flood the daemon's own log.
-            if self.errors % 1000 == 1 {
+            if self.errors % 1000 == 1 && !self.said_missing {
                 log::warn!(
                     "events to {}: {e} ({} line(s) lost so far)",
                     self.writer.destination(),
@@ -578,6 +618,35 @@ mod tests {
                 .ends_with("address. Repeated 7 times in the last 60 seconds."),
             "{}",
             summary.log_message()
+        );
+    }
+
+    #[test]
+    fn texts_say_how_many_in_plain_words() {
+        let mut e = Event::from_kernel(&raw(Rule::PerSource, "192.0.2.7", 100, 20), "F", 64, at(0));
+        assert!(
+            e.line()
+                .contains("reached by this source IP address. (1 refusal) [")
+        );
+        e.count = 42;
+        assert!(e.line().contains(" (42 refusals) ["), "{}", e.line());
+        e.action = "monitor".into();
+        assert!(e.line().contains(" (42 connections) ["), "{}", e.line());
+        let mut summary = e.clone();
+        (summary.summary, summary.count, summary.period_seconds) = (true, 1, Some(1));
+        assert!(
+            summary
+                .log_message()
+                .ends_with("address. Repeated once in the last 1 second."),
+            "{}",
+            summary.log_message()
+        );
+        assert!(summary.line().contains(" (repeated once in the last 1s) "));
+        summary.count = 2;
+        assert!(
+            summary
+                .line()
+                .contains(" (repeated 2 times in the last 1s) ")
         );
     }
 

@@ -116,8 +116,29 @@ impl FromStr for Setting {
 
 impl Setting {
     /// Where lines go (`None`: off). `auto` looks for journald's socket
-    /// now. A format makes sense only for syslog.
+    /// now. A format makes sense only for syslog. A socket or journal
+    /// named outright must exist now: a typo is said at start, not at the
+    /// first event.
     pub fn resolve(&self, format: Option<Format>) -> Result<Option<Destination>, String> {
+        match self {
+            Setting::Target(Target::Socket(path)) => match std::fs::metadata(path) {
+                Ok(meta) if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) => {}
+                Ok(_) => return Err(format!("--syslog {}: not a socket", path.display())),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    return Err(format!(
+                        "--syslog {}: no such socket (is the syslog daemon running?)",
+                        path.display()
+                    ));
+                }
+                Err(e) => return Err(format!("--syslog {}: {e}", path.display())),
+            },
+            Setting::Target(Target::Journal) if !Path::new(JOURNAL_SOCKET).exists() => {
+                return Err(format!(
+                    "--syslog journal: journald does not run here ({JOURNAL_SOCKET} does not exist)"
+                ));
+            }
+            _ => {}
+        }
         let target = match self {
             Setting::Off => None,
             Setting::Target(target) => Some(target.clone()),
@@ -184,6 +205,15 @@ impl Writer {
 
     pub fn destination(&self) -> &Destination {
         &self.destination
+    }
+
+    /// The local socket it writes to, if that does not exist (yet): what
+    /// `auto` falls back to where neither journald nor a syslog daemon runs.
+    pub fn missing_socket(&self) -> Option<&Path> {
+        match &self.destination.target {
+            Target::Socket(path) if !path.exists() => Some(path),
+            _ => None,
+        }
     }
 
     /// Sends one entry; on failure reconnects and tries once more.
@@ -431,19 +461,35 @@ mod tests {
     }
 
     #[test]
-    fn a_format_is_for_syslog_only() {
+    fn a_format_is_for_syslog_only_and_a_named_socket_must_exist() {
         let journal = Setting::Target(Target::Journal);
         assert!(journal.resolve(Some(Format::Rfc3164)).is_err());
         assert!(Setting::Off.resolve(Some(Format::Rfc5424)).is_err());
         assert_eq!(Setting::Off.resolve(None), Ok(None));
-        let socket = Setting::Target(Target::Socket("/run/x.sock".into()));
+        let dir = std::env::temp_dir().join(format!("limiter-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("x.sock");
+        let _ = std::fs::remove_file(&path);
+        let _bound = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        let socket = Setting::Target(Target::Socket(path.clone()));
         assert_eq!(
             socket.resolve(Some(Format::Rfc3164)),
             Ok(Some(Destination {
-                target: Target::Socket("/run/x.sock".into()),
+                target: Target::Socket(path.clone()),
                 format: Format::Rfc3164
             }))
         );
+        // Named outright, it must be there, and be a socket.
+        let missing = Setting::Target(Target::Socket(dir.join("missing.sock")));
+        let said = missing.resolve(None).unwrap_err();
+        assert!(said.contains("missing.sock: no such socket"), "{said}");
+        let plain = dir.join("plain");
+        std::fs::write(&plain, "").unwrap();
+        let said = Setting::Target(Target::Socket(plain))
+            .resolve(None)
+            .unwrap_err();
+        assert!(said.ends_with("plain: not a socket"), "{said}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

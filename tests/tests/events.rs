@@ -257,6 +257,116 @@ fn a_flood_from_one_source_is_one_line_and_a_summary() {
     assert_eq!(logged, rejected());
 }
 
+#[test]
+fn a_single_repeat_is_repeated_once() {
+    let rsyslog = Rsyslog::start();
+    let s = with_syslog(
+        &connector("Frontend", "[\"0.0.0.0/0\"]", "100", "1", 100),
+        &rsyslog,
+        "3s",
+    );
+    let _held = s.open(client_v4(0), 1);
+    // Two refusals within a period: the first at once, the second in a
+    // summary of one (the kernel holds it for a second, the period is
+    // longer than that).
+    s.refused(client_v4(0));
+    s.refused(client_v4(0));
+    let summary = || {
+        limiter_lines(&rsyslog)
+            .into_iter()
+            .find(|l| l.sd.contains(" period_seconds=\""))
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
+            summary().is_some()
+        }),
+        "{:?}\n{}",
+        rsyslog.lines(),
+        s.limiter.log()
+    );
+    let summary = summary().unwrap();
+    assert_eq!(sd_param(&summary, "count"), "1");
+    assert!(
+        summary
+            .msg
+            .ends_with("this source IP address. Repeated once in the last 3 seconds."),
+        "{}",
+        summary.msg
+    );
+}
+
+/// `limiter events --json`, parsed.
+fn events_json(s: &Scenario) -> Vec<serde_json::Value> {
+    s.limiter
+        .cli_ok(&["events", "--json"])
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn events_count_each_refusal_once() {
+    // A short period: summaries are due within the test.
+    let s = Scenario::start_with(
+        Some(&connector("Frontend", "[\"0.0.0.0/0\"]", "1000", "1", 100)),
+        &["--event-period", "1s"],
+    );
+    let _held = s.open(client_v4(0), 1);
+    // A burst, then more a moment later: the kernel folds them into a
+    // report a second per source, and its refusal caches take their share.
+    for _ in 0..2 {
+        let attempts = s.lab.connect_many(
+            client_v4(0).into(),
+            server_v4(25),
+            150,
+            Duration::from_millis(500),
+        );
+        assert!(attempts.iter().all(|a| a.is_err()), "over the cap");
+    }
+    let rejected = || s.limiter.cli_json(&["stats"])["rejected"].as_u64().unwrap();
+    let counted = |events: &[serde_json::Value]| -> u64 {
+        events.iter().map(|e| e["count"].as_u64().unwrap()).sum()
+    };
+    let reports = |events: &[serde_json::Value]| -> Vec<serde_json::Value> {
+        events
+            .iter()
+            .filter(|e| e["summary"] != true)
+            .cloned()
+            .collect()
+    };
+    // What the gates and caches still hold arrives within two sweeps.
+    assert!(
+        wait_until(Duration::from_secs(10), Duration::from_millis(200), || {
+            let total = rejected();
+            total >= 300 && counted(&reports(&events_json(&s))) == total
+        }),
+        "stats {} vs events {:?}",
+        s.limiter.cli_json(&["stats"]),
+        events_json(&s)
+    );
+    // Several periods later, the summaries syslog got have not been added
+    // to the stream: the counts of all its lines are the refusals, once.
+    std::thread::sleep(Duration::from_millis(2500));
+    let events = events_json(&s);
+    let total = rejected();
+    assert_eq!(counted(&events), total, "{events:#?}");
+    assert!(events.iter().all(|e| e["summary"] == false), "{events:#?}");
+    // The text says how many each line stands for.
+    let text = s.limiter.cli_ok(&["events"]);
+    let shown: u64 = text
+        .lines()
+        .map(|line| {
+            let (_, after) = line
+                .split_once(" reached by this source IP address. (")
+                .unwrap_or_else(|| panic!("no count in {line}"));
+            let (n, unit) = after.split_once(' ').unwrap();
+            assert!(unit.starts_with("refusal"), "{line}");
+            n.parse::<u64>().unwrap()
+        })
+        .sum();
+    assert_eq!(shown, total, "{text}");
+}
+
 /// `limiter events --follow --json` as a child reading from the daemon.
 fn follower(s: &Scenario) -> std::process::Child {
     Command::new(limiter_bin())

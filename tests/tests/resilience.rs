@@ -143,7 +143,7 @@ fn a_restart_with_keep_attached_has_no_gap() {
         });
         std::thread::sleep(Duration::from_millis(500));
         let first = s.limiter.restart();
-        assert!(first.contains("leaving the programs attached"), "{first}");
+        assert!(first.contains("the programs stay attached"), "{first}");
         std::thread::sleep(Duration::from_millis(500));
         stop.store(true, Ordering::Relaxed);
     });

@@ -214,6 +214,38 @@ fn a_wrong_cgroup_bpffs_control_socket_or_metrics_address_is_refused_first() {
 }
 
 #[test]
+fn a_syslog_socket_that_is_not_there_is_refused_first() {
+    let lab = Lab::new();
+    let cgroup = Cgroup::new();
+    let attempt = Attempt::new();
+    let missing = attempt.dir.join("no-syslogd.sock");
+    let missing = missing.to_str().unwrap();
+    attempt.fails(
+        &lab,
+        &cgroup,
+        &["--syslog", missing],
+        &[missing, "no such socket"],
+    );
+    let plain = attempt.dir.join("connectors.toml");
+    let plain = plain.to_str().unwrap();
+    attempt.fails(
+        &lab,
+        &cgroup,
+        &["--syslog", plain],
+        &[plain, "not a socket"],
+    );
+    if !Path::new("/run/systemd/journal/socket").exists() {
+        attempt.fails(
+            &lab,
+            &cgroup,
+            &["--syslog", "journal"],
+            &["--syslog journal", "journald does not run here"],
+        );
+    }
+    assert_eq!(xdp_program(&lab, lab.server_iface()), None);
+}
+
+#[test]
 fn xdp_refused_in_both_modes_rolls_back_what_was_attached() {
     let lab = Lab::new();
     let cgroup = Cgroup::new();
