@@ -96,6 +96,23 @@ impl Rule {
         }
     }
 
+    /// The name for people: the Exchange parameter behind the rule.
+    pub const fn exchange_name(self) -> &'static str {
+        match self {
+            Rule::None => "no limit",
+            Rule::Total => "MaxInboundConnection",
+            Rule::PerSource => "MaxInboundConnectionPerSource",
+            Rule::Percentage => "MaxInboundConnectionPercentagePerSource",
+        }
+    }
+
+    /// The rule of [`Rule::name`], if it is one.
+    pub fn from_name(name: &str) -> Option<Rule> {
+        [Rule::None, Rule::Total, Rule::PerSource, Rule::Percentage]
+            .into_iter()
+            .find(|r| r.name() == name)
+    }
+
     /// The Exchange event id a rejection by this rule is reported as.
     pub const fn event_id(self) -> u32 {
         match self {

@@ -5,6 +5,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use limiter_common::Rule;
 use serde::de::DeserializeOwned;
 
 use crate::{
@@ -1133,12 +1134,10 @@ fn cap_words(a: &Answer, pct: u32) -> String {
 
 /// A limit's name for people: Exchange's (JSON keeps the config file's).
 fn limit_name(rule: &str) -> &'static str {
-    match rule {
-        "total" => "MaxInboundConnection",
-        "per_source" => "MaxInboundConnectionPerSource",
-        "percentage" => "MaxInboundConnectionPercentagePerSource",
-        "table_full" => "a full kernel table",
-        _ => "no limit",
+    match Rule::from_name(rule) {
+        Some(rule) => rule.exchange_name(),
+        None if rule == "table_full" => "a full kernel table",
+        None => "no limit",
     }
 }
 

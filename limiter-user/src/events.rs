@@ -248,7 +248,8 @@ impl Event {
             self.time,
             self.event_id,
             self.message,
-            self.rule,
+            Rule::from_name(&self.rule)
+                .map_or(self.rule.clone(), |r| r.exchange_name().to_string()),
             self.effective,
             self.live_total,
             self.live_source

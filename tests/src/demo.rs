@@ -181,13 +181,18 @@ pub fn run(options: &Options, stop: &AtomicBool) -> Summary {
                     event["source"].as_str().unwrap_or("?").to_string(),
                     event["rule"].as_str().unwrap_or("?").to_string(),
                 );
-                *refused.lock().unwrap().entry(key).or_default() += 1;
+                // A report stands for `count` refusals (the kernel folds
+                // a flood's).
+                let count = event["count"].as_u64().unwrap_or(1);
+                *refused.lock().unwrap().entry(key).or_default() += count;
                 if options.show {
+                    let rule =
+                        limiter_common::Rule::from_name(event["rule"].as_str().unwrap_or(""))
+                            .map_or("?", limiter_common::Rule::exchange_name);
                     println!(
-                        "  event {} {} [{} cap {}, live {}]",
+                        "  event {} {} ({count} refused) [{rule} cap {}, live {}]",
                         event["event_id"],
                         event["message"].as_str().unwrap_or(""),
-                        event["rule"].as_str().unwrap_or(""),
                         event["effective"],
                         event["live_total"]
                     );
