@@ -661,6 +661,12 @@ pub mod stat {
     pub const MONITORED_PERCENTAGE: u32 = 16;
     /// Counters per row.
     pub const COUNT: u32 = 17;
+    // A monitored counter is its rejected counter moved by a fixed offset
+    // (see the kernel's `rejected_counter`).
+    const _: () = assert!(
+        MONITORED_PER_SOURCE - MONITORED_TOTAL == REJECTED_PER_SOURCE - REJECTED_TOTAL
+            && MONITORED_PERCENTAGE - MONITORED_TOTAL == REJECTED_PERCENTAGE - REJECTED_TOTAL
+    );
     /// The row for what belongs to no connector.
     pub const GLOBAL_ROW: u32 = MAX_CONNECTORS;
     /// Global: SYNs to a bound port that the program could not read whole

@@ -13,7 +13,7 @@ use crate::{
     daemon::{self, DEFAULT_BPFFS_PATH, RunOptions},
     edit::ConnectorChanges,
     events::Event,
-    fleet::{self, Fleet},
+    fleet::{self, Failure, Fleet},
     kernel::XdpModeRequest,
     logging::{self, DaemonLog},
     report::{Answer, Explanation, SourceEntry, StatsReport, verdict},
@@ -690,7 +690,11 @@ fn events(
 /// carry a `server` field (`error` for a server that did not answer).
 /// Fails (exit 1) unless every server answered.
 fn fan_out(command: &Command, fleet: &Fleet, json: bool) -> anyhow::Result<()> {
-    let args = fleet::remote_args(std::env::args().skip(1));
+    let args = fleet::remote_args(
+        std::env::args_os()
+            .skip(1)
+            .map(|a| a.to_string_lossy().into_owned()),
+    );
     let events = matches!(command, Command::Events { .. });
     let answers = if let Command::Events { follow: true, .. } = command {
         let print = |server: &str, line: &str| {
@@ -703,14 +707,14 @@ fn fan_out(command: &Command, fleet: &Fleet, json: bool) -> anyhow::Result<()> {
         fleet.ask(&args)
     };
     let mut answered: Vec<(String, serde_json::Value)> = Vec::new();
-    let mut failed: Vec<(String, String)> = Vec::new();
+    let mut failed: Vec<(String, Failure)> = Vec::new();
     for answer in answers {
         let value = answer.outcome.and_then(|out| {
             // `events --json` prints an object a line; the others one value.
             let mut values = serde_json::Deserializer::from_str(&out)
                 .into_iter::<serde_json::Value>()
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| format!("its answer is not limiter's JSON: {e}"))?;
+                .map_err(|e| Failure::unknown(format!("its answer is not limiter's JSON: {e}")))?;
             Ok(if events || values.len() != 1 {
                 serde_json::Value::Array(values)
             } else {
@@ -741,9 +745,10 @@ fn fan_out(command: &Command, fleet: &Fleet, json: bool) -> anyhow::Result<()> {
     if failed.is_empty() {
         return Ok(());
     }
-    if !changes && !json {
-        for (server, error) in &failed {
-            eprintln!("limiter: {server}: {error}");
+    let following = matches!(command, Command::Events { follow: true, .. });
+    if !changes && !json && !following {
+        for (server, failure) in &failed {
+            eprintln!("limiter: {server}: {}", failure.message);
         }
     }
     let names: Vec<&str> = failed.iter().map(|(s, _)| s.as_str()).collect();
@@ -774,7 +779,7 @@ fn with_server(server: &str, value: &serde_json::Value) -> serde_json::Value {
 /// object a line.
 fn print_fleet_json(
     answered: &[(String, serde_json::Value)],
-    failed: &[(String, String)],
+    failed: &[(String, Failure)],
     events: bool,
 ) -> anyhow::Result<()> {
     let mut list: Vec<serde_json::Value> = Vec::new();
@@ -786,11 +791,13 @@ fn print_fleet_json(
             one => list.push(with_server(server, one)),
         }
     }
-    list.extend(
-        failed
-            .iter()
-            .map(|(server, error)| serde_json::json!({ "server": server, "error": error })),
-    );
+    list.extend(failed.iter().map(|(server, failure)| {
+        serde_json::json!({
+            "server": server,
+            "error": failure.message,
+            "refused": failure.refused,
+        })
+    }));
     if events {
         for entry in &list {
             println!("{}", serde_json::to_string(entry)?);
@@ -805,7 +812,7 @@ fn print_fleet_json(
 fn print_fleet_changes(
     fleet: &Fleet,
     answered: &[(String, serde_json::Value)],
-    failed: &[(String, String)],
+    failed: &[(String, Failure)],
 ) {
     let rows: Vec<Vec<String>> = fleet
         .hosts()
@@ -816,7 +823,12 @@ fn print_fleet_changes(
                 failed.iter().find(|(s, _)| s == host),
             ) {
                 (Some((_, value)), _) => change_words(value),
-                (None, Some((_, error))) => format!("FAILED, nothing changed there: {error}"),
+                (None, Some((_, failure))) if failure.refused => {
+                    format!("FAILED, nothing changed there: {}", failure.message)
+                }
+                (None, Some((_, failure))) => {
+                    format!("FAILED, whether it took is unknown: {}", failure.message)
+                }
                 (None, None) => "FAILED: no answer".to_string(),
             };
             vec![host.clone(), result]
@@ -1033,13 +1045,26 @@ const SOURCES_HEADER: [&str; 6] = [
 ];
 
 fn source_row(s: &SourceEntry) -> Vec<String> {
+    // A daemon of an older version does not say (a fleet mid-upgrade).
+    let unsaid = s.stopped_by.is_empty();
+    let or_unsaid = |n: Option<u32>| {
+        if unsaid {
+            "-".to_string()
+        } else {
+            or_unlimited(n)
+        }
+    };
     vec![
         s.connector.clone(),
         s.source.clone(),
         s.live.to_string(),
-        or_unlimited(s.can_open),
-        or_unlimited(s.holds_at_most),
-        limit_name(&s.stopped_by).to_string(),
+        or_unsaid(s.can_open),
+        or_unsaid(s.holds_at_most),
+        if unsaid {
+            "-".to_string()
+        } else {
+            limit_name(&s.stopped_by).to_string()
+        },
     ]
 }
 
@@ -1053,6 +1078,11 @@ fn or_unlimited(n: Option<u32>) -> String {
 }
 
 fn print_explanation(e: &Explanation) {
+    // A daemon of an older version answers for one connector only.
+    if e.answers.is_empty() && e.answer.connector.is_some() {
+        print_answer(&e.ip, &e.source, &e.answer);
+        return;
+    }
     if e.answers.is_empty() {
         println!(
             "{}: no connector takes it{}; it passes untouched",
@@ -1102,7 +1132,13 @@ fn print_answer(ip: &str, source: &str, a: &Answer) {
     let event = a.event_id.unwrap_or_default();
     let rule = limit_name(&a.rule);
     let cap = cap_words(a, pct);
-    match a.verdict.as_str() {
+    let said = match a.verdict.as_str() {
+        // A daemon of an older version says only whether it admits.
+        "" if a.admitted => verdict::ADMITTED,
+        "" => verdict::REJECTED,
+        said => said,
+    };
+    match said {
         verdict::REJECTED => {
             println!("a new connection now: REJECTED by {rule} (event {event}): {cap}")
         }
@@ -1112,8 +1148,16 @@ fn print_answer(ip: &str, source: &str, a: &Answer) {
         _ if a.cap.is_none() => println!("a new connection now: admitted; no limit applies"),
         _ => println!("a new connection now: admitted; its cap: {cap} ({rule})"),
     }
+    let monitor = a.action.as_deref() == Some("monitor");
     match a.holds_at_most {
+        // A daemon of an older version does not say.
+        _ if a.stopped_by.is_empty() => {}
         None => println!("this source: no limit stops it"),
+        Some(held) if monitor => println!(
+            "this source could hold {held}, {} more now, before {} (action monitor: it is only reported)",
+            a.can_open.unwrap_or_default(),
+            limit_name(&a.stopped_by)
+        ),
         Some(held) => println!(
             "this source can hold {held}, {} more now; then {} stops it",
             a.can_open.unwrap_or_default(),
@@ -1266,13 +1310,20 @@ mod tests {
         assert_eq!(parse_lines("all"), Ok(Lines::All));
         assert_eq!(parse_lines("0"), Ok(Lines::Last(0)));
         assert!(parse_lines("-3").is_err());
+        // Bounded by the clock read before and after, however slow the run.
         let ago = |text: &str| {
-            jiff::Timestamp::now()
-                .duration_since(parse_since(text).unwrap())
-                .as_secs()
+            let before = jiff::Timestamp::now();
+            let since = parse_since(text).unwrap();
+            let after = jiff::Timestamp::now();
+            (
+                before.duration_since(since).as_secs(),
+                after.duration_since(since).as_secs(),
+            )
         };
-        assert!((599..=601).contains(&ago("10m")), "{}", ago("10m"));
-        assert!((5399..=5401).contains(&ago("-1h 30m")));
+        let (low, high) = ago("10m");
+        assert!(low <= 600 && 600 <= high + 1, "{low} {high}");
+        let (low, high) = ago("-1h 30m");
+        assert!(low <= 5400 && 5400 <= high + 1, "{low} {high}");
         assert_eq!(
             parse_since("2026-11-27T23:59:01Z").unwrap().as_second(),
             1_795_823_941

@@ -773,9 +773,10 @@ fn load_config(path: Option<&Path>) -> anyhow::Result<LoadedConfig> {
             text: None,
         });
     }
-    let config = Config::load(&path)?;
+    // Read once: what is enforced is what edits later compare with.
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let config = Config::parse(&text, &path.display().to_string())?;
     let document = ConfigDocument::parse(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
     Ok(LoadedConfig {
         config,
@@ -1427,7 +1428,7 @@ impl Daemon {
         let on_disk = std::fs::read_to_string(&self.config_path).ok();
         if on_disk != self.config_on_disk {
             bail!(
-                "{file} was changed by hand since the daemon read it; restart the daemon to load it (nothing changed)"
+                "{file} was changed by hand since the daemon read it: `limiter reload` loads it (nothing changed)"
             );
         }
         let previous = self.apply(config)?;
@@ -1449,6 +1450,14 @@ impl Daemon {
     /// changes nothing: the daemon keeps enforcing what it had.
     fn reload(&mut self) -> anyhow::Result<Reloaded> {
         let _reloading = notify::Reloading::start();
+        // A file that was there and is gone is a mistake to report, not a
+        // reason to fall back to the built-in default.
+        if self.config_on_disk.is_some() && !self.config_path.exists() {
+            bail!(
+                "{} does not exist any more: put it back (nothing changed)",
+                self.config_path.display()
+            );
+        }
         let loaded = load_config(self.config_arg.as_deref())?;
         if loaded.config.connectors.is_empty() && !self.allow_empty {
             bail!(

@@ -284,8 +284,23 @@ impl ConfigDocument {
             if let Ok(meta) = std::fs::metadata(path) {
                 file.set_permissions(meta.permissions())?;
                 let made = file.metadata()?;
-                if (made.uid(), made.gid()) != (meta.uid(), meta.gid()) {
-                    std::os::unix::fs::fchown(&file, Some(meta.uid()), Some(meta.gid()))?;
+                if (made.uid(), made.gid()) != (meta.uid(), meta.gid())
+                    && let Err(e) =
+                        std::os::unix::fs::fchown(&file, Some(meta.uid()), Some(meta.gid()))
+                {
+                    // Without CAP_CHOWN the change still takes: an owner
+                    // lost is said, a change refused would not be better.
+                    if e.kind() != std::io::ErrorKind::PermissionDenied {
+                        return Err(e);
+                    }
+                    log::warn!(
+                        "{}: written as {}:{}, not its owner {}:{} ({e})",
+                        path.display(),
+                        made.uid(),
+                        made.gid(),
+                        meta.uid(),
+                        meta.gid()
+                    );
                 }
             }
             file.write_all(self.to_string().as_bytes())?;

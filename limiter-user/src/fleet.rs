@@ -24,11 +24,31 @@ pub struct Fleet {
 }
 
 /// One server's answer: what `limiter ... --json` printed, or why there is
-/// none (one line).
+/// none.
 #[derive(Debug)]
 pub struct Answer {
     pub server: String,
-    pub outcome: Result<String, String>,
+    pub outcome: Result<String, Failure>,
+}
+
+/// Why a server gave no answer, in one line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    pub message: String,
+    /// The remote limiter itself refused (so nothing changed there); when
+    /// false, ssh failed, timed out or the answer was cut, and a change may
+    /// or may not have taken.
+    pub refused: bool,
+}
+
+impl Failure {
+    /// A failure whose effect on the server is not known.
+    pub fn unknown(message: impl Into<String>) -> Failure {
+        Failure {
+            message: message.into(),
+            refused: false,
+        }
+    }
 }
 
 impl Fleet {
@@ -69,6 +89,9 @@ impl Fleet {
                 .map_err(|e| anyhow::anyhow!("LIMITER_SSH {command:?}: {e}"))?,
             _ => vec!["ssh".to_string()],
         };
+        if ssh.is_empty() {
+            anyhow::bail!("LIMITER_SSH names no command");
+        }
         Ok(Some(Fleet {
             hosts,
             ssh,
@@ -100,7 +123,7 @@ impl Fleet {
                 .map(|(handle, host)| {
                     handle.join().unwrap_or_else(|_| Answer {
                         server: host.clone(),
-                        outcome: Err("the thread asking it failed".to_string()),
+                        outcome: Err(Failure::unknown("the thread asking it failed")),
                     })
                 })
                 .collect()
@@ -124,9 +147,16 @@ impl Fleet {
                                     line(host, &text);
                                 }
                             }
-                            let status = child.wait().map_err(|e| format!("ssh: {e}"))?;
+                            let status = child
+                                .wait()
+                                .map_err(|e| Failure::unknown(format!("ssh: {e}")))?;
                             finished(status, String::new(), join(stderr))
                         });
+                        // A follower never ends on its own: say at once
+                        // which server could not be followed.
+                        if let Err(failure) = &outcome {
+                            eprintln!("limiter: {host}: {}", failure.message);
+                        }
                         Answer {
                             server: host.clone(),
                             outcome,
@@ -140,14 +170,14 @@ impl Fleet {
                 .map(|(handle, host)| {
                     handle.join().unwrap_or_else(|_| Answer {
                         server: host.clone(),
-                        outcome: Err("the thread following it failed".to_string()),
+                        outcome: Err(Failure::unknown("the thread following it failed")),
                     })
                 })
                 .collect()
         })
     }
 
-    fn spawn(&self, host: &str, args: &[String]) -> Result<Child, String> {
+    fn spawn(&self, host: &str, args: &[String]) -> Result<Child, Failure> {
         let mut remote = vec!["limiter".to_string()];
         remote.extend(args.iter().cloned());
         remote.push("--json".to_string());
@@ -165,10 +195,10 @@ impl Fleet {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| format!("running {}: {e}", self.ssh[0]))
+            .map_err(|e| Failure::unknown(format!("running {}: {e}", self.ssh[0])))
     }
 
-    fn ask_one(&self, host: &str, args: &[String]) -> Result<String, String> {
+    fn ask_one(&self, host: &str, args: &[String]) -> Result<String, Failure> {
         let mut child = self.spawn(host, args)?;
         let stdout = drain(child.stdout.take());
         let stderr = drain(child.stderr.take());
@@ -182,12 +212,12 @@ impl Fleet {
                 Ok(None) => {
                     let _ = child.kill();
                     let _ = child.wait();
-                    return Err(format!(
+                    return Err(Failure::unknown(format!(
                         "no answer within {}s (--server-timeout)",
                         self.timeout.as_secs()
-                    ));
+                    )));
                 }
-                Err(e) => return Err(format!("ssh: {e}")),
+                Err(e) => return Err(Failure::unknown(format!("ssh: {e}"))),
             }
         };
         finished(status, join(stdout), join(stderr))
@@ -216,21 +246,27 @@ fn finished(
     status: std::process::ExitStatus,
     stdout: String,
     stderr: String,
-) -> Result<String, String> {
+) -> Result<String, Failure> {
     if status.success() {
         return Ok(stdout);
     }
-    let last = stderr
-        .lines()
-        .map(str::trim)
-        .rfind(|l| !l.is_empty())
-        .map(|l| l.strip_prefix("limiter: ").unwrap_or(l).to_string());
-    Err(match (status.code(), last) {
-        (_, Some(line)) => line,
+    let last = stderr.lines().map(str::trim).rfind(|l| !l.is_empty());
+    // limiter exits 1 with one "limiter: ..." line when it refuses (ssh
+    // itself exits 255).
+    if status.code() == Some(1)
+        && let Some(refusal) = last.and_then(|l| l.strip_prefix("limiter: "))
+    {
+        return Err(Failure {
+            message: refusal.to_string(),
+            refused: true,
+        });
+    }
+    Err(Failure::unknown(match (status.code(), last) {
+        (_, Some(line)) => line.to_string(),
         (Some(255), None) => "ssh failed".to_string(),
         (Some(code), None) => format!("exited with status {code}"),
         (None, None) => "killed by a signal".to_string(),
-    })
+    }))
 }
 
 /// This command line without the options that choose the servers and
@@ -332,7 +368,10 @@ mod tests {
                 String::new(),
                 "limiter: there is no connector \"Relay\"\n".into()
             ),
-            Err("there is no connector \"Relay\"".to_string())
+            Err(Failure {
+                message: "there is no connector \"Relay\"".to_string(),
+                refused: true
+            })
         );
         assert_eq!(
             finished(
@@ -340,7 +379,9 @@ mod tests {
                 String::new(),
                 "ssh: connect to host 10.78.2.1 port 22: Connection refused\r\n".into()
             ),
-            Err("ssh: connect to host 10.78.2.1 port 22: Connection refused".to_string())
+            Err(Failure::unknown(
+                "ssh: connect to host 10.78.2.1 port 22: Connection refused"
+            ))
         );
         assert_eq!(
             finished(failed(0), "[]".into(), String::new()),

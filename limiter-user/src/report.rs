@@ -238,7 +238,8 @@ pub fn explain(
                 .filter(|b| b.is_ipv4() == ip.is_ipv4())
                 .collect();
             bindings.sort_by_key(|b| (b.port() != 25, !b.ip().is_unspecified()));
-            bindings.dedup();
+            let mut seen = std::collections::HashSet::new();
+            bindings.retain(|b| seen.insert(*b));
             bindings
         }
     };

@@ -27,7 +27,7 @@ fn cli(fleet: &FleetLab, args: &[&str]) -> (Option<i32>, String, String) {
 fn per_source(fleet: &FleetLab, k: usize) -> serde_json::Value {
     fleet
         .limiter(k)
-        .cli_json(&["connector", "show", "Frontend"])["max_inbound_connection_per_source"]
+        .cli_json(&["connector", "show", "Default Frontend"])["max_inbound_connection_per_source"]
         .clone()
 }
 
@@ -37,7 +37,7 @@ fn one_command_reads_and_changes_every_server_and_names_the_one_that_failed() {
     for k in 1..=2 {
         fleet.start_limiter(
             k,
-            &connector("Frontend", "[\"0.0.0.0/0\"]", "100", "10", 100),
+            &connector("Default Frontend", "[\"0.0.0.0/0\"]", "100", "10", 100),
         );
     }
     let _servers: Vec<HoldServer> = (1..=2)
@@ -106,13 +106,15 @@ fn one_command_reads_and_changes_every_server_and_names_the_one_that_failed() {
         .map(|l| l.split_whitespace().collect())
         .collect();
     assert_eq!(lines[0][..3], ["SERVER", "CONNECTOR", "SOURCE"], "{out}");
+    // The connector's name has a space: it went through the remote shell
+    // whole.
     assert_eq!(
-        lines[1][..4],
-        ["mx1", "Frontend", &ops_addr(1).to_string(), "2"]
+        lines[1][..5],
+        ["mx1", "Default", "Frontend", &ops_addr(1).to_string(), "2"]
     );
     assert_eq!(
-        lines[2][..4],
-        ["mx2", "Frontend", &ops_addr(2).to_string(), "3"]
+        lines[2][..5],
+        ["mx2", "Default", "Frontend", &ops_addr(2).to_string(), "3"]
     );
 
     // One change for both: each says it took, and each wrote its file.
@@ -122,7 +124,7 @@ fn one_command_reads_and_changes_every_server_and_names_the_one_that_failed() {
             &[
                 "connector",
                 "set",
-                "Frontend",
+                "Default Frontend",
                 "--max-inbound-connection-per-source",
                 n,
                 "--server",
@@ -136,10 +138,10 @@ fn one_command_reads_and_changes_every_server_and_names_the_one_that_failed() {
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(
         out.lines()
-            .any(|l| l.starts_with("mx1     changed: \"Frontend\""))
+            .any(|l| l.starts_with("mx1     changed: \"Default Frontend\""))
             && out
                 .lines()
-                .any(|l| l.starts_with("mx2     changed: \"Frontend\"")),
+                .any(|l| l.starts_with("mx2     changed: \"Default Frontend\"")),
         "{out}"
     );
     for k in 1..=2 {
@@ -157,7 +159,7 @@ fn one_command_reads_and_changes_every_server_and_names_the_one_that_failed() {
     assert_eq!(code, Some(1), "{out}{err}");
     assert!(
         out.lines()
-            .any(|l| l.starts_with("mx1     changed: \"Frontend\""))
+            .any(|l| l.starts_with("mx1     changed: \"Default Frontend\""))
             && out.lines().any(|l| l.starts_with(
                 "mx2     FAILED, nothing changed there: cannot reach the limiter daemon"
             )),
@@ -188,5 +190,7 @@ fn one_command_reads_and_changes_every_server_and_names_the_one_that_failed() {
             .contains("Connection refused"),
         "{stats}"
     );
+    // ssh failed: whether a change would have taken is not known.
+    assert_eq!(stats[1]["refused"], false, "{stats}");
     drop(held);
 }

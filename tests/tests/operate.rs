@@ -661,7 +661,10 @@ fn only_root_may_use_the_control_socket() {
         .unwrap();
     assert_eq!(as_nobody.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&as_nobody.stderr);
-    assert!(stderr.contains("Permission denied"), "{stderr}");
+    assert!(
+        stderr.contains("permission denied on the control socket"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -48,7 +48,10 @@ fn an_edited_file_applies_on_sighup_and_becomes_the_baseline() {
         "--max-inbound-connection",
         "50",
     ]);
-    assert!(line.contains("changed by hand"), "{line}");
+    assert!(
+        line.contains("changed by hand since the daemon read it: `limiter reload` loads it"),
+        "{line}"
+    );
     hang_up(&s);
     assert!(
         wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
@@ -118,6 +121,11 @@ fn a_file_that_does_not_pass_leaves_the_old_limits_in_force() {
     let line = s.limiter.cli_err(&["reload"]);
     assert!(line.contains("no connectors"), "{line}");
     s.refused(client_v4(0));
+    // A file gone is not the built-in default.
+    std::fs::remove_file(&path).unwrap();
+    let line = s.limiter.cli_err(&["reload"]);
+    assert!(line.contains("does not exist any more"), "{line}");
+    assert_eq!(per_source(&s, "Frontend"), 2);
     // Fixed, it applies.
     std::fs::write(&path, frontend("3")).unwrap();
     let said = s.limiter.cli_ok(&["reload"]);

@@ -101,33 +101,76 @@ fn install_packages() -> anyhow::Result<()> {
         .args(["install", "-y", "-q", "--no-install-recommends"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))?;
-    held.release()
+    held.release()?;
+    // Nor at the next boot: the package enables sshd, and this machine
+    // needs none listening (the tests start their own).
+    if missing.contains(&"openssh-server") {
+        let disabled = Command::new("systemctl")
+            .args(["--no-reload", "disable", "ssh.service", "ssh.socket"])
+            .stderr(Stdio::null())
+            .status();
+        if !disabled.is_ok_and(|s| s.success()) {
+            println!(
+                "setup: could not disable ssh.service: run `systemctl disable --now ssh` if no sshd should run here"
+            );
+        }
+    }
+    Ok(())
 }
+
+/// The first line after the shebang of the policy-rc.d this writes: one
+/// found at start was left by a setup that was killed, and is not put back.
+const POLICY_RC_D_MARK: &str = "# cargo xtask setup: no service starts while installing.";
 
 /// A /usr/sbin/policy-rc.d that denies every service start, for the time
 /// of an install: the file that was there before (if any) is put back, or
 /// ours removed, when this is released or dropped (also on an error).
 struct ServicesHeld {
-    /// The file it replaced: its content and permissions.
-    original: Option<(Vec<u8>, std::fs::Permissions)>,
+    original: Original,
     released: bool,
+}
+
+/// What was at [`POLICY_RC_D`] before.
+enum Original {
+    Nothing,
+    /// A file: its content and permissions.
+    File(Vec<u8>, std::fs::Permissions),
+    /// A symlink (e.g. from update-alternatives): its target, untouched.
+    Link(PathBuf),
 }
 
 impl ServicesHeld {
     fn new() -> anyhow::Result<ServicesHeld> {
         use std::os::unix::fs::PermissionsExt;
-        let original = match std::fs::read(POLICY_RC_D) {
-            Ok(content) => Some((content, std::fs::metadata(POLICY_RC_D)?.permissions())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        let original = match std::fs::symlink_metadata(POLICY_RC_D) {
+            Ok(meta) if meta.file_type().is_symlink() => Original::Link(
+                std::fs::read_link(POLICY_RC_D)
+                    .with_context(|| format!("reading {POLICY_RC_D}"))?,
+            ),
+            Ok(meta) => {
+                let content =
+                    std::fs::read(POLICY_RC_D).with_context(|| format!("reading {POLICY_RC_D}"))?;
+                if String::from_utf8_lossy(&content).contains(POLICY_RC_D_MARK) {
+                    Original::Nothing
+                } else {
+                    Original::File(content, meta.permissions())
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Original::Nothing,
             Err(e) => return Err(e).with_context(|| format!("reading {POLICY_RC_D}")),
         };
         let held = ServicesHeld {
             original,
             released: false,
         };
+        // Never written through a link: the link goes, and comes back.
+        if let Original::Link(_) = held.original {
+            std::fs::remove_file(POLICY_RC_D)
+                .with_context(|| format!("replacing {POLICY_RC_D}"))?;
+        }
         std::fs::write(
             POLICY_RC_D,
-            "#!/bin/sh\n# cargo xtask setup: no service starts while installing.\nexit 101\n",
+            format!("#!/bin/sh\n{POLICY_RC_D_MARK}\nexit 101\n"),
         )
         .with_context(|| format!("writing {POLICY_RC_D}"))?;
         std::fs::set_permissions(POLICY_RC_D, std::fs::Permissions::from_mode(0o755))
@@ -138,14 +181,20 @@ impl ServicesHeld {
     /// Puts back what was there before.
     fn restore(&mut self) -> anyhow::Result<()> {
         self.released = true;
-        match self.original.take() {
-            Some((content, permissions)) => {
+        match std::mem::replace(&mut self.original, Original::Nothing) {
+            Original::File(content, permissions) => {
                 std::fs::write(POLICY_RC_D, content)
                     .with_context(|| format!("restoring {POLICY_RC_D}"))?;
                 std::fs::set_permissions(POLICY_RC_D, permissions)
                     .with_context(|| format!("restoring {POLICY_RC_D}'s mode"))?;
             }
-            None => std::fs::remove_file(POLICY_RC_D)
+            Original::Link(target) => {
+                std::fs::remove_file(POLICY_RC_D)
+                    .with_context(|| format!("removing {POLICY_RC_D}"))?;
+                std::os::unix::fs::symlink(&target, POLICY_RC_D)
+                    .with_context(|| format!("restoring the link {POLICY_RC_D}"))?;
+            }
+            Original::Nothing => std::fs::remove_file(POLICY_RC_D)
                 .with_context(|| format!("removing {POLICY_RC_D}"))?,
         }
         Ok(())
