@@ -1,0 +1,335 @@
+//! Housekeeping: the sweep (seeded connections that closed, resets the
+//! ring could not take, connections outside the tracked cgroup), the
+//! counts checked against the socket table, idle sources forgotten, and
+//! the resets of connections judged over a cap.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, anyhow};
+use aya::maps::{MapData, RingBuf};
+use limiter_common::maps::{ConnKey, FLOW_SEEDED, FlowKey, ResetRequest, SourceKey, control as op};
+use tokio::io::{Interest, unix::AsyncFd};
+
+use crate::{
+    kernel::{Kernel, error_chain, monotonic_ns},
+    resets::Resetter,
+    selection::from_addr,
+    sockdiag,
+};
+
+use super::Daemon;
+
+/// An idle source (no live connection) is forgotten after this long.
+pub(super) const SOURCE_IDLE_FORGET: Duration = Duration::from_secs(120);
+
+/// ...or after this long when the source table is half full.
+pub(super) const PRESSURE_SOURCE_IDLE: Duration = Duration::from_secs(1);
+
+/// The counts are checked against the socket table this often, as a safety
+/// net: a correction is logged and counted (`reconciled`).
+pub(super) const RECONCILE_EVERY: Duration = Duration::from_secs(30);
+
+/// Housekeeping runs this often: seeded connections that closed, resets
+/// that found the ring full, connections outside the tracked cgroup.
+pub(super) const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// Tells the XDP program, twice a second, that the responder answers:
+/// without it (the daemon gone, and its `steer` program with it) refused
+/// SYNs of a reply connector are dropped.
+pub(super) async fn keep_replying(daemon: Arc<Mutex<Daemon>>) {
+    let mut ticker = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        ticker.tick().await;
+        let mut daemon = daemon.lock().expect("daemon lock");
+        if daemon.kernel.replies()
+            && let Err(e) = daemon.kernel.responders_alive()
+        {
+            log::error!(
+                "telling the kernel the responder answers: {}",
+                error_chain(&e)
+            );
+        }
+    }
+}
+
+pub(super) async fn sweep_forever(daemon: Arc<Mutex<Daemon>>) -> anyhow::Result<()> {
+    let mut ticker = tokio::time::interval(SWEEP_EVERY);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let daemon = daemon.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut daemon = daemon.lock().expect("daemon lock");
+            daemon.sweep()
+        })
+        .await
+        .context("sweeper task")??;
+    }
+}
+
+/// Resets the connections the kernel judged over a cap when their
+/// handshake completed, as it asks on the `RESETS` ring.
+pub(super) async fn reset_connections(
+    ring: RingBuf<MapData>,
+    daemon: Arc<Mutex<Daemon>>,
+    resetter: Arc<Resetter>,
+) -> anyhow::Result<()> {
+    // SAFETY: the ring buffer owns its map fd, which stays open and the same
+    // for as long as the AsyncFd owns the ring.
+    let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+        .map_err(|e| anyhow!("watching the reset ring: {}", e.into_parts().1))?;
+    loop {
+        let mut guard = ring
+            .readable_mut()
+            .await
+            .context("waiting on the reset ring")?;
+        let mut requests = Vec::new();
+        let inner = guard.get_inner_mut();
+        while let Some(item) = inner.next() {
+            if item.len() >= size_of::<ResetRequest>() {
+                // SAFETY: the kernel wrote a ResetRequest there; the length
+                // was checked.
+                requests.push(unsafe {
+                    std::ptr::read_unaligned(item.as_ptr().cast::<ResetRequest>())
+                });
+            }
+        }
+        guard.clear_ready();
+        if requests.is_empty() {
+            continue;
+        }
+        let (daemon, resetter) = (daemon.clone(), resetter.clone());
+        tokio::task::spawn_blocking(move || {
+            // The resets without the daemon's lock: the control socket and
+            // the sweep go on meanwhile.
+            let settled: Vec<ConnKey> = requests
+                .iter()
+                .filter(|request| resetter.reset(request).settled())
+                .map(|request| request.conn)
+                .collect();
+            let mut daemon = daemon.lock().expect("daemon lock");
+            for conn in &settled {
+                daemon.kernel.resolve_reset(conn);
+            }
+        })
+        .await
+        .context("resetter task")?;
+    }
+}
+
+/// The counts made to agree with the kernel's socket table: counted
+/// connections that are gone (closed while no daemon or no sock_ops program
+/// watched) are released, held ones that are not counted (they predate the
+/// daemon) are counted. Returns (released, counted) and the flows counted
+/// from the socket table, which only the daemon sees close.
+///
+/// The counted ones are read before the socket table, so a connection that
+/// completes in between is never taken for gone; the missing ones after it,
+/// so that one is never counted twice (and a count taken twice in a race is
+/// given back by the kernel's own checks). Connections in other network
+/// namespaces (containers behind DNAT) are left to the sock_ops program:
+/// this namespace's table does not show them.
+pub(super) fn reconcile(
+    kernel: &mut Kernel,
+    ports: &HashSet<u16>,
+    netns: u64,
+) -> anyhow::Result<((usize, usize), HashSet<FlowKey>)> {
+    let counted_before = kernel.established_in(netns);
+    let held = held_by_servers(ports)?;
+    let mut released = 0;
+    for (flow, _) in counted_before.iter().filter(|(f, _)| !held.contains(f)) {
+        if kernel
+            .release_established(flow)
+            .map_err(|e| anyhow!(error_chain(&e)))?
+        {
+            released += 1;
+        }
+    }
+    // Nor is a connection waiting for its reset one that predates the
+    // daemon.
+    let known: HashSet<FlowKey> = kernel
+        .established_in(netns)
+        .into_iter()
+        .map(|(flow, _)| flow)
+        .chain(
+            kernel
+                .pending_resets()
+                .into_iter()
+                .filter(|r| r.conn.netns == netns)
+                .map(|r| r.conn.flow),
+        )
+        .collect();
+    let mut counted = 0;
+    for flow in held.iter().filter(|f| !known.contains(f)) {
+        match kernel.seed(flow).map_err(|e| anyhow!(error_chain(&e)))? {
+            op::DONE => counted += 1,
+            op::FULL => log::warn!("a table is full; not counting {}", show(flow)),
+            _ => {}
+        }
+    }
+    let seeded = kernel
+        .established_in(netns)
+        .into_iter()
+        .filter(|(_, v)| v.flags & FLOW_SEEDED != 0)
+        .map(|(flow, _)| flow)
+        .collect();
+    Ok(((released, counted), seeded))
+}
+
+/// The connections servers hold on `ports` (the responder's left out).
+pub(super) fn held_by_servers(ports: &HashSet<u16>) -> anyhow::Result<HashSet<FlowKey>> {
+    Ok(sockdiag::held_connections(ports)
+        .context("reading the socket table")?
+        .into_iter()
+        .collect())
+}
+
+impl Daemon {
+    pub(super) fn bound_ports(&self) -> HashSet<u16> {
+        self.table.ports.iter().copied().collect()
+    }
+
+    /// One round of housekeeping: resets that found the ring full, seeded
+    /// connections that closed, connections outside the tracked cgroup,
+    /// the periodic reconciliation, idle sources.
+    pub(super) fn sweep(&mut self) -> anyhow::Result<()> {
+        // Resets the ring's reader has not settled a second after they were
+        // asked for: the ring was full, or they failed.
+        let now = monotonic_ns();
+        let pending = self.kernel.pending_resets();
+        for request in &pending {
+            if now.saturating_sub(request.time_ns) >= 1_000_000_000
+                && self.resetter.reset(request).settled()
+            {
+                self.kernel.resolve_reset(&request.conn);
+            }
+        }
+        self.warn_about_undeclared_forwards();
+        let held = held_by_servers(&self.bound_ports())?;
+        let counted: HashMap<FlowKey, u32> = self
+            .kernel
+            .established_in(self.netns_cookie)
+            .into_iter()
+            .map(|(flow, value)| (flow, value.flags))
+            .collect();
+        let waiting_reset: HashSet<FlowKey> = pending
+            .iter()
+            .filter(|r| r.conn.netns == self.netns_cookie)
+            .map(|r| r.conn.flow)
+            .collect();
+        // Seeded entries that sock_ops took over (the 4-tuple was reused).
+        self.seeded
+            .retain(|f| counted.get(f).is_some_and(|flags| flags & FLOW_SEEDED != 0));
+        let gone: Vec<FlowKey> = self
+            .seeded
+            .iter()
+            .filter(|f| !held.contains(f))
+            .copied()
+            .collect();
+        for flow in gone {
+            self.kernel
+                .release_seeded(&flow)
+                .map_err(|e| anyhow!(error_chain(&e)))?;
+            self.seeded.remove(&flow);
+        }
+        // Held and still not counted a sweep later: the sock_ops program
+        // never saw its handshake complete (its server is outside the
+        // tracked cgroup). Counted from here on, and watched by polling.
+        let uncounted: HashSet<FlowKey> = held
+            .iter()
+            .filter(|f| !counted.contains_key(f) && !waiting_reset.contains(f))
+            .copied()
+            .collect();
+        for flow in uncounted.intersection(&self.uncounted) {
+            if self
+                .kernel
+                .seed(flow)
+                .map_err(|e| anyhow!(error_chain(&e)))?
+                == op::DONE
+            {
+                self.seeded.insert(*flow);
+                if !self.warned_untracked {
+                    self.warned_untracked = true;
+                    log::warn!(
+                        "connection {} completed without passing the sock_ops program: is the mail server in cgroup {}? It is counted, but by polling and without a judgement.",
+                        show(flow),
+                        self.cgroup.display()
+                    );
+                }
+            }
+        }
+        self.uncounted = uncounted;
+        if self.last_reconcile.elapsed() >= RECONCILE_EVERY {
+            let ports = self.bound_ports();
+            let ((released, counted), seeded) =
+                reconcile(&mut self.kernel, &ports, self.netns_cookie)?;
+            self.seeded = seeded;
+            self.last_reconcile = Instant::now();
+            if released + counted > 0 {
+                log::warn!(
+                    "reconciled with the socket table: released {released}, counted {counted}"
+                );
+            }
+        }
+        let sources_crowded = self.kernel.sources_len() * 2 >= self.kernel.sizes().sources as usize;
+        if sources_crowded {
+            self.forget_idle_sources(PRESSURE_SOURCE_IDLE);
+        } else if self.last_source_gc.elapsed() >= SOURCE_IDLE_FORGET / 4 {
+            self.last_source_gc = Instant::now();
+            self.forget_idle_sources(SOURCE_IDLE_FORGET);
+        }
+        Ok(())
+    }
+
+    /// Warns, once each, about server endpoints that SYNs to a bound port
+    /// were seen to end up at (NAT) and that no `forwarded_to` names.
+    pub(super) fn warn_about_undeclared_forwards(&mut self) {
+        for (endpoint, connector) in self.kernel.undeclared_forwards() {
+            let shown =
+                std::net::SocketAddr::new(from_addr(&endpoint.addr), endpoint.port).to_string();
+            if self.warned_forwards.insert(shown.clone()) {
+                let name = self
+                    .connectors()
+                    .by_id(connector)
+                    .map_or_else(|| format!("#{connector}"), |c| c.name.clone());
+                log::warn!(
+                    "connections to connector \"{name}\" end up at {shown} (a REDIRECT, or DNAT into a container?), which no connector's forwarded_to names: they are not counted; add forwarded_to = [\"{shown}\"] to the connector"
+                );
+            }
+        }
+    }
+
+    /// Deletes source entries that have held nothing for `idle`, so that
+    /// sources that come and go do not fill the table for good. The kernel
+    /// checks again, under the connector's lock, at the moment of each
+    /// deletion: a connection counted meanwhile keeps its entry.
+    pub(super) fn forget_idle_sources(&mut self, idle: Duration) {
+        let now = monotonic_ns();
+        let idle_ns = idle.as_nanos() as u64;
+        let stale: Vec<SourceKey> = self
+            .kernel
+            .sources()
+            .into_iter()
+            .filter(|(_, count)| {
+                count.live == 0 && now.saturating_sub(count.last_change_ns) >= idle_ns
+            })
+            .map(|(key, _)| key)
+            .collect();
+        for key in stale {
+            if let Err(e) = self.kernel.forget_source(&key, idle) {
+                log::warn!("forgetting an idle source: {}", error_chain(&e));
+            }
+        }
+    }
+}
+
+/// A flow for people: `remote -> local:port`.
+pub(super) fn show(flow: &FlowKey) -> String {
+    let remote = std::net::SocketAddr::new(from_addr(&flow.remote), flow.remote_port);
+    let local = std::net::SocketAddr::new(from_addr(&flow.local), flow.local_port);
+    format!("{remote} -> {local}")
+}
