@@ -1,0 +1,340 @@
+//! The command line's shape: every subcommand and option (clap derive),
+//! from which the man pages and completions are made too.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::{
+    control::DEFAULT_CONTROL_PATH,
+    daemon::DEFAULT_BPFFS_PATH,
+    edit::ConnectorChanges,
+    kernel::XdpModeRequest,
+    logging::{self},
+};
+
+use super::events::{Lines, parse_lines, parse_since};
+
+#[derive(Parser)]
+#[command(
+    name = "limiter",
+    version,
+    about = "Exchange's receive-connector connection limits for Linux mail servers, enforced in XDP"
+)]
+pub(super) struct Cli {
+    #[command(subcommand)]
+    pub(super) command: Command,
+}
+
+#[derive(Subcommand)]
+pub(super) enum Command {
+    /// Attach to the interfaces and enforce the connectors' limits.
+    Run(RunArgs),
+    /// Connectors, interfaces and live totals of the running daemon (or,
+    /// without one, what it left attached).
+    Status {
+        /// Where a daemon pins its maps and links (to tell whether programs
+        /// are still attached when no daemon answers).
+        #[arg(long, default_value = DEFAULT_BPFFS_PATH)]
+        bpffs: PathBuf,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Show or change the receive connectors (like Get-/Set-ReceiveConnector).
+    #[command(subcommand)]
+    Connector(ConnectorCommand),
+    /// Which sources hold how many connections, and the cap each would meet
+    /// now, largest first.
+    Sources {
+        /// Only this connector's sources.
+        #[arg(long)]
+        connector: Option<String>,
+        /// Only the N largest.
+        #[arg(long, value_name = "N")]
+        top: Option<usize>,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Which connector takes a connection from IP, and which limit binds now.
+    Explain {
+        /// The remote address.
+        ip: String,
+        /// The local IP:PORT it connects to (default: the first binding,
+        /// port 25 first, whose connector takes IP).
+        #[arg(long, value_name = "IP:PORT")]
+        local: Option<String>,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Counters of admitted and rejected connections.
+    Stats(Common),
+    /// Read the config file again and apply it, as SIGHUP and `systemctl
+    /// reload` do: for the next SYN, established connections untouched. A
+    /// file that does not pass changes nothing (one line, exit 1).
+    Reload(Common),
+    /// Remove what a stopped daemon left attached (with --keep-attached, or
+    /// killed): its programs, links and pinned maps.
+    Detach {
+        /// Where the daemon pinned them.
+        #[arg(long, default_value = DEFAULT_BPFFS_PATH)]
+        bpffs: PathBuf,
+        /// The daemon's control socket (to refuse while it runs).
+        #[arg(long, env = "LIMITER_CONTROL", default_value = DEFAULT_CONTROL_PATH)]
+        control: PathBuf,
+    },
+    /// The recent 1009 / 1021 events; with --follow, new ones as they come.
+    Events {
+        /// Keep printing new events until interrupted, after the last 10
+        /// recent ones (unless --lines or --since says otherwise). Ends
+        /// with exit status 0 when the daemon stops.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// Only the events since then: a duration ago (`10m`, `1h 30m`) or
+        /// a time (`2026-11-27 23:59`, local time; RFC 3339 with `Z` or an
+        /// offset).
+        #[arg(long, value_name = "DURATION|TIME", value_parser = parse_since)]
+        since: Option<jiff::Timestamp>,
+        /// Of the recent events, only the last N (`all`: every one the
+        /// daemon keeps); 0 with --follow prints only new ones [default:
+        /// all, or 10 with --follow without --since].
+        #[arg(short = 'n', long, value_name = "N|all", value_parser = parse_lines)]
+        lines: Option<Lines>,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+#[derive(Subcommand)]
+pub(super) enum ConnectorCommand {
+    /// Every connector.
+    List(Common),
+    /// One connector.
+    Show {
+        name: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Add a connector; it takes effect for the next SYN and is written to
+    /// the config file.
+    New {
+        name: String,
+        #[command(flatten)]
+        settings: Settings,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Change a connector; established connections are never touched.
+    Set {
+        name: String,
+        #[command(flatten)]
+        settings: Settings,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Remove a connector; its established connections stay up.
+    Remove {
+        name: String,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+/// What `connector new|set` may change, spelled as in Exchange.
+#[derive(clap::Args)]
+pub(super) struct Settings {
+    /// Local IP:PORT bindings, comma-separated (0.0.0.0:25, [::]:25 for any
+    /// local address).
+    #[arg(long, value_delimiter = ',', value_name = "B[,B...]")]
+    pub(super) bindings: Option<Vec<String>>,
+    /// Where connections to the bindings end up after NAT (REDIRECT to
+    /// another port, DNAT into a container): the server's own IP:PORT,
+    /// comma-separated; an empty value removes them.
+    #[arg(long, value_delimiter = ',', value_name = "IP:PORT[,...]")]
+    pub(super) forwarded_to: Option<Vec<String>>,
+    /// Remote ranges, comma-separated: addresses, CIDR blocks, first-last.
+    #[arg(long, value_delimiter = ',', value_name = "R[,R...]")]
+    pub(super) remote_ip_ranges: Option<Vec<String>>,
+    /// 1 to 2147483647, or unlimited.
+    #[arg(long, value_name = "N|unlimited")]
+    pub(super) max_inbound_connection: Option<String>,
+    /// 1 to 10000, or unlimited.
+    #[arg(long, value_name = "N|unlimited")]
+    pub(super) max_inbound_connection_per_source: Option<String>,
+    /// 1 to 100 (100 turns the rule off).
+    #[arg(long, value_name = "1..100")]
+    pub(super) max_inbound_connection_percentage_per_source: Option<String>,
+    /// drop, reset, monitor or reply.
+    #[arg(long)]
+    pub(super) action: Option<String>,
+    /// With action reply: the line the sender gets ("421 ...").
+    #[arg(long, value_name = "TEXT")]
+    pub(super) reply_text: Option<String>,
+}
+
+impl From<Settings> for ConnectorChanges {
+    fn from(s: Settings) -> Self {
+        ConnectorChanges {
+            bindings: s.bindings,
+            forwarded_to: s
+                .forwarded_to
+                .map(|list| list.into_iter().filter(|e| !e.is_empty()).collect()),
+            remote_ip_ranges: s.remote_ip_ranges,
+            max_inbound_connection: s.max_inbound_connection,
+            max_inbound_connection_per_source: s.max_inbound_connection_per_source,
+            max_inbound_connection_percentage_per_source: s
+                .max_inbound_connection_percentage_per_source,
+            action: s.action,
+            reply_text: s.reply_text,
+        }
+    }
+}
+
+/// Options of every command that talks to the daemon.
+#[derive(clap::Args)]
+pub(super) struct Common {
+    /// The daemon's control socket.
+    #[arg(long, env = "LIMITER_CONTROL", default_value = DEFAULT_CONTROL_PATH)]
+    pub(super) control: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub(super) json: bool,
+    /// Ask this server instead of the local daemon (repeatable; an ssh
+    /// config alias works): runs `limiter ... --json` there through `ssh`
+    /// (or `$LIMITER_SSH`), all servers at once, and prints one table with
+    /// a SERVER column. Exits 1 unless every server answered.
+    #[arg(long = "server", value_name = "HOST")]
+    pub(super) servers: Vec<String>,
+    /// Ask the servers named in PATH, one a line (`#` comments), besides
+    /// any --server.
+    #[arg(long, value_name = "PATH")]
+    pub(super) servers_file: Option<PathBuf>,
+    /// How long to wait for each server (with --server), in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    pub(super) server_timeout: u64,
+}
+
+impl Command {
+    /// The options of a command that talks to a daemon.
+    pub(super) fn common(&self) -> Option<&Common> {
+        match self {
+            Command::Status { common, .. }
+            | Command::Sources { common, .. }
+            | Command::Explain { common, .. }
+            | Command::Stats(common)
+            | Command::Reload(common)
+            | Command::Events { common, .. }
+            | Command::Connector(ConnectorCommand::List(common))
+            | Command::Connector(ConnectorCommand::Show { common, .. })
+            | Command::Connector(ConnectorCommand::New { common, .. })
+            | Command::Connector(ConnectorCommand::Set { common, .. })
+            | Command::Connector(ConnectorCommand::Remove { common, .. }) => Some(common),
+            Command::Run(_) | Command::Detach { .. } => None,
+        }
+    }
+}
+
+#[derive(clap::Args)]
+pub(super) struct RunArgs {
+    /// Network interface to enforce on (repeatable).
+    #[arg(long = "iface", required = true)]
+    pub(super) ifaces: Vec<String>,
+    /// Connector configuration (default /etc/limiter/connectors.toml; when
+    /// that does not exist, the built-in "Default Frontend" connector).
+    #[arg(long)]
+    pub(super) config: Option<PathBuf>,
+    /// The cgroup v2 directory whose sockets are tracked (default: the root
+    /// of the cgroup v2 mount).
+    #[arg(long)]
+    pub(super) cgroup: Option<PathBuf>,
+    /// Where the maps are pinned.
+    #[arg(long, default_value = DEFAULT_BPFFS_PATH)]
+    pub(super) bpffs: PathBuf,
+    /// The control socket.
+    #[arg(long, env = "LIMITER_CONTROL", default_value = DEFAULT_CONTROL_PATH)]
+    pub(super) control: PathBuf,
+    /// A group whose members may use the control socket (default: root only).
+    #[arg(long, value_name = "GROUP")]
+    pub(super) control_group: Option<String>,
+    /// XDP attach mode: native with fallback to generic, or one of them.
+    #[arg(long, value_enum, default_value_t = XdpModeArg::Auto)]
+    pub(super) xdp_mode: XdpModeArg,
+    /// Where events (facility mail) and the daemon's own log lines go:
+    /// `auto` (the systemd journal, with structured fields, when journald
+    /// runs, else /dev/log), `journal`, a syslog socket path,
+    /// `udp://HOST:PORT` or `tcp://HOST:PORT` (a collector), or `off`.
+    #[arg(
+        long,
+        default_value = "auto",
+        value_name = "auto|journal|PATH|udp://HOST:PORT|tcp://HOST:PORT|off"
+    )]
+    pub(super) syslog: logging::Setting,
+    /// The syslog format for a socket or collector [default: rfc5424].
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub(super) syslog_format: Option<logging::Format>,
+    /// Repeats of one (connector, source, rule) are written as one summary
+    /// line per this period.
+    #[arg(long, default_value = "60s", value_name = "DURATION")]
+    pub(super) event_period: humantime::Duration,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
+    pub(super) metrics: Option<std::net::SocketAddr>,
+    /// At exit, leave the programs attached and pinned with their counts,
+    /// so that the next `limiter run` takes over without a gap (what the
+    /// systemd unit uses).
+    #[arg(long)]
+    pub(super) keep_attached: bool,
+    /// Entries of each of the source, handshake and established tables (a
+    /// daemon that adopts pinned tables keeps their size).
+    #[arg(long, default_value_t = limiter_common::maps::DEFAULT_TABLE_ENTRIES, value_name = "N")]
+    pub(super) table_entries: u32,
+    /// Rare kernel-side conditions (an unreadable SYN dropped, a table
+    /// full, a handshake judged over a cap, a state thought impossible)
+    /// told in the daemon's log from this level up, at most once a second
+    /// each per CPU. Off: the verifier drops the kernel programs' logging
+    /// and counting code.
+    #[arg(long, value_enum, default_value_t = KernelLogLevel::Off, value_name = "LEVEL")]
+    pub(super) kernel_log_level: KernelLogLevel,
+    /// Start even when the config has no connectors (enforcing nothing
+    /// until `limiter connector new` adds one), and let `limiter connector
+    /// remove` remove the last one. Without it, both are refused: an empty
+    /// file is more often a mistake than a wish.
+    #[arg(long)]
+    pub(super) allow_empty: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub(super) enum KernelLogLevel {
+    Off,
+    Error,
+    Warn,
+    Info,
+}
+
+impl KernelLogLevel {
+    /// aya-log's level number (0: off).
+    pub(super) fn raw(self) -> u8 {
+        match self {
+            KernelLogLevel::Off => 0,
+            KernelLogLevel::Error => aya_log::Level::Error as u8,
+            KernelLogLevel::Warn => aya_log::Level::Warn as u8,
+            KernelLogLevel::Info => aya_log::Level::Info as u8,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub(super) enum XdpModeArg {
+    Auto,
+    Driver,
+    Skb,
+}
+
+impl From<XdpModeArg> for XdpModeRequest {
+    fn from(mode: XdpModeArg) -> Self {
+        match mode {
+            XdpModeArg::Auto => XdpModeRequest::Auto,
+            XdpModeArg::Driver => XdpModeRequest::Driver,
+            XdpModeArg::Skb => XdpModeRequest::Skb,
+        }
+    }
+}

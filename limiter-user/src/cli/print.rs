@@ -1,0 +1,372 @@
+//! What a person reads: the tables and blocks of each command, in
+//! Exchange's names (JSON keeps the config file's).
+
+use limiter_common::Rule;
+
+use crate::{
+    control::{ConnectorStatus, Status},
+    report::{Answer, Explanation, SourceEntry, StatsReport, verdict},
+};
+
+pub(super) fn print_status(s: &Status) {
+    println!(
+        "limiter {} (pid {}), up {}s, config: {}",
+        s.version, s.pid, s.uptime_seconds, s.config
+    );
+    let ifaces: Vec<String> = s
+        .interfaces
+        .iter()
+        .map(|i| format!("{} ({} XDP)", i.name, i.xdp_mode))
+        .collect();
+    println!("interfaces: {}", ifaces.join(", "));
+    println!("cgroup: {}", s.cgroup);
+    println!("live: {} connection(s) held", s.live_total);
+    for endpoint in &s.undeclared_forwards {
+        println!(
+            "warning: connections end up at {endpoint} (NAT), which no connector's forwarded_to names: not counted"
+        );
+    }
+    if s.live_removed_connectors > 0 {
+        println!(
+            "  of which {} on removed connectors, until they close",
+            s.live_removed_connectors
+        );
+    }
+    println!();
+    print_connectors(&s.connectors);
+}
+
+pub(super) fn limits(c: &ConnectorStatus) -> String {
+    format!(
+        "{} / {} / {}%",
+        plain(&c.max_inbound_connection),
+        plain(&c.max_inbound_connection_per_source),
+        c.max_inbound_connection_percentage_per_source
+    )
+}
+
+pub(super) const CONNECTORS_HEADER: [&str; 6] = [
+    "CONNECTOR",
+    "BINDINGS",
+    "REMOTE RANGES",
+    "LIMITS (MaxInboundConnection / PerSource / Percentage)",
+    "ACTION",
+    "LIVE",
+];
+
+pub(super) fn connector_row(c: &ConnectorStatus) -> Vec<String> {
+    vec![
+        c.name.clone(),
+        c.bindings.join(","),
+        c.remote_ip_ranges.join(","),
+        limits(c),
+        c.action.clone(),
+        c.live.to_string(),
+    ]
+}
+
+pub(super) fn print_connectors(list: &[ConnectorStatus]) {
+    let rows: Vec<Vec<String>> = list.iter().map(connector_row).collect();
+    print_table(&CONNECTORS_HEADER, &rows);
+}
+
+pub(super) fn print_connector(c: &ConnectorStatus) {
+    println!("Name                                      : {}", c.name);
+    println!(
+        "Bindings                                  : {}",
+        c.bindings.join(", ")
+    );
+    if !c.forwarded_to.is_empty() {
+        println!(
+            "ForwardedTo                               : {}",
+            c.forwarded_to.join(", ")
+        );
+    }
+    println!(
+        "RemoteIPRanges                            : {}",
+        c.remote_ip_ranges.join(", ")
+    );
+    println!(
+        "MaxInboundConnection                      : {}",
+        plain(&c.max_inbound_connection)
+    );
+    println!(
+        "MaxInboundConnectionPerSource             : {}",
+        plain(&c.max_inbound_connection_per_source)
+    );
+    println!(
+        "MaxInboundConnectionPercentagePerSource   : {}",
+        c.max_inbound_connection_percentage_per_source
+    );
+    println!("Action                                    : {}", c.action);
+    if let Some(text) = &c.reply_text {
+        println!("ReplyText                                 : {text}");
+    }
+    println!("LiveConnections                           : {}", c.live);
+}
+
+pub(super) const SOURCES_HEADER: [&str; 6] = [
+    "CONNECTOR",
+    "SOURCE",
+    "LIVE",
+    "CAN OPEN",
+    "HOLDS AT MOST",
+    "STOPPED BY",
+];
+
+pub(super) fn source_row(s: &SourceEntry) -> Vec<String> {
+    // A daemon of an older version does not say (a fleet mid-upgrade).
+    let unsaid = s.stopped_by.is_empty();
+    let or_unsaid = |n: Option<u32>| {
+        if unsaid {
+            "-".to_string()
+        } else {
+            or_unlimited(n)
+        }
+    };
+    vec![
+        s.connector.clone(),
+        s.source.clone(),
+        s.live.to_string(),
+        or_unsaid(s.can_open),
+        or_unsaid(s.holds_at_most),
+        if unsaid {
+            "-".to_string()
+        } else {
+            limit_name(&s.stopped_by).to_string()
+        },
+    ]
+}
+
+pub(super) fn print_sources(sources: &[SourceEntry]) {
+    let rows: Vec<Vec<String>> = sources.iter().map(source_row).collect();
+    print_table(&SOURCES_HEADER, &rows);
+}
+
+pub(super) fn or_unlimited(n: Option<u32>) -> String {
+    n.map_or("unlimited".to_string(), |n| n.to_string())
+}
+
+pub(super) fn print_explanation(e: &Explanation) {
+    // A daemon of an older version answers for one connector only.
+    if e.answers.is_empty() && e.answer.connector.is_some() {
+        print_answer(&e.ip, &e.source, &e.answer);
+        return;
+    }
+    if e.answers.is_empty() {
+        println!(
+            "{}: no connector takes it{}; it passes untouched",
+            e.ip,
+            e.answer
+                .local
+                .as_ref()
+                .map(|l| format!(" on {l}"))
+                .unwrap_or_default()
+        );
+        return;
+    }
+    for (i, answer) in e.answers.iter().enumerate() {
+        if i > 0 {
+            println!();
+        }
+        print_answer(&e.ip, &e.source, answer);
+    }
+}
+
+/// One connector's answer, in Exchange's names.
+pub(super) fn print_answer(ip: &str, source: &str, a: &Answer) {
+    println!(
+        "{ip} -> {}: connector \"{}\", action {}",
+        a.bindings.join(", "),
+        a.connector.as_deref().unwrap_or_default(),
+        a.action.as_deref().unwrap_or_default()
+    );
+    let show = |v: &Option<serde_json::Value>| v.as_ref().map(plain).unwrap_or_default();
+    let pct = a
+        .max_inbound_connection_percentage_per_source
+        .unwrap_or_default();
+    println!(
+        "limits: MaxInboundConnection {}, MaxInboundConnectionPerSource {}, MaxInboundConnectionPercentagePerSource {pct}",
+        show(&a.max_inbound_connection),
+        show(&a.max_inbound_connection_per_source),
+    );
+    let counted_as = if source == ip {
+        "this source".to_string()
+    } else {
+        format!("this source, counted as {source}")
+    };
+    println!(
+        "live: {} on the connector, {} from {ip} ({counted_as})",
+        a.live_total, a.live_source
+    );
+    let event = a.event_id.unwrap_or_default();
+    let rule = limit_name(&a.rule);
+    let cap = cap_words(a, pct);
+    let said = match a.verdict.as_str() {
+        // A daemon of an older version says only whether it admits.
+        "" if a.admitted => verdict::ADMITTED,
+        "" => verdict::REJECTED,
+        said => said,
+    };
+    match said {
+        verdict::REJECTED => {
+            println!("a new connection now: REJECTED by {rule} (event {event}): {cap}")
+        }
+        verdict::WOULD_REJECT => println!(
+            "a new connection now: would be REJECTED by {rule} (event {event}): {cap}; action monitor admits it and reports it"
+        ),
+        _ if a.cap.is_none() => println!("a new connection now: admitted; no limit applies"),
+        _ => println!("a new connection now: admitted; its cap: {cap} ({rule})"),
+    }
+    let monitor = a.action.as_deref() == Some("monitor");
+    match a.holds_at_most {
+        // A daemon of an older version does not say.
+        _ if a.stopped_by.is_empty() => {}
+        None => println!("this source: no limit stops it"),
+        Some(held) if monitor => println!(
+            "this source could hold {held}, {} more now, before {} (action monitor: it is only reported)",
+            a.can_open.unwrap_or_default(),
+            limit_name(&a.stopped_by)
+        ),
+        Some(held) => println!(
+            "this source can hold {held}, {} more now; then {} stops it",
+            a.can_open.unwrap_or_default(),
+            limit_name(&a.stopped_by)
+        ),
+    }
+}
+
+/// The cap the next connection meets, as its limit works it out.
+pub(super) fn cap_words(a: &Answer, pct: u32) -> String {
+    let cap = a.cap.unwrap_or_default();
+    match a.rule.as_str() {
+        "percentage" => format!("{pct} % of the remaining: {cap}"),
+        "total" => format!("what the total leaves it: {cap}"),
+        _ => format!("{cap} per source"),
+    }
+}
+
+/// A limit's name for people: Exchange's (JSON keeps the config file's).
+pub(super) fn limit_name(rule: &str) -> &'static str {
+    match Rule::from_name(rule) {
+        Some(rule) => rule.exchange_name(),
+        None if rule == "table_full" => "a full kernel table",
+        None => "no limit",
+    }
+}
+
+pub(super) fn print_stats(s: &StatsReport) {
+    let mut blocks: Vec<(&str, &crate::report::Counters)> = s
+        .connectors
+        .iter()
+        .map(|c| (c.name.as_str(), &c.counters))
+        .collect();
+    blocks.push(("(all)", &s.total));
+    for (i, (name, c)) in blocks.iter().enumerate() {
+        if i > 0 {
+            println!();
+        }
+        println!("{:<49}: {name}", "Connector");
+        let lines: [(&str, u64, bool); 14] = [
+            ("Admitted", c.admitted, true),
+            ("Rejected", c.rejected, true),
+            ("  by MaxInboundConnection", c.rejected_total_limit, true),
+            (
+                "  by MaxInboundConnectionPerSource",
+                c.rejected_per_source,
+                true,
+            ),
+            (
+                "  by MaxInboundConnectionPercentagePerSource",
+                c.rejected_percentage,
+                true,
+            ),
+            (
+                "  of them at handshake completion (reset)",
+                c.rejected_late,
+                true,
+            ),
+            (
+                "  answered with the 421 line (action reply)",
+                c.replied,
+                c.replied + c.reply_dropped > 0,
+            ),
+            (
+                "  dropped beyond the replies a second",
+                c.reply_dropped,
+                c.replied + c.reply_dropped > 0,
+            ),
+            (
+                "Reset for a full kernel table",
+                c.rejected_table_full,
+                c.rejected_table_full > 0,
+            ),
+            (
+                "Would be rejected (action monitor: admitted)",
+                c.would_reject,
+                c.would_reject > 0,
+            ),
+            (
+                "  by MaxInboundConnection",
+                c.would_reject_total_limit,
+                c.would_reject > 0,
+            ),
+            (
+                "  by MaxInboundConnectionPerSource",
+                c.would_reject_per_source,
+                c.would_reject > 0,
+            ),
+            (
+                "  by MaxInboundConnectionPercentagePerSource",
+                c.would_reject_percentage,
+                c.would_reject > 0,
+            ),
+            ("Closed", c.closed, true),
+        ];
+        for (label, n, shown) in lines {
+            if shown {
+                println!("{label:<49}: {n}");
+            }
+        }
+    }
+    for (what, n) in [
+        ("unreadable SYNs dropped", s.unreadable_dropped),
+        ("resets deferred", s.resets_deferred),
+        (
+            "handshakes moved by NAT to an undeclared endpoint",
+            s.undeclared_forwards,
+        ),
+    ] {
+        if n > 0 {
+            println!("{what}: {n}");
+        }
+    }
+}
+
+/// Prints rows under a header, in columns.
+pub(super) fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let print = |cells: &mut dyn Iterator<Item = &str>| {
+        let line: Vec<String> = cells
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", line.join("  ").trim_end());
+    };
+    print(&mut header.iter().copied());
+    for row in rows {
+        print(&mut row.iter().map(String::as_str));
+    }
+}
+
+pub(super) fn plain(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
