@@ -4,7 +4,6 @@
 //! end-to-end tests drive the same code.
 
 pub mod baseline;
-pub mod bpfsys;
 pub mod cli;
 pub mod config;
 pub mod control;
@@ -18,7 +17,6 @@ pub mod logging;
 pub mod metrics;
 pub mod netns;
 pub mod notify;
-pub mod pins;
 pub mod preflight;
 pub mod range;
 pub mod report;

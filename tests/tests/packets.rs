@@ -1155,7 +1155,7 @@ fn refusals_no_report_carries_are_never_evicted() {
 #[test]
 fn an_adopting_daemon_keys_the_cache_by_the_ranges_it_finds() {
     let fs = limiter_tests::bpffs::BpfFs::new();
-    let pins = limiter::pins::PinDir::open(fs.path()).unwrap();
+    let pins = limiter::kernel::pins::PinDir::open(fs.path()).unwrap();
     let config = Config::parse(
         &format!(
             "ipv6_prefix_length = 64\n{CAP_ONE}\

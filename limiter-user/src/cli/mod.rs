@@ -146,7 +146,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         }
         Command::Status { bpffs, common } => {
             ask(&common, Request::Status, |s: Status| print_status(&s)).map_err(|e| {
-                match (connect_failed(&e), crate::pins::PinDir::open(&bpffs)) {
+                match (connect_failed(&e), crate::kernel::pins::PinDir::open(&bpffs)) {
                     (true, Ok(pins)) if pins.has_maps() => anyhow::anyhow!(
                         "no limiter daemon answers on {}, but its programs are still attached and enforcing the last config from {} ({}): `limiter run` takes them over, `limiter detach --bpffs {}` removes them",
                         common.control.display(),
@@ -231,7 +231,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                     control.display()
                 );
             }
-            let removed = crate::pins::remove_all(&bpffs)?;
+            let removed = crate::kernel::pins::remove_all(&bpffs)?;
             if removed.is_empty() {
                 println!("nothing attached under {}", bpffs.display());
             }

@@ -15,8 +15,7 @@ use tokio::net::UnixListener;
 use crate::{
     config::Config,
     edit::ConfigDocument,
-    kernel::{AttachedMode, Kernel, LinkLayer, TableSizes, error_chain},
-    pins::PinDir,
+    kernel::{AttachedMode, Kernel, LinkLayer, TableSizes, error_chain, pins::PinDir},
     preflight::{self, Bpffs},
     resets::Resetter,
     responder::{self, Replies},

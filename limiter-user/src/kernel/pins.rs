@@ -16,7 +16,7 @@ use std::{
 
 use limiter_common::maps::MAP_LAYOUT_VERSION;
 
-use crate::kernel::AttachedMode;
+use super::modes::AttachedMode;
 
 /// The pin directory of this map layout.
 #[derive(Clone, Debug)]
