@@ -3,10 +3,10 @@
 //! The library holds everything the `limiter` binary does, so that the
 //! end-to-end tests drive the same code.
 
+pub mod api;
 pub mod baseline;
 pub mod cli;
 pub mod config;
-pub mod control;
 pub mod daemon;
 pub mod docs;
 pub mod edit;

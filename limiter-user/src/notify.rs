@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use sd_notify::NotifyState;
 
-use crate::control::Status;
+use crate::api::Status;
 
 /// How often `STATUS=` is refreshed when no watchdog asks for more.
 const STATUS_EVERY: Duration = Duration::from_secs(5);
@@ -118,7 +118,7 @@ impl Drop for Reloading {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::{ConnectorStatus, InterfaceStatus};
+    use crate::api::{ConnectorStatus, InterfaceStatus};
 
     #[test]
     fn the_status_line_names_interfaces_connectors_and_totals() {

@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use limiter::control::{self, Request, Status};
+use limiter::api::{self, Request, Status};
 
 use crate::{BpfFs, Cgroup, ChildGuard, Lab, Netns, spawn_in, wait_for};
 
@@ -254,7 +254,7 @@ impl Limiter {
 
     /// `status`, or why not.
     pub fn try_status(&self) -> Result<Status, String> {
-        let value = control::request(&self.control, &Request::Status).map_err(|e| e.to_string())?;
+        let value = api::request(&self.control, &Request::Status).map_err(|e| e.to_string())?;
         serde_json::from_value(value).map_err(|e| e.to_string())
     }
 

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::{
-    control::DEFAULT_CONTROL_PATH,
+    api::DEFAULT_CONTROL_PATH,
     daemon::DEFAULT_BPFFS_PATH,
     edit::ConnectorChanges,
     kernel::XdpModeRequest,

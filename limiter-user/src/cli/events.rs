@@ -4,7 +4,7 @@
 use anyhow::Context;
 
 use crate::{
-    control::{self, Reply, Request},
+    api::{self, Reply, Request},
     events::Event,
 };
 
@@ -66,12 +66,10 @@ pub(super) fn since_then(event: &Event, since: Option<jiff::Timestamp>) -> bool 
 }
 
 /// Whether the daemon's end of the connection is gone.
-pub(super) fn hung_up(error: &control::ClientError) -> bool {
+pub(super) fn hung_up(error: &api::ClientError) -> bool {
     match error {
-        control::ClientError::Closed { .. } => true,
-        control::ClientError::Io { source, .. } => {
-            source.kind() == std::io::ErrorKind::ConnectionReset
-        }
+        api::ClientError::Closed { .. } => true,
+        api::ClientError::Io { source, .. } => source.kind() == std::io::ErrorKind::ConnectionReset,
         _ => false,
     }
 }
@@ -99,7 +97,7 @@ pub(super) fn events(
             println!("{}", event.line());
         }
     };
-    let mut replies = control::Replies::open(
+    let mut replies = api::Replies::open(
         &common.control,
         &Request::Events { follow },
         (!follow).then_some(std::time::Duration::from_secs(30)),

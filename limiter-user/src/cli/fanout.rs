@@ -5,7 +5,7 @@ use anyhow::Context;
 use serde::de::DeserializeOwned;
 
 use crate::{
-    control::{ConnectorStatus, Reloaded},
+    api::{ConnectorStatus, Reloaded},
     events::Event,
     fleet::{self, Failure, Fleet},
     report::SourceEntry,

@@ -8,7 +8,7 @@ use clap::Parser;
 use serde::de::DeserializeOwned;
 
 use crate::{
-    control::{self, ConnectorStatus, Reloaded, Request, Status},
+    api::{self, ConnectorStatus, Reloaded, Request, Status},
     daemon::{self, RunOptions},
     fleet::Fleet,
     logging::DaemonLog,
@@ -46,7 +46,7 @@ pub fn main() -> ExitCode {
         // A command whose reader went away (`limiter events | head -1`)
         // ends quietly of SIGPIPE, as cat does, instead of panicking in
         // println!. Never the daemon: it must not die of a closed socket.
-        // Its own socket writes use MSG_NOSIGNAL (see `control`).
+        // Its own socket writes use MSG_NOSIGNAL (see `crate::api`).
         // SAFETY: no other thread runs yet, and SIG_DFL is a valid action.
         unsafe {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
@@ -83,8 +83,8 @@ fn one_line(e: &anyhow::Error) -> String {
 /// Whether `error` is that nothing answers on the control socket.
 fn connect_failed(error: &anyhow::Error) -> bool {
     matches!(
-        error.downcast_ref::<control::ClientError>(),
-        Some(control::ClientError::Connect { .. })
+        error.downcast_ref::<api::ClientError>(),
+        Some(api::ClientError::Connect { .. })
     )
 }
 
@@ -94,7 +94,7 @@ fn ask<T: DeserializeOwned>(
     request: Request,
     show: impl FnOnce(T),
 ) -> anyhow::Result<()> {
-    let value = control::request(&common.control, &request)?;
+    let value = api::request(&common.control, &request)?;
     if common.json {
         println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
@@ -224,7 +224,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             common,
         } => events(&common, follow, since, lines),
         Command::Detach { bpffs, control } => {
-            if let Ok(value) = control::request(&control, &Request::Status) {
+            if let Ok(value) = api::request(&control, &Request::Status) {
                 anyhow::bail!(
                     "a limiter daemon (pid {}) is running on {}: stop it first (it detaches when it stops, unless it runs with --keep-attached, as the systemd unit does: then run `limiter detach` after it stopped)",
                     value["pid"],

@@ -4,7 +4,7 @@
 use limiter_common::Rule;
 
 use crate::{
-    control::{ConnectorStatus, Status},
+    api::{ConnectorStatus, Status},
     report::{Answer, Explanation, SourceEntry, StatsReport, verdict},
 };
 

@@ -4,7 +4,7 @@ use anyhow::anyhow;
 use limiter_common::maps::stat;
 
 use crate::{
-    control::{ConnectorStatus, InterfaceStatus, Status},
+    api::{ConnectorStatus, InterfaceStatus, Status},
     events::EventHub,
     kernel::error_chain,
     metrics,

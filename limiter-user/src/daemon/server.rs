@@ -1,6 +1,6 @@
 //! The control socket's server half: who may connect, the requests
 //! answered, the event stream to followers (the client half is
-//! `crate::control`).
+//! `crate::api`).
 
 use std::{
     io::ErrorKind,
@@ -17,7 +17,7 @@ use tokio::{
 };
 
 use crate::{
-    control::{Reply, Request},
+    api::{Reply, Request},
     events::{Event, EventHub},
     kernel::error_chain,
     report::{self},

@@ -1,0 +1,14 @@
+//! The control socket: one JSON request per line, one JSON reply per line.
+//!
+//! Only root may connect (the socket is mode 0600 and the daemon checks the
+//! peer's credentials as well).
+
+mod client;
+mod protocol;
+
+pub use self::{
+    client::{ClientError, Replies, request},
+    protocol::{
+        ConnectorStatus, DEFAULT_CONTROL_PATH, InterfaceStatus, Reloaded, Reply, Request, Status,
+    },
+};
