@@ -18,7 +18,7 @@ use tokio::sync::broadcast;
 use crate::{
     config::LimitValue,
     logging::{Destination, Entry, Writer},
-    report::show_source,
+    query::show_source,
     selection::from_addr,
 };
 

@@ -16,7 +16,7 @@ use prometheus_client::{
 };
 use tokio::net::TcpListener;
 
-use crate::report::Counters;
+use crate::query::Counters;
 
 /// Everything one scrape reports, read from the daemon at scrape time.
 #[derive(Clone, Debug, Default)]

@@ -239,8 +239,8 @@ mod tests {
 
     use super::*;
     use crate::{
+        config::range::IpRange,
         config::{Action, Connector},
-        range::IpRange,
     };
 
     fn ip(s: &str) -> IpAddr {

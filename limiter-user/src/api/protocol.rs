@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{edit::ConnectorChanges, events::Event};
+use crate::{config::edit::ConnectorChanges, events::Event};
 
 /// Default path of the control socket.
 pub const DEFAULT_CONTROL_PATH: &str = "/run/limiter/control.sock";

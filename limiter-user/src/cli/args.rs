@@ -7,8 +7,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::{
     api::DEFAULT_CONTROL_PATH,
+    config::edit::ConnectorChanges,
     daemon::DEFAULT_BPFFS_PATH,
-    edit::ConnectorChanges,
     kernel::XdpModeRequest,
     logging::{self},
 };

@@ -8,7 +8,7 @@ use crate::{
     api::{ConnectorStatus, Reloaded},
     events::Event,
     fleet::{self, Failure, Fleet},
-    report::SourceEntry,
+    query::SourceEntry,
 };
 
 use super::{

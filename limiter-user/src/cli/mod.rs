@@ -12,7 +12,7 @@ use crate::{
     daemon::{self, RunOptions},
     fleet::Fleet,
     logging::DaemonLog,
-    report::{Explanation, SourceEntry, StatsReport},
+    query::{Explanation, SourceEntry, StatsReport},
 };
 
 mod args;

@@ -5,7 +5,7 @@ use limiter_common::Rule;
 
 use crate::{
     api::{ConnectorStatus, Status},
-    report::{Answer, Explanation, SourceEntry, StatsReport, verdict},
+    query::{Answer, Explanation, SourceEntry, StatsReport, verdict},
 };
 
 pub(super) fn print_status(s: &Status) {
@@ -256,7 +256,7 @@ pub(super) fn limit_name(rule: &str) -> &'static str {
 }
 
 pub(super) fn print_stats(s: &StatsReport) {
-    let mut blocks: Vec<(&str, &crate::report::Counters)> = s
+    let mut blocks: Vec<(&str, &crate::query::Counters)> = s
         .connectors
         .iter()
         .map(|c| (c.name.as_str(), &c.counters))

@@ -6,7 +6,10 @@ use std::sync::{Arc, Mutex};
 use anyhow::{anyhow, bail};
 
 use crate::{
-    api::Reloaded, config::Config, edit::ConfigDocument, kernel::error_chain, notify,
+    api::Reloaded,
+    config::{Config, edit::ConfigDocument},
+    kernel::error_chain,
+    notify,
     selection::SelectionTable,
 };
 

@@ -23,7 +23,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     config::Config,
-    edit::ConfigDocument,
+    config::edit::ConfigDocument,
     events::EventHub,
     kernel::{AttachedMode, Kernel, XdpModeRequest, error_chain, pins::PinDir},
     metrics, netns, notify, preflight,

@@ -8,7 +8,7 @@ use crate::{
     events::EventHub,
     kernel::error_chain,
     metrics,
-    report::{self, Connectors, limit_json},
+    query::{self, Connectors, limit_json},
 };
 
 use super::Daemon;
@@ -89,7 +89,7 @@ impl Daemon {
     /// What a metrics scrape reports.
     pub(super) fn metrics(&self, hub: &EventHub) -> anyhow::Result<metrics::Snapshot> {
         let stats = self.kernel.stats().map_err(|e| anyhow!(error_chain(&e)))?;
-        let report = report::stats(&self.connectors(), &stats);
+        let report = query::stats(&self.connectors(), &stats);
         let mut connectors = Vec::new();
         for (i, counters) in report.connectors.into_iter().enumerate() {
             let live = self

@@ -20,7 +20,7 @@ use crate::{
     api::{Reply, Request},
     events::{Event, EventHub},
     kernel::error_chain,
-    report::{self},
+    query::{self},
     selection::canonical,
 };
 
@@ -213,7 +213,7 @@ impl Daemon {
                 serde_json::json!({ "removed": removed })
             }
             Request::Sources { connector, top } => serde_json::to_value(
-                report::sources(&self.connectors(), &self.kernel, connector.as_deref(), top)
+                query::sources(&self.connectors(), &self.kernel, connector.as_deref(), top)
                     .map_err(|e| anyhow!(e))?,
             )?,
             Request::Explain { ip, local } => {
@@ -242,7 +242,7 @@ impl Daemon {
                     );
                 }
                 let explanation =
-                    report::explain(&self.connectors(), &self.table, &self.kernel, ip, local)
+                    query::explain(&self.connectors(), &self.table, &self.kernel, ip, local)
                         .map_err(|e| anyhow!(error_chain(&e)))?;
                 serde_json::to_value(explanation)?
             }
@@ -252,7 +252,7 @@ impl Daemon {
             Request::Reload => serde_json::to_value(self.reload()?)?,
             Request::Stats => {
                 let stats = self.kernel.stats().map_err(|e| anyhow!(error_chain(&e)))?;
-                serde_json::to_value(report::stats(&self.connectors(), &stats))?
+                serde_json::to_value(query::stats(&self.connectors(), &stats))?
             }
         };
         Ok(value)

@@ -14,7 +14,7 @@ use tokio::net::UnixListener;
 
 use crate::{
     config::Config,
-    edit::ConfigDocument,
+    config::edit::ConfigDocument,
     kernel::{AttachedMode, Kernel, LinkLayer, TableSizes, error_chain, pins::PinDir},
     preflight::{self, Bpffs},
     resets::Resetter,

@@ -3,6 +3,9 @@
 //! pairs, and ranges on one binding that overlap only when one contains the
 //! other.
 
+pub mod edit;
+pub mod range;
+
 use std::{
     collections::HashSet,
     fmt,
@@ -19,7 +22,7 @@ use limiter_common::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::range::IpRange;
+use self::range::IpRange;
 
 /// The name of the built-in connector used when there is no config file.
 pub const DEFAULT_CONNECTOR_NAME: &str = "Default Frontend";
@@ -804,7 +807,7 @@ max_inbound_connection_percentage_per_source = 100
 
     #[test]
     fn the_packaged_example_is_the_built_in_default_answering_like_exchange() {
-        let shipped = include_str!("../../dist/connectors.toml");
+        let shipped = include_str!("../../../dist/connectors.toml");
         let mut expected = Config::builtin_default();
         expected.connectors[0].action = Action::Reply;
         assert_eq!(Config::parse(shipped, "connectors.toml").unwrap(), expected);
@@ -1035,7 +1038,7 @@ mod fuzz {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::range::IpRange;
+    use crate::config::range::IpRange;
 
     /// Pieces a config file is made of, put together at random.
     fn fragment() -> impl Strategy<Value = String> {

@@ -676,7 +676,7 @@ mod tests {
 
     #[test]
     fn comments_between_connectors_stay_where_they_were() {
-        let shipped = include_str!("../../dist/connectors.toml");
+        let shipped = include_str!("../../../dist/connectors.toml");
         let mut d = ConfigDocument::parse(shipped).unwrap();
         let mut relay = set("bindings", "0.0.0.0:25");
         relay.remote_ip_ranges = Some(vec!["10.1.0.0/24".into()]);
