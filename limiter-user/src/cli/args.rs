@@ -8,9 +8,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::{
     api::DEFAULT_CONTROL_PATH,
     config::edit::ConnectorChanges,
-    daemon::DEFAULT_BPFFS_PATH,
+    daemon::{DEFAULT_BPFFS_PATH, RunOptions},
     kernel::XdpModeRequest,
-    logging::{self},
+    logging,
 };
 
 use super::events::{Lines, parse_lines, parse_since};
@@ -119,7 +119,7 @@ pub(super) enum ConnectorCommand {
     New {
         name: String,
         #[command(flatten)]
-        settings: Settings,
+        changes: ConnectorChanges,
         #[command(flatten)]
         common: Common,
     },
@@ -127,7 +127,7 @@ pub(super) enum ConnectorCommand {
     Set {
         name: String,
         #[command(flatten)]
-        settings: Settings,
+        changes: ConnectorChanges,
         #[command(flatten)]
         common: Common,
     },
@@ -137,56 +137,6 @@ pub(super) enum ConnectorCommand {
         #[command(flatten)]
         common: Common,
     },
-}
-
-/// What `connector new|set` may change, spelled as in Exchange.
-#[derive(clap::Args)]
-pub(super) struct Settings {
-    /// Local IP:PORT bindings, comma-separated (0.0.0.0:25, [::]:25 for any
-    /// local address).
-    #[arg(long, value_delimiter = ',', value_name = "B[,B...]")]
-    pub(super) bindings: Option<Vec<String>>,
-    /// Where connections to the bindings end up after NAT (REDIRECT to
-    /// another port, DNAT into a container): the server's own IP:PORT,
-    /// comma-separated; an empty value removes them.
-    #[arg(long, value_delimiter = ',', value_name = "IP:PORT[,...]")]
-    pub(super) forwarded_to: Option<Vec<String>>,
-    /// Remote ranges, comma-separated: addresses, CIDR blocks, first-last.
-    #[arg(long, value_delimiter = ',', value_name = "R[,R...]")]
-    pub(super) remote_ip_ranges: Option<Vec<String>>,
-    /// 1 to 2147483647, or unlimited.
-    #[arg(long, value_name = "N|unlimited")]
-    pub(super) max_inbound_connection: Option<String>,
-    /// 1 to 10000, or unlimited.
-    #[arg(long, value_name = "N|unlimited")]
-    pub(super) max_inbound_connection_per_source: Option<String>,
-    /// 1 to 100 (100 turns the rule off).
-    #[arg(long, value_name = "1..100")]
-    pub(super) max_inbound_connection_percentage_per_source: Option<String>,
-    /// drop, reset, monitor or reply.
-    #[arg(long)]
-    pub(super) action: Option<String>,
-    /// With action reply: the line the sender gets ("421 ...").
-    #[arg(long, value_name = "TEXT")]
-    pub(super) reply_text: Option<String>,
-}
-
-impl From<Settings> for ConnectorChanges {
-    fn from(s: Settings) -> Self {
-        ConnectorChanges {
-            bindings: s.bindings,
-            forwarded_to: s
-                .forwarded_to
-                .map(|list| list.into_iter().filter(|e| !e.is_empty()).collect()),
-            remote_ip_ranges: s.remote_ip_ranges,
-            max_inbound_connection: s.max_inbound_connection,
-            max_inbound_connection_per_source: s.max_inbound_connection_per_source,
-            max_inbound_connection_percentage_per_source: s
-                .max_inbound_connection_percentage_per_source,
-            action: s.action,
-            reply_text: s.reply_text,
-        }
-    }
 }
 
 /// Options of every command that talks to the daemon.
@@ -256,8 +206,8 @@ pub(super) struct RunArgs {
     #[arg(long, value_name = "GROUP")]
     pub(super) control_group: Option<String>,
     /// XDP attach mode: native with fallback to generic, or one of them.
-    #[arg(long, value_enum, default_value_t = XdpModeArg::Auto)]
-    pub(super) xdp_mode: XdpModeArg,
+    #[arg(long, value_enum, default_value_t = XdpModeRequest::Auto)]
+    pub(super) xdp_mode: XdpModeRequest,
     /// Where events (facility mail) and the daemon's own log lines go:
     /// `auto` (the systemd journal, with structured fields, when journald
     /// runs, else /dev/log), `journal`, a syslog socket path,
@@ -322,19 +272,29 @@ impl KernelLogLevel {
     }
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-pub(super) enum XdpModeArg {
-    Auto,
-    Driver,
-    Skb,
-}
+impl TryFrom<RunArgs> for RunOptions {
+    type Error = anyhow::Error;
 
-impl From<XdpModeArg> for XdpModeRequest {
-    fn from(mode: XdpModeArg) -> Self {
-        match mode {
-            XdpModeArg::Auto => XdpModeRequest::Auto,
-            XdpModeArg::Driver => XdpModeRequest::Driver,
-            XdpModeArg::Skb => XdpModeRequest::Skb,
-        }
+    /// The options as the daemon takes them (`--syslog` resolved).
+    fn try_from(args: RunArgs) -> anyhow::Result<RunOptions> {
+        Ok(RunOptions {
+            syslog: args
+                .syslog
+                .resolve(args.syslog_format)
+                .map_err(anyhow::Error::msg)?,
+            ifaces: args.ifaces,
+            config: args.config,
+            cgroup: args.cgroup,
+            bpffs: args.bpffs,
+            control: args.control,
+            control_group: args.control_group,
+            xdp_mode: args.xdp_mode,
+            event_period: args.event_period.into(),
+            metrics: args.metrics,
+            keep_attached: args.keep_attached,
+            table_entries: args.table_entries,
+            kernel_log_level: args.kernel_log_level.raw(),
+            allow_empty: args.allow_empty,
+        })
     }
 }

@@ -116,27 +116,8 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
     }
     match command {
         Command::Run(args) => {
-            let syslog = args
-                .syslog
-                .resolve(args.syslog_format)
-                .map_err(anyhow::Error::msg)?;
-            DaemonLog::install(syslog.clone()).context("installing the logger")?;
-            let options = RunOptions {
-                ifaces: args.ifaces,
-                config: args.config,
-                cgroup: args.cgroup,
-                bpffs: args.bpffs,
-                control: args.control,
-                control_group: args.control_group,
-                xdp_mode: args.xdp_mode.into(),
-                syslog,
-                event_period: args.event_period.into(),
-                metrics: args.metrics,
-                keep_attached: args.keep_attached,
-                table_entries: args.table_entries,
-                kernel_log_level: args.kernel_log_level.raw(),
-                allow_empty: args.allow_empty,
-            };
+            let options = RunOptions::try_from(args)?;
+            DaemonLog::install(options.syslog.clone()).context("installing the logger")?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -170,25 +151,25 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         ),
         Command::Connector(ConnectorCommand::New {
             name,
-            settings,
+            changes,
             common,
         }) => ask(
             &common,
             Request::ConnectorNew {
                 name,
-                changes: settings.into(),
+                changes,
             },
             |c: ConnectorStatus| print_connector(&c),
         ),
         Command::Connector(ConnectorCommand::Set {
             name,
-            settings,
+            changes,
             common,
         }) => ask(
             &common,
             Request::ConnectorSet {
                 name,
-                changes: settings.into(),
+                changes,
             },
             |c: ConnectorStatus| print_connector(&c),
         ),

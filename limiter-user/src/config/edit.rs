@@ -13,27 +13,54 @@ use toml_edit::{Array, ArrayOfTables, DocumentMut, Item, RawString, Table, Value
 
 use crate::config::{self, Action, Config, FieldNames, LimitValue};
 
-/// The fields a `connector new|set` may change; `None` leaves a field as
-/// it is (or at its default for a new connector).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// The fields a `connector new|set` may change, as typed (the command
+/// line's flags, spelled as in Exchange, are these); `None` leaves a field
+/// as it is (or at its default for a new connector).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct ConnectorChanges {
+    /// Local IP:PORT bindings, comma-separated (0.0.0.0:25, [::]:25 for any
+    /// local address).
+    #[arg(long, value_delimiter = ',', value_name = "B[,B...]")]
     pub bindings: Option<Vec<String>>,
+    /// Where connections to the bindings end up after NAT (REDIRECT to
+    /// another port, DNAT into a container): the server's own IP:PORT,
+    /// comma-separated; an empty value removes them.
     #[serde(default)]
+    #[arg(long, value_delimiter = ',', value_name = "IP:PORT[,...]")]
     pub forwarded_to: Option<Vec<String>>,
+    /// Remote ranges, comma-separated: addresses, CIDR blocks, first-last.
+    #[arg(long, value_delimiter = ',', value_name = "R[,R...]")]
     pub remote_ip_ranges: Option<Vec<String>>,
-    /// As typed: a number or `unlimited`.
+    /// 1 to 2147483647, or unlimited.
+    #[arg(long, value_name = "N|unlimited")]
     pub max_inbound_connection: Option<String>,
+    /// 1 to 10000, or unlimited.
+    #[arg(long, value_name = "N|unlimited")]
     pub max_inbound_connection_per_source: Option<String>,
+    /// 1 to 100 (100 turns the rule off).
+    #[arg(long, value_name = "1..100")]
     pub max_inbound_connection_percentage_per_source: Option<String>,
+    /// drop, reset, monitor or reply.
+    #[arg(long)]
     pub action: Option<String>,
+    /// With action reply: the line the sender gets ("421 ...").
     #[serde(default)]
+    #[arg(long, value_name = "TEXT")]
     pub reply_text: Option<String>,
 }
 
 impl ConnectorChanges {
     pub fn is_empty(&self) -> bool {
         *self == ConnectorChanges::default()
+    }
+
+    /// The `forwarded_to` endpoints, an empty value (`--forwarded-to ''`)
+    /// meaning none.
+    fn forwarded_endpoints(&self) -> Option<Vec<String>> {
+        self.forwarded_to
+            .as_ref()
+            .map(|list| list.iter().filter(|e| !e.is_empty()).cloned().collect())
     }
 
     /// Checks each value on its own, naming the flag it came with: a bad
@@ -43,7 +70,7 @@ impl ConnectorChanges {
         if let Some(list) = &self.bindings {
             config::parse_bindings(flags, list)?;
         }
-        if let Some(list) = &self.forwarded_to {
+        if let Some(list) = &self.forwarded_endpoints() {
             config::parse_forwarded_to(flags, list)?;
         }
         if let Some(list) = &self.remote_ip_ranges {
@@ -454,7 +481,7 @@ fn apply(table: &mut Table, changes: &ConnectorChanges) {
     if let Some(bindings) = &changes.bindings {
         list(table, "bindings", bindings);
     }
-    if let Some(endpoints) = &changes.forwarded_to {
+    if let Some(endpoints) = &changes.forwarded_endpoints() {
         if endpoints.is_empty() {
             table.remove("forwarded_to");
         } else {

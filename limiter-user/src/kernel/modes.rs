@@ -37,12 +37,14 @@ impl LinkLayer {
     }
 }
 
-/// Which XDP mode to ask for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+/// Which XDP mode to ask for (`--xdp-mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum XdpModeRequest {
     /// Native, falling back to generic with a warning.
     #[default]
     Auto,
+    /// Native (the driver's) only.
     Driver,
+    /// Generic (skb) only.
     Skb,
 }
