@@ -17,8 +17,8 @@ use std::{
 const TOOLCHAIN: &str = "bpf-debian";
 const TARGET: &str = "bpfel-unknown-none";
 const PACKAGE: &str = "limiter-ebpf";
-/// The objects it builds: the kernel programs, and the baselines and
-/// traffic generator of the benchmarks.
+/// The objects it builds: the kernel programs, and with the `bench` feature
+/// the baselines and traffic generator of the benchmarks.
 const OBJECTS: [&str; 2] = ["limiter-ebpf", "baseline"];
 
 fn main() {
@@ -56,10 +56,18 @@ fn build(workspace: &Path, out_dir: &Path) -> Result<(), String> {
         "-Ctarget-cpu=v3".to_string(),
     ]
     .join("\x1f");
+    let objects: &[&str] = if env::var_os("CARGO_FEATURE_BENCH").is_some() {
+        &OBJECTS
+    } else {
+        &OBJECTS[..1]
+    };
     let mut cmd = Command::new("rustup");
     cmd.args(["run", TOOLCHAIN, "cargo", "build", "--release"])
-        .args(["--target", TARGET, "--package", PACKAGE, "--bins"])
-        .arg("--target-dir")
+        .args(["--target", TARGET, "--package", PACKAGE]);
+    for object in objects {
+        cmd.args(["--bin", object]);
+    }
+    cmd.arg("--target-dir")
         .arg(&target_dir)
         .current_dir(workspace)
         // aya-ebpf needs one unstable feature, limiter-ebpf the atomic
@@ -86,7 +94,7 @@ fn build(workspace: &Path, out_dir: &Path) -> Result<(), String> {
              if the toolchain or bpf-linker is missing, run `cargo xtask setup`"
         ));
     }
-    for object in OBJECTS {
+    for object in objects {
         let built = target_dir.join(TARGET).join("release").join(object);
         let dest = out_dir.join(object);
         std::fs::copy(&built, &dest)

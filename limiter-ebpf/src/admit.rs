@@ -3,11 +3,7 @@
 //! else passes: a SYN that passes is judged again, and counted, by the
 //! sock_ops program when its handshake completes (see `track`).
 
-use aya_ebpf::{
-    bindings::xdp_action,
-    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
-    programs::XdpContext,
-};
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use limiter_common::{
     Limits, Rule, addr,
     maps::{
@@ -357,8 +353,7 @@ fn reply(flow: &FlowKey, connector: u32, rule: u32, set: u32) -> Verdict {
     } else {
         set
     };
-    // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = crate::coarse_now_ns();
     // The key's own budget first: under a flood it is the one spent, and
     // the SYN is dropped after one CPU-local lookup. Then: a responder for
     // this family said it answers lately (else the daemon is gone, or has
@@ -377,8 +372,7 @@ fn reply(flow: &FlowKey, connector: u32, rule: u32, set: u32) -> Verdict {
         bump(connector, stat::REPLY_GATED);
         return Verdict::Drop;
     }
-    // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = crate::now_ns();
     // A retransmission of a SYN already marked keeps its mark (and the
     // count of it `steer` made).
     if let Some(existing) = REPLY_FLOWS.get_ptr(flow) {

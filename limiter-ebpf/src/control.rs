@@ -7,7 +7,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, xdp_action},
-    helpers::{bpf_ktime_get_ns, generated::bpf_map_lookup_percpu_elem},
+    helpers::generated::bpf_map_lookup_percpu_elem,
     programs::XdpContext,
 };
 use limiter_common::{
@@ -253,8 +253,7 @@ fn seed(flow: &FlowKey) -> u32 {
     let value = FlowValue {
         source,
         flags: FLOW_SEEDED,
-        // SAFETY: a helper without arguments.
-        since_ns: unsafe { bpf_ktime_get_ns() },
+        since_ns: crate::now_ns(),
     };
     match ESTABLISHED.insert(&conn, value, BPF_NOEXIST as u64) {
         Ok(()) => {

@@ -8,7 +8,7 @@
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_ktime_get_ns, bpf_spin_lock, bpf_spin_unlock},
+    helpers::{bpf_spin_lock, bpf_spin_unlock},
     maps::{Array, lpm_trie::Key},
 };
 use limiter_common::{
@@ -148,8 +148,7 @@ fn new_source_entry(source: &SourceKey) -> *mut SourceCount {
         live: zero as u32,
         flags: zero as u32,
         _pad: zero as u32,
-        // SAFETY: a helper without arguments.
-        last_change_ns: unsafe { bpf_ktime_get_ns() },
+        last_change_ns: crate::now_ns(),
         gate: ReportGate {
             reported_ns: zero,
             unreported: zero as u32,
@@ -192,7 +191,7 @@ pub fn judge_and_count(source: &SourceKey, limits: &Limits, regardless: bool) ->
         if let Some(judged) = judge_locked(state, entry, source, limits, regardless) {
             if judged.counted {
                 // SAFETY: a live map value, ours: it holds a count now.
-                unsafe { (*entry).last_change_ns = bpf_ktime_get_ns() };
+                unsafe { (*entry).last_change_ns = crate::now_ns() };
             }
             return Some(judged);
         }
@@ -249,8 +248,7 @@ pub fn forget_source(source: &SourceKey, idle_ns: u64) -> bool {
     let Some(entry) = SOURCE_LIVE.get_ptr_mut(source) else {
         return false;
     };
-    // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = crate::now_ns();
     // SAFETY: live map values; the lock is the map's.
     let forgotten = unsafe {
         bpf_spin_lock((&raw mut (*state).lock).cast());
@@ -281,7 +279,7 @@ pub fn release(flow: &FlowValue) {
         // SAFETY: `entry` points into a live map value.
         unsafe {
             atomic::decrement(&raw mut (*entry).live);
-            (*entry).last_change_ns = bpf_ktime_get_ns();
+            (*entry).last_change_ns = crate::now_ns();
         }
     } else {
         crate::diag::note(diag::LOST_SOURCE);

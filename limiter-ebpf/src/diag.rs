@@ -6,7 +6,7 @@
 //! from the program's top, at most once a second per CPU and condition,
 //! with how many happened since: never a line per packet.
 
-use aya_ebpf::{EbpfContext, Global, helpers::bpf_ktime_get_coarse_ns};
+use aya_ebpf::{EbpfContext, Global};
 use aya_log_ebpf::{error, info, warn};
 use limiter_common::maps::{DiagGate, diag};
 
@@ -80,7 +80,7 @@ fn due(condition: u32) -> Option<u64> {
         if (*gate).count == 0 {
             return None;
         }
-        let now = bpf_ktime_get_coarse_ns();
+        let now = crate::coarse_now_ns();
         if now.wrapping_sub((*gate).told_ns) < 1_000_000_000 && (*gate).told_ns != 0 {
             return None;
         }

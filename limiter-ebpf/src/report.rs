@@ -2,7 +2,6 @@
 //! a gate under a flood), and, for a connection judged when its handshake
 //! completed, a request to the daemon to reset it.
 
-use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 use limiter_common::{
     Evaluation, Rule,
     addr::{self, Words},
@@ -139,9 +138,9 @@ pub fn report_held(cached: &CachedRefusal, held: u32) -> bool {
 /// [`ReportGate`]), with the `carried` ones.
 #[inline(always)]
 fn through_gate(gate: *mut ReportGate, carried: u32) -> Option<u32> {
-    // SAFETY: a helper without arguments; the coarse clock is a plain read
-    // where the precise one costs a clock source read, per SYN of a flood.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // The coarse clock is a plain read where the precise one costs a clock
+    // source read, per SYN of a flood.
+    let now = crate::coarse_now_ns();
     // SAFETY: `gate` points into a live map value.
     unsafe {
         let last = core::ptr::read_volatile(&raw const (*gate).reported_ns);
@@ -207,7 +206,7 @@ fn fill(event: *mut RejectionEvent, rejection: &Rejection, kind: u32, folded: u3
     // a `#[repr(C)]` value (see limiter-common's layout test), so they take
     // words.
     unsafe {
-        (*event).time_ns = bpf_ktime_get_ns();
+        (*event).time_ns = crate::now_ns();
         (*event).connector = source.connector;
         (*event).rule = rejection.evaluation.rule as u32;
         (*event).action = config.action;
@@ -244,8 +243,7 @@ pub fn request_reset(conn: &ConnKey, socket_cookie: u64, reason: u32) {
         socket_cookie,
         reason,
         _pad: 0,
-        // SAFETY: a helper without arguments.
-        time_ns: unsafe { bpf_ktime_get_ns() },
+        time_ns: crate::now_ns(),
     };
     let _ = PENDING_RESETS.insert(conn, request, 0);
     match RESETS.reserve::<ResetRequest>(0) {

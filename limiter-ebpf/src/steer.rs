@@ -4,7 +4,6 @@
 
 use aya_ebpf::{
     bindings::{bpf_sk_lookup, sk_action},
-    helpers::bpf_ktime_get_ns,
     programs::SkLookupContext,
 };
 use limiter_common::{
@@ -33,8 +32,8 @@ fn try_steer(ctx: &SkLookupContext) -> Option<u32> {
     // takes comes here, so the common case costs no hash lookup). A mark
     // made on another CPU a moment ago may be missed: that SYN then goes
     // to the mail server, which counts and judges it when it completes.
-    // SAFETY: a helper without arguments; a map value, read at once.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = crate::now_ns();
+    // SAFETY: a map value, read at once.
     let last = LAST_REPLY_MARK
         .get_ptr(0)
         .map_or(0, |last| unsafe { core::ptr::read_volatile(last) });

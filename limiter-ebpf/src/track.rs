@@ -12,7 +12,7 @@ use aya_ebpf::{
         BPF_NOEXIST, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RWND_INIT,
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE_WAIT, BPF_TCP_ESTABLISHED,
     },
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     maps::HashMap,
     programs::SockOpsContext,
 };
@@ -276,8 +276,7 @@ fn count_flow(ctx: &SockOpsContext, conn: &ConnKey, connector: u32, source: &Sou
     let value = FlowValue {
         source: *source,
         flags: 0,
-        // SAFETY: a helper without arguments.
-        since_ns: unsafe { bpf_ktime_get_ns() },
+        since_ns: crate::now_ns(),
     };
     if ESTABLISHED.insert(conn, value, BPF_NOEXIST as u64).is_err() {
         release(&value);

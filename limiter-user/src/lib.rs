@@ -4,6 +4,7 @@
 //! end-to-end tests drive the same code.
 
 pub mod api;
+#[cfg(feature = "bench")]
 pub mod baseline;
 pub mod cli;
 pub mod config;
