@@ -141,11 +141,9 @@ fn sweep_refusals(cpu: u32, first: u32) -> u64 {
                     return ((take_and_report(entry, gate) as u64) << 32) | (slot as u64 + 1);
                 }
                 // SAFETY: as above.
-                atomic::compare_and_swap64(
-                    unsafe { &raw mut (*entry).gate },
-                    gate,
-                    gate | GATE_CLAIMED,
-                );
+                unsafe {
+                    atomic::compare_and_swap64(&raw mut (*entry).gate, gate, gate | GATE_CLAIMED)
+                };
             }
         }
         turn += 1;
@@ -177,14 +175,16 @@ fn take_and_report(entry: *mut CachedRefusal, gate: u64) -> u32 {
     let cached = unsafe { core::ptr::read_volatile(entry) };
     // SAFETY: as above.
     let word = unsafe { &raw mut (*entry).gate };
-    if !atomic::compare_and_swap64(word, gate, 0) {
+    // SAFETY: as above.
+    if !unsafe { atomic::compare_and_swap64(word, gate, 0) } {
         return 0;
     }
     let held = refusals::gate_count(gate);
     if report_held(&cached, held) {
         return held;
     }
-    if !atomic::compare_and_swap64(word, 0, gate) {
+    // SAFETY: as above.
+    if !unsafe { atomic::compare_and_swap64(word, 0, gate) } {
         park(&cached, held);
     }
     0
@@ -215,7 +215,7 @@ fn park(cached: &CachedRefusal, held: u32) {
 fn collect(gate: Option<*mut ReportGate>) -> u32 {
     match gate {
         // SAFETY: a live map value.
-        Some(gate) => atomic::swap(unsafe { &raw mut (*gate).unreported }, 0),
+        Some(gate) => unsafe { atomic::swap(&raw mut (*gate).unreported, 0) },
         None => 0,
     }
 }

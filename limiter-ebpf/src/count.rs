@@ -271,7 +271,7 @@ pub fn forget_source(source: &SourceKey, idle_ns: u64) -> bool {
 pub fn release(flow: &FlowValue) {
     if let Some(state) = connector_state(flow.source.connector) {
         // SAFETY: a live map value.
-        atomic::decrement(unsafe { &raw mut (*state).live });
+        unsafe { atomic::decrement(&raw mut (*state).live) };
     }
     // An entry that holds a count is never forgotten, so this is the one the
     // count went into.
@@ -292,7 +292,8 @@ pub fn release(flow: &FlowValue) {
 #[inline(always)]
 fn bump_stamp(index: u32) {
     if let Some(stamp) = RELEASE_STAMPS.get_ptr_mut(index) {
-        atomic::add32(stamp, 1);
+        // SAFETY: a live map value.
+        unsafe { atomic::add32(stamp, 1) };
     }
 }
 

@@ -77,7 +77,7 @@ impl Baseline {
         let link = program.take_link(id).map_err(error(name))?;
         let link = FdLink::try_from(link).map_err(|e| KernelError::Interface {
             iface: iface.to_string(),
-            reason: e.to_string(),
+            reason: crate::kernel::error_chain(&e),
         })?;
         self.links.push(link);
         Ok(())

@@ -72,17 +72,42 @@ pub struct SourceEntry {
     pub cap: Option<u32>,
     /// The limit behind `cap` ("total", "per_source", "percentage", "none").
     pub rule: String,
-    /// How many more connections the source can open now, the others'
-    /// connections staying as they are; null when no limit stops it.
+    #[serde(flatten)]
+    pub holding: Holding,
+}
+
+/// What a source can hold with the others' connections as they are (see
+/// `limiter_common::headroom`). Every field is absent in the answer of a
+/// daemon older than it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holding {
+    /// How many more connections the source can open now; null when no
+    /// limit stops it.
     #[serde(default)]
     pub can_open: Option<u32>,
-    /// The most connections the source can hold so (its own connections
-    /// shrink what is left for the percentage rule: often below `cap`).
+    /// The most connections the source can hold (its own connections shrink
+    /// what is left for the percentage rule: often below `cap`).
     #[serde(default)]
     pub holds_at_most: Option<u32>,
     /// The limit that refuses the connection after those ("none": nothing).
     #[serde(default)]
     pub stopped_by: String,
+}
+
+impl Holding {
+    fn of(limits: &limiter_common::Limits, live_total: u32, live_source: u32) -> Holding {
+        let headroom = limiter_common::headroom(limits, live_total, live_source);
+        Holding {
+            can_open: limited(headroom.can_open(live_source)),
+            holds_at_most: limited(headroom.holds_at_most),
+            stopped_by: headroom.stopped_by.name().to_string(),
+        }
+    }
+
+    /// Whether the daemon said (one older than `Holding` does not).
+    pub fn said(&self) -> bool {
+        !self.stopped_by.is_empty()
+    }
 }
 
 /// A limit, or nothing, as JSON: null for unlimited.
@@ -96,12 +121,12 @@ pub fn sources(
     kernel: &Kernel,
     only: Option<&str>,
     top: Option<usize>,
-) -> Result<Vec<SourceEntry>, String> {
+) -> anyhow::Result<Vec<SourceEntry>> {
     let filter = match only {
         Some(name) => Some(
             connectors
                 .id_of(name)
-                .ok_or_else(|| format!("there is no connector \"{name}\""))?
+                .ok_or_else(|| anyhow::anyhow!("there is no connector \"{name}\""))?
                 .0,
         ),
         None => None,
@@ -115,20 +140,15 @@ pub fn sources(
             // A removed connector whose last connections are still open.
             continue;
         };
-        let live_total = kernel
-            .connector_live(key.connector)
-            .map_err(|e| e.to_string())?;
+        let live_total = kernel.connector_live(key.connector)?;
         let evaluation = limiter_common::evaluate(&connector.limits, live_total, count.live);
-        let headroom = limiter_common::headroom(&connector.limits, live_total, count.live);
         out.push(SourceEntry {
             connector: connector.name.clone(),
             source: show_source(&key.addr, connectors.config.ipv6_prefix_length),
             live: count.live,
             cap: limited(evaluation.cap),
             rule: evaluation.rule.name().to_string(),
-            can_open: limited(headroom.can_open(count.live)),
-            holds_at_most: limited(headroom.holds_at_most),
-            stopped_by: headroom.stopped_by.name().to_string(),
+            holding: Holding::of(&connector.limits, live_total, count.live),
         });
     }
     out.sort_by(|a, b| {
@@ -200,16 +220,8 @@ pub struct Answer {
     /// The event a refusal (or, with action monitor, a would-be refusal)
     /// is reported as.
     pub event_id: Option<u32>,
-    /// How many more connections the source can open now, the others'
-    /// connections staying as they are; null when no limit stops it.
-    #[serde(default)]
-    pub can_open: Option<u32>,
-    /// The most connections the source can hold so.
-    #[serde(default)]
-    pub holds_at_most: Option<u32>,
-    /// The limit that refuses the connection after those.
-    #[serde(default)]
-    pub stopped_by: String,
+    #[serde(flatten)]
+    pub holding: Holding,
     pub max_inbound_connection: Option<serde_json::Value>,
     pub max_inbound_connection_per_source: Option<serde_json::Value>,
     pub max_inbound_connection_percentage_per_source: Option<u32>,
@@ -270,7 +282,10 @@ pub fn explain(
         rule: Rule::None.name().to_string(),
         admitted: true,
         verdict: verdict::ADMITTED.to_string(),
-        stopped_by: Rule::None.name().to_string(),
+        holding: Holding {
+            stopped_by: Rule::None.name().to_string(),
+            ..Holding::default()
+        },
         ..Answer::default()
     });
     Ok(Explanation {
@@ -286,7 +301,6 @@ pub fn explain(
 fn answer(connector: &Connector, local: SocketAddr, live_total: u32, live_source: u32) -> Answer {
     let limits = &connector.limits;
     let evaluation = limiter_common::evaluate(limits, live_total, live_source);
-    let headroom = limiter_common::headroom(limits, live_total, live_source);
     let monitor = connector.action == Action::Monitor;
     let verdict = match (evaluation.admitted, monitor) {
         (true, _) => verdict::ADMITTED,
@@ -305,9 +319,7 @@ fn answer(connector: &Connector, local: SocketAddr, live_total: u32, live_source
         admitted: evaluation.admitted || monitor,
         verdict: verdict.to_string(),
         event_id: (!evaluation.admitted).then(|| evaluation.rule.event_id()),
-        can_open: limited(headroom.can_open(live_source)),
-        holds_at_most: limited(headroom.holds_at_most),
-        stopped_by: headroom.stopped_by.name().to_string(),
+        holding: Holding::of(limits, live_total, live_source),
         max_inbound_connection: Some(limit_json(limits.max_inbound_connection)),
         max_inbound_connection_per_source: Some(limit_json(
             limits.max_inbound_connection_per_source,

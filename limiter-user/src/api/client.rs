@@ -14,7 +14,7 @@ use super::protocol::{Reply, Request};
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// Nothing listens there: no daemon, or a stale socket.
-    #[error("cannot reach the limiter daemon at {path}: {source} (is `limiter run` running?)")]
+    #[error("cannot reach the limiter daemon at {path} (is `limiter run` running?)")]
     Connect {
         path: String,
         #[source]
@@ -26,7 +26,7 @@ pub enum ClientError {
         "permission denied on the control socket {path}: run as root, or as a member of the group the daemon was given with --control-group"
     )]
     Denied { path: String },
-    #[error("talking to the daemon at {path}: {source}")]
+    #[error("talking to the daemon at {path}")]
     Io {
         path: String,
         #[source]

@@ -59,25 +59,10 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line a user can act on: the error and its causes.
-            eprintln!("limiter: {}", one_line(&e));
+            eprintln!("limiter: {}", format!("{e:#}").replace('\n', " "));
             ExitCode::FAILURE
         }
     }
-}
-
-fn one_line(e: &anyhow::Error) -> String {
-    let mut text = String::new();
-    for cause in e.chain() {
-        let cause = cause.to_string();
-        if text.contains(&cause) {
-            continue;
-        }
-        if !text.is_empty() {
-            text.push_str(": ");
-        }
-        text.push_str(&cause);
-    }
-    text.replace('\n', " ")
 }
 
 /// Whether `error` is that nothing answers on the control socket.

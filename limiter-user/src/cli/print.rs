@@ -116,7 +116,7 @@ pub(super) const SOURCES_HEADER: [&str; 6] = [
 
 pub(super) fn source_row(s: &SourceEntry) -> Vec<String> {
     // A daemon of an older version does not say (a fleet mid-upgrade).
-    let unsaid = s.stopped_by.is_empty();
+    let unsaid = !s.holding.said();
     let or_unsaid = |n: Option<u32>| {
         if unsaid {
             "-".to_string()
@@ -128,12 +128,12 @@ pub(super) fn source_row(s: &SourceEntry) -> Vec<String> {
         s.connector.clone(),
         s.source.clone(),
         s.live.to_string(),
-        or_unsaid(s.can_open),
-        or_unsaid(s.holds_at_most),
+        or_unsaid(s.holding.can_open),
+        or_unsaid(s.holding.holds_at_most),
         if unsaid {
             "-".to_string()
         } else {
-            limit_name(&s.stopped_by).to_string()
+            limit_name(&s.holding.stopped_by).to_string()
         },
     ]
 }
@@ -219,19 +219,20 @@ pub(super) fn print_answer(ip: &str, source: &str, a: &Answer) {
         _ => println!("a new connection now: admitted; its cap: {cap} ({rule})"),
     }
     let monitor = a.action.as_deref() == Some("monitor");
-    match a.holds_at_most {
+    let holding = &a.holding;
+    match holding.holds_at_most {
         // A daemon of an older version does not say.
-        _ if a.stopped_by.is_empty() => {}
+        _ if !holding.said() => {}
         None => println!("this source: no limit stops it"),
         Some(held) if monitor => println!(
             "this source could hold {held}, {} more now, before {} (action monitor: it is only reported)",
-            a.can_open.unwrap_or_default(),
-            limit_name(&a.stopped_by)
+            holding.can_open.unwrap_or_default(),
+            limit_name(&holding.stopped_by)
         ),
         Some(held) => println!(
             "this source can hold {held}, {} more now; then {} stops it",
-            a.can_open.unwrap_or_default(),
-            limit_name(&a.stopped_by)
+            holding.can_open.unwrap_or_default(),
+            limit_name(&holding.stopped_by)
         ),
     }
 }

@@ -8,7 +8,6 @@ use anyhow::{anyhow, bail};
 use crate::{
     api::Reloaded,
     config::{Config, edit::ConfigDocument},
-    kernel::error_chain,
     notify,
     selection::SelectionTable,
 };
@@ -166,9 +165,8 @@ impl Daemon {
         }
         if let Err(e) = self.kernel.install(&config, &ids, &table) {
             self.restore();
-            bail!(
-                "updating the kernel tables: {} (nothing changed)",
-                error_chain(&e)
+            return Err(
+                anyhow::Error::new(e).context("updating the kernel tables (nothing changed)")
             );
         }
         self.used_ids.extend(ids.iter().copied());
@@ -204,7 +202,7 @@ impl Daemon {
         if uses_replies(config) && self.replies.is_none() && self.replies_unavailable.is_none() {
             match start_replies(&mut self.kernel) {
                 Ok(replies) => self.replies = Some(replies),
-                Err(why) => self.replies_unavailable = Some(why),
+                Err(why) => self.replies_unavailable = Some(format!("{why:#}")),
             }
         }
         if !uses_replies(config) {

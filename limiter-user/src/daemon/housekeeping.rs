@@ -15,7 +15,7 @@ use limiter_common::maps::{ConnKey, FLOW_SEEDED, FlowKey, ResetRequest, SourceKe
 use tokio::io::{Interest, unix::AsyncFd};
 
 use crate::{
-    kernel::{Kernel, error_chain, monotonic_ns},
+    kernel::{Kernel, monotonic_ns},
     resets::Resetter,
     selection::from_addr,
     sockdiag,
@@ -49,8 +49,8 @@ pub(super) async fn keep_replying(daemon: Arc<Mutex<Daemon>>) {
             && let Err(e) = daemon.kernel.responders_alive()
         {
             log::error!(
-                "telling the kernel the responder answers: {}",
-                error_chain(&e)
+                "telling the kernel the responder answers: {:#}",
+                anyhow::Error::from(e)
             );
         }
     }
@@ -142,10 +142,7 @@ pub(super) fn reconcile(
     let held = held_by_servers(ports)?;
     let mut released = 0;
     for (flow, _) in counted_before.iter().filter(|(f, _)| !held.contains(f)) {
-        if kernel
-            .release_established(flow)
-            .map_err(|e| anyhow!(error_chain(&e)))?
-        {
+        if kernel.release_established(flow)? {
             released += 1;
         }
     }
@@ -165,7 +162,7 @@ pub(super) fn reconcile(
         .collect();
     let mut counted = 0;
     for flow in held.iter().filter(|f| !known.contains(f)) {
-        match kernel.seed(flow).map_err(|e| anyhow!(error_chain(&e)))? {
+        match kernel.seed(flow)? {
             op::DONE => counted += 1,
             op::FULL => log::warn!("a table is full; not counting {}", show(flow)),
             _ => {}
@@ -231,9 +228,7 @@ impl Daemon {
             .copied()
             .collect();
         for flow in gone {
-            self.kernel
-                .release_seeded(&flow)
-                .map_err(|e| anyhow!(error_chain(&e)))?;
+            self.kernel.release_seeded(&flow)?;
             self.seeded.remove(&flow);
         }
         // Held and still not counted a sweep later: the sock_ops program
@@ -245,12 +240,7 @@ impl Daemon {
             .copied()
             .collect();
         for flow in uncounted.intersection(&self.uncounted) {
-            if self
-                .kernel
-                .seed(flow)
-                .map_err(|e| anyhow!(error_chain(&e)))?
-                == op::DONE
-            {
+            if self.kernel.seed(flow)? == op::DONE {
                 self.seeded.insert(*flow);
                 if !self.warned_untracked {
                     self.warned_untracked = true;
@@ -321,7 +311,7 @@ impl Daemon {
             .collect();
         for key in stale {
             if let Err(e) = self.kernel.forget_source(&key, idle) {
-                log::warn!("forgetting an idle source: {}", error_chain(&e));
+                log::warn!("forgetting an idle source: {:#}", anyhow::Error::from(e));
             }
         }
     }

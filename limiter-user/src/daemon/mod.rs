@@ -25,7 +25,7 @@ use crate::{
     config::Config,
     config::edit::ConfigDocument,
     events::EventHub,
-    kernel::{AttachedMode, Kernel, XdpModeRequest, error_chain, pins::PinDir},
+    kernel::{AttachedMode, Kernel, XdpModeRequest, pins::PinDir},
     metrics, netns, notify, preflight,
     resets::Resetter,
     responder::Replies,
@@ -304,7 +304,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     } else {
         log::info!("{why}: stopping and detaching the programs");
         if let Err(e) = daemon.lock().expect("daemon lock").kernel.detach() {
-            log::error!("detaching: {}", error_chain(&e));
+            log::error!("detaching: {:#}", anyhow::Error::from(e));
         }
     }
     match failure {

@@ -6,7 +6,6 @@ use limiter_common::maps::stat;
 use crate::{
     api::{ConnectorStatus, InterfaceStatus, Status},
     events::EventHub,
-    kernel::error_chain,
     metrics,
     query::{self, Connectors, limit_json},
 };
@@ -16,10 +15,7 @@ use super::Daemon;
 impl Daemon {
     pub(super) fn connector_status(&self, index: usize) -> anyhow::Result<ConnectorStatus> {
         let connector = &self.config.connectors[index];
-        let live = self
-            .kernel
-            .connector_live(self.ids[index])
-            .map_err(|e| anyhow!(error_chain(&e)))?;
+        let live = self.kernel.connector_live(self.ids[index])?;
         Ok(ConnectorStatus {
             name: connector.name.clone(),
             bindings: connector.bindings.iter().map(|b| b.to_string()).collect(),
@@ -56,10 +52,7 @@ impl Daemon {
     pub(super) fn status(&self) -> anyhow::Result<Status> {
         let connectors = self.connector_statuses()?;
         let configured: u64 = connectors.iter().map(|c| c.live as u64).sum();
-        let live_total = self
-            .kernel
-            .live_total()
-            .map_err(|e| anyhow!(error_chain(&e)))?;
+        let live_total = self.kernel.live_total()?;
         Ok(Status {
             version: env!("CARGO_PKG_VERSION").to_string(),
             pid: std::process::id(),
@@ -88,21 +81,15 @@ impl Daemon {
 
     /// What a metrics scrape reports.
     pub(super) fn metrics(&self, hub: &EventHub) -> anyhow::Result<metrics::Snapshot> {
-        let stats = self.kernel.stats().map_err(|e| anyhow!(error_chain(&e)))?;
+        let stats = self.kernel.stats()?;
         let report = query::stats(&self.connectors(), &stats);
         let mut connectors = Vec::new();
         for (i, counters) in report.connectors.into_iter().enumerate() {
-            let live = self
-                .kernel
-                .connector_live(self.ids[i])
-                .map_err(|e| anyhow!(error_chain(&e)))?;
+            let live = self.kernel.connector_live(self.ids[i])?;
             connectors.push((counters.name, counters.counters, live));
         }
         let configured: u64 = connectors.iter().map(|(_, _, l)| *l as u64).sum();
-        let live_total = self
-            .kernel
-            .live_total()
-            .map_err(|e| anyhow!(error_chain(&e)))?;
+        let live_total = self.kernel.live_total()?;
         let sizes = self.kernel.sizes();
         Ok(metrics::Snapshot {
             connectors,

@@ -14,7 +14,7 @@ use tokio::io::{Interest, unix::AsyncFd};
 
 use crate::{
     events::{Event, EventHub, Folder, SyslogSink},
-    kernel::{error_chain, monotonic_ns},
+    kernel::monotonic_ns,
 };
 
 use super::Daemon;
@@ -65,7 +65,7 @@ pub(super) async fn report_events(
                     swept = Instant::now();
                     let mut daemon = daemon.lock().expect("daemon lock");
                     if let Err(e) = daemon.kernel.sweep_refusals(SWEEP_REPORTS_AT_MOST) {
-                        log::warn!("sweeping the refusal caches: {}", error_chain(&e));
+                        log::warn!("sweeping the refusal caches: {:#}", anyhow::Error::from(e));
                     }
                 }
                 events = collect_quiet_gates(&daemon, &mut gates);
@@ -154,7 +154,10 @@ pub(super) fn collect_quiet_gates(
                     humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
                 repeats.push(repeat);
             }
-            Err(e) => log::warn!("collecting held rejection reports: {}", error_chain(&e)),
+            Err(e) => log::warn!(
+                "collecting held rejection reports: {:#}",
+                anyhow::Error::from(e)
+            ),
         }
         false
     });

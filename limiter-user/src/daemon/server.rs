@@ -19,7 +19,6 @@ use tokio::{
 use crate::{
     api::{Reply, Request},
     events::{Event, EventHub},
-    kernel::error_chain,
     query::{self},
     selection::canonical,
 };
@@ -212,10 +211,12 @@ impl Daemon {
                 self.change(&removed, |d| d.remove_connector(&name))?;
                 serde_json::json!({ "removed": removed })
             }
-            Request::Sources { connector, top } => serde_json::to_value(
-                query::sources(&self.connectors(), &self.kernel, connector.as_deref(), top)
-                    .map_err(|e| anyhow!(e))?,
-            )?,
+            Request::Sources { connector, top } => serde_json::to_value(query::sources(
+                &self.connectors(),
+                &self.kernel,
+                connector.as_deref(),
+                top,
+            )?)?,
             Request::Explain { ip, local } => {
                 let ip: std::net::IpAddr = ip
                     .trim()
@@ -242,8 +243,7 @@ impl Daemon {
                     );
                 }
                 let explanation =
-                    query::explain(&self.connectors(), &self.table, &self.kernel, ip, local)
-                        .map_err(|e| anyhow!(error_chain(&e)))?;
+                    query::explain(&self.connectors(), &self.table, &self.kernel, ip, local)?;
                 serde_json::to_value(explanation)?
             }
             Request::Events { .. } => {
@@ -251,7 +251,7 @@ impl Daemon {
             }
             Request::Reload => serde_json::to_value(self.reload()?)?,
             Request::Stats => {
-                let stats = self.kernel.stats().map_err(|e| anyhow!(error_chain(&e)))?;
+                let stats = self.kernel.stats()?;
                 serde_json::to_value(query::stats(&self.connectors(), &stats))?
             }
         };

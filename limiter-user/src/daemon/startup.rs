@@ -15,7 +15,7 @@ use tokio::net::UnixListener;
 use crate::{
     config::Config,
     config::edit::ConfigDocument,
-    kernel::{AttachedMode, Kernel, LinkLayer, TableSizes, error_chain, pins::PinDir},
+    kernel::{AttachedMode, Kernel, LinkLayer, TableSizes, pins::PinDir},
     preflight::{self, Bpffs},
     resets::Resetter,
     responder::{self, Replies},
@@ -58,12 +58,11 @@ pub(super) fn start(
         sources: options.table_entries,
         established: options.table_entries,
     };
-    let mut kernel =
-        Kernel::load_with_log(sizes, Some(pins), options.kernel_log_level).map_err(|e| {
-            anyhow!(
-                "loading the programs and maps (--table-entries {}): {}",
-                options.table_entries,
-                error_chain(&e)
+    let mut kernel = Kernel::load_with_log(sizes, Some(pins), options.kernel_log_level)
+        .with_context(|| {
+            format!(
+                "loading the programs and maps (--table-entries {})",
+                options.table_entries
             )
         })?;
     let result = attach_and_count(options, loaded, links, cgroup, netns_cookie, &mut kernel);
@@ -73,11 +72,7 @@ pub(super) fn start(
             daemon.allow_empty = options.allow_empty;
             daemon.config_arg = options.config.clone();
             daemon.kernel.commit();
-            for what in daemon
-                .kernel
-                .detach_others(&options.ifaces, cgroup)
-                .map_err(|e| anyhow!(error_chain(&e)))?
-            {
+            for what in daemon.kernel.detach_others(&options.ifaces, cgroup)? {
                 log::info!("detached {what}, which this run was not given");
             }
             Ok((daemon, listener))
@@ -131,11 +126,11 @@ pub(super) fn attach_and_count(
         &HashSet::new(),
     )?;
     let table = SelectionTable::build_with_ids(config, &ids);
-    kernel
-        .set_settings(config, netns_cookie)
-        .map_err(|e| anyhow!(error_chain(&e)))?;
+    kernel.set_settings(config, netns_cookie)?;
     let replies = if uses_replies(config) {
-        start_replies(kernel).map(Some)
+        start_replies(kernel)
+            .map(Some)
+            .map_err(|e| format!("{e:#}"))
     } else {
         Ok(None)
     };
@@ -145,14 +140,10 @@ pub(super) fn attach_and_count(
     }
     // sock_ops first: from then on every completed handshake is judged and
     // counted, so the reconciliation below misses nothing.
-    kernel
-        .attach_sock_ops(cgroup)
-        .map_err(|e| anyhow!(error_chain(&e)))?;
+    kernel.attach_sock_ops(cgroup)?;
     let mut interfaces = Vec::new();
     for (iface, link) in links {
-        let mode = kernel
-            .attach_xdp(iface, *link, options.xdp_mode)
-            .map_err(|e| anyhow!(error_chain(&e)))?;
+        let mode = kernel.attach_xdp(iface, *link, options.xdp_mode)?;
         log::info!(
             "enforcing on {iface} ({} XDP{})",
             mode.name(),
@@ -198,16 +189,12 @@ pub(super) fn uses_replies(config: &Config) -> bool {
 
 /// Starts the responder of action `reply`: its listening sockets, the
 /// `steer` program that hands it refused SYNs, and its tasks.
-pub(super) fn start_replies(kernel: &mut Kernel) -> Result<Arc<Replies>, String> {
-    let (ipv4, ipv6) =
-        responder::listen().map_err(|e| format!("listening on loopback for the responder: {e}"))?;
-    kernel.start_replies(&ipv4, ipv6.as_ref()).map_err(|e| {
-        format!(
-            "handing refused SYNs to a responder needs sk_lookup (Linux 5.9+): {}",
-            error_chain(&e)
-        )
-    })?;
-    let flows = kernel.reply_flows_handle().map_err(|e| error_chain(&e))?;
+pub(super) fn start_replies(kernel: &mut Kernel) -> anyhow::Result<Arc<Replies>> {
+    let (ipv4, ipv6) = responder::listen().context("listening on loopback for the responder")?;
+    kernel
+        .start_replies(&ipv4, ipv6.as_ref())
+        .context("handing refused SYNs to a responder needs sk_lookup (Linux 5.9+)")?;
+    let flows = kernel.reply_flows_handle()?;
     let replies = Arc::new(Replies::new(flows));
     for listener in std::iter::once(ipv4).chain(ipv6) {
         let replies = replies.clone();
@@ -296,9 +283,7 @@ pub(super) fn install(
     ids: &[u32],
     table: &SelectionTable,
 ) -> anyhow::Result<()> {
-    kernel
-        .install(config, ids, table)
-        .map_err(|e| anyhow!(error_chain(&e)))?;
+    kernel.install(config, ids, table)?;
     let named: Vec<(u32, &str)> = ids
         .iter()
         .copied()
@@ -306,7 +291,7 @@ pub(super) fn install(
         .collect();
     kernel
         .set_connector_names(&named)
-        .map_err(|e| anyhow!(error_chain(&e)))
+        .map_err(anyhow::Error::from)
 }
 
 /// The configuration the daemon starts with.

@@ -37,21 +37,21 @@ pub static EBPF_OBJECT: &[u8] =
 /// Errors of the kernel side; each says what failed and where.
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
-    #[error("loading the eBPF object: {0}")]
+    #[error("loading the eBPF object")]
     Load(#[source] aya::EbpfError),
-    #[error("program {name}: {source}")]
+    #[error("program {name}")]
     Program {
         name: &'static str,
         #[source]
         source: aya::programs::ProgramError,
     },
-    #[error("map {name}: {source}")]
+    #[error("map {name}")]
     Map {
         name: &'static str,
         #[source]
         source: aya::maps::MapError,
     },
-    #[error("a second handle on map {name}: {source}")]
+    #[error("a second handle on map {name}")]
     MapHandle {
         name: &'static str,
         #[source]
@@ -65,7 +65,7 @@ pub enum KernelError {
     Pin { path: PathBuf, reason: String },
     #[error(transparent)]
     Pins(#[from] PinsError),
-    #[error("cgroup {path}: {source}")]
+    #[error("cgroup {path}")]
     Cgroup {
         path: PathBuf,
         #[source]
@@ -73,7 +73,7 @@ pub enum KernelError {
     },
     #[error("interface {iface}: {reason}")]
     Interface { iface: String, reason: String },
-    #[error("counting the CPUs: {0}")]
+    #[error("counting the CPUs")]
     Cpus(#[source] std::io::Error),
 }
 
@@ -340,8 +340,10 @@ impl Kernel {
     }
 }
 
-/// An error and its causes on one line.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
+/// An error of aya's and its causes on one line, for a reason this layer
+/// words itself (aya's own messages may say their cause, so a cause
+/// already said is not said again; limiter's errors never repeat theirs).
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

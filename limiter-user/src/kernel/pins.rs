@@ -36,7 +36,7 @@ pub enum PinsError {
         root: PathBuf,
         found: String,
     },
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         path: PathBuf,
         #[source]
