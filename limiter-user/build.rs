@@ -1,5 +1,5 @@
 //! Builds the kernel programs (`limiter-ebpf`) for `bpfel-unknown-none` and
-//! puts the objects in `OUT_DIR`, where `kernel.rs` and `baseline.rs` embed
+//! puts the objects in `OUT_DIR`, where `kernel/mod.rs` and `baseline.rs` embed
 //! them.
 //!
 //! This does by hand what aya-build does, because aya-build overwrites the

@@ -7,7 +7,7 @@ use aya::{
     programs::{Xdp, XdpMode, links::FdLink},
 };
 
-use crate::kernel::KernelError;
+use crate::kernel::{KernelError, map_err, prog_err};
 
 /// The compiled baseline programs, built by this crate's build script.
 pub static BASELINE_OBJECT: &[u8] =
@@ -28,10 +28,6 @@ pub struct Baseline {
     links: Vec<FdLink>,
 }
 
-fn error(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> KernelError {
-    move |source| KernelError::Program { name, source }
-}
-
 impl Baseline {
     /// Loads the programs (nothing is attached).
     pub fn load() -> Result<Baseline, KernelError> {
@@ -41,8 +37,8 @@ impl Baseline {
                 .program_mut(name)
                 .ok_or(KernelError::MissingProgram(name))?
                 .try_into()
-                .map_err(error(name))?;
-            program.load().map_err(error(name))?;
+                .map_err(prog_err(name))?;
+            program.load().map_err(prog_err(name))?;
         }
         Ok(Baseline {
             ebpf,
@@ -56,7 +52,7 @@ impl Baseline {
             .program(name)
             .ok_or(KernelError::MissingProgram(name))?
             .try_into()
-            .map_err(error(name))
+            .map_err(prog_err(name))
     }
 
     /// Attaches program `name` to `iface` (in the caller's network
@@ -72,9 +68,9 @@ impl Baseline {
             .program_mut(name)
             .ok_or(KernelError::MissingProgram(name))?
             .try_into()
-            .map_err(error(name))?;
-        let id = program.attach(iface, mode).map_err(error(name))?;
-        let link = program.take_link(id).map_err(error(name))?;
+            .map_err(prog_err(name))?;
+        let id = program.attach(iface, mode).map_err(prog_err(name))?;
+        let link = program.take_link(id).map_err(prog_err(name))?;
         let link = FdLink::try_from(link).map_err(|e| KernelError::Interface {
             iface: iface.to_string(),
             reason: crate::kernel::error_chain(&e),
@@ -92,9 +88,8 @@ impl Baseline {
             .map_mut(name)
             .ok_or(KernelError::MissingMap(name))?
             .try_into()
-            .map_err(|source| KernelError::Map { name, source })?;
-        map.set(0, sources, 0)
-            .map_err(|source| KernelError::Map { name, source })
+            .map_err(map_err(name))?;
+        map.set(0, sources, 0).map_err(map_err(name))
     }
 
     /// Frames the generator has produced, on all CPUs.
@@ -105,10 +100,8 @@ impl Baseline {
             .map(name)
             .ok_or(KernelError::MissingMap(name))?
             .try_into()
-            .map_err(|source| KernelError::Map { name, source })?;
-        let values = map
-            .get(&0, 0)
-            .map_err(|source| KernelError::Map { name, source })?;
+            .map_err(map_err(name))?;
+        let values = map.get(&0, 0).map_err(map_err(name))?;
         Ok(values.iter().sum())
     }
 }

@@ -254,7 +254,16 @@ impl Limiter {
 
     /// `status`, or why not.
     pub fn try_status(&self) -> Result<Status, String> {
-        let value = api::request(&self.control, &Request::Status).map_err(|e| e.to_string())?;
+        let value = api::request(&self.control, &Request::Status).map_err(|e| {
+            // The error and its causes (the errno says why).
+            let mut text = e.to_string();
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                text.push_str(&format!(": {c}"));
+                cause = c.source();
+            }
+            text
+        })?;
         serde_json::from_value(value).map_err(|e| e.to_string())
     }
 

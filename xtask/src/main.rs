@@ -244,6 +244,10 @@ fn test(args: &[String]) -> anyhow::Result<()> {
             "the end-to-end tests create network namespaces, cgroups and XDP attachments: run them as root"
         );
     }
+    // The package test's .deb, built first as the product is (without the
+    // test crate's `bench` feature): the workspace build below then leaves
+    // the binary the tests run, and nothing is rebuilt under them.
+    let deb = dist("dev")?;
     // limiter-ebpf is built for the bpf target by limiter-user's build
     // script, never for the host.
     cargo(&[
@@ -267,6 +271,7 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         ])
         .args(args)
         .env("LIMITER_BIN", &limiter)
+        .env("LIMITER_DEB", &deb)
         .stdout(Stdio::piped());
     let mut child = command.spawn().context("running cargo test")?;
     let stdout = child.stdout.take().context("cargo test output")?;

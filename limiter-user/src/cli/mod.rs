@@ -142,7 +142,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             &common,
             Request::ConnectorNew {
                 name,
-                changes,
+                changes: changes.normalized(),
             },
             |c: ConnectorStatus| print_connector(&c),
         ),
@@ -154,7 +154,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             &common,
             Request::ConnectorSet {
                 name,
-                changes,
+                changes: changes.normalized(),
             },
             |c: ConnectorStatus| print_connector(&c),
         ),

@@ -55,6 +55,13 @@ impl ConnectorChanges {
         *self == ConnectorChanges::default()
     }
 
+    /// The changes with an empty `--forwarded-to ''` as no endpoints, as
+    /// the daemon reads them (and one from before this reads them too).
+    pub fn normalized(mut self) -> ConnectorChanges {
+        self.forwarded_to = self.forwarded_endpoints();
+        self
+    }
+
     /// The `forwarded_to` endpoints, an empty value (`--forwarded-to ''`)
     /// meaning none.
     fn forwarded_endpoints(&self) -> Option<Vec<String>> {

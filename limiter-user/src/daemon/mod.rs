@@ -40,14 +40,12 @@ mod ring;
 mod server;
 mod startup;
 
-pub use startup::cgroup2_root;
-
 use self::{
     apply::reload_on_hangup,
     housekeeping::{keep_replying, reset_connections, sweep_forever},
     ring::{report_events, tell_kernel_log},
     server::serve_control,
-    startup::{group_id, load_config, start},
+    startup::{cgroup2_root, group_id, load_config, start},
 };
 
 /// Default config file.

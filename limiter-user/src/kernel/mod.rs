@@ -15,7 +15,7 @@ use limiter_common::maps::{
 };
 use limiter_common::refusals::CachedRefusal;
 
-pub mod bpfsys;
+mod bpfsys;
 pub mod pins;
 
 mod attach;
@@ -37,19 +37,19 @@ pub static EBPF_OBJECT: &[u8] =
 /// Errors of the kernel side; each says what failed and where.
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
-    #[error("loading the eBPF object")]
-    Load(#[source] aya::EbpfError),
-    #[error("program {name}")]
+    // aya's errors are worded into the message, not chained: some of them
+    // say their own cause again, which a printed chain would repeat.
+    #[error("loading the eBPF object: {}", error_chain(.0))]
+    Load(aya::EbpfError),
+    #[error("program {name}: {}", error_chain(cause))]
     Program {
         name: &'static str,
-        #[source]
-        source: aya::programs::ProgramError,
+        cause: aya::programs::ProgramError,
     },
-    #[error("map {name}")]
+    #[error("map {name}: {}", error_chain(cause))]
     Map {
         name: &'static str,
-        #[source]
-        source: aya::maps::MapError,
+        cause: aya::maps::MapError,
     },
     #[error("a second handle on map {name}")]
     MapHandle {
@@ -77,12 +77,14 @@ pub enum KernelError {
     Cpus(#[source] std::io::Error),
 }
 
-fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> KernelError {
-    move |source| KernelError::Map { name, source }
+pub(crate) fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> KernelError {
+    move |cause| KernelError::Map { name, cause }
 }
 
-fn prog_err(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> KernelError {
-    move |source| KernelError::Program { name, source }
+pub(crate) fn prog_err(
+    name: &'static str,
+) -> impl FnOnce(aya::programs::ProgramError) -> KernelError {
+    move |cause| KernelError::Program { name, cause }
 }
 
 /// Table sizes, fixed at load time.
