@@ -390,8 +390,6 @@ pub const REPLIES_PER_SECOND: u32 = 4;
 /// Replies a CPU makes a second in all: a flood of forged sources draws no
 /// more SYN-ACKs than this.
 pub const CPU_REPLIES_PER_SECOND: u32 = 64;
-/// The `REPLY_BUDGETS` slot of a CPU's replies in all (after one per set).
-pub const CPU_REPLY_BUDGET: u32 = crate::refusals::REFUSAL_SETS;
 /// `SO_MARK` of the responder's sockets: how the sock_ops program and the
 /// daemon tell the responder's connections from the mail server's (a
 /// value no routing rule is likely to match).
@@ -834,7 +832,6 @@ mod pod {
     unsafe impl aya::Pod for super::SynSeen {}
     unsafe impl aya::Pod for super::ConnKey {}
     unsafe impl aya::Pod for super::Endpoint {}
-    unsafe impl aya::Pod for crate::refusals::CachedRefusal {}
     unsafe impl aya::Pod for super::ReplyMark {}
     unsafe impl aya::Pod for super::ReplyBudget {}
 }
@@ -850,11 +847,6 @@ mod tests {
         assert_eq!(size_of::<Settings>(), 24);
         assert_eq!(size_of::<ReplyMark>(), 24);
         assert_eq!(size_of::<ReplyBudget>(), 16);
-        assert_eq!(size_of::<crate::refusals::CachedRefusal>(), 64);
-        assert_eq!(
-            core::mem::offset_of!(crate::refusals::CachedRefusal, gate),
-            56
-        );
         assert_eq!(size_of::<BindingKey>(), 20);
         assert_eq!(size_of::<RangeKey>(), 20);
         assert_eq!(size_of::<ConnectorConfig>(), 16);

@@ -63,6 +63,8 @@ const REFUSAL_SET_BITS: u32 = 11;
 pub const REFUSAL_WAYS: u32 = 2;
 /// Slots of `REFUSALS`, per CPU (64 bytes each: 256 KiB a CPU).
 pub const REFUSAL_SLOTS: u32 = REFUSAL_SETS * REFUSAL_WAYS;
+/// The `REPLY_BUDGETS` slot of a CPU's replies in all (after one per set).
+pub const CPU_REPLY_BUDGET: u32 = REFUSAL_SETS;
 /// Slots one `control::SWEEP_REFUSALS` request goes through.
 pub const SWEEP_CHUNK: u32 = 128;
 
@@ -237,6 +239,11 @@ pub fn stamp_for(rule: Rule, connector_stamp: u32, source_stamp: u32) -> u32 {
     }
 }
 
+// SAFETY: `#[repr(C)]`, plain integers, no implicit padding (checked in
+// the tests).
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for CachedRefusal {}
+
 #[cfg(test)]
 mod tests {
     extern crate std;
@@ -246,6 +253,12 @@ mod tests {
 
     use super::*;
     use crate::{Limits, UNLIMITED, addr::from_ipv4, admits, evaluate, maps::FlowKey};
+
+    #[test]
+    fn an_entry_is_a_cache_line_with_its_gate_last() {
+        assert_eq!(core::mem::size_of::<CachedRefusal>(), 64);
+        assert_eq!(core::mem::offset_of!(CachedRefusal, gate), 56);
+    }
 
     const CONNECTOR: u32 = 3;
 

@@ -7,10 +7,10 @@ use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use limiter_common::{
     Limits, Rule, addr,
     maps::{
-        CPU_REPLIES_PER_SECOND, CPU_REPLY_BUDGET, FlowKey, REPLIES_PER_SECOND, REPLY_ALIVE_NS,
-        REPLY_MARK_TTL_NS, ReplyMark, SynSeen, action, responder, stat, syn_seen_slot,
+        CPU_REPLIES_PER_SECOND, FlowKey, REPLIES_PER_SECOND, REPLY_ALIVE_NS, REPLY_MARK_TTL_NS,
+        ReplyMark, SynSeen, action, responder, stat, syn_seen_slot,
     },
-    refusals::{self, CachedRefusal, REFUSAL_WAYS, RefusalKey},
+    refusals::{self, CPU_REPLY_BUDGET, CachedRefusal, REFUSAL_WAYS, RefusalKey},
 };
 
 use crate::{

@@ -25,24 +25,10 @@ use limiter_common::{
 use crate::{
     atomic,
     maps::{
-        BINDINGS, BOUND_PORTS, CONNECTOR_STATE, RANGES, RELEASE_STAMPS, SETTINGS, SOURCE_LIVE,
-        SPECIFIC_PORTS, STATS,
+        BINDINGS, CONNECTOR_STATE, RANGES, RELEASE_STAMPS, SETTINGS, SOURCE_LIVE, SPECIFIC_PORTS,
+        STATS, bit_is_set,
     },
 };
-
-/// Whether some connector binds local `port` (one array load).
-#[inline(always)]
-pub fn port_is_bound(port: u16) -> bool {
-    bit_is_set(&BOUND_PORTS, port)
-}
-
-#[inline(always)]
-fn bit_is_set(bitmap: &Array<u64>, port: u16) -> bool {
-    match bitmap.get((port >> 6) as u32) {
-        Some(word) => word & (1u64 << (port & 63)) != 0,
-        None => false,
-    }
-}
 
 /// The connector for `flow`: the most specific remote range on the binding
 /// of its exact local address, else on the wildcard binding of its family.

@@ -26,6 +26,7 @@ mod parse;
 mod report;
 mod reset;
 mod steer;
+mod time;
 mod track;
 
 use aya_ebpf::{
@@ -33,21 +34,7 @@ use aya_ebpf::{
     programs::{SkLookupContext, SockOpsContext, XdpContext},
 };
 use parse::LinkLayer;
-
-/// The monotonic clock, in ns.
-#[inline(always)]
-pub(crate) fn now_ns() -> u64 {
-    // SAFETY: a helper without arguments.
-    unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() }
-}
-
-/// The monotonic clock at a tick's resolution: a plain read, where
-/// [`now_ns`] reads the clock source.
-#[inline(always)]
-pub(crate) fn coarse_now_ns() -> u64 {
-    // SAFETY: a helper without arguments.
-    unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() }
-}
+pub(crate) use time::{coarse_now_ns, now_ns};
 
 /// One load from a program's context, at the field's own offset: the
 /// verifier refuses a context pointer the compiler offset by a variable.

@@ -16,8 +16,6 @@ use limiter_common::maps::{
 use limiter_common::maps::{DiagGate, FlowKey, MAX_REPLY_FLOWS, ReplyBudget, ReplyMark, diag};
 use limiter_common::refusals::{CachedRefusal, REFUSAL_SETS, REFUSAL_SLOTS, RELEASE_STAMPS_LEN};
 
-use crate::parse::ReplyLayout;
-
 #[map(name = "SETTINGS")]
 pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 
@@ -111,3 +109,30 @@ pub static REPLY_BUDGETS: PerCpuArray<ReplyBudget> =
 #[map(name = "CONNECTOR_NAMES")]
 pub static CONNECTOR_NAMES: Array<[u8; CONNECTOR_NAME_BYTES]> =
     Array::with_max_entries(MAX_CONNECTORS, 0);
+
+/// Offsets of the headers of a SYN that can be answered in place: the TCP
+/// header follows the IP header directly.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ReplyLayout {
+    pub ip: u32,
+    /// 1 for IPv6.
+    pub ipv6: u32,
+    /// The SYN's sequence number.
+    pub seq: u32,
+}
+
+/// Whether some connector binds local `port` (one array load).
+#[inline(always)]
+pub fn port_is_bound(port: u16) -> bool {
+    bit_is_set(&BOUND_PORTS, port)
+}
+
+/// Whether `port`'s bit is set in a port bitmap.
+#[inline(always)]
+pub fn bit_is_set(bitmap: &Array<u64>, port: u16) -> bool {
+    match bitmap.get((port >> 6) as u32) {
+        Some(word) => word & (1u64 << (port & 63)) != 0,
+        None => false,
+    }
+}

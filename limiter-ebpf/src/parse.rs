@@ -21,7 +21,8 @@ use network_types::{
     vlan::VlanHdr,
 };
 
-use crate::count::port_is_bound;
+pub use crate::maps::ReplyLayout;
+use crate::maps::port_is_bound;
 
 // The header layouts are network-types'; each field is read with a load of
 // its own at its offset, checked against the bytes made readable, since a
@@ -106,18 +107,6 @@ pub struct Syn {
     /// into a RST in place (Ethernet, no IP options, no IPv6 extension
     /// headers, no fragment).
     pub reply: Option<ReplyLayout>,
-}
-
-/// Offsets of the headers of a SYN that can be answered in place: the TCP
-/// header follows the IP header directly.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct ReplyLayout {
-    pub ip: u32,
-    /// 1 for IPv6.
-    pub ipv6: u32,
-    /// The SYN's sequence number.
-    pub seq: u32,
 }
 
 /// Where the TCP header starts, where the IP packet ends (by its own

@@ -25,11 +25,8 @@ use limiter_common::{
 };
 
 use crate::{
-    count::{
-        bump, judge_and_count, port_is_bound, release, select_connector, select_forwarded,
-        source_key,
-    },
-    maps::{CONNECTORS, ESTABLISHED, SETTINGS, SYNS_SEEN, UNDECLARED_FORWARDS},
+    count::{bump, judge_and_count, release, select_connector, select_forwarded, source_key},
+    maps::{CONNECTORS, ESTABLISHED, SETTINGS, SYNS_SEEN, UNDECLARED_FORWARDS, port_is_bound},
     read_ctx,
     report::{ON_STACK, Rejection, reject, request_reset},
 };

@@ -167,3 +167,32 @@ pub fn metrics(addr: std::net::SocketAddr) -> anyhow::Result<std::net::TcpListen
         .with_context(|| format!("--metrics {addr}"))?;
     Ok(listener)
 }
+
+/// The id of group `name`.
+pub fn group_id(name: &str) -> anyhow::Result<u32> {
+    let c_name = std::ffi::CString::new(name).context("group name")?;
+    // SAFETY: a valid C string; the result is read at once.
+    let group = unsafe { libc::getgrnam(c_name.as_ptr()) };
+    if group.is_null() {
+        bail!("--control-group {name}: no such group");
+    }
+    // SAFETY: non-null result of getgrnam.
+    Ok(unsafe { (*group).gr_gid })
+}
+
+/// The mount point of the cgroup v2 hierarchy, from /proc/self/mounts.
+pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
+    let mounts =
+        std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
+    mounts
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let _source = fields.next()?;
+            let target = fields.next()?;
+            let fstype = fields.next()?;
+            (fstype == "cgroup2").then(|| PathBuf::from(target))
+        })
+        .next()
+        .context("no cgroup2 file system is mounted")
+}

@@ -13,8 +13,6 @@ use crate::{
     logging,
 };
 
-use super::events::{Lines, parse_lines, parse_since};
-
 #[derive(Parser)]
 #[command(
     name = "limiter",
@@ -296,5 +294,122 @@ impl TryFrom<RunArgs> for RunOptions {
             kernel_log_level: args.kernel_log_level.raw(),
             allow_empty: args.allow_empty,
         })
+    }
+}
+
+/// How many of the recent events `limiter events` prints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Lines {
+    All,
+    Last(usize),
+}
+
+pub(super) fn parse_lines(text: &str) -> Result<Lines, String> {
+    match text {
+        "all" => Ok(Lines::All),
+        _ => text
+            .parse()
+            .map(Lines::Last)
+            .map_err(|_| format!("{text:?} is not a number of events or `all`")),
+    }
+}
+
+/// `--since`: a duration ago, or a time (local unless it says otherwise),
+/// as journalctl takes it.
+pub(super) fn parse_since(text: &str) -> Result<jiff::Timestamp, String> {
+    let ago = text.strip_prefix('-').unwrap_or(text);
+    if let Ok(duration) = humantime::parse_duration(ago) {
+        let duration = jiff::SignedDuration::try_from(duration).map_err(|e| e.to_string())?;
+        return jiff::Timestamp::now()
+            .checked_sub(duration)
+            .map_err(|e| format!("{text}: {e}"));
+    }
+    if let Ok(time) = text.parse::<jiff::Timestamp>() {
+        return Ok(time);
+    }
+    let local = |time: jiff::civil::DateTime| {
+        time.to_zoned(jiff::tz::TimeZone::system())
+            .map(|zoned| zoned.timestamp())
+            .map_err(|e| format!("{text}: {e}"))
+    };
+    if let Ok(time) = text.parse::<jiff::civil::DateTime>() {
+        return local(time);
+    }
+    if let Ok(date) = text.parse::<jiff::civil::Date>() {
+        return local(date.to_datetime(jiff::civil::Time::midnight()));
+    }
+    Err(format!(
+        "{text:?} is neither a duration (10m, 1h 30m) nor a time (2026-11-27 23:59, 2026-11-27T23:59:00Z)"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{super::events::since_then, *};
+    use crate::events::Event;
+
+    #[test]
+    fn lines_and_since_read_like_journalctl() {
+        assert_eq!(parse_lines("all"), Ok(Lines::All));
+        assert_eq!(parse_lines("0"), Ok(Lines::Last(0)));
+        assert!(parse_lines("-3").is_err());
+        // Bounded by the clock read before and after, however slow the run.
+        let ago = |text: &str| {
+            let before = jiff::Timestamp::now();
+            let since = parse_since(text).unwrap();
+            let after = jiff::Timestamp::now();
+            (
+                before.duration_since(since).as_secs(),
+                after.duration_since(since).as_secs(),
+            )
+        };
+        let (low, high) = ago("10m");
+        assert!(low <= 600 && 600 <= high + 1, "{low} {high}");
+        let (low, high) = ago("-1h 30m");
+        assert!(low <= 5400 && 5400 <= high + 1, "{low} {high}");
+        assert_eq!(
+            parse_since("2026-11-27T23:59:01Z").unwrap().as_second(),
+            1_795_823_941
+        );
+        assert_eq!(
+            parse_since("2026-11-27T23:59:01+01:00")
+                .unwrap()
+                .as_second(),
+            1_795_823_941 - 3600
+        );
+        // Local time, as journalctl reads it.
+        for local in ["2026-11-27 23:59", "2026-11-27T23:59:01", "2026-11-27"] {
+            assert!(parse_since(local).is_ok(), "{local}");
+        }
+        assert!(parse_since("yesterday-ish").is_err());
+    }
+
+    #[test]
+    fn since_keeps_what_it_cannot_read() {
+        let event = |time: &str| Event {
+            time: time.into(),
+            event_id: 1021,
+            connector: "F".into(),
+            source: "192.0.2.7".into(),
+            configured: 1,
+            effective: 1,
+            rule: "per_source".into(),
+            message: String::new(),
+            source_identity: "192.0.2.7".into(),
+            local: "192.0.2.1:25".into(),
+            live_total: 1,
+            live_source: 1,
+            action: "drop".into(),
+            count: 1,
+            late: false,
+            repeat: false,
+            summary: false,
+            period_seconds: None,
+        };
+        let since = parse_since("2026-11-27T23:59:01Z").ok();
+        assert!(since_then(&event("2026-11-27T23:59:01.000Z"), since));
+        assert!(!since_then(&event("2026-11-27T23:59:00.999Z"), since));
+        assert!(since_then(&event("garbled"), since));
+        assert!(since_then(&event("2026-11-27T23:59:00.999Z"), None));
     }
 }

@@ -1,7 +1,7 @@
 //! Housekeeping: the sweep (seeded connections that closed, resets the
 //! ring could not take, connections outside the tracked cgroup), the
-//! counts checked against the socket table, idle sources forgotten, and
-//! the resets of connections judged over a cap.
+//! counts checked against the socket table, idle sources forgotten, the
+//! and the responder's heartbeat.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -9,14 +9,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, anyhow};
-use aya::maps::{MapData, RingBuf};
-use limiter_common::maps::{ConnKey, FLOW_SEEDED, FlowKey, ResetRequest, SourceKey, control as op};
-use tokio::io::{Interest, unix::AsyncFd};
+use anyhow::Context;
+use limiter_common::maps::{FLOW_SEEDED, FlowKey, SourceKey, control as op};
 
 use crate::{
     kernel::{Kernel, monotonic_ns},
-    resets::Resetter,
     selection::from_addr,
     sockdiag,
 };
@@ -68,56 +65,6 @@ pub(super) async fn sweep_forever(daemon: Arc<Mutex<Daemon>>) -> anyhow::Result<
         })
         .await
         .context("sweeper task")??;
-    }
-}
-
-/// Resets the connections the kernel judged over a cap when their
-/// handshake completed, as it asks on the `RESETS` ring.
-pub(super) async fn reset_connections(
-    ring: RingBuf<MapData>,
-    daemon: Arc<Mutex<Daemon>>,
-    resetter: Arc<Resetter>,
-) -> anyhow::Result<()> {
-    // SAFETY: the ring buffer owns its map fd, which stays open and the same
-    // for as long as the AsyncFd owns the ring.
-    let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
-        .map_err(|e| anyhow!("watching the reset ring: {}", e.into_parts().1))?;
-    loop {
-        let mut guard = ring
-            .readable_mut()
-            .await
-            .context("waiting on the reset ring")?;
-        let mut requests = Vec::new();
-        let inner = guard.get_inner_mut();
-        while let Some(item) = inner.next() {
-            if item.len() >= size_of::<ResetRequest>() {
-                // SAFETY: the kernel wrote a ResetRequest there; the length
-                // was checked.
-                requests.push(unsafe {
-                    std::ptr::read_unaligned(item.as_ptr().cast::<ResetRequest>())
-                });
-            }
-        }
-        guard.clear_ready();
-        if requests.is_empty() {
-            continue;
-        }
-        let (daemon, resetter) = (daemon.clone(), resetter.clone());
-        tokio::task::spawn_blocking(move || {
-            // The resets without the daemon's lock: the control socket and
-            // the sweep go on meanwhile.
-            let settled: Vec<ConnKey> = requests
-                .iter()
-                .filter(|request| resetter.reset(request).settled())
-                .map(|request| request.conn)
-                .collect();
-            let mut daemon = daemon.lock().expect("daemon lock");
-            for conn in &settled {
-                daemon.kernel.resolve_reset(conn);
-            }
-        })
-        .await
-        .context("resetter task")?;
     }
 }
 

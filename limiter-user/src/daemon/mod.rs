@@ -4,11 +4,13 @@
 //! what it made.
 //!
 //! `run` here sets up, spawns the daemon's tasks, waits and tears down; each
-//! job has a file: `startup` (the config read, programs loaded and attached,
-//! existing connections counted), `ring` (the kernel's reports into events),
-//! `housekeeping` (sweeps, reconciliation, resets), `apply` (where a change
-//! or a reload is applied), `queries` (status, metrics) and `server` (the
-//! control socket's server half).
+//! job has a file: `startup` (programs loaded and attached, existing
+//! connections counted), `apply` (the config file read, and where a config
+//! goes into the kernel: at start, on a change, on a reload), `ring` (the
+//! kernel's rings: rejection reports into events, resets to do, the kernel
+//! programs' log), `housekeeping` (sweeps, reconciliation, idle sources),
+//! `queries` (status, metrics) and `server` (the control socket's server
+//! half).
 
 use std::{
     collections::HashSet,
@@ -41,12 +43,13 @@ mod server;
 mod startup;
 
 use self::{
-    apply::reload_on_hangup,
-    housekeeping::{keep_replying, reset_connections, sweep_forever},
-    ring::{report_events, tell_kernel_log},
+    apply::{load_config, reload_on_hangup},
+    housekeeping::{keep_replying, sweep_forever},
+    ring::{report_events, reset_connections, tell_kernel_log},
     server::serve_control,
-    startup::{cgroup2_root, group_id, load_config, start},
+    startup::start,
 };
+use crate::preflight::{cgroup2_root, group_id};
 
 /// Default config file.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/limiter/connectors.toml";

@@ -1,5 +1,9 @@
-//! The kernel's rejection reports, read from its ring and its refusal
-//! caches, turned into events; the kernel programs' own log.
+//! The kernel's rings: its rejection reports (and what its refusal caches
+//! hold) turned into events, the connections it asks to reset, and the
+//! kernel programs' own log.
+
+use crate::resets::Resetter;
+use limiter_common::maps::{ConnKey, ResetRequest};
 
 use std::{
     collections::HashMap,
@@ -204,5 +208,55 @@ impl Daemon {
             .checked_sub(age)
             .unwrap_or_else(std::time::SystemTime::now);
         Event::from_kernel(raw, &name, self.config.ipv6_prefix_length, time)
+    }
+}
+
+/// Resets the connections the kernel judged over a cap when their
+/// handshake completed, as it asks on the `RESETS` ring.
+pub(super) async fn reset_connections(
+    ring: RingBuf<MapData>,
+    daemon: Arc<Mutex<Daemon>>,
+    resetter: Arc<Resetter>,
+) -> anyhow::Result<()> {
+    // SAFETY: the ring buffer owns its map fd, which stays open and the same
+    // for as long as the AsyncFd owns the ring.
+    let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+        .map_err(|e| anyhow!("watching the reset ring: {}", e.into_parts().1))?;
+    loop {
+        let mut guard = ring
+            .readable_mut()
+            .await
+            .context("waiting on the reset ring")?;
+        let mut requests = Vec::new();
+        let inner = guard.get_inner_mut();
+        while let Some(item) = inner.next() {
+            if item.len() >= size_of::<ResetRequest>() {
+                // SAFETY: the kernel wrote a ResetRequest there; the length
+                // was checked.
+                requests.push(unsafe {
+                    std::ptr::read_unaligned(item.as_ptr().cast::<ResetRequest>())
+                });
+            }
+        }
+        guard.clear_ready();
+        if requests.is_empty() {
+            continue;
+        }
+        let (daemon, resetter) = (daemon.clone(), resetter.clone());
+        tokio::task::spawn_blocking(move || {
+            // The resets without the daemon's lock: the control socket and
+            // the sweep go on meanwhile.
+            let settled: Vec<ConnKey> = requests
+                .iter()
+                .filter(|request| resetter.reset(request).settled())
+                .map(|request| request.conn)
+                .collect();
+            let mut daemon = daemon.lock().expect("daemon lock");
+            for conn in &settled {
+                daemon.kernel.resolve_reset(conn);
+            }
+        })
+        .await
+        .context("resetter task")?;
     }
 }

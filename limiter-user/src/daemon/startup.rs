@@ -1,5 +1,5 @@
-//! Starting: the config read and checked, the programs loaded and attached,
-//! the connections that already exist counted.
+//! Starting: the programs loaded and attached, the config installed, the
+//! connections that already exist counted.
 
 use std::{
     collections::HashSet,
@@ -8,22 +8,23 @@ use std::{
     time::Instant,
 };
 
-use anyhow::{Context, anyhow, bail};
-use limiter_common::maps::{FlowKey, MAX_CONNECTORS};
+use anyhow::Context;
+use limiter_common::maps::FlowKey;
 use tokio::net::UnixListener;
 
 use crate::{
-    config::Config,
-    config::edit::ConfigDocument,
     kernel::{AttachedMode, Kernel, LinkLayer, TableSizes, pins::PinDir},
     preflight::{self, Bpffs},
     resets::Resetter,
-    responder::{self, Replies},
+    responder::Replies,
     selection::SelectionTable,
 };
 
 use super::{
-    DEFAULT_CONFIG_PATH, Daemon, Made, RunOptions, housekeeping::reconcile, server::bind_control,
+    Daemon, Made, RunOptions,
+    apply::{LoadedConfig, assign_ids, install, start_replies, uses_replies, warn_about_replies},
+    housekeeping::reconcile,
+    server::bind_control,
 };
 
 /// Makes what a run needs, in order: the bpffs mount, the control socket,
@@ -178,193 +179,6 @@ pub(super) fn attach_and_count(
         resetter,
         replies,
     })
-}
-
-pub(super) fn uses_replies(config: &Config) -> bool {
-    config
-        .connectors
-        .iter()
-        .any(|c| c.action == crate::config::Action::Reply)
-}
-
-/// Starts the responder of action `reply`: its listening sockets, the
-/// `steer` program that hands it refused SYNs, and its tasks.
-pub(super) fn start_replies(kernel: &mut Kernel) -> anyhow::Result<Arc<Replies>> {
-    let (ipv4, ipv6) = responder::listen().context("listening on loopback for the responder")?;
-    kernel
-        .start_replies(&ipv4, ipv6.as_ref())
-        .context("handing refused SYNs to a responder needs sk_lookup (Linux 5.9+)")?;
-    let flows = kernel.reply_flows_handle()?;
-    let replies = Arc::new(Replies::new(flows));
-    for listener in std::iter::once(ipv4).chain(ipv6) {
-        let replies = replies.clone();
-        tokio::spawn(async move {
-            if let Err(e) = responder::serve(listener, replies).await {
-                log::error!("the responder stopped: {e:#}");
-            }
-        });
-    }
-    log::info!("action reply: refused senders get the connector's 421 line");
-    Ok(replies)
-}
-
-/// Says what action `reply` cannot do for this config.
-pub(super) fn warn_about_replies(config: &Config, unavailable: Option<&str>) {
-    for c in config.connectors.iter().filter(|c| {
-        c.action != crate::config::Action::Reply && c.reply_text != crate::config::EXCHANGE_REPLY
-    }) {
-        log::warn!(
-            "connector {:?}: reply_text is used only with action reply (its action is {})",
-            c.name,
-            c.action.name()
-        );
-    }
-    for c in config
-        .connectors
-        .iter()
-        .filter(|c| c.action == crate::config::Action::Reply)
-    {
-        if let Some(why) = unavailable {
-            log::warn!(
-                "connector {:?}: action reply is not available ({why}): its refused SYNs are dropped instead",
-                c.name
-            );
-        } else if !c.forwarded_to.is_empty() {
-            log::warn!(
-                "connector {:?}: action reply answers SYNs to this host's own sockets; a SYN that NAT forwards (forwarded_to) reaches the server and, over a cap, is reset when its handshake completes",
-                c.name
-            );
-        }
-    }
-}
-
-/// Kernel ids for the connectors of `config`. A connector that already has
-/// an id (`current`: id and name) keeps it, since its connections hold
-/// counts under it; a new one gets an id that holds no count (`in_use`),
-/// preferably one not handed out before (`used`).
-pub(super) fn assign_ids(
-    current: &[(u32, String)],
-    config: &Config,
-    in_use: &HashSet<u32>,
-    used: &HashSet<u32>,
-) -> anyhow::Result<Vec<u32>> {
-    let mut taken: HashSet<u32> = HashSet::new();
-    let mut ids: Vec<Option<u32>> = config
-        .connectors
-        .iter()
-        .map(|c| {
-            let id = current
-                .iter()
-                .find(|(_, name)| name.eq_ignore_ascii_case(&c.name))
-                .map(|(id, _)| *id)?;
-            taken.insert(id);
-            Some(id)
-        })
-        .collect();
-    // Ids of connectors that are gone stay reserved while they hold counts.
-    for slot in ids.iter_mut().filter(|s| s.is_none()) {
-        let free = |id: &u32| !taken.contains(id) && !in_use.contains(id);
-        let id = (0..MAX_CONNECTORS)
-            .find(|id| free(id) && !used.contains(id))
-            .or_else(|| (0..MAX_CONNECTORS).find(free))
-            .ok_or_else(|| {
-                anyhow!("no connector slot is free (at most {MAX_CONNECTORS}, and removed connectors keep theirs until their connections close)")
-            })?;
-        taken.insert(id);
-        *slot = Some(id);
-    }
-    Ok(ids.into_iter().map(|id| id.expect("assigned")).collect())
-}
-
-/// Puts a configuration into the kernel, names included.
-pub(super) fn install(
-    kernel: &mut Kernel,
-    config: &Config,
-    ids: &[u32],
-    table: &SelectionTable,
-) -> anyhow::Result<()> {
-    kernel.install(config, ids, table)?;
-    let named: Vec<(u32, &str)> = ids
-        .iter()
-        .copied()
-        .zip(config.connectors.iter().map(|c| c.name.as_str()))
-        .collect();
-    kernel
-        .set_connector_names(&named)
-        .map_err(anyhow::Error::from)
-}
-
-/// The configuration the daemon starts with.
-pub(super) struct LoadedConfig {
-    pub(super) config: Config,
-    /// For `status`: the file, or "built-in default".
-    pub(super) source: String,
-    pub(super) document: ConfigDocument,
-    /// Where `connector new|set|remove` write.
-    pub(super) path: PathBuf,
-    /// The file's text, if there is a file.
-    pub(super) text: Option<String>,
-}
-
-pub(super) fn load_config(path: Option<&Path>) -> anyhow::Result<LoadedConfig> {
-    let (path, explicit) = match path {
-        Some(path) => (path.to_path_buf(), true),
-        None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
-    };
-    if !explicit && !path.exists() {
-        log::info!(
-            "{DEFAULT_CONFIG_PATH} does not exist: using the built-in \"Default Frontend\" connector"
-        );
-        let config = Config::builtin_default();
-        return Ok(LoadedConfig {
-            document: ConfigDocument::from_config(&config),
-            config,
-            source: "built-in default".to_string(),
-            path,
-            text: None,
-        });
-    }
-    // Read once: what is enforced is what edits later compare with.
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let config = Config::parse(&text, &path.display().to_string())?;
-    let document = ConfigDocument::parse(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
-    Ok(LoadedConfig {
-        config,
-        source: path.display().to_string(),
-        document,
-        path,
-        text: Some(text),
-    })
-}
-
-/// The id of group `name`.
-pub(super) fn group_id(name: &str) -> anyhow::Result<u32> {
-    let c_name = std::ffi::CString::new(name).context("group name")?;
-    // SAFETY: a valid C string; the result is read at once.
-    let group = unsafe { libc::getgrnam(c_name.as_ptr()) };
-    if group.is_null() {
-        bail!("--control-group {name}: no such group");
-    }
-    // SAFETY: non-null result of getgrnam.
-    Ok(unsafe { (*group).gr_gid })
-}
-
-/// The mount point of the cgroup v2 hierarchy, from /proc/self/mounts.
-pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
-    let mounts =
-        std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
-    mounts
-        .lines()
-        .filter_map(|line| {
-            let mut fields = line.split_whitespace();
-            let _source = fields.next()?;
-            let target = fields.next()?;
-            let fstype = fields.next()?;
-            (fstype == "cgroup2").then(|| PathBuf::from(target))
-        })
-        .next()
-        .context("no cgroup2 file system is mounted")
 }
 
 impl Daemon {

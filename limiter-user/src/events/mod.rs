@@ -3,23 +3,23 @@
 //! [`crate::logging`]) and streamed to `limiter events` followers.
 
 use std::{
-    collections::{HashMap, VecDeque},
     net::{IpAddr, SocketAddr},
-    sync::{Mutex, atomic::AtomicU64},
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, SystemTime},
 };
 
-use fasyslog::Facility;
 use limiter_common::{Limits, Rule, admission::percentage_cap, maps::RejectionEvent, maps::action};
 use serde::{Deserialize, Serialize};
 
-use tokio::sync::broadcast;
+use crate::{config::LimitValue, query::show_source, selection::from_addr};
 
-use crate::{
-    config::LimitValue,
-    logging::{Destination, Entry, Writer},
-    query::show_source,
-    selection::from_addr,
+mod fold;
+mod hub;
+mod sink;
+
+pub use self::{
+    fold::Folder,
+    hub::EventHub,
+    sink::{SyslogSink, syslog_line},
 };
 
 /// The structured-data id of limiter's syslog parameters (32473 is the
@@ -33,10 +33,6 @@ pub const MESSAGE_ID_1009: &str = "2c6fcf6927d84099a90dafd0ad35b394";
 pub const MESSAGE_ID_1021: &str = "d5f9771a94124104b64b28621d78327a";
 /// Default period over which repeats are folded into one line.
 pub const DEFAULT_PERIOD: Duration = Duration::from_secs(60);
-/// Events kept for `limiter events` without `--follow`.
-const RECENT: usize = 1000;
-/// Events a follower may fall behind by before it loses some.
-const FOLLOWER_BACKLOG: usize = 4096;
 
 /// One line of the event log: a rejection, or a summary of repeats.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -269,238 +265,13 @@ fn plural(n: u64) -> &'static str {
     if n == 1 { "" } else { "s" }
 }
 
-/// What makes two rejections "the same" for folding: connector, source,
-/// rule, and whether they were late.
-type FoldKey = (String, String, String, bool);
-
-struct Window {
-    started: Instant,
-    /// Rejections since the last line written for this key.
-    suppressed: u64,
-    last: Event,
-}
-
-/// Exchange's periodic logging: the first rejection of a (connector,
-/// source, rule) is written at once; the ones after it are counted and
-/// written as one summary per period; a key quiet for a whole period starts
-/// over.
-pub struct Folder {
-    period: Duration,
-    windows: HashMap<FoldKey, Window>,
-}
-
-impl Folder {
-    pub fn new(period: Duration) -> Folder {
-        Folder {
-            period,
-            windows: HashMap::new(),
-        }
-    }
-
-    /// Takes a rejection; returns it if it is to be written now.
-    pub fn offer(&mut self, event: Event, now: Instant) -> Option<Event> {
-        let key = (
-            event.connector.clone(),
-            event.source.clone(),
-            event.rule.clone(),
-            event.late,
-        );
-        match self.windows.get_mut(&key) {
-            Some(window) => {
-                window.suppressed += event.count;
-                window.last = event;
-                None
-            }
-            // Repeats of a rejection written before: into a summary.
-            None if event.repeat => {
-                self.windows.insert(
-                    key,
-                    Window {
-                        started: now,
-                        suppressed: event.count,
-                        last: event,
-                    },
-                );
-                None
-            }
-            None => {
-                self.windows.insert(
-                    key,
-                    Window {
-                        started: now,
-                        suppressed: 0,
-                        last: event.clone(),
-                    },
-                );
-                Some(event)
-            }
-        }
-    }
-
-    /// The summaries of the periods that ended by `now`.
-    pub fn tick(&mut self, now: Instant) -> Vec<Event> {
-        let mut out = Vec::new();
-        let period = self.period;
-        self.windows.retain(|_, window| {
-            if now.duration_since(window.started) < period {
-                return true;
-            }
-            if window.suppressed == 0 {
-                return false;
-            }
-            let mut summary = window.last.clone();
-            summary.count = window.suppressed;
-            summary.summary = true;
-            summary.period_seconds = Some(period.as_secs().max(1));
-            out.push(summary);
-            window.suppressed = 0;
-            window.started = now;
-            true
-        });
-        out.sort_by(|a, b| a.time.cmp(&b.time));
-        out
-    }
-}
-
-/// Events to the journal or syslog: facility mail, severity warning,
-/// MSGID (RFC 5424) the event id, MESSAGE_ID (journal) the event's.
-pub struct SyslogSink {
-    writer: Writer,
-    /// Lines that could not be written.
-    pub errors: u64,
-    /// Its socket was missing at start, which was said then: failures are
-    /// not said again until a line gets through.
-    said_missing: bool,
-}
-
-impl SyslogSink {
-    pub fn new(destination: Destination) -> SyslogSink {
-        let writer = Writer::new(destination);
-        let destination = writer.destination();
-        let said_missing = match writer.missing_socket() {
-            Some(path) => {
-                log::warn!(
-                    "{} does not exist (no journald and no syslog daemon?): events reach only `limiter events`, and the daemon's own lines only stderr, until a syslog daemon makes it",
-                    path.display()
-                );
-                true
-            }
-            None => {
-                log::info!("events and log lines go to {destination}");
-                false
-            }
-        };
-        SyslogSink {
-            writer,
-            errors: 0,
-            said_missing,
-        }
-    }
-
-    /// Writes one event; reconnects once if the other end went away.
-    pub fn write(&mut self, event: &Event) {
-        let message = event.log_message();
-        let fields = event.fields();
-        let msgid = event.event_id.to_string();
-        let result = self.writer.send(&entry(event, &msgid, &message, &fields));
-        if result.is_ok() {
-            self.said_missing = false;
-        }
-        if let Err(e) = result {
-            self.errors += 1;
-            // The first failure, then one in a thousand: a missing syslogd
-            // must not flood the daemon's own log.
-            if self.errors % 1000 == 1 && !self.said_missing {
-                log::warn!(
-                    "events to {}: {e} ({} line(s) lost so far)",
-                    self.writer.destination(),
-                    self.errors
-                );
-            }
-        }
-    }
-}
-
-fn entry<'a>(
-    event: &Event,
-    msgid: &'a str,
-    message: &'a str,
-    fields: &'a [(&'a str, String)],
-) -> Entry<'a> {
-    Entry {
-        level: log::Level::Warn,
-        facility: Facility::MAIL,
-        msgid: Some(msgid),
-        message_id: Some(event.message_id()),
-        message,
-        fields,
-        sd_id: SD_ID,
-    }
-}
-
-/// Formats one event's syslog line without sending it, for tests of the
-/// wire format.
-pub fn syslog_line(event: &Event, destination: Destination) -> String {
-    let message = event.log_message();
-    let fields = event.fields();
-    let msgid = event.event_id.to_string();
-    Writer::new(destination).format(&entry(event, &msgid, &message, &fields))
-}
-
-/// The events for `limiter events`: the recent ones, and a stream for
-/// followers that never waits for them.
-pub struct EventHub {
-    recent: Mutex<VecDeque<Event>>,
-    stream: broadcast::Sender<Event>,
-    /// Event lines syslog did not take (for the metrics).
-    pub syslog_errors: AtomicU64,
-}
-
-impl Default for EventHub {
-    fn default() -> Self {
-        EventHub {
-            recent: Mutex::new(VecDeque::with_capacity(RECENT)),
-            stream: broadcast::channel(FOLLOWER_BACKLOG).0,
-            syslog_errors: AtomicU64::new(0),
-        }
-    }
-}
-
-impl EventHub {
-    pub fn publish(&self, event: Event) {
-        {
-            let mut recent = self.recent.lock().expect("events lock");
-            if recent.len() == RECENT {
-                recent.pop_front();
-            }
-            recent.push_back(event.clone());
-        }
-        // No follower is not an error.
-        let _ = self.stream.send(event);
-    }
-
-    /// The recent events, oldest first.
-    pub fn recent(&self) -> Vec<Event> {
-        self.recent
-            .lock()
-            .expect("events lock")
-            .iter()
-            .cloned()
-            .collect()
-    }
-
-    /// A live stream from now on; a receiver that falls behind by more than
-    /// the backlog is told how many it lost.
-    pub fn follow(&self) -> broadcast::Receiver<Event> {
-        self.stream.subscribe()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use limiter_common::{addr, maps::action};
 
     use super::*;
+    use crate::logging::Destination;
+    use std::time::Instant;
 
     fn raw(rule: Rule, remote: &str, live_total: u32, live_source: u32) -> RejectionEvent {
         let remote: IpAddr = remote.parse().unwrap();
