@@ -106,72 +106,51 @@ impl Fleet {
     /// Runs `limiter ARGS --json` on every server at once and waits for
     /// each until its deadline.
     pub fn ask(&self, args: &[String]) -> Vec<Answer> {
-        std::thread::scope(|scope| {
-            let asking: Vec<_> = self
-                .hosts
-                .iter()
-                .map(|host| {
-                    scope.spawn(move || Answer {
-                        server: host.clone(),
-                        outcome: self.ask_one(host, args),
-                    })
-                })
-                .collect();
-            asking
-                .into_iter()
-                .zip(&self.hosts)
-                .map(|(handle, host)| {
-                    handle.join().unwrap_or_else(|_| Answer {
-                        server: host.clone(),
-                        outcome: Err(Failure::unknown("the thread asking it failed")),
-                    })
-                })
-                .collect()
-        })
+        self.each_host(|host| self.ask_one(host, args))
     }
 
     /// Runs `limiter ARGS --json` on every server and hands each line it
     /// prints to `line` as it comes, until every server has ended (what
     /// `events --follow` needs). The answers say how each ended.
     pub fn stream(&self, args: &[String], line: &(dyn Fn(&str, &str) + Sync)) -> Vec<Answer> {
+        self.each_host(|host| {
+            let outcome = self.spawn(host, args).and_then(|mut child| {
+                let stderr = drain(child.stderr.take());
+                if let Some(stdout) = child.stdout.take() {
+                    for text in BufReader::new(stdout).lines().map_while(Result::ok) {
+                        line(host, &text);
+                    }
+                }
+                let status = child
+                    .wait()
+                    .map_err(|e| Failure::unknown(format!("ssh: {e}")))?;
+                finished(status, String::new(), join(stderr))
+            });
+            // A follower never ends on its own: say at once which server
+            // could not be followed.
+            if let Err(failure) = &outcome {
+                eprintln!("limiter: {host}: {}", failure.message);
+            }
+            outcome
+        })
+    }
+
+    /// `run` for every host, each on a thread of its own, all at once.
+    fn each_host(&self, run: impl Fn(&str) -> Result<String, Failure> + Sync) -> Vec<Answer> {
         std::thread::scope(|scope| {
-            let streaming: Vec<_> = self
+            let running: Vec<_> = self
                 .hosts
                 .iter()
-                .map(|host| {
-                    scope.spawn(move || {
-                        let outcome = self.spawn(host, args).and_then(|mut child| {
-                            let stderr = drain(child.stderr.take());
-                            if let Some(stdout) = child.stdout.take() {
-                                for text in BufReader::new(stdout).lines().map_while(Result::ok) {
-                                    line(host, &text);
-                                }
-                            }
-                            let status = child
-                                .wait()
-                                .map_err(|e| Failure::unknown(format!("ssh: {e}")))?;
-                            finished(status, String::new(), join(stderr))
-                        });
-                        // A follower never ends on its own: say at once
-                        // which server could not be followed.
-                        if let Err(failure) = &outcome {
-                            eprintln!("limiter: {host}: {}", failure.message);
-                        }
-                        Answer {
-                            server: host.clone(),
-                            outcome,
-                        }
-                    })
-                })
+                .map(|host| scope.spawn(|| run(host)))
                 .collect();
-            streaming
+            running
                 .into_iter()
                 .zip(&self.hosts)
-                .map(|(handle, host)| {
-                    handle.join().unwrap_or_else(|_| Answer {
-                        server: host.clone(),
-                        outcome: Err(Failure::unknown("the thread following it failed")),
-                    })
+                .map(|(handle, host)| Answer {
+                    server: host.clone(),
+                    outcome: handle
+                        .join()
+                        .unwrap_or_else(|_| Err(Failure::unknown("the thread asking it failed"))),
                 })
                 .collect()
         })

@@ -307,11 +307,18 @@ fn events_json(s: &Scenario) -> Vec<serde_json::Value> {
 #[test]
 fn events_count_each_refusal_once() {
     // A short period: summaries are due within the test.
+    // "Watch" only reports (monitor): its would-be refusals are in the
+    // stream once each too, and counted apart in stats.
     let s = Scenario::start_with(
-        Some(&connector("Frontend", "[\"0.0.0.0/0\"]", "1000", "1", 100)),
+        Some(&format!(
+            "{}{}action = \"monitor\"\n",
+            connector("Frontend", "[\"0.0.0.0/0\"]", "1000", "1", 100),
+            connector("Watch", "[\"10.77.0.11\"]", "1000", "1", 100),
+        )),
         &["--event-period", "1s"],
     );
     let _held = s.open(client_v4(0), 1);
+    let _watched = s.open(client_v4(1), 3);
     // A burst, then more a moment later: the kernel folds them into a
     // report a second per source, and its refusal caches take their share.
     for _ in 0..2 {
@@ -323,7 +330,12 @@ fn events_count_each_refusal_once() {
         );
         assert!(attempts.iter().all(|a| a.is_err()), "over the cap");
     }
-    let rejected = || s.limiter.cli_json(&["stats"])["rejected"].as_u64().unwrap();
+    // Refusals and monitor's would-be refusals: each in the stream once.
+    let rejected = || {
+        let stats = s.limiter.cli_json(&["stats"]);
+        assert_eq!(stats["would_reject"], 2, "{stats}");
+        stats["rejected"].as_u64().unwrap() + stats["would_reject"].as_u64().unwrap()
+    };
     let counted = |events: &[serde_json::Value]| -> u64 {
         events.iter().map(|e| e["count"].as_u64().unwrap()).sum()
     };
@@ -338,7 +350,7 @@ fn events_count_each_refusal_once() {
     assert!(
         wait_until(Duration::from_secs(10), Duration::from_millis(200), || {
             let total = rejected();
-            total >= 300 && counted(&reports(&events_json(&s))) == total
+            total >= 302 && counted(&reports(&events_json(&s))) == total
         }),
         "stats {} vs events {:?}",
         s.limiter.cli_json(&["stats"]),
@@ -360,7 +372,12 @@ fn events_count_each_refusal_once() {
                 .split_once(" reached by this source IP address. (")
                 .unwrap_or_else(|| panic!("no count in {line}"));
             let (n, unit) = after.split_once(' ').unwrap();
-            assert!(unit.starts_with("refusal"), "{line}");
+            // Monitor's lines stand for connections it let in.
+            let monitored = line.contains("would have rejected");
+            assert!(
+                unit.starts_with(if monitored { "connection" } else { "refusal" }),
+                "{line}"
+            );
             n.parse::<u64>().unwrap()
         })
         .sum();

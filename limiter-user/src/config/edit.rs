@@ -826,4 +826,77 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&target).unwrap(), FILE);
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    /// Gives up CAP_CHOWN on the calling thread only (capabilities are
+    /// per thread): what a daemon whose unit does not grant it has.
+    fn drop_cap_chown() {
+        #[repr(C)]
+        struct Header {
+            version: u32,
+            pid: i32,
+        }
+        #[repr(C)]
+        #[derive(Clone, Copy, Default)]
+        struct Data {
+            effective: u32,
+            permitted: u32,
+            inheritable: u32,
+        }
+        const VERSION_3: u32 = 0x2008_0522;
+        const CAP_CHOWN: u32 = 0;
+        let mut header = Header {
+            version: VERSION_3,
+            pid: 0,
+        };
+        let mut data = [Data::default(); 2];
+        // SAFETY: capget/capset with a v3 header and two data words.
+        unsafe {
+            assert_eq!(
+                libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()),
+                0
+            );
+            data[0].effective &= !(1 << CAP_CHOWN);
+            data[0].permitted &= !(1 << CAP_CHOWN);
+            assert_eq!(
+                libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()),
+                0
+            );
+        }
+    }
+
+    #[test]
+    fn without_cap_chown_a_change_is_still_written() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        // SAFETY: no preconditions.
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "run as root (cargo xtask test)"
+        );
+        let dir = std::env::temp_dir().join(format!("limiter-edit-chown-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("connectors.toml");
+        std::fs::write(&path, "# old\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        std::os::unix::fs::chown(&path, Some(65534), Some(65534)).unwrap();
+        let d = ConfigDocument::parse(FILE).unwrap();
+        let written = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    drop_cap_chown();
+                    d.write_atomically(&path)
+                })
+                .join()
+                .unwrap()
+        });
+        written.expect("written, though its owner could not be kept");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), FILE);
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o640));
+        // With CAP_CHOWN (this thread), the owner is kept.
+        std::os::unix::fs::chown(&path, Some(65534), Some(65534)).unwrap();
+        d.write_atomically(&path).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().uid(), 65534);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
