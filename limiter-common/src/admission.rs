@@ -39,7 +39,8 @@ pub const MAX_INBOUND_CONNECTION_LIMIT: u32 = 2_147_483_647;
 /// Largest `max_inbound_connection_per_source` Exchange accepts.
 pub const MAX_INBOUND_CONNECTION_PER_SOURCE_LIMIT: u32 = 10_000;
 
-/// The three limits of a receive connector.
+/// The limits of a receive connector: Exchange's three, and limiter's
+/// connection rate per source (see `crate::rate`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
@@ -49,15 +50,34 @@ pub struct Limits {
     pub max_inbound_connection_per_source: u32,
     /// `max_inbound_connection_percentage_per_source`, 1..=100.
     pub max_inbound_connection_percentage_per_source: u32,
+    /// `max_inbound_connection_rate_per_source`: new connections a source
+    /// may open per `connection_rate_time_unit`, or [`UNLIMITED`].
+    pub max_inbound_connection_rate_per_source: u32,
+    /// `connection_rate_time_unit`, in seconds.
+    pub connection_rate_time_unit: u32,
 }
 
 impl Limits {
-    /// Exchange's defaults: 5000 in total, 20 per source, 2 %.
+    /// Exchange's defaults: 5000 in total, 20 per source, 2 %; no rate
+    /// limit (Exchange has none).
     pub const EXCHANGE_DEFAULT: Limits = Limits {
         max_inbound_connection: 5000,
         max_inbound_connection_per_source: 20,
         max_inbound_connection_percentage_per_source: 2,
+        max_inbound_connection_rate_per_source: UNLIMITED,
+        connection_rate_time_unit: crate::rate::DEFAULT_RATE_UNIT_SECS,
     };
+
+    /// Exchange's three limits, with no rate limit.
+    pub const fn exchange(max: u32, per_source: u32, percentage: u32) -> Limits {
+        Limits {
+            max_inbound_connection: max,
+            max_inbound_connection_per_source: per_source,
+            max_inbound_connection_percentage_per_source: percentage,
+            max_inbound_connection_rate_per_source: UNLIMITED,
+            connection_rate_time_unit: crate::rate::DEFAULT_RATE_UNIT_SECS,
+        }
+    }
 }
 
 /// Which limit decided. The discriminants are what the kernel stores.
@@ -72,7 +92,14 @@ pub enum Rule {
     PerSource = 2,
     /// `max_inbound_connection_percentage_per_source` (event 1021).
     Percentage = 3,
+    /// `max_inbound_connection_rate_per_source`, limiter's own (event
+    /// [`RATE_EVENT_ID`]).
+    Rate = 4,
 }
+
+/// The event id of a rejection by the connection rate: Exchange has no such
+/// limit, and none of its event ids is given another meaning.
+pub const RATE_EVENT_ID: u32 = 61021;
 
 impl Rule {
     /// The rule stored as `raw` by the kernel, if it is one.
@@ -82,6 +109,7 @@ impl Rule {
             1 => Some(Rule::Total),
             2 => Some(Rule::PerSource),
             3 => Some(Rule::Percentage),
+            4 => Some(Rule::Rate),
             _ => None,
         }
     }
@@ -93,6 +121,7 @@ impl Rule {
             Rule::Total => "total",
             Rule::PerSource => "per_source",
             Rule::Percentage => "percentage",
+            Rule::Rate => "rate",
         }
     }
 
@@ -103,14 +132,22 @@ impl Rule {
             Rule::Total => "MaxInboundConnection",
             Rule::PerSource => "MaxInboundConnectionPerSource",
             Rule::Percentage => "MaxInboundConnectionPercentagePerSource",
+            // Not Exchange's: named in its style.
+            Rule::Rate => "MaxInboundConnectionRatePerSource",
         }
     }
 
     /// The rule of [`Rule::name`], if it is one.
     pub fn from_name(name: &str) -> Option<Rule> {
-        [Rule::None, Rule::Total, Rule::PerSource, Rule::Percentage]
-            .into_iter()
-            .find(|r| r.name() == name)
+        [
+            Rule::None,
+            Rule::Total,
+            Rule::PerSource,
+            Rule::Percentage,
+            Rule::Rate,
+        ]
+        .into_iter()
+        .find(|r| r.name() == name)
     }
 
     /// The Exchange event id a rejection by this rule is reported as.
@@ -118,6 +155,7 @@ impl Rule {
         match self {
             Rule::Total => 1009,
             Rule::None | Rule::PerSource | Rule::Percentage => 1021,
+            Rule::Rate => RATE_EVENT_ID,
         }
     }
 }
@@ -326,11 +364,7 @@ mod tests {
     use super::*;
 
     fn limits(max: u32, per_source: u32, pct: u32) -> Limits {
-        Limits {
-            max_inbound_connection: max,
-            max_inbound_connection_per_source: per_source,
-            max_inbound_connection_percentage_per_source: pct,
-        }
+        Limits::exchange(max, per_source, pct)
     }
 
     /// Exchange's rule, written as plainly as the design states it.
@@ -814,11 +848,7 @@ mod interleavings {
     }
 
     fn limits(max: u32, per_source: u32, pct: u32) -> Limits {
-        Limits {
-            max_inbound_connection: max,
-            max_inbound_connection_per_source: per_source,
-            max_inbound_connection_percentage_per_source: pct,
-        }
+        Limits::exchange(max, per_source, pct)
     }
 
     /// Counts near the edge of each rule, so that the order decides.

@@ -5,6 +5,7 @@
 pub mod addr;
 pub mod admission;
 pub mod maps;
+pub mod rate;
 pub mod refusals;
 
 pub use admission::{

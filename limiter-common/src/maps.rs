@@ -8,10 +8,11 @@
 use crate::{
     addr::{Addr, Words},
     admission::Limits,
+    rate::RateWindow,
 };
 
 /// Bumped whenever a key or value below changes shape; part of the pin path.
-pub const MAP_LAYOUT_VERSION: u32 = 6;
+pub const MAP_LAYOUT_VERSION: u32 = 7;
 
 /// Map names, as they appear in the object file and under `--bpffs`.
 pub mod names {
@@ -447,6 +448,9 @@ pub struct ConnectorConfig {
     pub limits: Limits,
     /// One of [`action`].
     pub action: u32,
+    /// A slot of the rate window: `crate::rate::slot_ns` of the limits'
+    /// `connection_rate_time_unit`.
+    pub rate_slot_ns: u64,
 }
 
 /// The kernel's `struct bpf_spin_lock`. The name is the contract: the
@@ -501,6 +505,9 @@ pub struct SourceCount {
     pub last_change_ns: u64,
     /// The reports of this source's rejections.
     pub gate: ReportGate,
+    /// The connections it opened lately, for the rate limit: written under
+    /// the connector's lock (see `crate::rate`).
+    pub rate: RateWindow,
 }
 
 /// Set in [`SourceCount::flags`] of an entry being deleted.
@@ -657,14 +664,12 @@ pub mod stat {
     /// With action `monitor`: would have been refused by the percentage
     /// rule.
     pub const MONITORED_PERCENTAGE: u32 = 16;
+    /// Rejected by `max_inbound_connection_rate_per_source`.
+    pub const REJECTED_RATE: u32 = 17;
+    /// With action `monitor`: would have been refused by the rate.
+    pub const MONITORED_RATE: u32 = 18;
     /// Counters per row.
-    pub const COUNT: u32 = 17;
-    // A monitored counter is its rejected counter moved by a fixed offset
-    // (see the kernel's `rejected_counter`).
-    const _: () = assert!(
-        MONITORED_PER_SOURCE - MONITORED_TOTAL == REJECTED_PER_SOURCE - REJECTED_TOTAL
-            && MONITORED_PERCENTAGE - MONITORED_TOTAL == REJECTED_PERCENTAGE - REJECTED_TOTAL
-    );
+    pub const COUNT: u32 = 19;
     /// The row for what belongs to no connector.
     pub const GLOBAL_ROW: u32 = MAX_CONNECTORS;
     /// Global: SYNs to a bound port that the program could not read whole
@@ -724,6 +729,9 @@ pub struct RejectionEvent {
     /// before: refused from a refusal cache, taken by the daemon's sweep
     /// (see `crate::refusals`).
     pub repeat: u32,
+    /// The source's connections in its rate window, before this one.
+    pub recent: u32,
+    pub _pad: u32,
 }
 
 /// Why a connection is to be reset.
@@ -849,16 +857,16 @@ mod tests {
         assert_eq!(size_of::<ReplyBudget>(), 16);
         assert_eq!(size_of::<BindingKey>(), 20);
         assert_eq!(size_of::<RangeKey>(), 20);
-        assert_eq!(size_of::<ConnectorConfig>(), 16);
+        assert_eq!(size_of::<ConnectorConfig>(), 32);
         assert_eq!(size_of::<ConnectorState>(), 8);
         assert_eq!(size_of::<SourceKey>(), 20);
-        assert_eq!(size_of::<SourceCount>(), 56);
+        assert_eq!(size_of::<SourceCount>(), 80);
         assert_eq!(core::mem::offset_of!(SourceCount, last_change_ns), 32);
         assert_eq!(size_of::<ReportGate>(), 16);
         assert_eq!(size_of::<FlowKey>(), 36);
         assert_eq!(size_of::<FlowValue>(), 32);
         assert_eq!(align_of::<FlowValue>(), 8);
-        assert_eq!(size_of::<RejectionEvent>(), 112);
+        assert_eq!(size_of::<RejectionEvent>(), 128);
         assert_eq!(size_of::<ConnKey>(), 48);
         assert_eq!(size_of::<Endpoint>(), 20);
         assert_eq!(size_of::<ResetRequest>(), 72);

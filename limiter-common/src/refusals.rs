@@ -179,7 +179,42 @@ impl CachedRefusal {
     pub fn stands(&self, generation: u32, stamp: u32) -> bool {
         self.generation == generation && self.stamp == stamp
     }
+
+    /// Whether this is a refusal by the connection rate, which no release
+    /// undoes, only time: its stamp fields hold when it lapses
+    /// ([`CachedRefusal::lapses_at`]).
+    #[inline(always)]
+    pub fn is_by_rate(&self) -> bool {
+        self.rule == Rule::Rate as u8
+    }
+
+    /// The stamp fields of a refusal by the rate that stands until
+    /// `next_change_ns` (`crate::rate::RateWindow::next_change_ns`): that
+    /// time less the most the coarse clock lags, as (high, low) halves.
+    #[inline(always)]
+    pub fn rate_stamp(next_change_ns: u64) -> (u32, u32) {
+        let lapses = next_change_ns.saturating_sub(COARSE_CLOCK_LAG_NS);
+        ((lapses >> 32) as u32, lapses as u32)
+    }
+
+    /// When a refusal by the rate lapses (see [`CachedRefusal::rate_stamp`]).
+    #[inline(always)]
+    pub fn lapses_at(&self) -> u64 {
+        (self.stamp_index as u64) << 32 | self.stamp as u64
+    }
+
+    /// Whether a refusal by the rate still stands at `coarse_now_ns`
+    /// (`bpf_ktime_get_coarse_ns()`): same configuration, not lapsed.
+    #[inline(always)]
+    pub fn stands_at(&self, generation: u32, coarse_now_ns: u64) -> bool {
+        self.generation == generation && coarse_now_ns < self.lapses_at()
+    }
 }
+
+/// The most the coarse clock lags the monotonic one (a tick at HZ 100 is
+/// 10 ms): a refusal by the rate lapses this much early by the coarse clock,
+/// so that it never outlasts the exact rule's refusal.
+pub const COARSE_CLOCK_LAG_NS: u64 = 20_000_000;
 
 /// Whether the configuration is not being changed (see
 /// `Settings::generation`): refusals may be cached and answered.
@@ -397,11 +432,7 @@ mod tests {
     }
 
     fn limits(max: u32, per_source: u32, pct: u32) -> Limits {
-        Limits {
-            max_inbound_connection: max,
-            max_inbound_connection_per_source: per_source,
-            max_inbound_connection_percentage_per_source: pct,
-        }
+        Limits::exchange(max, per_source, pct)
     }
 
     /// A world where source 1 holds `held` and is refused from the cache.

@@ -5,17 +5,21 @@
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use limiter_common::{
-    Limits, Rule, addr,
+    Limits, Rule, UNLIMITED, addr,
     maps::{
         CPU_REPLIES_PER_SECOND, FlowKey, REPLIES_PER_SECOND, REPLY_ALIVE_NS, REPLY_MARK_TTL_NS,
-        ReplyMark, SynSeen, action, responder, stat, syn_seen_slot,
+        ReplyMark, SourceCount, SynSeen, action, responder, stat, syn_seen_slot,
     },
+    rate,
     refusals::{self, CPU_REPLY_BUDGET, CachedRefusal, REFUSAL_WAYS, RefusalKey},
 };
 
 use crate::{
     atomic,
-    count::{bump, connector_live, connector_state, select_connector, source_key},
+    count::{
+        RECENT_UNKNOWN, bump, connector_live, connector_state, recent_unlocked, select_connector,
+        source_key,
+    },
     diag,
     maps::{
         CONNECTORS, LAST_REPLY_MARK, REFUSALS, RELEASE_STAMPS, REPLY_ALIVE, REPLY_BUDGETS,
@@ -176,8 +180,13 @@ fn cached_verdict(entry: *mut CachedRefusal, generation: u32) -> Option<Verdict>
     // value. Only this CPU writes the gate but for the daemon's sweep,
     // which never races with a plain add to an unclaimed gate.
     unsafe {
-        let stamp = RELEASE_STAMPS.get_ptr((*entry).stamp_index)?;
-        if !(*entry).stands(generation, core::ptr::read_volatile(stamp)) {
+        let stands = if (*entry).is_by_rate() {
+            (*entry).stands_at(generation, crate::coarse_now_ns())
+        } else {
+            let stamp = RELEASE_STAMPS.get_ptr((*entry).stamp_index)?;
+            (*entry).stands(generation, core::ptr::read_volatile(stamp))
+        };
+        if !stands {
             return None;
         }
         let gate = core::ptr::read_volatile(&raw const (*entry).gate);
@@ -265,9 +274,11 @@ fn judge(flow: &FlowKey) -> Verdict {
     if config.action == action::MONITOR {
         return passed(flow, connector);
     }
+    let limits = &config.limits;
+    let rate_limited = limits.max_inbound_connection_rate_per_source != UNLIMITED;
     // Admitted even if every live connection were this source's: no need
-    // to look the source up (a connector far from its caps).
-    if admits(&config.limits, connector_live(state), None) {
+    // to look the source up (a connector far from its caps, and no rate).
+    if !rate_limited && admits(limits, connector_live(state), None) {
         return admitted(flow, connector, config.action);
     }
     let source = source_key(connector, flow);
@@ -287,22 +298,40 @@ fn judge(flow: &FlowKey) -> Verdict {
     let live_source = entry.map_or(0, |e| unsafe {
         core::ptr::read_volatile(&raw const (*e).live)
     });
-    if admits(&config.limits, live_total, Some(live_source)) {
+    let recent = match entry {
+        Some(entry) if rate_limited => {
+            match recent_unlocked(entry, crate::now_ns(), config.rate_slot_ns) {
+                // Being written: the completion judges it.
+                RECENT_UNKNOWN => return admitted(flow, connector, config.action),
+                recent => recent as u32,
+            }
+        }
+        _ => 0,
+    };
+    if admits(limits, live_total, Some(live_source)) && rate::admits(limits, recent) {
         return admitted(flow, connector, config.action);
     }
-    let evaluation = limiter_common::evaluate(&config.limits, live_total, live_source);
-    let stamp_index = refusals::stamp_for(evaluation.rule, stamps.0, stamps.1);
-    let stamp = if stamp_index == stamps.0 {
-        stamp_values.0
+    let evaluation = rate::judge(limits, live_total, live_source, recent);
+    // What the refusal stands on: a release stamp, or for the rate, when
+    // it lapses (see `CachedRefusal::rate_stamp`).
+    let stamp = if evaluation.rule == Rule::Rate {
+        // Refused by the rate, the source has an entry.
+        rate_stamp(entry.unwrap_or(core::ptr::null_mut()), config.rate_slot_ns)
     } else {
-        stamp_values.1
+        let stamp_index = refusals::stamp_for(evaluation.rule, stamps.0, stamps.1);
+        let stamp = if stamp_index == stamps.0 {
+            stamp_values.0
+        } else {
+            stamp_values.1
+        };
+        (stamp as u64) << 32 | stamp_index as u64
     };
     // Nothing is remembered while the configuration is being changed.
     let carried = if refusals::generation_is_stable(generation) {
         remember(
             flow,
             generation,
-            (stamp as u64) << 32 | stamp_index as u64,
+            stamp,
             connector | (evaluation.rule as u32) << 16 | config.action << 24,
         )
     } else {
@@ -315,6 +344,7 @@ fn judge(flow: &FlowKey) -> Verdict {
         evaluation: &evaluation,
         live_total,
         live_source,
+        recent,
         entry: entry.unwrap_or(core::ptr::null_mut()),
         carried,
         at_completion: false,
@@ -328,6 +358,23 @@ fn judge(flow: &FlowKey) -> Verdict {
         action::REPLY => reply(flow, connector, evaluation.rule as u32, SET_UNKNOWN),
         _ => Verdict::Drop,
     }
+}
+
+/// The stamp a refusal by the rate is remembered with (see [`remember`]):
+/// when it lapses, the next slot boundary of the source's rate window (a
+/// count written meanwhile moves the window by whole slots, on the same
+/// boundaries).
+///
+/// Not inlined: its stack is its own, beside the report's.
+#[inline(never)]
+fn rate_stamp(entry: *const SourceCount, slot_ns: u64) -> u64 {
+    if entry.is_null() {
+        return 0;
+    }
+    // SAFETY: a live map value.
+    let lapses = unsafe { (*entry).rate.next_change_ns(crate::now_ns(), slot_ns) };
+    let (high, low) = CachedRefusal::rate_stamp(lapses);
+    (low as u64) << 32 | high as u64
 }
 
 /// An admitted SYN. With action `reply`, a mark an earlier SYN of the same
@@ -458,7 +505,8 @@ fn admits(limits: &Limits, live_total: u32, live_source: Option<u32>) -> bool {
 
 /// Makes this CPU's refusal cache remember that `flow`'s key is refused:
 /// judged under `generation`, standing while the release stamp (`stamp`:
-/// value, high half; index, low half) is unchanged; `refusal` is the
+/// value, high half; index, low half; for the rate, the fields of
+/// `CachedRefusal::rate_stamp`) is unchanged; `refusal` is the
 /// connector id, the rule (bits 16..24) and the action (bits 24..). Returns
 /// the refusals the entry held for the same key that no report carries
 /// yet, for this refusal's report.

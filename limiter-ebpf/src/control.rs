@@ -22,7 +22,7 @@ use limiter_common::{
 use crate::{
     atomic,
     count::{
-        bump, forget_source, ipv6_prefix_len, judge_and_count, release, select_connector,
+        Counting, bump, forget_source, ipv6_prefix_len, judge_and_count, release, select_connector,
         source_key,
     },
     maps::{CONNECTORS, ESTABLISHED, REFUSALS, REPORT_GATES, SETTINGS, SOURCE_LIVE},
@@ -233,7 +233,9 @@ fn own(flow: &FlowKey) -> ConnKey {
 
 /// Counts a connection that exists already (found in the socket table):
 /// no judgement, it is live whatever the rule says.
-#[inline(always)]
+///
+/// Not inlined: its stack is its own, beside the other operations'.
+#[inline(never)]
 fn seed(flow: &FlowKey) -> u32 {
     let conn = own(flow);
     if ESTABLISHED.get_ptr(&conn).is_some() {
@@ -246,7 +248,11 @@ fn seed(flow: &FlowKey) -> u32 {
         return op::NOTHING;
     };
     let source = source_key(connector, flow);
-    if judge_and_count(&source, &config.limits, true).is_none() {
+    let counting = Counting {
+        regardless: true,
+        new: false,
+    };
+    if judge_and_count(&source, &config, counting).is_none() {
         bump(connector, stat::TABLE_FULL);
         return op::FULL;
     }

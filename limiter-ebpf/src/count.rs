@@ -12,21 +12,22 @@ use aya_ebpf::{
     maps::{Array, lpm_trie::Key},
 };
 use limiter_common::{
-    Evaluation, Limits,
+    Evaluation,
     addr::{self, Words},
     maps::{
-        BindingKey, ConnectorState, FORWARDED_BINDING, FlowKey, FlowValue, RANGE_KEY_BINDING_BITS,
-        RangeKey, ReportGate, SOURCE_FORGOTTEN, SourceCount, SourceKey, diag, stat,
-        wildcard_binding_id,
+        BindingKey, ConnectorConfig, ConnectorState, FORWARDED_BINDING, FlowKey, FlowValue,
+        RANGE_KEY_BINDING_BITS, RangeKey, ReportGate, SOURCE_FORGOTTEN, SourceCount, SourceKey,
+        diag, stat, wildcard_binding_id,
     },
+    rate::{self, RATE_SLOTS, RateWindow},
     refusals,
 };
 
 use crate::{
     atomic,
     maps::{
-        BINDINGS, CONNECTOR_STATE, RANGES, RELEASE_STAMPS, SETTINGS, SOURCE_LIVE, SPECIFIC_PORTS,
-        STATS, bit_is_set,
+        BINDINGS, CONNECTOR_STATE, CONNECTORS, RANGES, RELEASE_STAMPS, SETTINGS, SOURCE_LIVE,
+        SPECIFIC_PORTS, STATS, bit_is_set,
     },
 };
 
@@ -140,6 +141,11 @@ fn new_source_entry(source: &SourceKey) -> *mut SourceCount {
             unreported: zero as u32,
             _pad: zero as u32,
         },
+        rate: RateWindow {
+            newest_start_ns: zero,
+            counts: [zero as u16; RATE_SLOTS],
+            seq: zero as u16,
+        },
     };
     // Another CPU may insert the same key first; either way it exists after.
     let _ = SOURCE_LIVE.insert(source, fresh, BPF_NOEXIST as u64);
@@ -148,54 +154,115 @@ fn new_source_entry(source: &SourceKey) -> *mut SourceCount {
         .unwrap_or(core::ptr::null_mut())
 }
 
+/// The counts [`judge_locked`] met, and what it did.
+struct Locked {
+    live_total: u32,
+    live_source: u32,
+    recent: u32,
+    counted: bool,
+}
+
 /// What [`judge_and_count`] decided.
 pub struct Judged {
     pub evaluation: Evaluation,
     /// The counts it met, before it.
     pub live_total: u32,
     pub live_source: u32,
+    /// The source's connections in its rate window, before it.
+    pub recent: u32,
     /// Whether it was counted (admitted, or counted regardless).
     pub counted: bool,
     pub entry: *mut SourceCount,
 }
 
-/// Judges a connection of `source` by the rule and, when admitted (or with
-/// `regardless`: a connection that exists already, or a connector in
-/// monitor mode), counts it: under the connector's lock, so that the two
+/// How [`judge_and_count`] counts a connection.
+#[derive(Clone, Copy)]
+pub struct Counting {
+    /// Counted even over a cap: a connection that exists already, or one
+    /// of a connector in monitor mode.
+    pub regardless: bool,
+    /// A new connection (its handshake just completed), which the rate
+    /// counts; a connection found in the socket table is not one.
+    pub new: bool,
+}
+
+impl Counting {
+    /// Packed in one argument (a function of its own takes five at most).
+    #[inline(always)]
+    fn bits(self) -> u32 {
+        self.regardless as u32 | (self.new as u32) << 1
+    }
+
+    #[inline(always)]
+    fn from_bits(bits: u32) -> Counting {
+        Counting {
+            regardless: bits & 1 != 0,
+            new: bits & 2 != 0,
+        }
+    }
+}
+
+/// Judges a connection of `source` by the rule and, when admitted (or
+/// counted regardless), counts it: under the connector's lock, so that the
 /// counts change as one decision (see `limiter_common::admission`). `None`
 /// when a table is full (nothing judged, nothing counted).
 #[inline(always)]
-pub fn judge_and_count(source: &SourceKey, limits: &Limits, regardless: bool) -> Option<Judged> {
-    let state = connector_state(source.connector)?;
+pub fn judge_and_count(
+    source: &SourceKey,
+    config: &ConnectorConfig,
+    counting: Counting,
+) -> Option<Judged> {
     // An entry being forgotten is deleted by its forgetter right after it
     // marked it (see `forget_source`); look again until it is gone. Only the
     // forgetter deletes: a judge that deleted too could delete the fresh
     // entry another judge made and counted into meanwhile.
+    let mut locked = core::mem::MaybeUninit::<Locked>::uninit();
     let mut attempt = 0;
     while attempt < 4 {
         let entry = source_entry(source)?;
-        if let Some(judged) = judge_locked(state, entry, source, limits, regardless) {
-            if judged.counted {
-                // SAFETY: a live map value, ours: it holds a count now.
-                unsafe { (*entry).last_change_ns = crate::now_ns() };
-            }
-            return Some(judged);
+        if judge_locked(entry, source, config, counting.bits(), locked.as_mut_ptr()) {
+            // SAFETY: written whole when it returns true.
+            let locked = unsafe { locked.assume_init() };
+            // The caps, for a report, outside the lock.
+            return Some(Judged {
+                evaluation: rate::judge(
+                    &config.limits,
+                    locked.live_total,
+                    locked.live_source,
+                    locked.recent,
+                ),
+                live_total: locked.live_total,
+                live_source: locked.live_source,
+                recent: locked.recent,
+                counted: locked.counted,
+                entry,
+            });
         }
         attempt += 1;
     }
     None
 }
 
-/// The locked part of [`judge_and_count`]: no helper calls in here. `None`
-/// when `entry` is no longer this source's live entry.
-#[inline(always)]
+/// The locked part of [`judge_and_count`], into `out`: false (and `out`
+/// not written) when `entry` is no longer this source's live entry.
+///
+/// Not inlined: the window's arithmetic under the lock has a stack of its
+/// own, beside the report's (the verifier allows 512 bytes along a chain
+/// of calls). No helper calls under the lock.
+#[inline(never)]
 fn judge_locked(
-    state: *mut ConnectorState,
     entry: *mut SourceCount,
     source: &SourceKey,
-    limits: &Limits,
-    regardless: bool,
-) -> Option<Judged> {
+    config: &ConnectorConfig,
+    counting: u32,
+    out: *mut Locked,
+) -> bool {
+    let counting = Counting::from_bits(counting);
+    let Some(state) = connector_state(source.connector) else {
+        return false;
+    };
+    let limits = &config.limits;
+    let now = crate::now_ns();
     // SAFETY: `state` and `entry` point into live map values; the lock is
     // the one the kernel found in the map's BTF.
     unsafe {
@@ -203,21 +270,70 @@ fn judge_locked(
         let usable = (*entry).flags & SOURCE_FORGOTTEN == 0 && (*entry).key.same(source);
         let live_total = core::ptr::read_volatile(&raw const (*state).live);
         let live_source = core::ptr::read_volatile(&raw const (*entry).live);
-        let admitted = limiter_common::admits(limits, live_total, live_source);
-        let counted = usable && (admitted || regardless);
+        let window = &raw mut (*entry).rate;
+        let recent = (*window).recent(now, config.rate_slot_ns);
+        let admitted =
+            limiter_common::admits(limits, live_total, live_source) && rate::admits(limits, recent);
+        let counted = usable && (admitted || counting.regardless);
         if counted {
             atomic::increment(&raw mut (*state).live);
             atomic::increment(&raw mut (*entry).live);
+            if counting.new {
+                // Odd while it changes: a lockless reader passes the SYN.
+                let seq = core::ptr::read_volatile(&raw const (*window).seq);
+                core::ptr::write_volatile(&raw mut (*window).seq, seq.wrapping_add(1));
+                (*window).count(now, config.rate_slot_ns);
+                core::ptr::write_volatile(&raw mut (*window).seq, seq.wrapping_add(2));
+            }
         }
         bpf_spin_unlock((&raw mut (*state).lock).cast());
-        // The caps, for a report, outside the lock.
-        usable.then(|| Judged {
-            evaluation: limiter_common::evaluate(limits, live_total, live_source),
+        if !usable {
+            return false;
+        }
+        if counted {
+            // Ours: it holds a count now.
+            (*entry).last_change_ns = now;
+        }
+        out.write(Locked {
             live_total,
             live_source,
+            recent,
             counted,
-            entry,
-        })
+        });
+        true
+    }
+}
+
+/// [`recent_unlocked`] while the window is being written.
+pub const RECENT_UNKNOWN: u64 = u64::MAX;
+
+/// The connections `entry`'s source opened in its rate window at `now`,
+/// read without the lock (by the XDP program): [`RECENT_UNKNOWN`] while
+/// the window is being written, then the SYN is left to the exact
+/// decision.
+///
+/// Not inlined: the copy of the window is on a stack of its own (and a
+/// plain integer is returned: an enum in a signature becomes BTF the
+/// kernel refuses).
+#[inline(never)]
+pub fn recent_unlocked(entry: *const SourceCount, now: u64, slot_ns: u64) -> u64 {
+    // SAFETY: a live map value; the fields are read one by one, the
+    // sequence around them.
+    unsafe {
+        let window = &raw const (*entry).rate;
+        let seq = core::ptr::read_volatile(&raw const (*window).seq);
+        if seq & 1 != 0 {
+            return RECENT_UNKNOWN;
+        }
+        let copy = RateWindow {
+            newest_start_ns: core::ptr::read_volatile(&raw const (*window).newest_start_ns),
+            counts: core::ptr::read_volatile(&raw const (*window).counts),
+            seq,
+        };
+        if core::ptr::read_volatile(&raw const (*window).seq) != seq {
+            return RECENT_UNKNOWN;
+        }
+        copy.recent(now, slot_ns) as u64
     }
 }
 
@@ -226,7 +342,9 @@ fn judge_locked(
 /// no connection can be counted into it between the check and the
 /// deletion, which only this does (a judge that meets the mark looks the
 /// entry up again until it is gone). Returns whether it was deleted.
-#[inline(always)]
+///
+/// Not inlined: its stack is its own, beside the other operations'.
+#[inline(never)]
 pub fn forget_source(source: &SourceKey, idle_ns: u64) -> bool {
     let Some(state) = connector_state(source.connector) else {
         return false;
@@ -234,12 +352,18 @@ pub fn forget_source(source: &SourceKey, idle_ns: u64) -> bool {
     let Some(entry) = SOURCE_LIVE.get_ptr_mut(source) else {
         return false;
     };
+    let slot_ns = CONNECTORS
+        .get(source.connector)
+        .map_or(0, |config| config.rate_slot_ns);
     let now = crate::now_ns();
     // SAFETY: live map values; the lock is the map's.
     let forgotten = unsafe {
         bpf_spin_lock((&raw mut (*state).lock).cast());
+        // Nor while its rate window holds a connection: the rate would be
+        // forgotten with it.
         let idle = core::ptr::read_volatile(&raw const (*entry).live) == 0
             && now.wrapping_sub((*entry).last_change_ns) >= idle_ns
+            && (*entry).rate.recent(now, slot_ns) == 0
             && (*entry).key.same(source);
         if idle {
             (*entry).flags |= SOURCE_FORGOTTEN;

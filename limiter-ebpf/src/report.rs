@@ -9,12 +9,15 @@ use limiter_common::{
         ConnKey, ConnectorConfig, FlowKey, REPORT_INTERVAL_NS, RejectionEvent, ReportGate,
         ResetRequest, SourceCount, SourceKey, action, gate, reset_reason, stat,
     },
+    rate,
     refusals::CachedRefusal,
 };
 
 use crate::{
     atomic,
-    count::{bump, connector_live, connector_state, ipv6_prefix_len},
+    count::{
+        RECENT_UNKNOWN, bump, connector_live, connector_state, ipv6_prefix_len, recent_unlocked,
+    },
     maps::{CONNECTORS, EVENTS, PENDING_RESETS, REPORT_GATES, REPORT_SCRATCH, RESETS, SOURCE_LIVE},
 };
 
@@ -27,6 +30,8 @@ pub struct Rejection<'a> {
     /// The counts it met, before it.
     pub live_total: u32,
     pub live_source: u32,
+    /// The source's connections in its rate window, before it.
+    pub recent: u32,
     /// The source's entry, or null when it has none.
     pub entry: *mut SourceCount,
     /// Earlier refusals of the same flood from this CPU's refusal cache
@@ -105,9 +110,16 @@ pub fn report_held(cached: &CachedRefusal, held: u32) -> bool {
     let live_source = entry.map_or(0, |e| unsafe {
         core::ptr::read_volatile(&raw const (*e).live)
     });
-    let mut evaluation = limiter_common::evaluate(&config.limits, live_total, live_source);
+    let recent = entry
+        .map(|e| recent_unlocked(e, crate::now_ns(), config.rate_slot_ns))
+        .filter(|&recent| recent != RECENT_UNKNOWN)
+        .unwrap_or(0) as u32;
+    let mut evaluation = rate::judge(&config.limits, live_total, live_source, recent);
     evaluation.admitted = false;
     evaluation.rule = Rule::from_raw(cached.rule as u32).unwrap_or(Rule::PerSource);
+    if evaluation.rule == Rule::Rate {
+        evaluation.cap = config.limits.max_inbound_connection_rate_per_source;
+    }
     let flow = FlowKey::from_words(
         cached.local,
         cached.remote,
@@ -122,6 +134,7 @@ pub fn report_held(cached: &CachedRefusal, held: u32) -> bool {
             evaluation: &evaluation,
             live_total,
             live_source,
+            recent,
             entry: core::ptr::null_mut(),
             carried: 0,
             at_completion: false,
@@ -180,12 +193,15 @@ fn report<const SCRATCH: bool>(
             None => false,
         }
     } else {
-        let mut event = core::mem::MaybeUninit::<RejectionEvent>::uninit();
-        fill(event.as_mut_ptr(), rejection, kind, folded);
-        // SAFETY: `fill` wrote every field (the type has no padding).
-        EVENTS
-            .output::<RejectionEvent>(unsafe { event.assume_init_ref() }, 0)
-            .is_ok()
+        // Written in place on the ring: not on a stack that is deep here.
+        match EVENTS.reserve::<RejectionEvent>(0) {
+            Some(mut event) => {
+                fill(event.as_mut_ptr(), rejection, kind, folded);
+                event.submit(0);
+                true
+            }
+            None => false,
+        }
     };
     if !sent {
         bump(stat::GLOBAL_ROW, stat::EVENTS_LOST);
@@ -223,6 +239,8 @@ fn fill(event: *mut RejectionEvent, rejection: &Rejection, kind: u32, folded: u3
         (*event).gate = kind;
         (*event).late = rejection.late as u32;
         (*event).repeat = rejection.repeat as u32;
+        (*event).recent = rejection.recent;
+        (*event)._pad = 0;
     }
 }
 
@@ -259,14 +277,14 @@ pub fn request_reset(conn: &ConnKey, socket_cookie: u64, reason: u32) {
 /// would have been (the connection was admitted).
 #[inline(always)]
 pub fn rejected_counter(rule: Rule, monitor: bool) -> u32 {
-    let counter = match rule {
-        Rule::Total => stat::REJECTED_TOTAL,
-        Rule::PerSource => stat::REJECTED_PER_SOURCE,
-        Rule::None | Rule::Percentage => stat::REJECTED_PERCENTAGE,
-    };
-    if monitor {
-        counter - stat::REJECTED_TOTAL + stat::MONITORED_TOTAL
-    } else {
-        counter
+    match (rule, monitor) {
+        (Rule::Total, false) => stat::REJECTED_TOTAL,
+        (Rule::Total, true) => stat::MONITORED_TOTAL,
+        (Rule::PerSource, false) => stat::REJECTED_PER_SOURCE,
+        (Rule::PerSource, true) => stat::MONITORED_PER_SOURCE,
+        (Rule::None | Rule::Percentage, false) => stat::REJECTED_PERCENTAGE,
+        (Rule::None | Rule::Percentage, true) => stat::MONITORED_PERCENTAGE,
+        (Rule::Rate, false) => stat::REJECTED_RATE,
+        (Rule::Rate, true) => stat::MONITORED_RATE,
     }
 }

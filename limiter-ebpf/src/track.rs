@@ -25,7 +25,9 @@ use limiter_common::{
 };
 
 use crate::{
-    count::{bump, judge_and_count, release, select_connector, select_forwarded, source_key},
+    count::{
+        Counting, bump, judge_and_count, release, select_connector, select_forwarded, source_key,
+    },
     maps::{CONNECTORS, ESTABLISHED, SETTINGS, SYNS_SEEN, UNDECLARED_FORWARDS, port_is_bound},
     read_ctx,
     report::{ON_STACK, Rejection, reject, request_reset},
@@ -229,7 +231,11 @@ fn judge_completed(ctx: &SockOpsContext, conn: &ConnKey, connector: u32) {
     let socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let source = source_key(connector, &conn.flow);
     let monitor = config.action == action::MONITOR;
-    let Some(judged) = judge_and_count(&source, &config.limits, monitor) else {
+    let counting = Counting {
+        regardless: monitor,
+        new: true,
+    };
+    let Some(judged) = judge_and_count(&source, config, counting) else {
         // A full table never admits a connection it cannot count.
         bump(connector, stat::TABLE_FULL);
         request_reset(conn, socket_cookie, reset_reason::TABLE_FULL);
@@ -254,6 +260,7 @@ fn judge_completed(ctx: &SockOpsContext, conn: &ConnKey, connector: u32) {
         evaluation: &judged.evaluation,
         live_total: judged.live_total,
         live_source: judged.live_source,
+        recent: judged.recent,
         entry: judged.entry,
         carried: 0,
         at_completion: true,

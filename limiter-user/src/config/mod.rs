@@ -19,6 +19,7 @@ use limiter_common::{
     Limits, UNLIMITED,
     admission::{MAX_INBOUND_CONNECTION_LIMIT, MAX_INBOUND_CONNECTION_PER_SOURCE_LIMIT},
     maps::MAX_CONNECTORS,
+    rate::{MAX_RATE_LIMIT, MAX_RATE_UNIT_SECS, MIN_RATE_UNIT_SECS},
 };
 use serde::{Deserialize, Serialize};
 
@@ -89,6 +90,8 @@ pub struct FieldNames {
     pub max_inbound_connection: &'static str,
     pub max_inbound_connection_per_source: &'static str,
     pub max_inbound_connection_percentage_per_source: &'static str,
+    pub max_inbound_connection_rate_per_source: &'static str,
+    pub connection_rate_time_unit: &'static str,
     pub action: &'static str,
     pub reply_text: &'static str,
 }
@@ -102,6 +105,8 @@ impl FieldNames {
         max_inbound_connection: "max_inbound_connection",
         max_inbound_connection_per_source: "max_inbound_connection_per_source",
         max_inbound_connection_percentage_per_source: "max_inbound_connection_percentage_per_source",
+        max_inbound_connection_rate_per_source: "max_inbound_connection_rate_per_source",
+        connection_rate_time_unit: "connection_rate_time_unit",
         action: "action",
         reply_text: "reply_text",
     };
@@ -113,6 +118,8 @@ impl FieldNames {
         max_inbound_connection: "--max-inbound-connection",
         max_inbound_connection_per_source: "--max-inbound-connection-per-source",
         max_inbound_connection_percentage_per_source: "--max-inbound-connection-percentage-per-source",
+        max_inbound_connection_rate_per_source: "--max-inbound-connection-rate-per-source",
+        connection_rate_time_unit: "--connection-rate-time-unit",
         action: "--action",
         reply_text: "--reply-text",
     };
@@ -350,6 +357,37 @@ pub fn check_max_inbound_connection_per_source(name: &str, v: LimitValue) -> Res
     }
 }
 
+pub fn check_max_inbound_connection_rate_per_source(
+    name: &str,
+    v: LimitValue,
+) -> Result<u32, String> {
+    match v {
+        LimitValue::Unlimited => Ok(UNLIMITED),
+        LimitValue::Value(n) if (1..=MAX_RATE_LIMIT as i64).contains(&n) => Ok(n as u32),
+        LimitValue::Value(n) => Err(format!(
+            "{name} {n} is out of range (1 to {MAX_RATE_LIMIT} a time unit, or unlimited)"
+        )),
+    }
+}
+
+/// The time unit of the rate, in seconds (a number; `unlimited` makes no
+/// sense here).
+pub fn check_connection_rate_time_unit(name: &str, v: LimitValue) -> Result<u32, String> {
+    match v {
+        LimitValue::Value(n)
+            if (MIN_RATE_UNIT_SECS as i64..=MAX_RATE_UNIT_SECS as i64).contains(&n) =>
+        {
+            Ok(n as u32)
+        }
+        LimitValue::Value(n) => Err(format!(
+            "{name} {n} is out of range ({MIN_RATE_UNIT_SECS} to {MAX_RATE_UNIT_SECS} seconds)"
+        )),
+        LimitValue::Unlimited => Err(format!(
+            "{name} must be a number of seconds ({MIN_RATE_UNIT_SECS} to {MAX_RATE_UNIT_SECS})"
+        )),
+    }
+}
+
 pub fn check_max_inbound_connection_percentage_per_source(
     name: &str,
     v: LimitValue,
@@ -422,6 +460,8 @@ pub struct RawConnector {
     pub max_inbound_connection: Option<toml::Value>,
     pub max_inbound_connection_per_source: Option<toml::Value>,
     pub max_inbound_connection_percentage_per_source: Option<toml::Value>,
+    pub max_inbound_connection_rate_per_source: Option<toml::Value>,
+    pub connection_rate_time_unit: Option<toml::Value>,
     pub action: Option<String>,
     pub reply_text: Option<String>,
 }
@@ -758,6 +798,18 @@ impl Connector {
                 defaults.max_inbound_connection_percentage_per_source,
                 check_max_inbound_connection_percentage_per_source,
             )?,
+            max_inbound_connection_rate_per_source: limit(
+                keys.max_inbound_connection_rate_per_source,
+                &rc.max_inbound_connection_rate_per_source,
+                defaults.max_inbound_connection_rate_per_source,
+                check_max_inbound_connection_rate_per_source,
+            )?,
+            connection_rate_time_unit: limit(
+                keys.connection_rate_time_unit,
+                &rc.connection_rate_time_unit,
+                defaults.connection_rate_time_unit,
+                check_connection_rate_time_unit,
+            )?,
         };
         let action = match &rc.action {
             None => Action::Drop,
@@ -851,14 +903,7 @@ max_inbound_connection_percentage_per_source = 100
         assert_eq!(c.connectors[0], Config::builtin_default().connectors[0]);
         let u = &c.connectors[1];
         assert_eq!(u.name, "Unauthenticated SMTP");
-        assert_eq!(
-            u.limits,
-            Limits {
-                max_inbound_connection: 5000,
-                max_inbound_connection_per_source: UNLIMITED,
-                max_inbound_connection_percentage_per_source: 100,
-            }
-        );
+        assert_eq!(u.limits, Limits::exchange(5000, UNLIMITED, 100));
         assert_eq!(u.action, Action::Drop);
         assert_eq!(u.remote_ip_ranges.len(), 3);
     }

@@ -134,6 +134,10 @@ impl Event {
                 limits.max_inbound_connection_per_source,
                 limits.max_inbound_connection_per_source,
             ),
+            Rule::Rate => (
+                limits.max_inbound_connection_rate_per_source,
+                limits.max_inbound_connection_rate_per_source,
+            ),
         };
         let remote = from_addr(&raw.remote);
         Event {
@@ -294,6 +298,8 @@ mod tests {
             gate: limiter_common::maps::gate::SOURCE,
             late: 0,
             repeat: 0,
+            recent: 0,
+            _pad: 0,
         }
     }
 

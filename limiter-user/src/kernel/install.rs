@@ -9,7 +9,7 @@ use limiter_common::maps::{
     ReplyMark, Settings, names,
 };
 use limiter_common::{
-    addr,
+    addr, rate,
     refusals::{self},
 };
 
@@ -144,6 +144,7 @@ impl Kernel {
                     Action::Reply if !self.replies => Action::Drop.to_raw(),
                     action => action.to_raw(),
                 },
+                rate_slot_ns: rate::slot_ns(connector.limits.connection_rate_time_unit),
             };
             self.connectors
                 .set(*id, value, 0)

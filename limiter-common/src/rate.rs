@@ -1,0 +1,312 @@
+//! The per-source connection rate: how many connections a source opened in
+//! the last `connection_rate_time_unit`, counted when their handshakes
+//! completed (a forged SYN never completes one, so it never spends a real
+//! sender's rate).
+//!
+//! # The window
+//!
+//! Each source entry keeps a [`RateWindow`]: the connections counted in
+//! each of the last [`RATE_SLOTS`] slots of `unit / RATE_SUBWINDOWS` (10 s
+//! for a 60 s unit). A new connection is admitted while the slots that
+//! reach into the last unit hold fewer than the limit: the current slot and
+//! the [`RATE_SUBWINDOWS`] before it. So:
+//!
+//! - a source never has more than `limit` connections counted in any
+//!   interval of one unit (the slots summed always cover the whole unit
+//!   before a connection; see the tests);
+//! - a connection stops counting between one unit and one unit plus a slot
+//!   after it was counted (60 to 70 s for a 60 s unit): a source that used
+//!   up its rate waits at most a slot longer than an exact sliding window
+//!   would make it.
+//!
+//! The slots advance with the clock in whole slots from the newest slot's
+//! start, found by comparisons: no division on the packet path.
+//!
+//! # Across CPUs
+//!
+//! The window is written only under the connector's lock, where the
+//! connection is judged and counted (see `crate::admission`), so the
+//! decision that counts is exact. The XDP program reads it without the
+//! lock to refuse a SYN early: [`RateWindow::seq`] is odd while a count is
+//! being written, and a reader that sees it odd, or changed, passes the
+//! SYN on to the exact decision at completion.
+
+use crate::admission::{Evaluation, Limits, Rule, UNLIMITED, evaluate};
+
+/// Slots of one unit.
+pub const RATE_SUBWINDOWS: u32 = 6;
+/// Slots of a [`RateWindow`]: the current one and a unit's worth before it.
+pub const RATE_SLOTS: usize = RATE_SUBWINDOWS as usize + 1;
+/// Largest `max_inbound_connection_rate_per_source` (a slot counts in 16
+/// bits).
+pub const MAX_RATE_LIMIT: u32 = 60_000;
+/// Range of `connection_rate_time_unit`, in seconds.
+pub const MIN_RATE_UNIT_SECS: u32 = 6;
+pub const MAX_RATE_UNIT_SECS: u32 = 3600;
+/// Postfix's `anvil_rate_time_unit`, and the default.
+pub const DEFAULT_RATE_UNIT_SECS: u32 = 60;
+
+/// The length of a slot for a unit of `unit_secs` seconds (computed by the
+/// daemon, stored in the connector's kernel config).
+pub const fn slot_ns(unit_secs: u32) -> u64 {
+    unit_secs as u64 * 1_000_000_000 / RATE_SUBWINDOWS as u64
+}
+
+/// A source's connections, counted per slot. `counts[0]` is the slot that
+/// began at `newest_start_ns`, `counts[i]` the one `i` slots before.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateWindow {
+    /// `bpf_ktime_get_ns()` when the newest slot began; 0: nothing counted.
+    pub newest_start_ns: u64,
+    pub counts: [u16; RATE_SLOTS],
+    /// Odd while the window is being written (see the module's docs).
+    pub seq: u16,
+}
+
+impl RateWindow {
+    /// How many slots have begun since the newest one did, at `now` (at
+    /// most [`RATE_SLOTS`]: then none of the counts is recent).
+    #[inline(always)]
+    pub fn slots_since(&self, now_ns: u64, slot_ns: u64) -> u32 {
+        let elapsed = now_ns.saturating_sub(self.newest_start_ns);
+        let mut advanced = 0;
+        let mut boundary = slot_ns;
+        while advanced < RATE_SLOTS as u32 && elapsed >= boundary {
+            advanced += 1;
+            boundary += slot_ns;
+        }
+        advanced
+    }
+
+    /// The connections that count against the rate at `now`.
+    #[inline(always)]
+    pub fn recent(&self, now_ns: u64, slot_ns: u64) -> u32 {
+        let advanced = self.slots_since(now_ns, slot_ns) as usize;
+        let mut sum = 0;
+        let mut slot = 0;
+        while slot < RATE_SLOTS {
+            if slot + advanced < RATE_SLOTS {
+                sum += self.counts[slot] as u32;
+            }
+            slot += 1;
+        }
+        sum
+    }
+
+    /// Counts a connection at `now`. Only under the connector's lock.
+    #[inline(always)]
+    pub fn count(&mut self, now_ns: u64, slot_ns: u64) {
+        let advanced = self.slots_since(now_ns, slot_ns);
+        if advanced as usize >= RATE_SLOTS {
+            self.counts = [0; RATE_SLOTS];
+            self.newest_start_ns = now_ns;
+        } else {
+            // In place, oldest first: no copy of the window on the stack
+            // (this runs under a lock, deep in the sock_ops program).
+            let mut step = 0;
+            while step < advanced {
+                let c = &mut self.counts;
+                c[6] = c[5];
+                c[5] = c[4];
+                c[4] = c[3];
+                c[3] = c[2];
+                c[2] = c[1];
+                c[1] = c[0];
+                c[0] = 0;
+                step += 1;
+            }
+            self.newest_start_ns += advanced as u64 * slot_ns;
+        }
+        self.counts[0] = self.counts[0].saturating_add(1);
+    }
+
+    /// When the count of recent connections next falls (the next slot
+    /// boundary after `now`): a refusal by the rate stands until then.
+    #[inline(always)]
+    pub fn next_change_ns(&self, now_ns: u64, slot_ns: u64) -> u64 {
+        let advanced = self.slots_since(now_ns, slot_ns) as u64;
+        if advanced >= RATE_SLOTS as u64 {
+            // Nothing recent, and nothing to fall.
+            return now_ns + slot_ns;
+        }
+        self.newest_start_ns + (advanced + 1) * slot_ns
+    }
+
+    /// When a source with this window may open a connection again under a
+    /// limit of `limit` a unit: `now` when it may now; `None` when the
+    /// window alone does not say (unlimited). Not for the packet path.
+    pub fn allowed_at(&self, now_ns: u64, slot_ns: u64, limit: u32) -> Option<u64> {
+        if limit == UNLIMITED {
+            return None;
+        }
+        let mut at = now_ns;
+        // Each step reaches the next slot boundary; a window empties after
+        // RATE_SLOTS of them.
+        for _ in 0..=RATE_SLOTS {
+            if self.recent(at, slot_ns) < limit {
+                return Some(at);
+            }
+            at = self.next_change_ns(at, slot_ns);
+        }
+        Some(at)
+    }
+}
+
+/// Whether the rate admits one more connection from a source with
+/// `recent` connections in the window.
+#[inline(always)]
+pub fn admits(limits: &Limits, recent: u32) -> bool {
+    let limit = limits.max_inbound_connection_rate_per_source;
+    limit == UNLIMITED || recent < limit
+}
+
+/// The whole rule for a new connection: Exchange's three limits on the
+/// live counts ([`evaluate`]), then the source's connection rate (with
+/// `recent` connections in its window). Rejected by the rate only, it is
+/// reported as [`Rule::Rate`] with the rate limit as its cap.
+#[inline(always)]
+pub fn judge(limits: &Limits, live_total: u32, live_source: u32, recent: u32) -> Evaluation {
+    let evaluation = evaluate(limits, live_total, live_source);
+    if evaluation.admitted && !admits(limits, recent) {
+        return Evaluation {
+            admitted: false,
+            rule: Rule::Rate,
+            cap: limits.max_inbound_connection_rate_per_source,
+        };
+    }
+    evaluation
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use std::vec::Vec;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const SLOT: u64 = 10_000_000_000;
+    const UNIT: u64 = SLOT * RATE_SUBWINDOWS as u64;
+
+    #[test]
+    fn slot_of_a_minute_is_ten_seconds() {
+        assert_eq!(slot_ns(60), SLOT);
+        assert_eq!(size_of::<RateWindow>(), 24);
+    }
+
+    #[test]
+    fn counts_fall_out_between_one_unit_and_one_unit_and_a_slot() {
+        let mut w = RateWindow::default();
+        let t0 = 1_000 * SLOT + 3;
+        w.count(t0, SLOT);
+        assert_eq!(w.recent(t0, SLOT), 1);
+        assert_eq!(w.recent(t0 + UNIT - 1, SLOT), 1);
+        assert_eq!(w.recent(t0 + UNIT + SLOT - 1, SLOT), 1);
+        assert_eq!(w.recent(t0 + UNIT + SLOT, SLOT), 0);
+        assert_eq!(w.next_change_ns(t0, SLOT), t0 + SLOT);
+    }
+
+    #[test]
+    fn allowed_at_is_when_the_oldest_slot_falls_out() {
+        let mut w = RateWindow::default();
+        let t0 = 7 * SLOT;
+        for i in 0..3 {
+            w.count(t0 + i * SLOT, SLOT);
+        }
+        let now = t0 + 2 * SLOT;
+        assert_eq!(w.allowed_at(now, SLOT, 4), Some(now));
+        assert_eq!(w.allowed_at(now, SLOT, 3), Some(t0 + UNIT + SLOT));
+        assert_eq!(w.allowed_at(now, SLOT, 2), Some(t0 + UNIT + 2 * SLOT));
+        assert_eq!(w.allowed_at(now, SLOT, 1), Some(t0 + UNIT + 3 * SLOT));
+        assert_eq!(w.allowed_at(now, SLOT, UNLIMITED), None);
+    }
+
+    #[test]
+    fn the_rate_is_checked_after_exchanges_limits() {
+        let mut l = Limits::EXCHANGE_DEFAULT;
+        l.max_inbound_connection_rate_per_source = 5;
+        let e = judge(&l, 0, 0, 5);
+        assert_eq!((e.admitted, e.rule, e.cap), (false, Rule::Rate, 5));
+        assert_eq!(judge(&l, 0, 0, 4), evaluate(&l, 0, 0));
+        // Over a concurrency cap too: that one is reported.
+        let e = judge(&l, 20, 20, 9);
+        assert_eq!((e.admitted, e.rule), (false, Rule::PerSource));
+        l.max_inbound_connection_rate_per_source = UNLIMITED;
+        assert!(judge(&l, 0, 0, u32::MAX).admitted);
+    }
+
+    /// Connections admitted one by one at `times` (sorted) under `limit`:
+    /// the times of those admitted.
+    fn admitted(times: &[u64], limit: u32) -> Vec<u64> {
+        let mut w = RateWindow::default();
+        let mut out = Vec::new();
+        for &t in times {
+            if w.recent(t, SLOT) < limit {
+                w.count(t, SLOT);
+                out.push(t);
+            }
+        }
+        out
+    }
+
+    proptest! {
+        /// Against a plain model, a list of the admitted connections'
+        /// times: never more than `limit` in any interval of one unit, and
+        /// a connection is refused only when the admitted ones within the
+        /// last unit and a slot reach the limit.
+        #[test]
+        fn never_more_than_the_limit_in_any_unit(
+            start in 0u64..u64::MAX / 4,
+            gaps in proptest::collection::vec(0u64..3 * SLOT, 1..200),
+            limit in 1u32..12,
+        ) {
+            let mut times = Vec::new();
+            let mut t = start;
+            for g in gaps {
+                t += g;
+                times.push(t);
+            }
+            let ok = admitted(&times, limit);
+            for (i, &a) in ok.iter().enumerate() {
+                let within = ok[i..].iter().take_while(|&&b| b < a + UNIT).count();
+                prop_assert!(within as u32 <= limit, "{within} within a unit from {a}");
+            }
+            for &t in &times {
+                if ok.contains(&t) {
+                    continue;
+                }
+                let before = ok.iter().filter(|&&a| a <= t && t - a < UNIT + SLOT).count();
+                prop_assert!(before as u32 >= limit, "refused at {t} with {before} recent");
+            }
+        }
+
+        /// What the window says is recent is what the model counts, to a
+        /// slot: every admitted connection within the last unit, none older
+        /// than a unit and a slot.
+        #[test]
+        fn recent_counts_the_last_unit_to_a_slot(
+            start in 0u64..u64::MAX / 4,
+            gaps in proptest::collection::vec(0u64..2 * SLOT, 1..100),
+            probe in 0u64..3 * UNIT,
+        ) {
+            let mut w = RateWindow::default();
+            let mut t = start;
+            let mut times = Vec::new();
+            for g in gaps {
+                t += g;
+                w.count(t, SLOT);
+                times.push(t);
+            }
+            let now = t + probe;
+            let recent = w.recent(now, SLOT) as usize;
+            let surely = times.iter().filter(|&&a| now - a < UNIT).count();
+            let at_most = times.iter().filter(|&&a| now - a < UNIT + SLOT).count();
+            prop_assert!(surely <= recent && recent <= at_most);
+            let next = w.next_change_ns(now, SLOT);
+            prop_assert!(next > now && next - now <= SLOT);
+            prop_assert_eq!(w.recent(next - 1, SLOT), w.recent(now, SLOT));
+        }
+    }
+}
