@@ -287,7 +287,13 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::{Limits, UNLIMITED, addr::from_ipv4, admits, evaluate, maps::FlowKey};
+    use crate::{
+        Limits, UNLIMITED,
+        addr::from_ipv4,
+        admits,
+        maps::FlowKey,
+        rate::{self, RateWindow, slot_ns},
+    };
 
     #[test]
     fn an_entry_is_a_cache_line_with_its_gate_last() {
@@ -306,6 +312,10 @@ mod tests {
         total: u32,
         sources: BTreeMap<u8, u32>,
         stamps: Vec<u32>,
+        /// The monotonic clock, and how far the coarse clock lags it.
+        now: u64,
+        lag: u64,
+        windows: BTreeMap<u8, RateWindow>,
     }
 
     impl World {
@@ -316,7 +326,26 @@ mod tests {
                 total: 0,
                 sources: BTreeMap::new(),
                 stamps: std::vec![0; RELEASE_STAMPS_LEN as usize],
+                now: 1_000_000_000_000,
+                lag: 0,
+                windows: BTreeMap::new(),
             }
+        }
+
+        fn slot_ns(&self) -> u64 {
+            slot_ns(self.limits.connection_rate_time_unit)
+        }
+
+        fn recent(&self, source: u8) -> u32 {
+            self.windows
+                .get(&source)
+                .map_or(0, |w| w.recent(self.now, self.slot_ns()))
+        }
+
+        /// Whether the whole rule admits a connection of `source` now.
+        fn admits(&self, source: u8) -> bool {
+            admits(&self.limits, self.total, self.live(source))
+                && rate::admits(&self.limits, self.recent(source))
         }
 
         fn live(&self, source: u8) -> u32 {
@@ -325,10 +354,18 @@ mod tests {
 
         /// A handshake that completes: counted if the rule admits it.
         fn complete(&mut self, source: u8) {
-            if admits(&self.limits, self.total, self.live(source)) {
+            if self.admits(source) {
                 self.total += 1;
                 *self.sources.entry(source).or_default() += 1;
+                let (now, slot) = (self.now, self.slot_ns());
+                self.windows.entry(source).or_default().count(now, slot);
             }
+        }
+
+        /// Time passes; the coarse clock lags by `lag` (at most a tick).
+        fn tick(&mut self, ns: u64, lag: u64) {
+            self.now += ns;
+            self.lag = lag.min(COARSE_CLOCK_LAG_NS - 1);
         }
 
         /// A connection that predates the daemon: counted regardless.
@@ -389,9 +426,12 @@ mod tests {
             let first = key.first_slot() as usize;
             for way in 0..REFUSAL_WAYS as usize {
                 let entry = &self.slots[first + way];
-                if entry.holds(&key)
-                    && entry.stands(world.generation, world.stamps[entry.stamp_index as usize])
-                {
+                let stands = if entry.is_by_rate() {
+                    entry.stands_at(world.generation, world.now - world.lag)
+                } else {
+                    entry.stands(world.generation, world.stamps[entry.stamp_index as usize])
+                };
+                if entry.holds(&key) && stands {
                     self.hits += 1;
                     return (true, true);
                 }
@@ -402,11 +442,20 @@ mod tests {
             let (connector_value, own_value) =
                 (world.stamps[connector as usize], world.stamps[own as usize]);
             let live = world.live(source);
-            let evaluation = evaluate(&world.limits, world.total, live);
+            let window = world.windows.get(&source).copied().unwrap_or_default();
+            let recent = window.recent(world.now, world.slot_ns());
+            let evaluation = rate::judge(&world.limits, world.total, live, recent);
             if evaluation.admitted {
                 return (false, false);
             }
             let index = stamp_for(evaluation.rule, connector, own);
+            let (stamp_index, stamp) = if evaluation.rule == Rule::Rate {
+                CachedRefusal::rate_stamp(window.next_change_ns(world.now, world.slot_ns()))
+            } else if index == connector {
+                (index, connector_value)
+            } else {
+                (index, own_value)
+            };
             let way = self.slots[first..first + 2]
                 .iter()
                 .position(|e| e.holds(&key))
@@ -418,12 +467,8 @@ mod tests {
                 prefix_len: key.prefix_len,
                 connector: CONNECTOR + 1,
                 generation: world.generation,
-                stamp_index: index,
-                stamp: if index == connector {
-                    connector_value
-                } else {
-                    own_value
-                },
+                stamp_index,
+                stamp,
                 rule: evaluation.rule as u8,
                 ..Default::default()
             };
@@ -494,6 +539,54 @@ mod tests {
         assert_eq!(cache.syn(&world, 1), (true, true));
     }
 
+    fn rate_limits(rate: u32) -> Limits {
+        let mut limits = limits(UNLIMITED, UNLIMITED, 100);
+        limits.max_inbound_connection_rate_per_source = rate;
+        limits.connection_rate_time_unit = 60;
+        limits
+    }
+
+    /// A world where source 1 opened `rate` connections (closed since) and
+    /// is refused by the rate from the cache.
+    fn refused_by_rate(rate: u32) -> (World, Cache) {
+        let mut world = World::new(rate_limits(rate));
+        for _ in 0..rate {
+            world.complete(1);
+            world.release(1);
+        }
+        let mut cache = Cache::new();
+        assert_eq!(cache.syn(&world, 1), (true, false), "judged exactly first");
+        assert_eq!(cache.syn(&world, 1), (true, true), "then from the cache");
+        (world, cache)
+    }
+
+    #[test]
+    fn a_rate_refusal_lapses_when_the_window_moves_on_and_not_before() {
+        let (mut world, mut cache) = refused_by_rate(3);
+        let slot = world.slot_ns();
+        // Releases do not undo it: the connections were counted all the
+        // same.
+        world.seed(1);
+        world.release(1);
+        assert_eq!(cache.syn(&world, 1), (true, true));
+        // Up to the next slot boundary it stands, however late the coarse
+        // clock; after it, the SYN is judged exactly again (and still
+        // refused: the connections are recent until a unit and a slot).
+        world.tick(slot - COARSE_CLOCK_LAG_NS - 1, 0);
+        assert_eq!(cache.syn(&world, 1), (true, true));
+        world.tick(COARSE_CLOCK_LAG_NS + 1, COARSE_CLOCK_LAG_NS - 1);
+        assert_eq!(cache.syn(&world, 1), (true, false));
+        world.tick(6 * slot, 0);
+        assert_eq!(cache.syn(&world, 1), (false, false));
+    }
+
+    #[test]
+    fn a_configuration_change_undoes_a_rate_refusal() {
+        let (mut world, mut cache) = refused_by_rate(2);
+        world.reconfigure(rate_limits(3));
+        assert_eq!(cache.syn(&world, 1), (false, false));
+    }
+
     #[test]
     fn ipv6_hosts_of_one_prefix_share_a_key_and_other_prefixes_do_not() {
         let flow = |host: u8, net: u8| {
@@ -552,7 +645,9 @@ mod tests {
         Complete(u8),
         Seed(u8),
         Release(u8),
-        Reconfigure(u32, u32, u32),
+        Reconfigure(u32, u32, u32, u32),
+        /// Milliseconds pass; the coarse clock then lags by this many µs.
+        Tick(u32, u32),
     }
 
     fn step() -> impl Strategy<Value = Step> {
@@ -562,7 +657,9 @@ mod tests {
             2 => source.clone().prop_map(Step::Complete),
             1 => source.clone().prop_map(Step::Seed),
             2 => source.prop_map(Step::Release),
-            1 => (1u32..=12, 1u32..=6, 1u32..=100).prop_map(|(m, p, c)| Step::Reconfigure(m, p, c)),
+            1 => (1u32..=12, 1u32..=6, 1u32..=100, 1u32..=8)
+                .prop_map(|(m, p, c, r)| Step::Reconfigure(m, p, c, r)),
+            2 => (0u32..25_000, 0u32..20_000).prop_map(|(ms, lag)| Step::Tick(ms, lag)),
         ]
     }
 
@@ -578,12 +675,18 @@ mod tests {
         (0..count)
             .map(|_| {
                 let source = (next() % 4) as u8;
-                match next() % 10 {
+                match next() % 12 {
                     0..=3 => Step::Syn(source),
                     4 | 5 => Step::Complete(source),
                     6 => Step::Seed(source),
                     7 | 8 => Step::Release(source),
-                    _ => Step::Reconfigure(1 + next() % 12, 1 + next() % 6, 1 + next() % 100),
+                    9 | 10 => Step::Tick(next() % 25_000, next() % 20_000),
+                    _ => Step::Reconfigure(
+                        1 + next() % 12,
+                        1 + next() % 6,
+                        1 + next() % 100,
+                        1 + next() % 8,
+                    ),
                 }
             })
             .collect()
@@ -595,14 +698,22 @@ mod tests {
         for step in steps {
             match *step {
                 Step::Syn(source) => {
-                    let exact = !admits(&world.limits, world.total, world.live(source));
+                    let exact = !world.admits(source);
                     let (refused, _) = cache.syn(&world, source);
                     prop_assert_eq!(refused, exact, "{:?}", world);
                 }
                 Step::Complete(source) => world.complete(source),
                 Step::Seed(source) => world.seed(source),
                 Step::Release(source) => world.release(source),
-                Step::Reconfigure(m, p, c) => world.reconfigure(self::limits(m, p, c)),
+                Step::Reconfigure(m, p, c, r) => {
+                    let mut limits = self::limits(m, p, c);
+                    // A rate on some configurations, with a unit of 6 s.
+                    limits.max_inbound_connection_rate_per_source =
+                        if r > 6 { UNLIMITED } else { r };
+                    limits.connection_rate_time_unit = 6;
+                    world.reconfigure(limits)
+                }
+                Step::Tick(ms, lag_us) => world.tick(ms as u64 * 1_000_000, lag_us as u64 * 1000),
             }
         }
         Ok(cache.hits)
@@ -619,10 +730,14 @@ mod tests {
         /// the rule refuses on the counts of that moment.
         #[test]
         fn the_cache_refuses_only_what_the_rule_refuses_now(
-            start in (1u32..=12, 1u32..=6, 1u32..=100),
+            start in (1u32..=12, 1u32..=6, 1u32..=100, 1u32..=8),
             steps in proptest::collection::vec(step(), 1..200),
         ) {
-            replay(limits(start.0, start.1, start.2), &steps)?;
+            let mut limits = limits(start.0, start.1, start.2);
+            limits.max_inbound_connection_rate_per_source =
+                if start.3 > 6 { UNLIMITED } else { start.3 };
+            limits.connection_rate_time_unit = 6;
+            replay(limits, &steps)?;
         }
     }
 }
