@@ -206,6 +206,8 @@ mod tests {
         assert_eq!(w.recent(t0 + UNIT + SLOT - 1, SLOT), 1);
         assert_eq!(w.recent(t0 + UNIT + SLOT, SLOT), 0);
         assert_eq!(w.next_change_ns(t0, SLOT), t0 + SLOT);
+        // A slot of nothing (no rate on the connector) holds nothing.
+        assert_eq!(w.recent(t0, 0), 0);
     }
 
     #[test]

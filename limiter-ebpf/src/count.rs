@@ -12,7 +12,7 @@ use aya_ebpf::{
     maps::{Array, lpm_trie::Key},
 };
 use limiter_common::{
-    Evaluation,
+    Evaluation, UNLIMITED,
     addr::{self, Words},
     maps::{
         BindingKey, ConnectorConfig, ConnectorState, FORWARDED_BINDING, FlowKey, FlowValue,
@@ -352,15 +352,19 @@ pub fn forget_source(source: &SourceKey, idle_ns: u64) -> bool {
     let Some(entry) = SOURCE_LIVE.get_ptr_mut(source) else {
         return false;
     };
-    let slot_ns = CONNECTORS
-        .get(source.connector)
-        .map_or(0, |config| config.rate_slot_ns);
+    // A rate window only keeps the entry on a connector with a rate limit.
+    let slot_ns = match CONNECTORS.get(source.connector) {
+        Some(config) if config.limits.max_inbound_connection_rate_per_source != UNLIMITED => {
+            config.rate_slot_ns
+        }
+        _ => 0,
+    };
     let now = crate::now_ns();
     // SAFETY: live map values; the lock is the map's.
     let forgotten = unsafe {
         bpf_spin_lock((&raw mut (*state).lock).cast());
-        // Nor while its rate window holds a connection: the rate would be
-        // forgotten with it.
+        // Nor while its rate window holds a connection (a slot of 0 holds
+        // none): the rate would be forgotten with it.
         let idle = core::ptr::read_volatile(&raw const (*entry).live) == 0
             && now.wrapping_sub((*entry).last_change_ns) >= idle_ns
             && (*entry).rate.recent(now, slot_ns) == 0
