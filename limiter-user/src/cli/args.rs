@@ -349,6 +349,70 @@ mod tests {
     use crate::events::Event;
 
     #[test]
+    fn the_rate_flags_are_connector_changes() {
+        let parsed = Cli::try_parse_from([
+            "limiter",
+            "connector",
+            "set",
+            "Default Frontend",
+            "--max-inbound-connection-rate-per-source",
+            "unlimited",
+            "--connection-rate-time-unit",
+            "10",
+        ])
+        .unwrap();
+        let Command::Connector(ConnectorCommand::Set { name, changes, .. }) = parsed.command else {
+            panic!("not connector set");
+        };
+        assert_eq!(name, "Default Frontend");
+        assert_eq!(
+            changes,
+            ConnectorChanges {
+                max_inbound_connection_rate_per_source: Some("unlimited".into()),
+                connection_rate_time_unit: Some("10".into()),
+                ..ConnectorChanges::default()
+            }
+        );
+        assert_eq!(changes.check(), Ok(()));
+        let parsed = Cli::try_parse_from([
+            "limiter",
+            "connector",
+            "new",
+            "Relay",
+            "--bindings",
+            "0.0.0.0:587",
+            "--max-inbound-connection-rate-per-source",
+            "30",
+        ])
+        .unwrap();
+        let Command::Connector(ConnectorCommand::New { changes, .. }) = parsed.command else {
+            panic!("not connector new");
+        };
+        assert_eq!(
+            changes.max_inbound_connection_rate_per_source.as_deref(),
+            Some("30")
+        );
+        assert_eq!(changes.connection_rate_time_unit, None);
+        // Values are judged by check(), which names the flag.
+        let parsed = Cli::try_parse_from([
+            "limiter",
+            "connector",
+            "set",
+            "F",
+            "--connection-rate-time-unit",
+            "1h",
+        ])
+        .unwrap();
+        let Command::Connector(ConnectorCommand::Set { changes, .. }) = parsed.command else {
+            panic!("not connector set");
+        };
+        assert_eq!(
+            changes.check(),
+            Err("--connection-rate-time-unit \"1h\" is not a number or \"unlimited\"".to_string())
+        );
+    }
+
+    #[test]
     fn lines_and_since_read_like_journalctl() {
         assert_eq!(parse_lines("all"), Ok(Lines::All));
         assert_eq!(parse_lines("0"), Ok(Lines::Last(0)));
