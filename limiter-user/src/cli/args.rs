@@ -80,7 +80,8 @@ pub(super) enum Command {
         #[arg(long, env = "LIMITER_CONTROL", default_value = DEFAULT_CONTROL_PATH)]
         control: PathBuf,
     },
-    /// The recent 1009 / 1021 events; with --follow, new ones as they come.
+    /// The recent 1009 / 1021 events (61021: the connection rate); with
+    /// --follow, new ones as they come.
     Events {
         /// Keep printing new events until interrupted, after the last 10
         /// recent ones (unless --lines or --since says otherwise). Ends
@@ -463,6 +464,8 @@ mod tests {
             local: "192.0.2.1:25".into(),
             live_total: 1,
             live_source: 1,
+            recent: 0,
+            time_unit: None,
             action: "drop".into(),
             count: 1,
             late: false,

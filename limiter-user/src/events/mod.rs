@@ -1,5 +1,5 @@
-//! Rejection events: Exchange's 1009 / 1021 lines, folded like Exchange's
-//! periodic logging, written to the journal or syslog (see
+//! Rejection events: Exchange's 1009 / 1021 lines (and limiter's own
+//! 61021 for the connection rate), folded like Exchange's periodic logging, written to the journal or syslog (see
 //! [`crate::logging`]) and streamed to `limiter events` followers.
 
 use std::{
@@ -7,7 +7,12 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use limiter_common::{Limits, Rule, admission::percentage_cap, maps::RejectionEvent, maps::action};
+use limiter_common::{
+    Limits, Rule,
+    admission::{RATE_EVENT_ID, percentage_cap},
+    maps::RejectionEvent,
+    maps::action,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::{config::LimitValue, query::show_source, selection::from_addr};
@@ -31,6 +36,8 @@ pub const SD_ID: &str = "limiter@32473";
 pub const MESSAGE_ID_1009: &str = "2c6fcf6927d84099a90dafd0ad35b394";
 /// The journal's MESSAGE_ID of event 1021.
 pub const MESSAGE_ID_1021: &str = "d5f9771a94124104b64b28621d78327a";
+/// The journal's MESSAGE_ID of event 61021 (the connection rate).
+pub const MESSAGE_ID_61021: &str = "8fccc67b88d745ca964c99d5ace6903b";
 /// Default period over which repeats are folded into one line.
 pub const DEFAULT_PERIOD: Duration = Duration::from_secs(60);
 
@@ -39,7 +46,8 @@ pub const DEFAULT_PERIOD: Duration = Duration::from_secs(60);
 pub struct Event {
     /// RFC 3339, UTC.
     pub time: String,
-    /// 1009 (total) or 1021 (per source, percentage).
+    /// 1009 (total), 1021 (per source, percentage) or 61021 (rate,
+    /// limiter's own).
     pub event_id: u32,
     pub connector: String,
     /// The remote address, as Exchange prints it.
@@ -50,7 +58,7 @@ pub struct Event {
     /// The cap the connection met: the limit, or for the percentage rule
     /// ceil((max - T) * pct / 100).
     pub effective: u32,
-    /// "total", "per_source" or "percentage".
+    /// "total", "per_source", "percentage" or "rate".
     pub rule: String,
     /// Exchange's text.
     pub message: String,
@@ -61,6 +69,14 @@ pub struct Event {
     /// Live connections on the connector and from the source, before it.
     pub live_total: u32,
     pub live_source: u32,
+    /// The connections the source opened in its rate window before it (in
+    /// the last `connection_rate_time_unit`, to a slot).
+    #[serde(default)]
+    pub recent: u32,
+    /// A rejection by the rate: the `connection_rate_time_unit` its limit
+    /// counts in, in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_unit: Option<u32>,
     /// "drop", "reset" or "reply" (refused), or "monitor" (admitted,
     /// reported only).
     pub action: String,
@@ -87,14 +103,16 @@ pub struct Event {
     pub period_seconds: Option<u64>,
 }
 
-/// Exchange's message for a rejection by `rule`; with action monitor
-/// (`monitor`), said as what would have happened, since the connection was
-/// admitted.
+/// Exchange's message for a rejection by `rule` (for the rate, limiter's
+/// own in its style; the source had opened `recent` connections in the
+/// window); with action monitor (`monitor`), said as what would have
+/// happened, since the connection was admitted.
 pub fn exchange_message(
     rule: Rule,
     connector: &str,
     remote: IpAddr,
     limits: &Limits,
+    recent: u32,
     monitor: bool,
 ) -> String {
     let rejected = if monitor {
@@ -106,6 +124,13 @@ pub fn exchange_message(
         Rule::Total => format!(
             "Receive connector \"{connector}\" {rejected} an incoming connection. The maximum number of connections ({}) for this connector has been reached.",
             LimitValue::display(limits.max_inbound_connection)
+        ),
+        Rule::Rate => format!(
+            "Receive connector \"{connector}\" {rejected} an incoming connection from IP address {remote}. The source opened {recent} connection{} in the last {} seconds, its limit of {} ({}).",
+            plural(u64::from(recent)),
+            limits.connection_rate_time_unit,
+            LimitValue::display(limits.max_inbound_connection_rate_per_source),
+            Rule::Rate.exchange_name()
         ),
         _ => format!(
             "Receive connector \"{connector}\" {rejected} an incoming connection from IP address {remote}. The maximum number of connections per source ({}) for this connector has been reached by this source IP address.",
@@ -153,12 +178,15 @@ impl Event {
                 connector,
                 remote,
                 &limits,
+                raw.recent,
                 raw.action == action::MONITOR,
             ),
             source_identity: show_source(&raw.source, ipv6_prefix_length),
             local: SocketAddr::new(from_addr(&raw.local), raw.local_port).to_string(),
             live_total: raw.live_total,
             live_source: raw.live_source,
+            recent: raw.recent,
+            time_unit: (rule == Rule::Rate).then_some(limits.connection_rate_time_unit),
             action: match raw.action {
                 action::MONITOR => "monitor",
                 action::RESET => "reset",
@@ -188,10 +216,14 @@ impl Event {
             ("effective", self.effective.to_string()),
             ("live_total", self.live_total.to_string()),
             ("live_source", self.live_source.to_string()),
+            ("recent", self.recent.to_string()),
             ("action", self.action.clone()),
             ("count", self.count.to_string()),
             ("late", self.late.to_string()),
         ];
+        if let Some(unit) = self.time_unit {
+            fields.push(("time_unit", unit.to_string()));
+        }
         if let Some(period) = self.period_seconds {
             fields.push(("period_seconds", period.to_string()));
         }
@@ -215,10 +247,10 @@ impl Event {
 
     /// The journal's MESSAGE_ID for its event id.
     pub fn message_id(&self) -> &'static str {
-        if self.event_id == 1009 {
-            MESSAGE_ID_1009
-        } else {
-            MESSAGE_ID_1021
+        match self.event_id {
+            1009 => MESSAGE_ID_1009,
+            RATE_EVENT_ID => MESSAGE_ID_61021,
+            _ => MESSAGE_ID_1021,
         }
     }
 
@@ -243,8 +275,13 @@ impl Event {
         } else {
             ""
         };
+        // The rate's cap is per time unit, not on what is held.
+        let per_unit = self
+            .time_unit
+            .map(|unit| format!(" per {unit} s"))
+            .unwrap_or_default();
         format!(
-            "{} {} {}{repeats} [{} cap {}, live {} on the connector, {} from the source]{monitor}",
+            "{} {} {}{repeats} [{} cap {}{per_unit}, live {} on the connector, {} from the source]{monitor}",
             self.time,
             self.event_id,
             self.message,
@@ -355,6 +392,97 @@ mod tests {
         );
         assert_eq!(e.source_identity, "2001:db8:1:2::/64");
         assert_eq!(e.time, "2027-01-15T08:00:00.000Z");
+    }
+
+    /// A rejection by the rate: 5 a minute, the source had opened 5.
+    fn rate_report(action: u32) -> RejectionEvent {
+        let mut rated = raw(Rule::Rate, "192.0.2.7", 3, 1);
+        rated.limits.max_inbound_connection_rate_per_source = 5;
+        rated.recent = 5;
+        rated.action = action;
+        rated
+    }
+
+    #[test]
+    fn a_rejection_by_the_rate_is_event_61021() {
+        let e = Event::from_kernel(&rate_report(action::DROP), "Default Frontend", 64, at(0));
+        assert_eq!(
+            e.message,
+            "Receive connector \"Default Frontend\" rejected an incoming connection from IP address 192.0.2.7. The source opened 5 connections in the last 60 seconds, its limit of 5 (MaxInboundConnectionRatePerSource)."
+        );
+        assert_eq!(
+            (e.event_id, e.rule.as_str(), e.configured, e.effective),
+            (61021, "rate", 5, 5)
+        );
+        assert_eq!((e.recent, e.time_unit), (5, Some(60)));
+        assert_eq!(e.message_id(), MESSAGE_ID_61021);
+        assert_eq!(
+            e.line(),
+            "2027-01-15T08:00:00.000Z 61021 Receive connector \"Default Frontend\" rejected an incoming connection from IP address 192.0.2.7. The source opened 5 connections in the last 60 seconds, its limit of 5 (MaxInboundConnectionRatePerSource). (1 refusal) [MaxInboundConnectionRatePerSource cap 5 per 60 s, live 3 on the connector, 1 from the source]"
+        );
+        let json = serde_json::to_value(&e).unwrap();
+        for (key, value) in [
+            ("event_id", serde_json::json!(61021)),
+            ("rule", "rate".into()),
+            ("configured", 5.into()),
+            ("effective", 5.into()),
+            ("recent", 5.into()),
+            ("time_unit", 60.into()),
+        ] {
+            assert_eq!(json[key], value, "{key} in {json}");
+        }
+        assert_eq!(serde_json::from_value::<Event>(json).unwrap(), e);
+        let fields = e.fields();
+        for field in [("recent", "5"), ("time_unit", "60"), ("event_id", "61021")] {
+            assert!(
+                fields.iter().any(|(k, v)| (*k, v.as_str()) == field),
+                "{field:?} in {fields:?}"
+            );
+        }
+        let line = syslog_line(
+            &e,
+            Destination {
+                target: crate::logging::Target::Socket("/dev/log".into()),
+                format: crate::logging::Format::Rfc5424,
+            },
+        );
+        assert!(
+            line.contains(&format!(
+                " limiter {} 61021 [limiter@32473 event_id=\"61021\" ",
+                std::process::id()
+            )) && line.contains("recent=\"5\"")
+                && line.contains("time_unit=\"60\""),
+            "{line}"
+        );
+        // One connection, and action monitor.
+        let mut one = rate_report(action::MONITOR);
+        one.limits.max_inbound_connection_rate_per_source = 1;
+        one.recent = 1;
+        let e = Event::from_kernel(&one, "F", 64, at(0));
+        assert!(
+            e.message.starts_with(
+                "Receive connector \"F\" would have rejected (action monitor: admitted) an incoming connection from IP address 192.0.2.7. The source opened 1 connection in the last 60 seconds, its limit of 1 ("
+            ),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn other_events_carry_recent_but_no_time_unit() {
+        let mut report = raw(Rule::PerSource, "192.0.2.7", 100, 20);
+        report.recent = 7;
+        let e = Event::from_kernel(&report, "F", 64, at(0));
+        assert_eq!((e.recent, e.time_unit), (7, None));
+        let json = serde_json::to_value(&e).unwrap();
+        assert_eq!(json["recent"], 7);
+        assert!(json.get("time_unit").is_none(), "{json}");
+        assert!(!e.line().contains("cap 20 per"), "{}", e.line());
+        assert_eq!(e.message_id(), MESSAGE_ID_1021);
+        // An older daemon's event, without them.
+        let mut old = json;
+        old.as_object_mut().unwrap().remove("recent");
+        assert_eq!(serde_json::from_value::<Event>(old).unwrap().recent, 0);
     }
 
     #[test]
