@@ -82,10 +82,12 @@ pub fn render(s: &Snapshot) -> String {
             ("total", "enforce", c.rejected_total_limit),
             ("per_source", "enforce", c.rejected_per_source),
             ("percentage", "enforce", c.rejected_percentage),
+            ("rate", "enforce", c.rejected_rate),
             ("table_full", "enforce", c.rejected_table_full),
             ("total", "monitor", c.would_reject_total_limit),
             ("per_source", "monitor", c.would_reject_per_source),
             ("percentage", "monitor", c.would_reject_percentage),
+            ("rate", "monitor", c.would_reject_rate),
         ] {
             rejected
                 .get_or_create(&RuleLabel {
@@ -274,6 +276,8 @@ mod tests {
                     admitted: 7,
                     rejected_per_source: 3,
                     would_reject_percentage: 5,
+                    rejected_rate: 6,
+                    would_reject_rate: 8,
                     ..Default::default()
                 },
                 4,
@@ -288,6 +292,8 @@ mod tests {
             "limiter_connections_rejected_total{connector=\"Default Frontend\",rule=\"per_source\",action=\"enforce\"} 3",
             "limiter_connections_rejected_total{connector=\"Default Frontend\",rule=\"total\",action=\"enforce\"} 0",
             "limiter_connections_rejected_total{connector=\"Default Frontend\",rule=\"percentage\",action=\"monitor\"} 5",
+            "limiter_connections_rejected_total{connector=\"Default Frontend\",rule=\"rate\",action=\"enforce\"} 6",
+            "limiter_connections_rejected_total{connector=\"Default Frontend\",rule=\"rate\",action=\"monitor\"} 8",
             "limiter_live_connections{connector=\"Default Frontend\"} 4",
             "limiter_events_lost_total 2",
             "limiter_map_capacity{map=\"established\"} 262144",

@@ -130,6 +130,8 @@ mod tests {
             max_inbound_connection: 5000.into(),
             max_inbound_connection_per_source: 20.into(),
             max_inbound_connection_percentage_per_source: 2,
+            max_inbound_connection_rate_per_source: "unlimited".into(),
+            connection_rate_time_unit: Some(60),
             action: "drop".into(),
             reply_text: None,
             live,

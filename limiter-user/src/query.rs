@@ -342,6 +342,9 @@ pub struct Counters {
     pub rejected_total_limit: u64,
     pub rejected_per_source: u64,
     pub rejected_percentage: u64,
+    /// Rejected by `max_inbound_connection_rate_per_source`.
+    #[serde(default)]
+    pub rejected_rate: u64,
     /// Of the rejections, those judged when the handshake completed (the
     /// SYN had passed) and reset then.
     pub rejected_late: u64,
@@ -380,6 +383,8 @@ pub struct Counters {
     pub would_reject_per_source: u64,
     #[serde(default)]
     pub would_reject_percentage: u64,
+    #[serde(default)]
+    pub would_reject_rate: u64,
 }
 
 impl Counters {
@@ -388,12 +393,17 @@ impl Counters {
         let rejected_total_limit = at(stat::REJECTED_TOTAL);
         let rejected_per_source = at(stat::REJECTED_PER_SOURCE);
         let rejected_percentage = at(stat::REJECTED_PERCENTAGE);
+        let rejected_rate = at(stat::REJECTED_RATE);
         Counters {
             admitted: at(stat::ADMITTED),
-            rejected: rejected_total_limit + rejected_per_source + rejected_percentage,
+            rejected: rejected_total_limit
+                + rejected_per_source
+                + rejected_percentage
+                + rejected_rate,
             rejected_total_limit,
             rejected_per_source,
             rejected_percentage,
+            rejected_rate,
             rejected_late: at(stat::REJECTED_LATE),
             rejected_table_full: at(stat::TABLE_FULL),
             syn_passed: at(stat::SYN_PASSED),
@@ -406,10 +416,12 @@ impl Counters {
             reply_dropped: at(stat::REPLY_GATED),
             would_reject: at(stat::MONITORED_TOTAL)
                 + at(stat::MONITORED_PER_SOURCE)
-                + at(stat::MONITORED_PERCENTAGE),
+                + at(stat::MONITORED_PERCENTAGE)
+                + at(stat::MONITORED_RATE),
             would_reject_total_limit: at(stat::MONITORED_TOTAL),
             would_reject_per_source: at(stat::MONITORED_PER_SOURCE),
             would_reject_percentage: at(stat::MONITORED_PERCENTAGE),
+            would_reject_rate: at(stat::MONITORED_RATE),
         }
     }
 
@@ -419,6 +431,7 @@ impl Counters {
         self.rejected_total_limit += other.rejected_total_limit;
         self.rejected_per_source += other.rejected_per_source;
         self.rejected_percentage += other.rejected_percentage;
+        self.rejected_rate += other.rejected_rate;
         self.rejected_late += other.rejected_late;
         self.rejected_table_full += other.rejected_table_full;
         self.syn_passed += other.syn_passed;
@@ -433,6 +446,7 @@ impl Counters {
         self.would_reject_total_limit += other.would_reject_total_limit;
         self.would_reject_per_source += other.would_reject_per_source;
         self.would_reject_percentage += other.would_reject_percentage;
+        self.would_reject_rate += other.would_reject_rate;
     }
 }
 
@@ -498,6 +512,29 @@ pub fn stats(connectors: &Connectors, stats: &Stats) -> StatsReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stats_count_the_rate_into_the_sums() {
+        let mut row = [0u64; stat::COUNT as usize];
+        row[stat::REJECTED_PER_SOURCE as usize] = 2;
+        row[stat::REJECTED_RATE as usize] = 5;
+        row[stat::MONITORED_TOTAL as usize] = 1;
+        row[stat::MONITORED_RATE as usize] = 7;
+        let c = Counters::from_row(&row);
+        assert_eq!((c.rejected, c.rejected_rate), (7, 5));
+        assert_eq!((c.would_reject, c.would_reject_rate), (8, 7));
+        let json = serde_json::to_value(&c).unwrap();
+        assert_eq!(
+            (&json["rejected_rate"], &json["would_reject_rate"]),
+            (&5.into(), &7.into())
+        );
+        // An older daemon's counters, without them.
+        let mut old = json;
+        old.as_object_mut().unwrap().remove("rejected_rate");
+        old.as_object_mut().unwrap().remove("would_reject_rate");
+        let read: Counters = serde_json::from_value(old).unwrap();
+        assert_eq!((read.rejected_rate, read.would_reject_rate), (0, 0));
+    }
 
     #[test]
     fn sources_are_shown_as_operators_write_them() {

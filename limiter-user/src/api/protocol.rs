@@ -147,6 +147,12 @@ pub struct ConnectorStatus {
     pub max_inbound_connection: serde_json::Value,
     pub max_inbound_connection_per_source: serde_json::Value,
     pub max_inbound_connection_percentage_per_source: u32,
+    /// A number, or "unlimited" (null from a daemon older than the rate).
+    #[serde(default)]
+    pub max_inbound_connection_rate_per_source: serde_json::Value,
+    /// Seconds (absent from a daemon older than the rate).
+    #[serde(default)]
+    pub connection_rate_time_unit: Option<u32>,
     pub action: String,
     /// With action reply: the line the sender gets.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -15,7 +15,7 @@ use super::{
     args::{Command, ConnectorCommand},
     print::{
         CONNECTORS_HEADER, SOURCES_HEADER, connector_row, limits, plain, print_connector,
-        print_explanation, print_stats, print_status, print_table, source_row,
+        print_explanation, print_stats, print_status, print_table, rate_limit, source_row,
     },
 };
 
@@ -175,8 +175,11 @@ pub(super) fn print_fleet_changes(
 /// What a server said a change did.
 pub(super) fn change_words(value: &serde_json::Value) -> String {
     if let Ok(c) = serde_json::from_value::<ConnectorStatus>(value.clone()) {
+        let rate = rate_limit(&c)
+            .map(|rate| format!(", rate {rate}"))
+            .unwrap_or_default();
         return format!(
-            "changed: \"{}\" {} {}, live {}",
+            "changed: \"{}\" {}{rate} {}, live {}",
             c.name,
             limits(&c),
             c.action,

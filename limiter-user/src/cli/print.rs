@@ -45,11 +45,31 @@ pub(super) fn limits(c: &ConnectorStatus) -> String {
     )
 }
 
-pub(super) const CONNECTORS_HEADER: [&str; 6] = [
+/// A rate limit as people read it: "30 per 60 s", or "unlimited"; `None`
+/// when the daemon did not say (one older than the rate).
+pub(super) fn rate_limit_words(limit: &serde_json::Value, unit: Option<u32>) -> Option<String> {
+    match (limit, unit) {
+        (serde_json::Value::Null, _) => None,
+        (serde_json::Value::Number(n), Some(unit)) => Some(format!("{n} per {unit} s")),
+        (limit, _) => Some(plain(limit)),
+    }
+}
+
+/// A connector's MaxInboundConnectionRatePerSource (see
+/// [`rate_limit_words`]).
+pub(super) fn rate_limit(c: &ConnectorStatus) -> Option<String> {
+    rate_limit_words(
+        &c.max_inbound_connection_rate_per_source,
+        c.connection_rate_time_unit,
+    )
+}
+
+pub(super) const CONNECTORS_HEADER: [&str; 7] = [
     "CONNECTOR",
     "BINDINGS",
     "REMOTE RANGES",
     "LIMITS (MaxInboundConnection / PerSource / Percentage)",
+    "RATE PER SOURCE",
     "ACTION",
     "LIVE",
 ];
@@ -60,6 +80,7 @@ pub(super) fn connector_row(c: &ConnectorStatus) -> Vec<String> {
         c.bindings.join(","),
         c.remote_ip_ranges.join(","),
         limits(c),
+        rate_limit(c).unwrap_or_else(|| "-".to_string()),
         c.action.clone(),
         c.live.to_string(),
     ]
@@ -98,6 +119,9 @@ pub(super) fn print_connector(c: &ConnectorStatus) {
         "MaxInboundConnectionPercentagePerSource   : {}",
         c.max_inbound_connection_percentage_per_source
     );
+    if let Some(rate) = rate_limit(c) {
+        println!("MaxInboundConnectionRatePerSource         : {rate}");
+    }
     println!("Action                                    : {}", c.action);
     if let Some(text) = &c.reply_text {
         println!("ReplyText                                 : {text}");
@@ -268,7 +292,7 @@ pub(super) fn print_stats(s: &StatsReport) {
             println!();
         }
         println!("{:<49}: {name}", "Connector");
-        let lines: [(&str, u64, bool); 14] = [
+        let lines: [(&str, u64, bool); 16] = [
             ("Admitted", c.admitted, true),
             ("Rejected", c.rejected, true),
             ("  by MaxInboundConnection", c.rejected_total_limit, true),
@@ -280,6 +304,11 @@ pub(super) fn print_stats(s: &StatsReport) {
             (
                 "  by MaxInboundConnectionPercentagePerSource",
                 c.rejected_percentage,
+                true,
+            ),
+            (
+                "  by MaxInboundConnectionRatePerSource",
+                c.rejected_rate,
                 true,
             ),
             (
@@ -320,6 +349,11 @@ pub(super) fn print_stats(s: &StatsReport) {
             (
                 "  by MaxInboundConnectionPercentagePerSource",
                 c.would_reject_percentage,
+                c.would_reject > 0,
+            ),
+            (
+                "  by MaxInboundConnectionRatePerSource",
+                c.would_reject_rate,
                 c.would_reject > 0,
             ),
             ("Closed", c.closed, true),
@@ -369,5 +403,23 @@ pub(super) fn plain(v: &serde_json::Value) -> String {
     match v {
         serde_json::Value::String(s) => s.clone(),
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rate_limit_reads_per_its_unit() {
+        assert_eq!(
+            rate_limit_words(&30.into(), Some(60)).as_deref(),
+            Some("30 per 60 s")
+        );
+        assert_eq!(
+            rate_limit_words(&"unlimited".into(), Some(60)).as_deref(),
+            Some("unlimited")
+        );
+        assert_eq!(rate_limit_words(&serde_json::Value::Null, None), None);
     }
 }

@@ -36,6 +36,10 @@ impl Daemon {
             max_inbound_connection_percentage_per_source: connector
                 .limits
                 .max_inbound_connection_percentage_per_source,
+            max_inbound_connection_rate_per_source: limit_json(
+                connector.limits.max_inbound_connection_rate_per_source,
+            ),
+            connection_rate_time_unit: Some(connector.limits.connection_rate_time_unit),
             action: connector.action.name().to_string(),
             reply_text: (connector.action == crate::config::Action::Reply)
                 .then(|| connector.reply_text.clone()),
