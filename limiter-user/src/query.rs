@@ -1,19 +1,20 @@
 //! What the operator asks the daemon: which sources hold how many
 //! connections, why a source would be refused, and the counters. Every
-//! verdict here comes from `limiter_common::evaluate`, the function the XDP
-//! program runs.
+//! verdict here comes from `limiter_common::rate::judge`, the rule the
+//! kernel programs run.
 
 use std::net::{IpAddr, SocketAddr};
 
 use limiter_common::{
-    Rule, UNLIMITED, addr,
+    Limits, Rule, UNLIMITED, addr,
     maps::{MAX_CONNECTORS, SourceKey, stat},
+    rate::{self, RateWindow},
 };
 use serde::{Deserialize, Serialize};
 
 use crate::{
     config::{Action, Config, Connector, LimitValue},
-    kernel::{Kernel, KernelError, Stats},
+    kernel::{Kernel, KernelError, Stats, monotonic_ns},
     selection::{SelectionTable, canonical, from_addr, to_addr},
 };
 
@@ -62,7 +63,7 @@ pub fn show_source(identity: &addr::Addr, ipv6_prefix_length: u8) -> String {
 }
 
 /// One source on one connector.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SourceEntry {
     pub connector: String,
     pub source: String,
@@ -70,10 +71,13 @@ pub struct SourceEntry {
     /// The effective cap a new connection from this source meets now; null
     /// when no limit applies.
     pub cap: Option<u32>,
-    /// The limit behind `cap` ("total", "per_source", "percentage", "none").
+    /// The limit behind `cap` ("total", "per_source", "percentage", "rate"
+    /// when the rate refuses it now, "none").
     pub rule: String,
     #[serde(flatten)]
     pub holding: Holding,
+    #[serde(flatten)]
+    pub rate: RateStanding,
 }
 
 /// What a source can hold with the others' connections as they are (see
@@ -95,10 +99,18 @@ pub struct Holding {
 }
 
 impl Holding {
-    fn of(limits: &limiter_common::Limits, live_total: u32, live_source: u32) -> Holding {
+    /// What a source with `live_source` of `live_total` and `recent`
+    /// connections in its rate window can hold: the concurrency limits',
+    /// with nothing more to open while the rate refuses.
+    fn of(limits: &Limits, live_total: u32, live_source: u32, recent: u32) -> Holding {
         let headroom = limiter_common::headroom(limits, live_total, live_source);
+        let can_open = if rate::admits(limits, recent) {
+            headroom.can_open(live_source)
+        } else {
+            0
+        };
         Holding {
-            can_open: limited(headroom.can_open(live_source)),
+            can_open: limited(can_open),
             holds_at_most: limited(headroom.holds_at_most),
             stopped_by: headroom.stopped_by.name().to_string(),
         }
@@ -110,12 +122,64 @@ impl Holding {
     }
 }
 
+/// Where a source stands with the connection rate (see
+/// `limiter_common::rate`). Every field is absent in the answer of a daemon
+/// older than the rate.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RateStanding {
+    /// The connections it opened in its window: in the last
+    /// `connection_rate_time_unit`, to a slot.
+    #[serde(default)]
+    pub recent: u32,
+    /// `max_inbound_connection_rate_per_source`: a number, or "unlimited"
+    /// (null: the daemon did not say).
+    #[serde(default)]
+    pub rate_limit: serde_json::Value,
+    /// Seconds until the rate lets it open one more: 0 when it may now;
+    /// null when the rate is unlimited.
+    #[serde(default)]
+    pub rate_wait_s: Option<f64>,
+    /// The time unit the rate counts in, in seconds.
+    #[serde(default)]
+    pub connection_rate_time_unit: Option<u32>,
+}
+
+impl RateStanding {
+    /// The standing of a source with rate window `window`, at `now_ns`
+    /// (`CLOCK_MONOTONIC`, the kernel's clock).
+    pub fn of(limits: &Limits, window: &RateWindow, now_ns: u64) -> RateStanding {
+        let unit = limits.connection_rate_time_unit;
+        let slot_ns = rate::slot_ns(unit);
+        let limit = limits.max_inbound_connection_rate_per_source;
+        RateStanding {
+            recent: window.recent(now_ns, slot_ns),
+            rate_limit: limit_json(limit),
+            rate_wait_s: window
+                .allowed_at(now_ns, slot_ns, limit)
+                .map(|at| seconds_up(at.saturating_sub(now_ns))),
+            connection_rate_time_unit: Some(unit),
+        }
+    }
+
+    /// Whether the daemon said (one older than the rate does not).
+    pub fn said(&self) -> bool {
+        !self.rate_limit.is_null()
+    }
+}
+
+/// Nanoseconds as seconds, rounded up to the millisecond: a wait never
+/// reads shorter than it is.
+fn seconds_up(ns: u64) -> f64 {
+    ns.div_ceil(1_000_000) as f64 / 1000.0
+}
+
 /// A limit, or nothing, as JSON: null for unlimited.
 fn limited(raw: u32) -> Option<u32> {
     (raw != UNLIMITED).then_some(raw)
 }
 
-/// The sources holding connections, largest first.
+/// The sources holding connections, or that opened some lately (their
+/// rate window holds one), largest first.
 pub fn sources(
     connectors: &Connectors,
     kernel: &Kernel,
@@ -131,29 +195,38 @@ pub fn sources(
         ),
         None => None,
     };
+    let now = monotonic_ns();
     let mut out = Vec::new();
     for (key, count) in kernel.sources() {
-        if count.live == 0 || filter.is_some_and(|id| id != key.connector) {
+        if filter.is_some_and(|id| id != key.connector) {
             continue;
         }
         let Some(connector) = connectors.by_id(key.connector) else {
             // A removed connector whose last connections are still open.
             continue;
         };
+        let limits = &connector.limits;
+        let standing = RateStanding::of(limits, &count.rate, now);
+        if count.live == 0 && standing.recent == 0 {
+            // Idle, waiting to be forgotten.
+            continue;
+        }
         let live_total = kernel.connector_live(key.connector)?;
-        let evaluation = limiter_common::evaluate(&connector.limits, live_total, count.live);
+        let evaluation = rate::judge(limits, live_total, count.live, standing.recent);
         out.push(SourceEntry {
             connector: connector.name.clone(),
             source: show_source(&key.addr, connectors.config.ipv6_prefix_length),
             live: count.live,
             cap: limited(evaluation.cap),
             rule: evaluation.rule.name().to_string(),
-            holding: Holding::of(&connector.limits, live_total, count.live),
+            holding: Holding::of(limits, live_total, count.live, standing.recent),
+            rate: standing,
         });
     }
     out.sort_by(|a, b| {
         b.live
             .cmp(&a.live)
+            .then_with(|| b.rate.recent.cmp(&a.rate.recent))
             .then_with(|| a.connector.cmp(&b.connector))
             .then_with(|| a.source.cmp(&b.source))
     });
@@ -177,7 +250,7 @@ pub mod verdict {
 /// answer for the connector the source uses most (or, holding nothing, the
 /// first binding, port 25 first, whose connector takes it), and one answer
 /// for every connector it can reach.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Explanation {
     pub ip: String,
     /// The source identity it is counted as.
@@ -191,7 +264,7 @@ pub struct Explanation {
 }
 
 /// One connector's answer.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Answer {
     /// The local address and port the connection was assumed to reach.
     pub local: Option<String>,
@@ -206,9 +279,11 @@ pub struct Answer {
     pub live_total: u32,
     pub live_source: u32,
     /// The cap the next connection from the source meets (the most
-    /// connections it may hold with that one, counts as they are now).
+    /// connections it may hold with that one, counts as they are now; when
+    /// the rate refuses, its limit a time unit).
     pub cap: Option<u32>,
-    /// The limit that binds now: the one that refuses, or the tightest.
+    /// The limit that binds now: the one that refuses (the rate's last),
+    /// or the tightest.
     pub rule: String,
     /// Whether a new connection would be let in now (with action monitor,
     /// also one over a cap: see `verdict`).
@@ -222,6 +297,8 @@ pub struct Answer {
     pub event_id: Option<u32>,
     #[serde(flatten)]
     pub holding: Holding,
+    #[serde(flatten)]
+    pub rate: RateStanding,
     pub max_inbound_connection: Option<serde_json::Value>,
     pub max_inbound_connection_per_source: Option<serde_json::Value>,
     pub max_inbound_connection_percentage_per_source: Option<u32>,
@@ -255,6 +332,7 @@ pub fn explain(
             bindings
         }
     };
+    let now = monotonic_ns();
     // One answer per connector, with every binding that reaches it.
     let mut answers: Vec<(u32, Answer)> = Vec::new();
     for local in candidates {
@@ -267,11 +345,20 @@ pub fn explain(
         }
         let connector = connectors.by_id(id).expect("ids come from the table");
         let live_total = kernel.connector_live(id)?;
-        let live_source = kernel.source_live(&SourceKey {
+        let count = kernel.source_count(&SourceKey {
             connector: id,
             addr: source_identity,
         });
-        answers.push((id, answer(connector, local, live_total, live_source)));
+        let live_source = count.map_or(0, |c| c.live);
+        let standing = RateStanding::of(
+            &connector.limits,
+            &count.map(|c| c.rate).unwrap_or_default(),
+            now,
+        );
+        answers.push((
+            id,
+            answer(connector, local, live_total, live_source, standing),
+        ));
     }
     // The connector the source holds most on comes first (a stable sort
     // keeps the bindings' order among the others).
@@ -297,10 +384,17 @@ pub fn explain(
 }
 
 /// What `connector` does with a new connection to `local` from a source
-/// holding `live_source` of its `live_total` connections.
-fn answer(connector: &Connector, local: SocketAddr, live_total: u32, live_source: u32) -> Answer {
+/// holding `live_source` of its `live_total` connections, where it stands
+/// with the connection rate `standing`.
+fn answer(
+    connector: &Connector,
+    local: SocketAddr,
+    live_total: u32,
+    live_source: u32,
+    standing: RateStanding,
+) -> Answer {
     let limits = &connector.limits;
-    let evaluation = limiter_common::evaluate(limits, live_total, live_source);
+    let evaluation = rate::judge(limits, live_total, live_source, standing.recent);
     let monitor = connector.action == Action::Monitor;
     let verdict = match (evaluation.admitted, monitor) {
         (true, _) => verdict::ADMITTED,
@@ -319,7 +413,8 @@ fn answer(connector: &Connector, local: SocketAddr, live_total: u32, live_source
         admitted: evaluation.admitted || monitor,
         verdict: verdict.to_string(),
         event_id: (!evaluation.admitted).then(|| evaluation.rule.event_id()),
-        holding: Holding::of(limits, live_total, live_source),
+        holding: Holding::of(limits, live_total, live_source, standing.recent),
+        rate: standing,
         max_inbound_connection: Some(limit_json(limits.max_inbound_connection)),
         max_inbound_connection_per_source: Some(limit_json(
             limits.max_inbound_connection_per_source,
@@ -512,6 +607,143 @@ pub fn stats(connectors: &Connectors, stats: &Stats) -> StatsReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const SECOND: u64 = 1_000_000_000;
+
+    /// A window with a connection counted at each of `times` (seconds).
+    fn window(times: &[u64], unit: u32) -> RateWindow {
+        let mut w = RateWindow::default();
+        for t in times {
+            w.count(t * SECOND, rate::slot_ns(unit));
+        }
+        w
+    }
+
+    fn rated(limit: u32, unit: u32) -> Connector {
+        let mut c = Config::builtin_default().connectors.remove(0);
+        c.limits.max_inbound_connection_rate_per_source = limit;
+        c.limits.connection_rate_time_unit = unit;
+        c
+    }
+
+    #[test]
+    fn the_rate_standing_says_recent_and_the_wait() {
+        let c = rated(3, 60);
+        // Three in the slot from 1000 s: the next when it falls out, one
+        // unit and a slot later.
+        let w = window(&[1000, 1001, 1002], 60);
+        let now = 1005 * SECOND + SECOND / 2;
+        let standing = RateStanding::of(&c.limits, &w, now);
+        assert_eq!(standing.recent, 3);
+        assert_eq!(standing.rate_limit, serde_json::json!(3));
+        assert_eq!(standing.connection_rate_time_unit, Some(60));
+        assert_eq!(standing.rate_wait_s, Some(64.5));
+        // Rounded up to the millisecond.
+        let standing = RateStanding::of(&c.limits, &w, now + 1);
+        assert_eq!(standing.rate_wait_s, Some(64.5));
+        let standing = RateStanding::of(&c.limits, &w, now - 1);
+        assert_eq!(standing.rate_wait_s, Some(64.501));
+        // Under the limit: it may now.
+        let standing = RateStanding::of(&rated(4, 60).limits, &w, now);
+        assert_eq!(standing.rate_wait_s, Some(0.0));
+        // Unlimited: the window still counts; no wait to tell.
+        let standing = RateStanding::of(&rated(UNLIMITED, 60).limits, &w, now);
+        assert_eq!(
+            (standing.recent, &standing.rate_limit, standing.rate_wait_s),
+            (3, &serde_json::json!("unlimited"), None)
+        );
+        // An older daemon's answer says nothing.
+        let old: RateStanding = serde_json::from_str("{}").unwrap();
+        assert!(!old.said() && standing.said());
+    }
+
+    #[test]
+    fn an_answer_refused_by_the_rate_says_rate_and_61021() {
+        let mut c = rated(3, 60);
+        let w = window(&[1000, 1001, 1002], 60);
+        let now = 1010 * SECOND;
+        let local: SocketAddr = "192.0.2.1:25".parse().unwrap();
+        let a = answer(&c, local, 4, 1, RateStanding::of(&c.limits, &w, now));
+        assert_eq!(
+            (
+                a.rule.as_str(),
+                a.verdict.as_str(),
+                a.admitted,
+                a.event_id,
+                a.cap
+            ),
+            ("rate", verdict::REJECTED, false, Some(61021), Some(3))
+        );
+        // Concurrency could take more; the rate lets nothing in now.
+        assert_eq!(
+            (a.holding.can_open, a.holding.holds_at_most),
+            (Some(0), Some(20))
+        );
+        let json = serde_json::to_value(&a).unwrap();
+        assert_eq!(json["recent"], 3, "{json}");
+        assert_eq!(json["rate_limit"], 3);
+        assert_eq!(json["connection_rate_time_unit"], 60);
+        assert_eq!(json["rate_wait_s"], 60.0);
+        assert_eq!(json["can_open"], 0);
+        assert_eq!(serde_json::from_value::<Answer>(json).unwrap(), a);
+        // Action monitor: it would be refused.
+        c.action = Action::Monitor;
+        let a = answer(&c, local, 4, 1, RateStanding::of(&c.limits, &w, now));
+        assert_eq!(
+            (a.rule.as_str(), a.verdict.as_str(), a.admitted),
+            ("rate", verdict::WOULD_REJECT, true)
+        );
+        // Exchange's limits come first.
+        let a = answer(&c, local, 24, 20, RateStanding::of(&c.limits, &w, now));
+        assert_eq!((a.rule.as_str(), a.event_id), ("per_source", Some(1021)));
+        // Within the rate: admitted, and the rate says how far it is.
+        let a = answer(
+            &c,
+            local,
+            4,
+            1,
+            RateStanding::of(&c.limits, &RateWindow::default(), now),
+        );
+        assert_eq!(
+            (a.verdict.as_str(), a.holding.can_open),
+            ("admitted", Some(19))
+        );
+        assert_eq!((a.rate.recent, a.rate.rate_wait_s), (0, Some(0.0)));
+    }
+
+    #[test]
+    fn a_source_entry_carries_the_rate_fields() {
+        let entry = SourceEntry {
+            connector: "F".into(),
+            source: "192.0.2.7".into(),
+            live: 0,
+            cap: Some(3),
+            rule: "rate".into(),
+            holding: Holding::default(),
+            rate: RateStanding {
+                recent: 3,
+                rate_limit: serde_json::json!(3),
+                rate_wait_s: Some(12.5),
+                connection_rate_time_unit: Some(60),
+            },
+        };
+        let json = serde_json::to_value(&entry).unwrap();
+        for (key, value) in [
+            ("recent", serde_json::json!(3)),
+            ("rate_limit", serde_json::json!(3)),
+            ("rate_wait_s", serde_json::json!(12.5)),
+            ("connection_rate_time_unit", serde_json::json!(60)),
+        ] {
+            assert_eq!(json[key], value, "{key} in {json}");
+        }
+        assert_eq!(serde_json::from_value::<SourceEntry>(json).unwrap(), entry);
+        // Unlimited: null wait.
+        let mut unlimited = entry.clone();
+        unlimited.rate.rate_limit = "unlimited".into();
+        unlimited.rate.rate_wait_s = None;
+        let json = serde_json::to_value(&unlimited).unwrap();
+        assert!(json["rate_wait_s"].is_null() && json["rate_limit"] == "unlimited");
+    }
 
     #[test]
     fn stats_count_the_rate_into_the_sums() {

@@ -41,8 +41,8 @@ pub(super) enum Command {
     /// Show or change the receive connectors (like Get-/Set-ReceiveConnector).
     #[command(subcommand)]
     Connector(ConnectorCommand),
-    /// Which sources hold how many connections, and the cap each would meet
-    /// now, largest first.
+    /// Which sources hold how many connections (or opened some lately), the
+    /// cap each would meet now and its connection rate, largest first.
     Sources {
         /// Only this connector's sources.
         #[arg(long)]

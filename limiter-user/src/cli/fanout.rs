@@ -15,7 +15,8 @@ use super::{
     args::{Command, ConnectorCommand},
     print::{
         CONNECTORS_HEADER, SOURCES_HEADER, connector_row, limits, plain, print_connector,
-        print_explanation, print_stats, print_status, print_table, rate_limit, source_row,
+        print_explanation, print_stats, print_status, print_table, rate_legend, rate_limit,
+        source_row,
     },
 };
 
@@ -211,14 +212,19 @@ pub(super) fn print_fleet_text(
     match command {
         Command::Sources { .. } => {
             let mut rows = Vec::new();
+            let mut entries = Vec::new();
             for (server, value) in answered {
                 for entry in typed::<Vec<SourceEntry>>(value)? {
                     let mut row = vec![server.clone()];
                     row.extend(source_row(&entry));
                     rows.push(row);
+                    entries.push(entry);
                 }
             }
             prefixed(&SOURCES_HEADER, rows);
+            if let Some(legend) = rate_legend(&entries) {
+                println!("{legend}");
+            }
         }
         Command::Connector(ConnectorCommand::List(_)) => {
             let mut rows = Vec::new();

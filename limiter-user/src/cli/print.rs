@@ -5,7 +5,7 @@ use limiter_common::Rule;
 
 use crate::{
     api::{ConnectorStatus, Status},
-    query::{Answer, Explanation, SourceEntry, StatsReport, verdict},
+    query::{Answer, Explanation, RateStanding, SourceEntry, StatsReport, verdict},
 };
 
 pub(super) fn print_status(s: &Status) {
@@ -129,13 +129,14 @@ pub(super) fn print_connector(c: &ConnectorStatus) {
     println!("LiveConnections                           : {}", c.live);
 }
 
-pub(super) const SOURCES_HEADER: [&str; 6] = [
+pub(super) const SOURCES_HEADER: [&str; 7] = [
     "CONNECTOR",
     "SOURCE",
     "LIVE",
     "CAN OPEN",
     "HOLDS AT MOST",
     "STOPPED BY",
+    "RATE",
 ];
 
 pub(super) fn source_row(s: &SourceEntry) -> Vec<String> {
@@ -159,12 +160,56 @@ pub(super) fn source_row(s: &SourceEntry) -> Vec<String> {
         } else {
             limit_name(&s.holding.stopped_by).to_string()
         },
+        rate_cell(&s.rate),
     ]
+}
+
+/// "R/N": connections opened in the window, of the limit ("R/-" when
+/// unlimited, "-" from a daemon older than the rate).
+pub(super) fn rate_cell(rate: &RateStanding) -> String {
+    match &rate.rate_limit {
+        serde_json::Value::Null => "-".to_string(),
+        serde_json::Value::Number(n) => format!("{}/{n}", rate.recent),
+        _ => format!("{}/-", rate.recent),
+    }
+}
+
+/// What the RATE column counts in: one line under the table, naming the
+/// time unit (each connector's when they differ); `None` when no entry
+/// says.
+pub(super) fn rate_legend<'a>(
+    sources: impl IntoIterator<Item = &'a SourceEntry>,
+) -> Option<String> {
+    let mut units: Vec<(&str, u32)> = Vec::new();
+    for s in sources {
+        if let Some(unit) = s.rate.connection_rate_time_unit
+            && !units.iter().any(|(name, _)| *name == s.connector)
+        {
+            units.push((&s.connector, unit));
+        }
+    }
+    let first = units.first()?.1;
+    let per = if units.iter().all(|(_, unit)| *unit == first) {
+        format!("the last {first} s")
+    } else {
+        let each: Vec<String> = units
+            .iter()
+            .map(|(name, unit)| format!("{name}: {unit} s"))
+            .collect();
+        format!("the connector's time unit ({})", each.join(", "))
+    };
+    Some(format!(
+        "RATE: connections opened in {per} / {}",
+        Rule::Rate.exchange_name()
+    ))
 }
 
 pub(super) fn print_sources(sources: &[SourceEntry]) {
     let rows: Vec<Vec<String>> = sources.iter().map(source_row).collect();
     print_table(&SOURCES_HEADER, &rows);
+    if let Some(legend) = rate_legend(sources) {
+        println!("{legend}");
+    }
 }
 
 pub(super) fn or_unlimited(n: Option<u32>) -> String {
@@ -209,23 +254,43 @@ pub(super) fn print_answer(ip: &str, source: &str, a: &Answer) {
     let pct = a
         .max_inbound_connection_percentage_per_source
         .unwrap_or_default();
+    // A daemon older than the rate does not say it.
+    let rate = &a.rate;
+    let rate_limit = rate_limit_words(&rate.rate_limit, rate.connection_rate_time_unit);
     println!(
-        "limits: MaxInboundConnection {}, MaxInboundConnectionPerSource {}, MaxInboundConnectionPercentagePerSource {pct}",
+        "limits: MaxInboundConnection {}, MaxInboundConnectionPerSource {}, MaxInboundConnectionPercentagePerSource {pct}{}",
         show(&a.max_inbound_connection),
         show(&a.max_inbound_connection_per_source),
+        rate_limit
+            .as_ref()
+            .map(|words| format!(", {} {words}", Rule::Rate.exchange_name()))
+            .unwrap_or_default(),
     );
     let counted_as = if source == ip {
         "this source".to_string()
     } else {
         format!("this source, counted as {source}")
     };
+    let opened = match (&rate_limit, rate.connection_rate_time_unit) {
+        (Some(words), Some(unit)) => format!(
+            "; it opened {} connection{} in the last {unit} s (its limit: {words})",
+            rate.recent,
+            if rate.recent == 1 { "" } else { "s" }
+        ),
+        _ => String::new(),
+    };
     println!(
-        "live: {} on the connector, {} from {ip} ({counted_as})",
+        "live: {} on the connector, {} from {ip} ({counted_as}){opened}",
         a.live_total, a.live_source
     );
     let event = a.event_id.unwrap_or_default();
     let rule = limit_name(&a.rule);
-    let cap = cap_words(a, pct);
+    let mut cap = cap_words(a, pct);
+    if a.rule == Rule::Rate.name()
+        && let Some(wait) = rate.rate_wait_s
+    {
+        cap.push_str(&format!("; the next is allowed in {} s", tenths_up(wait)));
+    }
     let said = match a.verdict.as_str() {
         // A daemon of an older version says only whether it admits.
         "" if a.admitted => verdict::ADMITTED,
@@ -239,6 +304,12 @@ pub(super) fn print_answer(ip: &str, source: &str, a: &Answer) {
         verdict::WOULD_REJECT => println!(
             "a new connection now: would be REJECTED by {rule} (event {event}): {cap}; action monitor admits it and reports it"
         ),
+        _ if a.cap.is_none() && matches!(rate.rate_limit, serde_json::Value::Number(_)) => {
+            println!(
+                "a new connection now: admitted; only {} applies",
+                Rule::Rate.exchange_name()
+            )
+        }
         _ if a.cap.is_none() => println!("a new connection now: admitted; no limit applies"),
         _ => println!("a new connection now: admitted; its cap: {cap} ({rule})"),
     }
@@ -267,7 +338,20 @@ pub(super) fn cap_words(a: &Answer, pct: u32) -> String {
     match a.rule.as_str() {
         "percentage" => format!("{pct} % of the remaining: {cap}"),
         "total" => format!("what the total leaves it: {cap}"),
+        "rate" => rate_limit_words(&a.rate.rate_limit, a.rate.connection_rate_time_unit)
+            .unwrap_or_else(|| format!("{cap} a time unit")),
         _ => format!("{cap} per source"),
+    }
+}
+
+/// Seconds to a tenth, rounded up (a wait never reads shorter than it is):
+/// "9.4", "10", "0.1".
+pub(super) fn tenths_up(seconds: f64) -> String {
+    // From whole milliseconds, which is what the daemon gives.
+    let tenths = ((seconds * 1000.0).round().max(0.0) as u64).div_ceil(100);
+    match tenths % 10 {
+        0 => format!("{}", tenths / 10),
+        tenth => format!("{}.{tenth}", tenths / 10),
     }
 }
 
@@ -409,6 +493,59 @@ pub(super) fn plain(v: &serde_json::Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::query::Holding;
+
+    fn source(connector: &str, recent: u32, limit: serde_json::Value, unit: u32) -> SourceEntry {
+        SourceEntry {
+            connector: connector.into(),
+            source: "192.0.2.7".into(),
+            live: 0,
+            cap: None,
+            rule: "none".into(),
+            holding: Holding::default(),
+            rate: RateStanding {
+                recent,
+                rate_limit: limit,
+                rate_wait_s: None,
+                connection_rate_time_unit: Some(unit),
+            },
+        }
+    }
+
+    #[test]
+    fn the_rate_column_says_recent_of_the_limit_and_its_unit() {
+        let limited = source("F", 3, 5.into(), 60);
+        let unlimited = source("F", 2, "unlimited".into(), 60);
+        assert_eq!(rate_cell(&limited.rate), "3/5");
+        assert_eq!(rate_cell(&unlimited.rate), "2/-");
+        assert_eq!(rate_cell(&RateStanding::default()), "-");
+        assert_eq!(
+            rate_legend([&limited, &unlimited]).as_deref(),
+            Some("RATE: connections opened in the last 60 s / MaxInboundConnectionRatePerSource")
+        );
+        let relay = source("Relay", 1, 2.into(), 10);
+        assert_eq!(
+            rate_legend([&limited, &relay]).as_deref(),
+            Some(
+                "RATE: connections opened in the connector's time unit (F: 60 s, Relay: 10 s) / MaxInboundConnectionRatePerSource"
+            )
+        );
+        assert_eq!(rate_legend([]), None);
+    }
+
+    #[test]
+    fn waits_read_in_tenths_never_shorter() {
+        for (seconds, shown) in [
+            (0.0, "0"),
+            (0.001, "0.1"),
+            (9.3, "9.3"),
+            (9.301, "9.4"),
+            (10.0, "10"),
+            (64.5, "64.5"),
+        ] {
+            assert_eq!(tenths_up(seconds), shown, "{seconds}");
+        }
+    }
 
     #[test]
     fn a_rate_limit_reads_per_its_unit() {

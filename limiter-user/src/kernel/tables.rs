@@ -222,7 +222,14 @@ impl Kernel {
 
     /// Live connections of one source (0 when it has no entry).
     pub fn source_live(&self, key: &SourceKey) -> u32 {
-        self.source_live.get(key, 0).map(|c| c.live).unwrap_or(0)
+        self.source_count(key).map_or(0, |count| count.live)
+    }
+
+    /// One source's entry: its live connections and its rate window
+    /// (`None` when it has no entry: it holds nothing, opened nothing
+    /// lately).
+    pub fn source_count(&self, key: &SourceKey) -> Option<SourceCount> {
+        self.source_live.get(key, 0).ok()
     }
 
     /// Counted connections, in every network namespace.
