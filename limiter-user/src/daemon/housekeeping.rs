@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::Context;
-use limiter_common::maps::{FLOW_SEEDED, FlowKey, SourceKey, control as op};
+use limiter_common::maps::{FLOW_SEEDED, FlowKey, SourceCount, SourceKey, control as op};
 
 use crate::{
     kernel::{Kernel, monotonic_ns},
@@ -243,16 +243,25 @@ impl Daemon {
     /// Deletes source entries that have held nothing for `idle`, so that
     /// sources that come and go do not fill the table for good. The kernel
     /// checks again, under the connector's lock, at the moment of each
-    /// deletion: a connection counted meanwhile keeps its entry.
+    /// deletion: a connection counted meanwhile keeps its entry, and so does
+    /// a rate window that still holds a connection (asked about here only
+    /// once it is empty: the kernel would refuse before).
     pub(super) fn forget_idle_sources(&mut self, idle: Duration) {
         let now = monotonic_ns();
         let idle_ns = idle.as_nanos() as u64;
+        // Read once a connector, not once a source.
+        let mut slots: HashMap<u32, u64> = HashMap::new();
         let stale: Vec<SourceKey> = self
             .kernel
             .sources()
             .into_iter()
-            .filter(|(_, count)| {
-                count.live == 0 && now.saturating_sub(count.last_change_ns) >= idle_ns
+            .filter(|(key, count)| {
+                let mut slot_ns = || {
+                    *slots
+                        .entry(key.connector)
+                        .or_insert_with(|| self.kernel.rate_slot_ns(key.connector))
+                };
+                forgettable(count, now, idle_ns, &mut slot_ns)
             })
             .map(|(key, _)| key)
             .collect();
@@ -264,9 +273,67 @@ impl Daemon {
     }
 }
 
+/// Whether a source entry may be forgotten at `now`: it holds nothing, has
+/// held nothing for `idle_ns`, and its rate window holds no connection
+/// (with slots of `slot_ns()`, asked only when the rest holds).
+pub(super) fn forgettable(
+    count: &SourceCount,
+    now: u64,
+    idle_ns: u64,
+    slot_ns: &mut dyn FnMut() -> u64,
+) -> bool {
+    count.live == 0
+        && now.saturating_sub(count.last_change_ns) >= idle_ns
+        && count.rate.recent(now, slot_ns()) == 0
+}
+
 /// A flow for people: `remote -> local:port`.
 pub(super) fn show(flow: &FlowKey) -> String {
     let remote = std::net::SocketAddr::new(from_addr(&flow.remote), flow.remote_port);
     let local = std::net::SocketAddr::new(from_addr(&flow.local), flow.local_port);
     format!("{remote} -> {local}")
+}
+
+#[cfg(test)]
+mod tests {
+    use limiter_common::{
+        maps::{ReportGate, SourceKey},
+        rate::{RateWindow, slot_ns},
+    };
+
+    use super::*;
+
+    const SECOND: u64 = 1_000_000_000;
+
+    #[test]
+    fn a_source_whose_rate_window_holds_a_connection_is_kept() {
+        let slot = slot_ns(60);
+        let mut count = SourceCount {
+            key: SourceKey {
+                connector: 0,
+                addr: [0; 16],
+            },
+            live: 0,
+            flags: 0,
+            _pad: 0,
+            last_change_ns: 1000 * SECOND,
+            gate: ReportGate::default(),
+            rate: RateWindow::default(),
+        };
+        count.rate.count(1000 * SECOND, slot);
+        let idle = 30 * SECOND;
+        let mut asked = 0;
+        let mut slot_ns = || {
+            asked += 1;
+            slot
+        };
+        // Idle long enough, but counted in the rate until 1070 s.
+        assert!(!forgettable(&count, 1069 * SECOND, idle, &mut slot_ns));
+        assert!(forgettable(&count, 1070 * SECOND, idle, &mut slot_ns));
+        // Not idle long enough: the slot is not even asked for.
+        assert!(!forgettable(&count, 1010 * SECOND, idle, &mut slot_ns));
+        count.live = 1;
+        assert!(!forgettable(&count, 2000 * SECOND, idle, &mut slot_ns));
+        assert_eq!(asked, 2);
+    }
 }

@@ -232,6 +232,15 @@ impl Kernel {
         self.source_live.get(key, 0).ok()
     }
 
+    /// The length of a slot of connector `id`'s rate window, read as the
+    /// kernel's `FORGET_SOURCE` reads it (0 when unreadable: then no
+    /// connection counts as recent).
+    pub fn rate_slot_ns(&self, id: u32) -> u64 {
+        self.connectors
+            .get(&id, 0)
+            .map_or(0, |config| config.rate_slot_ns)
+    }
+
     /// Counted connections, in every network namespace.
     pub fn established(&self) -> Vec<(ConnKey, FlowValue)> {
         self.established.iter().filter_map(Result::ok).collect()
