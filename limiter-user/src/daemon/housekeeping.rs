@@ -259,7 +259,7 @@ impl Daemon {
                 let mut slot_ns = || {
                     *slots
                         .entry(key.connector)
-                        .or_insert_with(|| self.kernel.rate_slot_ns(key.connector))
+                        .or_insert_with(|| self.kernel.forget_slot_ns(key.connector))
                 };
                 forgettable(count, now, idle_ns, &mut slot_ns)
             })

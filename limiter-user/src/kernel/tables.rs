@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 
 use aya::programs::{TestRun, TestRunOptions, Xdp};
+use limiter_common::UNLIMITED;
 use limiter_common::maps::{
     ConnKey, Control, Endpoint, FlowKey, FlowValue, ResetRequest, SourceCount, SourceKey, control,
     gate, names, programs, stat,
@@ -232,13 +233,17 @@ impl Kernel {
         self.source_live.get(key, 0).ok()
     }
 
-    /// The length of a slot of connector `id`'s rate window, read as the
-    /// kernel's `FORGET_SOURCE` reads it (0 when unreadable: then no
-    /// connection counts as recent).
-    pub fn rate_slot_ns(&self, id: u32) -> u64 {
-        self.connectors
-            .get(&id, 0)
-            .map_or(0, |config| config.rate_slot_ns)
+    /// The slot length by which a source's rate window keeps its entry from
+    /// being forgotten, read as the kernel's `FORGET_SOURCE` reads it:
+    /// connector `id`'s slot when it has a rate limit, else 0 (a window of
+    /// 0-long slots holds no connection).
+    pub fn forget_slot_ns(&self, id: u32) -> u64 {
+        match self.connectors.get(&id, 0) {
+            Ok(config) if config.limits.max_inbound_connection_rate_per_source != UNLIMITED => {
+                config.rate_slot_ns
+            }
+            _ => 0,
+        }
     }
 
     /// Counted connections, in every network namespace.
