@@ -278,7 +278,9 @@ fn judge_locked(
         if counted {
             atomic::increment(&raw mut (*state).live);
             atomic::increment(&raw mut (*entry).live);
-            if counting.new {
+            // Only what the rule admits: in monitor mode, what enforcing
+            // would have admitted (a refused connection never completes).
+            if counting.new && admitted {
                 // Odd while it changes: a lockless reader passes the SYN.
                 let seq = core::ptr::read_volatile(&raw const (*window).seq);
                 core::ptr::write_volatile(&raw mut (*window).seq, seq.wrapping_add(1));
