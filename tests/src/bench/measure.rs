@@ -6,7 +6,10 @@ use std::{
     time::Duration,
 };
 
-use aya::programs::{TestRun, TestRunOptions, Xdp};
+use aya::{
+    maps::{HashMap, Map, MapData},
+    programs::{TestRun, TestRunOptions, Xdp},
+};
 use limiter::{
     baseline::{BARE_DROP, BARE_PASS, Baseline, HEADER_DROP},
     config::Config,
@@ -15,7 +18,8 @@ use limiter::{
 };
 use limiter_common::{
     addr,
-    maps::{FlowKey, control, stat},
+    maps::{FlowKey, ReportGate, SourceCount, SourceKey, control, names, stat},
+    rate::{RATE_SLOTS, RateWindow},
 };
 
 use crate::{
@@ -121,6 +125,99 @@ pub(super) fn reply_micro(rounds: usize, drop: f64) -> Micro {
             ratio: ns / drop,
         }
     })
+}
+
+/// The connection rate of [`rate_micro`]'s connector, per its unit (the
+/// default, 60 s: slots of 10 s, longer than the case runs).
+const RATE: u16 = 10;
+
+/// A SYN of a source that used up its connection rate (it holds no
+/// connection), on a connector far from its concurrency caps: refused by
+/// the rate once, then from the CPU's refusal cache until the window's next
+/// slot boundary.
+pub(super) fn rate_micro(rounds: usize, drop: f64) -> Micro {
+    let text = format!(
+        "[[connector]]\nname = \"Bench\"\nbindings = [\"0.0.0.0:25\"]\n\
+         max_inbound_connection = \"unlimited\"\nmax_inbound_connection_per_source = \"unlimited\"\n\
+         max_inbound_connection_percentage_per_source = 100\n\
+         max_inbound_connection_rate_per_source = {RATE}\n"
+    );
+    let config = Config::parse(&text, "bench.toml").expect("a valid bench config");
+    let kernel = load_limiter(
+        &config,
+        TableSizes {
+            sources: 1 << 18,
+            established: 1 << 18,
+        },
+    );
+    let admit = kernel.admit_program().expect("admit");
+    spend_rate(admit, CLIENT, RATE);
+    let over_rate = Segment::syn(CLIENT, 40002, LOCAL, 25).build();
+    let judged = || kernel.stats().expect("the counters").global[stat::SOURCE_JUDGED as usize];
+    let (before, judged_before) = (counter(&kernel, stat::REJECTED_RATE), judged());
+    let ns = cost(admit, &over_rate, rounds);
+    check_moved(
+        &kernel,
+        stat::REJECTED_RATE,
+        before,
+        rounds as u64 * REPEAT as u64,
+        "SYN rejected by rate",
+    );
+    // Judged on the window once (and at a slot boundary, were one
+    // crossed), else refused from the cache.
+    let judged = judged() - judged_before;
+    assert!(
+        judged <= 2 * rounds as u64,
+        "bench case \"SYN rejected by rate\" judged {judged} SYNs on the window: the refusal cache did not answer"
+    );
+    Micro {
+        case: "SYN rejected by rate (source over its connection rate)".into(),
+        ns,
+        baseline: "bare XDP_DROP".into(),
+        ratio: ns / drop,
+    }
+}
+
+/// Writes `remote`'s entry on connector 0 as the sock_ops program leaves
+/// it after `n` connections counted now (`CLOCK_MONOTONIC`, the clock of
+/// `bpf_ktime_get_ns`), all closed since: the daemon has no way to count
+/// into a rate window (seeded connections never do), so the entry is
+/// written into the map `program` uses.
+fn spend_rate(program: &Xdp, remote: Ipv4Addr, n: u16) {
+    let ids = program
+        .info()
+        .expect("the program's info")
+        .map_ids()
+        .expect("its maps")
+        .expect("map ids (kernel 4.15 or later)");
+    let data = ids
+        .into_iter()
+        .map(|id| MapData::from_id(id).expect("a map of the program"))
+        .find(|data| {
+            data.info()
+                .is_ok_and(|info| info.name_as_str() == Some(names::SOURCE_LIVE))
+        })
+        .expect("the program uses SOURCE_LIVE");
+    let mut sources: HashMap<MapData, SourceKey, SourceCount> =
+        HashMap::try_from(Map::HashMap(data)).expect("SOURCE_LIVE is a hash map");
+    let key = SourceKey::from_words(0, addr::ipv4_words(u32::from_ne_bytes(remote.octets())));
+    let now = limiter::kernel::monotonic_ns();
+    let mut counts = [0u16; RATE_SLOTS];
+    counts[0] = n;
+    let entry = SourceCount {
+        key,
+        live: 0,
+        flags: 0,
+        _pad: 0,
+        last_change_ns: now,
+        gate: ReportGate::default(),
+        rate: RateWindow {
+            newest_start_ns: now,
+            counts,
+            seq: 0,
+        },
+    };
+    sources.insert(key, entry, 0).expect("writing the source");
 }
 
 pub(super) fn limiter(ranges: u32) -> Kernel {
@@ -272,6 +369,7 @@ pub(super) fn micro(options: &Options, baseline: &Baseline) -> Vec<Micro> {
         baseline: "bare XDP_DROP".into(),
         ratio: rejected / drop,
     });
+    out.push(rate_micro(rounds, drop));
     out.push(reply_micro(rounds, drop));
     let before = counter(&kernel, stat::SYN_PASSED);
     let admitted = single_runs(admit, fresh_syns(SINGLE_RUNS as u32, 1));
