@@ -409,7 +409,10 @@ mod tests {
         };
         assert_eq!(
             changes.check(),
-            Err("--connection-rate-time-unit \"1h\" is not a number or \"unlimited\"".to_string())
+            Err(
+                "--connection-rate-time-unit \"1h\" is not a number of seconds (6 to 3600)"
+                    .to_string()
+            )
         );
     }
 

@@ -94,7 +94,7 @@ impl ConnectorChanges {
         if let Some(list) = &self.remote_ip_ranges {
             config::parse_remote_ip_ranges(flags, list)?;
         }
-        let limits: [(&str, &Option<String>, config::LimitCheck); 5] = [
+        let limits: [(&str, &Option<String>, config::LimitCheck); 4] = [
             (
                 flags.max_inbound_connection,
                 &self.max_inbound_connection,
@@ -115,17 +115,20 @@ impl ConnectorChanges {
                 &self.max_inbound_connection_rate_per_source,
                 config::check_max_inbound_connection_rate_per_source,
             ),
-            (
-                flags.connection_rate_time_unit,
-                &self.connection_rate_time_unit,
-                config::check_connection_rate_time_unit,
-            ),
         ];
         for (flag, text, check) in limits {
             if let Some(text) = text {
                 let v: LimitValue = text.trim().parse().map_err(|e| format!("{flag} {e}"))?;
                 check(flag, v)?;
             }
+        }
+        if let Some(text) = &self.connection_rate_time_unit {
+            let flag = flags.connection_rate_time_unit;
+            let v: LimitValue = text
+                .trim()
+                .parse()
+                .map_err(|_| config::not_seconds(flag, &format!("{:?}", text.trim())))?;
+            config::check_connection_rate_time_unit(flag, v)?;
         }
         if let Some(action) = &self.action {
             Action::parse_named(flags.action, action.trim())?;
@@ -671,6 +674,11 @@ mod tests {
                 "unit",
                 "unlimited",
                 "--connection-rate-time-unit must be a number of seconds (6 to 3600)",
+            ),
+            (
+                "unit",
+                "1m",
+                "--connection-rate-time-unit \"1m\" is not a number of seconds (6 to 3600)",
             ),
         ] {
             let mut d = ConfigDocument::parse(FILE).unwrap();

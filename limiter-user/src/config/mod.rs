@@ -388,6 +388,22 @@ pub fn check_connection_rate_time_unit(name: &str, v: LimitValue) -> Result<u32,
     }
 }
 
+/// Why a `connection_rate_time_unit` written as something else than a
+/// number (`written`, as typed) is refused: it is whole seconds ("1m" or
+/// "60s" are not taken).
+pub fn not_seconds(name: &str, written: &str) -> String {
+    format!(
+        "{name} {written} is not a number of seconds ({MIN_RATE_UNIT_SECS} to {MAX_RATE_UNIT_SECS})"
+    )
+}
+
+/// `connection_rate_time_unit` as the file writes it, checked.
+fn time_unit_from_toml(name: &str, value: &toml::Value) -> Result<u32, String> {
+    let v =
+        LimitValue::from_toml(name, value).map_err(|_| not_seconds(name, &value.to_string()))?;
+    check_connection_rate_time_unit(name, v)
+}
+
 pub fn check_max_inbound_connection_percentage_per_source(
     name: &str,
     v: LimitValue,
@@ -804,12 +820,10 @@ impl Connector {
                 defaults.max_inbound_connection_rate_per_source,
                 check_max_inbound_connection_rate_per_source,
             )?,
-            connection_rate_time_unit: limit(
-                keys.connection_rate_time_unit,
-                &rc.connection_rate_time_unit,
-                defaults.connection_rate_time_unit,
-                check_connection_rate_time_unit,
-            )?,
+            connection_rate_time_unit: match &rc.connection_rate_time_unit {
+                None => defaults.connection_rate_time_unit,
+                Some(value) => time_unit_from_toml(keys.connection_rate_time_unit, value)?,
+            },
         };
         let action = match &rc.action {
             None => Action::Drop,
@@ -952,6 +966,30 @@ max_inbound_connection_percentage_per_source = 100
                 "cannot be unlimited",
             ),
             ("max_inbound_connection = \"lots\"", "is not a number"),
+            (
+                "max_inbound_connection_rate_per_source = 0",
+                "max_inbound_connection_rate_per_source 0 is out of range (1 to 60000 a time unit, or unlimited)",
+            ),
+            (
+                "max_inbound_connection_rate_per_source = 60001",
+                "max_inbound_connection_rate_per_source 60001 is out of range",
+            ),
+            (
+                "connection_rate_time_unit = 5",
+                "connection_rate_time_unit 5 is out of range (6 to 3600 seconds)",
+            ),
+            (
+                "connection_rate_time_unit = 3601",
+                "connection_rate_time_unit 3601 is out of range",
+            ),
+            (
+                "connection_rate_time_unit = \"unlimited\"",
+                "connection_rate_time_unit must be a number of seconds (6 to 3600)",
+            ),
+            (
+                "connection_rate_time_unit = \"1m\"",
+                "connection_rate_time_unit \"1m\" is not a number of seconds (6 to 3600)",
+            ),
             ("action = \"bounce\"", "action \"bounce\""),
             (
                 "remote_ip_ranges = [\"10.0.0.0/33\"]",
@@ -971,6 +1009,18 @@ max_inbound_connection_percentage_per_source = 100
         ))
         .unwrap();
         assert_eq!(ok.connectors[0].limits.max_inbound_connection, UNLIMITED);
+        let rated = parse(&connector(
+            "max_inbound_connection_rate_per_source = 60000\nconnection_rate_time_unit = 6",
+        ))
+        .unwrap();
+        let limits = rated.connectors[0].limits;
+        assert_eq!(
+            (
+                limits.max_inbound_connection_rate_per_source,
+                limits.connection_rate_time_unit
+            ),
+            (60000, 6)
+        );
     }
 
     #[test]
@@ -1097,6 +1147,8 @@ mod fuzz {
             "max_inbound_connection = -?[0-9]{1,11}\n",
             Just("max_inbound_connection_per_source = \"unlimited\"\n".to_string()),
             "max_inbound_connection_percentage_per_source = [0-9]{1,4}\n",
+            "max_inbound_connection_rate_per_source = -?[0-9]{1,6}\n",
+            "connection_rate_time_unit = \"?[0-9a-z]{0,5}\"?\n",
             "action = \"[a-z]{0,8}\"\n",
             "handshake_timeout = \"[0-9]{0,3}(ms|s|m|h|x)\"\n",
             "ipv6_prefix_length = -?[0-9]{1,4}\n",
@@ -1122,6 +1174,8 @@ mod fuzz {
                         prop_assert!(!c.bindings.is_empty());
                         let pct = c.limits.max_inbound_connection_percentage_per_source;
                         prop_assert!((1..=100).contains(&pct));
+                        let unit = c.limits.connection_rate_time_unit;
+                        prop_assert!((MIN_RATE_UNIT_SECS..=MAX_RATE_UNIT_SECS).contains(&unit));
                     }
                 }
                 Err(e) => prop_assert!(!e.to_string().contains('\n'), "{}", e),
@@ -1148,6 +1202,8 @@ mod fuzz {
                 let _ = check_max_inbound_connection("max", value);
                 let _ = check_max_inbound_connection_per_source("per_source", value);
                 let _ = check_max_inbound_connection_percentage_per_source("pct", value);
+                let _ = check_max_inbound_connection_rate_per_source("rate", value);
+                let _ = check_connection_rate_time_unit("unit", value);
             }
         }
     }
