@@ -603,7 +603,6 @@ fn a_rejection_by_the_rate_is_reported_as_event_61021() {
 /// Before the rate, such entries were forgotten a second after they
 /// closed.
 #[test]
-#[ignore = "fails on the kernel side of d886d28: forget_source keeps any source whose window holds a connection, rate limit or not (see the report of the rate-tests branch)"]
 fn without_a_rate_limit_sources_that_left_are_forgotten_under_pressure() {
     let s = Scenario::start_with(
         Some(&connector(
