@@ -6,6 +6,7 @@
 //! |----------------------|--------------------------------|-------------------------|
 //! | well-behaved senders | 10.77.0.10-.12, fd77:0:0:2::10 | Default Frontend        |
 //! | the flooder          | 10.77.0.13                     | Default Frontend        |
+//! | the reconnector      | 10.77.0.14                     | Default Frontend        |
 //! | the application      | 10.77.0.20                     | Application Relay       |
 //!
 //! smtp-source cannot choose its source address, so the application and
@@ -33,6 +34,10 @@ use crate::{
 
 /// The per-source limit of the front door.
 pub const FRONTEND_PER_SOURCE: u32 = 10;
+/// The front door's connection rate per source: this many a unit.
+pub const FRONTEND_RATE: u32 = 30;
+/// Its unit, in seconds: a short one, for a short demo.
+pub const FRONTEND_RATE_UNIT: u32 = 10;
 
 /// The lab's connectors: a front door with a low total, so that the
 /// percentage rule shows, and a relay for the application's range with
@@ -47,6 +52,8 @@ bindings = ["0.0.0.0:25", "[::]:25"]
 max_inbound_connection = 40
 max_inbound_connection_per_source = {FRONTEND_PER_SOURCE}
 max_inbound_connection_percentage_per_source = 25
+max_inbound_connection_rate_per_source = {FRONTEND_RATE}
+connection_rate_time_unit = {FRONTEND_RATE_UNIT}
 action = "reply"
 
 [[connector]]
@@ -73,6 +80,12 @@ pub fn senders() -> Vec<IpAddr> {
 /// The flooder's address.
 pub fn flooder() -> IpAddr {
     client_v4(3).into()
+}
+
+/// The address of a sender that reconnects in a loop, a message a
+/// connection, as fast as it can.
+pub fn reconnector() -> IpAddr {
+    client_v4(4).into()
 }
 
 /// The application's address.
@@ -106,6 +119,8 @@ pub struct Summary {
     pub delivered: BTreeMap<String, usize>,
     /// Rejected connection attempts, by (source, rule).
     pub refused: BTreeMap<(String, String), u64>,
+    /// When the reconnector's messages were accepted, since the start.
+    pub reconnector_accepted: Vec<Duration>,
     /// The most connections the flooder held at once (from `ss`).
     pub flooder_most_held: usize,
     /// `limiter explain` for the flooder, while it floods.
@@ -156,6 +171,8 @@ pub fn run(options: &Options, stop: &AtomicBool) -> Summary {
     let deadline = Instant::now() + options.duration;
     let running = || Instant::now() < deadline && !stop.load(Ordering::Relaxed);
     let sent: Mutex<BTreeMap<String, usize>> = Mutex::default();
+    let started = Instant::now();
+    let reconnector_accepted: Mutex<Vec<Duration>> = Mutex::default();
     let refused: Mutex<BTreeMap<(String, String), u64>> = Mutex::default();
     let flooder_most_held = AtomicUsize::new(0);
     let explain_flooder = Mutex::new(String::new());
@@ -224,10 +241,38 @@ pub fn run(options: &Options, stop: &AtomicBool) -> Summary {
                         n += 1;
                         *sent.lock().unwrap().entry(sender.to_string()).or_default() += 1;
                     }
-                    std::thread::sleep(Duration::from_millis(300));
+                    // At most two connections a second: well within the
+                    // front door's rate.
+                    std::thread::sleep(Duration::from_millis(500));
                 }
             });
         }
+        scope.spawn(|| {
+            // No pause between sessions: slowed to the connector's rate,
+            // told so with a 421 (or dropped past the replies a second).
+            let sender = reconnector().to_string();
+            let mut n = 0;
+            while running() {
+                let mut swaks = lab.client_ns().command("swaks");
+                swaks
+                    .args([
+                        "--server",
+                        &crate::lab::SERVER_V4.to_string(),
+                        "--port",
+                        "25",
+                    ])
+                    .args(["--local-interface", &sender])
+                    .args(["--timeout", "2"])
+                    .args(["--from", "again@reconnect.example"])
+                    .args(["--to", &format!("inbox@{DOMAIN}")])
+                    .args(["--header", &format!("Subject: message {n} from {sender}")]);
+                if run_ok(swaks) {
+                    n += 1;
+                    *sent.lock().unwrap().entry(sender.clone()).or_default() += 1;
+                    reconnector_accepted.lock().unwrap().push(started.elapsed());
+                }
+            }
+        });
         scope.spawn(|| {
             while running() {
                 let mut source = lab.client_ns().command("smtp-source");
@@ -314,6 +359,7 @@ pub fn run(options: &Options, stop: &AtomicBool) -> Summary {
         sent: sent.into_inner().unwrap(),
         delivered: postfix.delivered_by_client(),
         refused: refused.into_inner().unwrap(),
+        reconnector_accepted: reconnector_accepted.into_inner().unwrap(),
         flooder_most_held: flooder_most_held.into_inner(),
         explain_flooder: explain_flooder.into_inner().unwrap(),
         flooder_reply,
@@ -353,6 +399,22 @@ fn refused_transcript(lab: &Lab) -> Option<String> {
 }
 
 impl Summary {
+    /// The most of the reconnector's messages accepted within any one unit
+    /// of the front door's rate.
+    pub fn reconnector_most_in_a_unit(&self) -> usize {
+        let unit = Duration::from_secs(FRONTEND_RATE_UNIT.into());
+        let times = &self.reconnector_accepted;
+        (0..times.len())
+            .map(|i| {
+                times[i..]
+                    .iter()
+                    .take_while(|&&t| t < times[i] + unit)
+                    .count()
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
     /// The summary for people.
     pub fn print(&self) {
         println!("\n=== summary ===\n");
@@ -363,6 +425,8 @@ impl Summary {
         for client in clients {
             let role = if client == &flooder().to_string() {
                 "flooder"
+            } else if client == &reconnector().to_string() {
+                "reconnector"
             } else if client == &application().to_string() {
                 "application"
             } else {
@@ -386,6 +450,10 @@ impl Summary {
         println!(
             "\nthe flooder held at most {} connections at once (its cap: {FRONTEND_PER_SOURCE} per source, or less by the percentage rule)",
             self.flooder_most_held
+        );
+        println!(
+            "the reconnector got at most {} messages accepted in any {FRONTEND_RATE_UNIT} s (its rate: {FRONTEND_RATE} connections per {FRONTEND_RATE_UNIT} s)",
+            self.reconnector_most_in_a_unit()
         );
         println!(
             "\n$ limiter explain {}\n{}",

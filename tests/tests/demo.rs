@@ -3,7 +3,7 @@
 
 use std::{sync::atomic::AtomicBool, time::Duration};
 
-use limiter_tests::demo::{self, FRONTEND_PER_SOURCE, Options};
+use limiter_tests::demo::{self, FRONTEND_PER_SOURCE, FRONTEND_RATE, Options};
 
 #[test]
 fn the_demo_delivers_what_it_should_and_holds_the_flooder_to_its_cap() {
@@ -28,12 +28,35 @@ fn the_demo_delivers_what_it_should_and_holds_the_flooder_to_its_cap() {
             "{client}: {summary:?}"
         );
     }
-    // The application's parallel sessions all fit its relay connector.
+    // The application's parallel sessions all fit its relay connector, the
+    // senders' pace the front door's rate.
     let flooder = demo::flooder().to_string();
+    let reconnector = demo::reconnector().to_string();
     assert!(
-        summary.refused.keys().all(|(source, _)| source == &flooder),
-        "only the flooder is refused: {:?}",
+        summary
+            .refused
+            .keys()
+            .all(|(source, _)| source == &flooder || source == &reconnector),
+        "only the flooder and the reconnector are refused: {:?}",
         summary.refused
+    );
+    // The reconnector is slowed to its rate: refused by it, and never more
+    // accepted in a unit than the rate allows. Counted by when its sessions
+    // ended, one at a time: an admission lies between the end of the
+    // session before and the end of its own, so a unit of end times holds
+    // at most one admission from outside the unit.
+    assert!(
+        summary
+            .refused
+            .get(&(reconnector.clone(), "rate".to_string()))
+            .is_some_and(|&n| n > 0),
+        "{:?}",
+        summary.refused
+    );
+    let most = summary.reconnector_most_in_a_unit();
+    assert!(
+        most > 0 && most <= FRONTEND_RATE as usize + 1,
+        "{most} in a unit: {summary:?}"
     );
     // The flooder met its cap, and never held more.
     let refused: u64 = summary

@@ -324,6 +324,10 @@ pub(super) fn print_answer(ip: &str, source: &str, a: &Answer) {
             holding.can_open.unwrap_or_default(),
             limit_name(&holding.stopped_by)
         ),
+        Some(held) if a.rule == Rule::Rate.name() => println!(
+            "this source can hold {held} at once, none more until its rate allows; then {} stops it",
+            limit_name(&holding.stopped_by)
+        ),
         Some(held) => println!(
             "this source can hold {held}, {} more now; then {} stops it",
             holding.can_open.unwrap_or_default(),
