@@ -877,6 +877,24 @@ max_inbound_connection_percentage_per_source = 100
         let mut expected = Config::builtin_default();
         expected.connectors[0].action = Action::Reply;
         assert_eq!(Config::parse(shipped, "connectors.toml").unwrap(), expected);
+        // Its commented rate lines, taken in, are a valid rate of 60 a minute.
+        let with_rate = shipped
+            .replace(
+                "# max_inbound_connection_rate",
+                "max_inbound_connection_rate",
+            )
+            .replace("# connection_rate_time_unit", "connection_rate_time_unit");
+        let limits = Config::parse(&with_rate, "connectors.toml")
+            .unwrap()
+            .connectors[0]
+            .limits;
+        assert_eq!(
+            (
+                limits.max_inbound_connection_rate_per_source,
+                limits.connection_rate_time_unit
+            ),
+            (60, 60)
+        );
     }
 
     #[test]
