@@ -803,6 +803,10 @@ pub mod control {
     /// `idle_ns`, checked under the connector's lock at the moment of the
     /// deletion.
     pub const FORGET_SOURCE: u32 = 7;
+    /// `FORGET_SOURCE` when the source table is filling: a rate window
+    /// keeps only a source held to its rate
+    /// (`crate::rate::keeps_entry`).
+    pub const FORGET_SOURCE_UNDER_PRESSURE: u32 = 9;
     /// Sweep one CPU's refusal cache from `first_slot`: claim the entries
     /// that hold refusals no report carries, up to
     /// `crate::refusals::SWEEP_CHUNK` slots or the first entry claimed a

@@ -49,7 +49,8 @@ pub const DEFAULT_RATE_UNIT_SECS: u32 = 60;
 /// The length of a slot for a unit of `unit_secs` seconds (computed by the
 /// daemon, stored in the connector's kernel config).
 pub const fn slot_ns(unit_secs: u32) -> u64 {
-    unit_secs as u64 * 1_000_000_000 / RATE_SUBWINDOWS as u64
+    // Rounded up: the slots summed always cover a whole unit.
+    (unit_secs as u64 * 1_000_000_000).div_ceil(RATE_SUBWINDOWS as u64)
 }
 
 /// A source's connections, counted per slot. `counts[0]` is the slot that
@@ -150,6 +151,24 @@ impl RateWindow {
             at = self.next_change_ns(at, slot_ns);
         }
         Some(at)
+    }
+}
+
+/// Whether a source's entry must be kept, idle as it is, for its rate
+/// window: on a connector with a rate limit, while the window holds a
+/// connection; when the source table is under pressure, only while the
+/// source is held to its rate (`recent` at the limit), so that sources that
+/// came and went cannot keep the table full for a unit (a source forgotten
+/// then may open up to twice its rate in that unit).
+#[inline(always)]
+pub fn keeps_entry(limits: &Limits, recent: u32, under_pressure: bool) -> bool {
+    let limit = limits.max_inbound_connection_rate_per_source;
+    if limit == UNLIMITED {
+        false
+    } else if under_pressure {
+        recent >= limit
+    } else {
+        recent > 0
     }
 }
 

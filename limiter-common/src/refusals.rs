@@ -211,10 +211,13 @@ impl CachedRefusal {
     }
 }
 
-/// The most the coarse clock lags the monotonic one (a tick at HZ 100 is
-/// 10 ms): a refusal by the rate lapses this much early by the coarse clock,
-/// so that it never outlasts the exact rule's refusal.
-pub const COARSE_CLOCK_LAG_NS: u64 = 20_000_000;
+/// More than the coarse clock lags the monotonic one: a tick (10 ms at HZ
+/// 100, 4 ms at Debian's 250) and the few ticks the kernel lets jiffies
+/// fall behind when the CPU that keeps time is stalled. A refusal by the
+/// rate lapses this much early by the coarse clock, so that it never
+/// outlasts the exact rule's refusal; the SYNs of that last stretch of a
+/// slot are judged exactly.
+pub const COARSE_CLOCK_LAG_NS: u64 = 100_000_000;
 
 /// Whether the configuration is not being changed (see
 /// `Settings::generation`): refusals may be cached and answered.

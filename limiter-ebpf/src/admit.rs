@@ -18,7 +18,7 @@ use crate::{
     atomic,
     count::{
         RECENT_UNKNOWN, bump, connector_live, connector_state, recent_unlocked, select_connector,
-        source_key,
+        source_key, window_unlocked,
     },
     diag,
     maps::{
@@ -316,7 +316,11 @@ fn judge(flow: &FlowKey) -> Verdict {
     // it lapses (see `CachedRefusal::rate_stamp`).
     let stamp = if evaluation.rule == Rule::Rate {
         // Refused by the rate, the source has an entry.
-        rate_stamp(entry.unwrap_or(core::ptr::null_mut()), config.rate_slot_ns)
+        rate_stamp(
+            entry.unwrap_or(core::ptr::null_mut()),
+            config.rate_slot_ns,
+            limits.max_inbound_connection_rate_per_source,
+        )
     } else {
         let stamp_index = refusals::stamp_for(evaluation.rule, stamps.0, stamps.1);
         let stamp = if stamp_index == stamps.0 {
@@ -360,19 +364,27 @@ fn judge(flow: &FlowKey) -> Verdict {
     }
 }
 
-/// The stamp a refusal by the rate is remembered with (see [`remember`]):
-/// when it lapses, the next slot boundary of the source's rate window (a
-/// count written meanwhile moves the window by whole slots, on the same
-/// boundaries).
+/// The stamp a refusal by the rate (`limit` a unit) is remembered with (see
+/// [`remember`]): when it lapses, the window's next slot boundary, read
+/// again now. The clock has moved on since the refusal: if a boundary
+/// passed and the window no longer refuses, the stamp has lapsed already
+/// (the next SYN is judged exactly), so that a refusal never stands a slot
+/// too long.
 ///
 /// Not inlined: its stack is its own, beside the report's.
 #[inline(never)]
-fn rate_stamp(entry: *const SourceCount, slot_ns: u64) -> u64 {
+fn rate_stamp(entry: *const SourceCount, slot_ns: u64, limit: u32) -> u64 {
     if entry.is_null() {
         return 0;
     }
-    // SAFETY: a live map value.
-    let lapses = unsafe { (*entry).rate.next_change_ns(crate::now_ns(), slot_ns) };
+    let Some(window) = window_unlocked(entry) else {
+        return 0;
+    };
+    let now = crate::now_ns();
+    if window.recent(now, slot_ns) < limit {
+        return 0;
+    }
+    let lapses = window.next_change_ns(now, slot_ns);
     let (high, low) = CachedRefusal::rate_stamp(lapses);
     (low as u64) << 32 | high as u64
 }

@@ -81,14 +81,14 @@ fn count_request(frame: *mut Control, op: u32) -> u32 {
         op::COLLECT_CONNECTOR => collect(REPORT_GATES.get_ptr_mut(unsafe {
             core::ptr::read_unaligned(&raw const (*frame).source.connector)
         })),
-        op::FORGET_SOURCE => {
+        op::FORGET_SOURCE | op::FORGET_SOURCE_UNDER_PRESSURE => {
             let (source, idle_ns) = unsafe {
                 (
                     core::ptr::read_unaligned(&raw const (*frame).source),
                     core::ptr::read_unaligned(&raw const (*frame).idle_ns),
                 )
             };
-            if forget_source(&source, idle_ns) {
+            if forget_source(&source, idle_ns, op == op::FORGET_SOURCE_UNDER_PRESSURE) {
                 op::DONE
             } else {
                 op::NOTHING

@@ -6,13 +6,15 @@
 //! (atomic subtractions, no lock), and a map deletion succeeds once, so no
 //! count is released twice.
 
+use core::sync::atomic::{Ordering, compiler_fence};
+
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_spin_lock, bpf_spin_unlock},
     maps::{Array, lpm_trie::Key},
 };
 use limiter_common::{
-    Evaluation, UNLIMITED,
+    Evaluation,
     addr::{self, Words},
     maps::{
         BindingKey, ConnectorConfig, ConnectorState, FORWARDED_BINDING, FlowKey, FlowValue,
@@ -282,9 +284,14 @@ fn judge_locked(
             // would have admitted (a refused connection never completes).
             if counting.new && admitted {
                 // Odd while it changes: a lockless reader passes the SYN.
+                // The fences keep the compiler from moving the window's
+                // stores across the sequence's; the CPU keeps stores in
+                // order on x86 (TSO), the only architecture packaged.
                 let seq = core::ptr::read_volatile(&raw const (*window).seq);
                 core::ptr::write_volatile(&raw mut (*window).seq, seq.wrapping_add(1));
+                compiler_fence(Ordering::SeqCst);
                 (*window).count(now, config.rate_slot_ns);
+                compiler_fence(Ordering::SeqCst);
                 core::ptr::write_volatile(&raw mut (*window).seq, seq.wrapping_add(2));
             }
         }
@@ -319,23 +326,33 @@ pub const RECENT_UNKNOWN: u64 = u64::MAX;
 /// kernel refuses).
 #[inline(never)]
 pub fn recent_unlocked(entry: *const SourceCount, now: u64, slot_ns: u64) -> u64 {
+    match window_unlocked(entry) {
+        Some(window) => window.recent(now, slot_ns) as u64,
+        None => RECENT_UNKNOWN,
+    }
+}
+
+/// A copy of `entry`'s rate window read without the lock; `None` while it
+/// is being written.
+#[inline(always)]
+pub fn window_unlocked(entry: *const SourceCount) -> Option<RateWindow> {
     // SAFETY: a live map value; the fields are read one by one, the
     // sequence around them.
     unsafe {
         let window = &raw const (*entry).rate;
         let seq = core::ptr::read_volatile(&raw const (*window).seq);
         if seq & 1 != 0 {
-            return RECENT_UNKNOWN;
+            return None;
         }
+        // Loads in order (see `judge_locked`'s fences).
+        compiler_fence(Ordering::SeqCst);
         let copy = RateWindow {
             newest_start_ns: core::ptr::read_volatile(&raw const (*window).newest_start_ns),
             counts: core::ptr::read_volatile(&raw const (*window).counts),
             seq,
         };
-        if core::ptr::read_volatile(&raw const (*window).seq) != seq {
-            return RECENT_UNKNOWN;
-        }
-        copy.recent(now, slot_ns) as u64
+        compiler_fence(Ordering::SeqCst);
+        (core::ptr::read_volatile(&raw const (*window).seq) == seq).then_some(copy)
     }
 }
 
@@ -343,33 +360,32 @@ pub fn recent_unlocked(entry: *const SourceCount, now: u64, slot_ns: u64) -> u64
 /// `idle_ns`: marked forgotten under the connector's lock first, so that
 /// no connection can be counted into it between the check and the
 /// deletion, which only this does (a judge that meets the mark looks the
-/// entry up again until it is gone). Returns whether it was deleted.
+/// entry up again until it is gone). A rate window keeps it as
+/// `limiter_common::rate::keeps_entry` says (`under_pressure`: the source
+/// table is filling). Returns whether it was deleted.
 ///
 /// Not inlined: its stack is its own, beside the other operations'.
 #[inline(never)]
-pub fn forget_source(source: &SourceKey, idle_ns: u64) -> bool {
+pub fn forget_source(source: &SourceKey, idle_ns: u64, under_pressure: bool) -> bool {
     let Some(state) = connector_state(source.connector) else {
         return false;
     };
     let Some(entry) = SOURCE_LIVE.get_ptr_mut(source) else {
         return false;
     };
-    // A rate window only keeps the entry on a connector with a rate limit.
-    let slot_ns = match CONNECTORS.get(source.connector) {
-        Some(config) if config.limits.max_inbound_connection_rate_per_source != UNLIMITED => {
-            config.rate_slot_ns
-        }
-        _ => 0,
+    let Some(config) = CONNECTORS.get(source.connector) else {
+        return false;
     };
     let now = crate::now_ns();
     // SAFETY: live map values; the lock is the map's.
     let forgotten = unsafe {
         bpf_spin_lock((&raw mut (*state).lock).cast());
-        // Nor while its rate window holds a connection (a slot of 0 holds
-        // none): the rate would be forgotten with it.
+        // Nor while its rate window must keep it: the rate would be
+        // forgotten with it.
+        let recent = (*entry).rate.recent(now, config.rate_slot_ns);
         let idle = core::ptr::read_volatile(&raw const (*entry).live) == 0
             && now.wrapping_sub((*entry).last_change_ns) >= idle_ns
-            && (*entry).rate.recent(now, slot_ns) == 0
+            && !rate::keeps_entry(&config.limits, recent, under_pressure)
             && (*entry).key.same(source);
         if idle {
             (*entry).flags |= SOURCE_FORGOTTEN;

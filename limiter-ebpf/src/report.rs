@@ -117,8 +117,11 @@ pub fn report_held(cached: &CachedRefusal, held: u32) -> bool {
     let mut evaluation = rate::judge(&config.limits, live_total, live_source, recent);
     evaluation.admitted = false;
     evaluation.rule = Rule::from_raw(cached.rule as u32).unwrap_or(Rule::PerSource);
+    let mut recent = recent;
     if evaluation.rule == Rule::Rate {
         evaluation.cap = config.limits.max_inbound_connection_rate_per_source;
+        // Each of them met a full window; it may have moved on since.
+        recent = recent.max(evaluation.cap);
     }
     let flow = FlowKey::from_words(
         cached.local,

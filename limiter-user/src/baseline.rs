@@ -3,8 +3,12 @@
 
 use aya::{
     Ebpf,
-    maps::{Array, MapData, PerCpuArray},
+    maps::{Array, MapData, PerCpuArray, PerCpuValues},
     programs::{Xdp, XdpMode, links::FdLink},
+};
+use limiter_common::{
+    maps::FlowKey,
+    refusals::{CachedRefusal, RefusalKey},
 };
 
 use crate::kernel::{KernelError, map_err, prog_err};
@@ -19,6 +23,9 @@ pub const BARE_PASS: &str = "bare_pass";
 pub const BARE_DROP: &str = "bare_drop";
 /// Reads the headers and drops SYNs to port 25.
 pub const HEADER_DROP: &str = "header_drop";
+/// Reads the headers and drops a SYN to port 25 whose refusal key its
+/// per-CPU array holds (see [`Baseline::remember_refusal`]).
+pub const CACHE_DROP: &str = "cache_drop";
 /// The SYN flood generator, for live-frames BPF_PROG_TEST_RUN.
 pub const FLOOD_GEN: &str = "flood_gen";
 
@@ -32,7 +39,7 @@ impl Baseline {
     /// Loads the programs (nothing is attached).
     pub fn load() -> Result<Baseline, KernelError> {
         let mut ebpf = Ebpf::load(BASELINE_OBJECT).map_err(KernelError::Load)?;
-        for name in [BARE_PASS, BARE_DROP, HEADER_DROP, FLOOD_GEN] {
+        for name in [BARE_PASS, BARE_DROP, HEADER_DROP, CACHE_DROP, FLOOD_GEN] {
             let program: &mut Xdp = ebpf
                 .program_mut(name)
                 .ok_or(KernelError::MissingProgram(name))?
@@ -90,6 +97,30 @@ impl Baseline {
             .try_into()
             .map_err(map_err(name))?;
         map.set(0, sources, 0).map_err(map_err(name))
+    }
+
+    /// Makes `cache_drop` refuse the SYNs of `flow` (its key, whole
+    /// addresses), on every CPU.
+    pub fn remember_refusal(&mut self, flow: &FlowKey) -> Result<(), KernelError> {
+        let name = "CACHE";
+        let mut map: PerCpuArray<&mut MapData, CachedRefusal> = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(KernelError::MissingMap(name))?
+            .try_into()
+            .map_err(map_err(name))?;
+        let key = RefusalKey::of(flow, 128);
+        let entry = CachedRefusal {
+            remote: key.remote,
+            local: key.local,
+            local_port: key.local_port,
+            prefix_len: key.prefix_len,
+            connector: 1,
+            ..Default::default()
+        };
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| KernelError::Cpus(e))?;
+        let values = PerCpuValues::try_from(vec![entry; cpus]).map_err(KernelError::Cpus)?;
+        map.set(key.first_slot(), values, 0).map_err(map_err(name))
     }
 
     /// Frames the generator has produced, on all CPUs.

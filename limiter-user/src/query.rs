@@ -101,14 +101,14 @@ pub struct Holding {
 impl Holding {
     /// What a source with `live_source` of `live_total` and `recent`
     /// connections in its rate window can hold: the concurrency limits',
-    /// with nothing more to open while the rate refuses.
+    /// and no more to open now than its rate has left.
     fn of(limits: &Limits, live_total: u32, live_source: u32, recent: u32) -> Holding {
         let headroom = limiter_common::headroom(limits, live_total, live_source);
-        let can_open = if rate::admits(limits, recent) {
-            headroom.can_open(live_source)
-        } else {
-            0
+        let rate_left = match limits.max_inbound_connection_rate_per_source {
+            UNLIMITED => UNLIMITED,
+            limit => limit.saturating_sub(recent),
         };
+        let can_open = headroom.can_open(live_source).min(rate_left);
         Holding {
             can_open: limited(can_open),
             holds_at_most: limited(headroom.holds_at_most),
@@ -207,8 +207,10 @@ pub fn sources(
         };
         let limits = &connector.limits;
         let standing = RateStanding::of(limits, &count.rate, now);
-        if count.live == 0 && standing.recent == 0 {
-            // Idle, waiting to be forgotten.
+        let rate_limited = limits.max_inbound_connection_rate_per_source != UNLIMITED;
+        if count.live == 0 && !(rate_limited && standing.recent > 0) {
+            // Idle, waiting to be forgotten (a window without a rate limit
+            // holds nobody back).
             continue;
         }
         let live_total = kernel.connector_live(key.connector)?;
@@ -696,7 +698,8 @@ mod tests {
         // Exchange's limits come first.
         let a = answer(&c, local, 24, 20, RateStanding::of(&c.limits, &w, now));
         assert_eq!((a.rule.as_str(), a.event_id), ("per_source", Some(1021)));
-        // Within the rate: admitted, and the rate says how far it is.
+        // Within the rate: admitted, and the rate says how far it is; it
+        // can open what is left of its rate now, not the 19 it could hold.
         let a = answer(
             &c,
             local,
@@ -706,7 +709,10 @@ mod tests {
         );
         assert_eq!(
             (a.verdict.as_str(), a.holding.can_open),
-            ("admitted", Some(19))
+            (
+                "admitted",
+                Some(c.limits.max_inbound_connection_rate_per_source)
+            )
         );
         assert_eq!((a.rate.recent, a.rate.rate_wait_s), (0, Some(0.0)));
     }

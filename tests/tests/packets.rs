@@ -798,7 +798,7 @@ fn idle_sources_are_forgotten_only_when_idle_at_that_moment() {
     };
     let forget = |l: &mut Loaded, idle_ms| {
         l.kernel
-            .forget_source(&key, std::time::Duration::from_millis(idle_ms))
+            .forget_source(&key, std::time::Duration::from_millis(idle_ms), false)
             .unwrap()
     };
     // It holds a connection: kept, however long it has been.

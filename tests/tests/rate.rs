@@ -628,3 +628,66 @@ fn without_a_rate_limit_sources_that_left_are_forgotten_under_pressure() {
         "a new source was reset: the table is still full of sources that left ({stats})"
     );
 }
+
+/// Connections the daemon finds in the socket table when it starts are
+/// counted as live, never into the rate: they were opened before it could
+/// judge them.
+#[test]
+fn connections_found_at_start_do_not_count_into_the_rate() {
+    const N: u32 = 3;
+    let mut s = Scenario::start(&config(N, UNIT, "drop"));
+    let a = client_v4(7);
+    let held = s.open(a, 2);
+    // Their window empties; a plain restart (no --keep-attached) then
+    // starts from empty tables and finds the two in the socket table.
+    std::thread::sleep(unit(UNIT) + slot(UNIT) + MARGIN);
+    s.limiter.restart();
+    let source = |s: &Scenario| {
+        s.limiter
+            .cli_json(&["sources"])
+            .as_array()
+            .and_then(|all| all.iter().find(|e| e["source"] == a.to_string()).cloned())
+            .unwrap_or(Value::Null)
+    };
+    wait_until(Duration::from_secs(5), Duration::from_millis(100), || {
+        source(&s)["live"] == 2
+    });
+    let found = source(&s);
+    assert_eq!(
+        (&found["live"], &found["recent"]),
+        (&json!(2), &json!(0)),
+        "{found}"
+    );
+    // The source still has its whole rate.
+    converse_n(&s, a, N);
+    refused(&s, a);
+    assert!(held.iter().all(alive));
+}
+
+/// A changed rate takes effect for the next SYN, on the window as it is.
+#[test]
+fn a_changed_rate_applies_to_the_window_as_it_is() {
+    const N: u32 = 3;
+    let s = Scenario::start(&config(N, UNIT, "drop"));
+    let a = client_v4(8);
+    converse_n(&s, a, N);
+    refused(&s, a);
+    s.limiter.cli_ok(&[
+        "connector",
+        "set",
+        "Frontend",
+        "--max-inbound-connection-rate-per-source",
+        "5",
+    ]);
+    converse_n(&s, a, 2);
+    refused(&s, a);
+    s.limiter.cli_ok(&[
+        "connector",
+        "set",
+        "Frontend",
+        "--max-inbound-connection-rate-per-source",
+        "6",
+    ]);
+    converse_n(&s, a, 1);
+    refused(&s, a);
+}

@@ -4,6 +4,9 @@
 //!   XDP_PASS / XDP_DROP, the floor any XDP program is compared to;
 //! - `header_drop`: drops SYNs to port 25 after reading the headers, the
 //!   floor of any SYN filter;
+//! - `cache_drop`: drops a SYN to port 25 whose refusal key a per-CPU array
+//!   holds, the floor of a refusal from a per-CPU cache (one CPU-local
+//!   lookup, as the limiter's refusal cache makes);
 //! - `flood_gen`: run through BPF_PROG_TEST_RUN in live-frames mode on one
 //!   end of a veth, it turns a template SYN into a stream of SYNs from
 //!   `FLOOD_SOURCES` source addresses and new source ports, sent out with
@@ -17,6 +20,11 @@ use aya_ebpf::{
     macros::{map, xdp},
     maps::{Array, PerCpuArray},
     programs::XdpContext,
+};
+use limiter_common::{
+    addr,
+    maps::FlowKey,
+    refusals::{CachedRefusal, REFUSAL_SLOTS, REFUSAL_WAYS, RefusalKey},
 };
 
 #[xdp]
@@ -40,8 +48,19 @@ pub fn header_drop(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn try_header_drop(ctx: &XdpContext) -> Option<u32> {
-    const ETHERTYPE: usize = 12;
-    const IP: usize = 14;
+    Some(match syn_to_port_25(ctx)? {
+        Some(_) => xdp_action::XDP_DROP,
+        None => xdp_action::XDP_PASS,
+    })
+}
+
+const ETHERTYPE: usize = 12;
+const IP: usize = 14;
+
+/// Where the TCP header of a SYN to port 25 starts (`Some(None)`: the frame
+/// is something else; `None`: too short to tell). Ethernet, IPv4, TCP.
+#[inline(always)]
+fn syn_to_port_25(ctx: &XdpContext) -> Option<Option<usize>> {
     let start = ctx.data();
     if start + IP + 20 > ctx.data_end() {
         return None;
@@ -51,7 +70,7 @@ fn try_header_drop(ctx: &XdpContext) -> Option<u32> {
     let (ethertype, version_ihl, protocol) =
         unsafe { (read16(frame, ETHERTYPE), *frame.add(IP), *frame.add(IP + 9)) };
     if ethertype != 0x0800 || protocol != 6 {
-        return Some(xdp_action::XDP_PASS);
+        return Some(None);
     }
     let tcp = IP + ((version_ihl & 0x0f) as usize) * 4;
     if start + tcp + 20 > ctx.data_end() {
@@ -60,11 +79,54 @@ fn try_header_drop(ctx: &XdpContext) -> Option<u32> {
     // SAFETY: 20 bytes of TCP header were checked.
     let (port, flags) = unsafe { (read16(frame, tcp + 2), *frame.add(tcp + 13)) };
     let syn = flags & 0x12 == 0x02;
-    Some(if syn && port == 25 {
-        xdp_action::XDP_DROP
-    } else {
-        xdp_action::XDP_PASS
-    })
+    Some((syn && port == 25).then_some(tcp))
+}
+
+/// The refusals `cache_drop` knows, laid out as the limiter's refusal
+/// cache (filled by the bench).
+#[map(name = "CACHE")]
+static CACHE: PerCpuArray<CachedRefusal> = PerCpuArray::with_max_entries(REFUSAL_SLOTS, 0);
+
+/// The least a refusal from a per-CPU cache does: reads the headers as
+/// `header_drop` does, makes the SYN's refusal key, looks its set up in a
+/// per-CPU array and drops the SYN when a slot holds the key (else passes
+/// it). Beside the limiter's refusal from its cache, it shows what the
+/// checks that make a cached refusal exact (the configuration generation,
+/// the release stamp, the counts) cost on top of the lookup.
+#[xdp]
+pub fn cache_drop(ctx: XdpContext) -> u32 {
+    try_cache_drop(&ctx).unwrap_or(xdp_action::XDP_PASS)
+}
+
+#[inline(always)]
+fn try_cache_drop(ctx: &XdpContext) -> Option<u32> {
+    let Some(tcp) = syn_to_port_25(ctx)? else {
+        return Some(xdp_action::XDP_PASS);
+    };
+    let frame = ctx.data() as *mut u8;
+    // SAFETY: the IP header's addresses and the TCP ports were checked by
+    // `syn_to_port_25`.
+    let flow = unsafe {
+        FlowKey::from_words(
+            addr::ipv4_words(core::ptr::read_unaligned(frame.add(IP + 16) as *const u32)),
+            addr::ipv4_words(core::ptr::read_unaligned(frame.add(IP + 12) as *const u32)),
+            read16(frame, tcp + 2),
+            read16(frame, tcp),
+        )
+    };
+    let key = RefusalKey::of(&flow, 128);
+    let first = key.first_slot();
+    let mut way = 0;
+    while way < REFUSAL_WAYS {
+        if let Some(entry) = CACHE.get_ptr(first + way) {
+            // SAFETY: this CPU's slot of a per-CPU array.
+            if unsafe { (*entry).holds(&key) } {
+                return Some(xdp_action::XDP_DROP);
+            }
+        }
+        way += 1;
+    }
+    Some(xdp_action::XDP_PASS)
 }
 
 /// Packets generated on this CPU.

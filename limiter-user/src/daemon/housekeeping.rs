@@ -10,7 +10,10 @@ use std::{
 };
 
 use anyhow::Context;
-use limiter_common::maps::{FLOW_SEEDED, FlowKey, SourceCount, SourceKey, control as op};
+use limiter_common::{
+    maps::{ConnectorConfig, FLOW_SEEDED, FlowKey, SourceCount, SourceKey, control as op},
+    rate,
+};
 
 use crate::{
     kernel::{Kernel, monotonic_ns},
@@ -214,10 +217,10 @@ impl Daemon {
         }
         let sources_crowded = self.kernel.sources_len() * 2 >= self.kernel.sizes().sources as usize;
         if sources_crowded {
-            self.forget_idle_sources(PRESSURE_SOURCE_IDLE);
+            self.forget_idle_sources(PRESSURE_SOURCE_IDLE, true);
         } else if self.last_source_gc.elapsed() >= SOURCE_IDLE_FORGET / 4 {
             self.last_source_gc = Instant::now();
-            self.forget_idle_sources(SOURCE_IDLE_FORGET);
+            self.forget_idle_sources(SOURCE_IDLE_FORGET, false);
         }
         Ok(())
     }
@@ -244,29 +247,30 @@ impl Daemon {
     /// sources that come and go do not fill the table for good. The kernel
     /// checks again, under the connector's lock, at the moment of each
     /// deletion: a connection counted meanwhile keeps its entry, and so does
-    /// a rate window that still holds a connection (asked about here only
-    /// once it is empty: the kernel would refuse before).
-    pub(super) fn forget_idle_sources(&mut self, idle: Duration) {
+    /// a rate window that must keep it (`rate::keeps_entry`; asked about
+    /// here only once it no longer does: the kernel would refuse before).
+    /// `under_pressure`: the table is filling.
+    pub(super) fn forget_idle_sources(&mut self, idle: Duration, under_pressure: bool) {
         let now = monotonic_ns();
         let idle_ns = idle.as_nanos() as u64;
         // Read once a connector, not once a source.
-        let mut slots: HashMap<u32, u64> = HashMap::new();
+        let mut configs: HashMap<u32, Option<ConnectorConfig>> = HashMap::new();
         let stale: Vec<SourceKey> = self
             .kernel
             .sources()
             .into_iter()
             .filter(|(key, count)| {
-                let mut slot_ns = || {
-                    *slots
+                let mut config = || {
+                    *configs
                         .entry(key.connector)
-                        .or_insert_with(|| self.kernel.forget_slot_ns(key.connector))
+                        .or_insert_with(|| self.kernel.connector_config(key.connector))
                 };
-                forgettable(count, now, idle_ns, &mut slot_ns)
+                forgettable(count, now, idle_ns, under_pressure, &mut config)
             })
             .map(|(key, _)| key)
             .collect();
         for key in stale {
-            if let Err(e) = self.kernel.forget_source(&key, idle) {
+            if let Err(e) = self.kernel.forget_source(&key, idle, under_pressure) {
                 log::warn!("forgetting an idle source: {:#}", anyhow::Error::from(e));
             }
         }
@@ -274,17 +278,22 @@ impl Daemon {
 }
 
 /// Whether a source entry may be forgotten at `now`: it holds nothing, has
-/// held nothing for `idle_ns`, and its rate window holds no connection
-/// (with slots of `slot_ns()`, asked only when the rest holds).
+/// held nothing for `idle_ns`, and its rate window does not keep it under
+/// its connector's `config()` (asked only when the rest holds; none: the
+/// connector is gone, nothing keeps it).
 pub(super) fn forgettable(
     count: &SourceCount,
     now: u64,
     idle_ns: u64,
-    slot_ns: &mut dyn FnMut() -> u64,
+    under_pressure: bool,
+    config: &mut dyn FnMut() -> Option<ConnectorConfig>,
 ) -> bool {
     count.live == 0
         && now.saturating_sub(count.last_change_ns) >= idle_ns
-        && count.rate.recent(now, slot_ns()) == 0
+        && config().is_none_or(|config| {
+            let recent = count.rate.recent(now, config.rate_slot_ns);
+            !rate::keeps_entry(&config.limits, recent, under_pressure)
+        })
 }
 
 /// A flow for people: `remote -> local:port`.
@@ -308,6 +317,13 @@ mod tests {
     #[test]
     fn a_source_whose_rate_window_holds_a_connection_is_kept() {
         let slot = slot_ns(60);
+        let mut limits = limiter_common::Limits::EXCHANGE_DEFAULT;
+        limits.max_inbound_connection_rate_per_source = 2;
+        let mut config = ConnectorConfig {
+            limits,
+            action: 0,
+            rate_slot_ns: slot,
+        };
         let mut count = SourceCount {
             key: SourceKey {
                 connector: 0,
@@ -322,18 +338,63 @@ mod tests {
         };
         count.rate.count(1000 * SECOND, slot);
         let idle = 30 * SECOND;
-        let mut asked = 0;
-        let mut slot_ns = || {
-            asked += 1;
-            slot
-        };
+        let ask = |config: ConnectorConfig| move || Some(config);
         // Idle long enough, but counted in the rate until 1070 s.
-        assert!(!forgettable(&count, 1069 * SECOND, idle, &mut slot_ns));
-        assert!(forgettable(&count, 1070 * SECOND, idle, &mut slot_ns));
-        // Not idle long enough: the slot is not even asked for.
-        assert!(!forgettable(&count, 1010 * SECOND, idle, &mut slot_ns));
+        assert!(!forgettable(
+            &count,
+            1069 * SECOND,
+            idle,
+            false,
+            &mut ask(config)
+        ));
+        assert!(forgettable(
+            &count,
+            1070 * SECOND,
+            idle,
+            false,
+            &mut ask(config)
+        ));
+        // Under pressure, a source below its rate is forgotten, one at its
+        // rate is not.
+        assert!(forgettable(
+            &count,
+            1069 * SECOND,
+            idle,
+            true,
+            &mut ask(config)
+        ));
+        count.rate.count(1000 * SECOND, slot);
+        assert!(!forgettable(
+            &count,
+            1069 * SECOND,
+            idle,
+            true,
+            &mut ask(config)
+        ));
+        // Without a rate limit, the window keeps nothing.
+        config.limits.max_inbound_connection_rate_per_source = limiter_common::UNLIMITED;
+        assert!(forgettable(
+            &count,
+            1069 * SECOND,
+            idle,
+            false,
+            &mut ask(config)
+        ));
+        // Not idle long enough: the connector is not even asked for.
+        assert!(!forgettable(
+            &count,
+            1010 * SECOND,
+            idle,
+            false,
+            &mut ask(config)
+        ));
         count.live = 1;
-        assert!(!forgettable(&count, 2000 * SECOND, idle, &mut slot_ns));
-        assert_eq!(asked, 2);
+        assert!(!forgettable(
+            &count,
+            2000 * SECOND,
+            idle,
+            false,
+            &mut ask(config)
+        ));
     }
 }

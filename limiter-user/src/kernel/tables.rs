@@ -4,10 +4,9 @@
 use std::collections::HashSet;
 
 use aya::programs::{TestRun, TestRunOptions, Xdp};
-use limiter_common::UNLIMITED;
 use limiter_common::maps::{
-    ConnKey, Control, Endpoint, FlowKey, FlowValue, ResetRequest, SourceCount, SourceKey, control,
-    gate, names, programs, stat,
+    ConnKey, ConnectorConfig, Control, Endpoint, FlowKey, FlowValue, ResetRequest, SourceCount,
+    SourceKey, control, gate, names, programs, stat,
 };
 use limiter_common::refusals::{CachedRefusal, REFUSAL_SLOTS};
 
@@ -165,8 +164,14 @@ impl Kernel {
         &mut self,
         source: &SourceKey,
         idle: std::time::Duration,
+        under_pressure: bool,
     ) -> Result<bool, KernelError> {
-        let request = source_request(control::FORGET_SOURCE, source, idle.as_nanos() as u64);
+        let op = if under_pressure {
+            control::FORGET_SOURCE_UNDER_PRESSURE
+        } else {
+            control::FORGET_SOURCE
+        };
+        let request = source_request(op, source, idle.as_nanos() as u64);
         Ok(self.run_control(request)? == control::DONE)
     }
 
@@ -233,17 +238,10 @@ impl Kernel {
         self.source_live.get(key, 0).ok()
     }
 
-    /// The slot length by which a source's rate window keeps its entry from
-    /// being forgotten, read as the kernel's `FORGET_SOURCE` reads it:
-    /// connector `id`'s slot when it has a rate limit, else 0 (a window of
-    /// 0-long slots holds no connection).
-    pub fn forget_slot_ns(&self, id: u32) -> u64 {
-        match self.connectors.get(&id, 0) {
-            Ok(config) if config.limits.max_inbound_connection_rate_per_source != UNLIMITED => {
-                config.rate_slot_ns
-            }
-            _ => 0,
-        }
+    /// Connector `id` as the kernel sees it (its limits and its rate's
+    /// slot), as `FORGET_SOURCE` reads it.
+    pub fn connector_config(&self, id: u32) -> Option<ConnectorConfig> {
+        self.connectors.get(&id, 0).ok()
     }
 
     /// Counted connections, in every network namespace.

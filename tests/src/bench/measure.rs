@@ -11,7 +11,7 @@ use aya::{
     programs::{TestRun, TestRunOptions, Xdp},
 };
 use limiter::{
-    baseline::{BARE_DROP, BARE_PASS, Baseline, HEADER_DROP},
+    baseline::{BARE_DROP, BARE_PASS, Baseline, CACHE_DROP, HEADER_DROP},
     config::Config,
     kernel::{Kernel, TableSizes},
     selection::SelectionTable,
@@ -131,11 +131,13 @@ pub(super) fn reply_micro(rounds: usize, drop: f64) -> Micro {
 /// default, 60 s: slots of 10 s, longer than the case runs).
 const RATE: u16 = 10;
 
-/// A SYN of a source that used up its connection rate (it holds no
-/// connection), on a connector far from its concurrency caps: refused by
-/// the rate once, then from the CPU's refusal cache until the window's next
-/// slot boundary.
-pub(super) fn rate_micro(rounds: usize, drop: f64) -> Micro {
+/// On a connector with a rate limit, far from its concurrency caps: a SYN
+/// of a source that used up its connection rate (it holds no connection),
+/// refused by the rate once, then from the CPU's refusal cache until the
+/// window's next slot boundary; and SYNs of new sources, admitted (every
+/// SYN looks its source up there, where a connector without a rate admits
+/// far from its caps without).
+pub(super) fn rate_micro(rounds: usize, drop: f64, pass_single: f64) -> [Micro; 2] {
     let text = format!(
         "[[connector]]\nname = \"Bench\"\nbindings = [\"0.0.0.0:25\"]\n\
          max_inbound_connection = \"unlimited\"\nmax_inbound_connection_per_source = \"unlimited\"\n\
@@ -170,12 +172,30 @@ pub(super) fn rate_micro(rounds: usize, drop: f64) -> Micro {
         judged <= 2 * rounds as u64,
         "bench case \"SYN rejected by rate\" judged {judged} SYNs on the window: the refusal cache did not answer"
     );
-    Micro {
-        case: "SYN rejected by rate (source over its connection rate)".into(),
-        ns,
-        baseline: "bare XDP_DROP".into(),
-        ratio: ns / drop,
-    }
+    let before = counter(&kernel, stat::SYN_PASSED);
+    let admitted = single_runs(admit, fresh_syns(SINGLE_RUNS as u32, 2));
+    check_moved(
+        &kernel,
+        stat::SYN_PASSED,
+        before,
+        SINGLE_RUNS as u64,
+        "SYN admitted by a connector with a rate",
+    );
+    [
+        Micro {
+            case: "SYN rejected by rate (source over its connection rate)".into(),
+            ns,
+            baseline: "bare XDP_DROP".into(),
+            ratio: ns / drop,
+        },
+        Micro {
+            case: "SYN admitted by a connector with a rate limit (a new source each, single runs)"
+                .into(),
+            ns: admitted,
+            baseline: "bare XDP_PASS, single runs".into(),
+            ratio: admitted / pass_single,
+        },
+    ]
 }
 
 /// Writes `remote`'s entry on connector 0 as the sock_ops program leaves
@@ -297,11 +317,16 @@ pub(super) fn check_moved(kernel: &Kernel, which: u32, before: u64, at_least: u6
     );
 }
 
-pub(super) fn micro(options: &Options, baseline: &Baseline) -> Vec<Micro> {
+pub(super) fn micro(options: &Options, baseline: &mut Baseline) -> Vec<Micro> {
     let rounds = options.rounds();
+    baseline
+        .remember_refusal(&over_cap_flow())
+        .expect("filling cache_drop's cache");
+    let baseline = &*baseline;
     let bare_pass = baseline.program(BARE_PASS).expect("bare_pass");
     let bare_drop = baseline.program(BARE_DROP).expect("bare_drop");
     let header_drop = baseline.program(HEADER_DROP).expect("header_drop");
+    let cache_drop = baseline.program(CACHE_DROP).expect("cache_drop");
     let mut kernel = limiter(1);
     let over_cap = over_cap_syn(&mut kernel);
     let admit = kernel.admit_program().expect("admit");
@@ -354,6 +379,23 @@ pub(super) fn micro(options: &Options, baseline: &Baseline) -> Vec<Micro> {
         baseline: "bare XDP_DROP".into(),
         ratio: headers / drop,
     });
+    // The floors of the pass path and of a cached refusal: the same
+    // headers read, and a pass; the same headers read, one per-CPU lookup
+    // of the SYN's refusal key, and a drop.
+    let headers_pass = cost(header_drop, &other_port, rounds);
+    out.push(Micro {
+        case: HEADER_PASS_CASE.into(),
+        ns: headers_pass,
+        baseline: "bare XDP_PASS".into(),
+        ratio: headers_pass / pass,
+    });
+    let cached = cost(cache_drop, &over_cap, rounds);
+    out.push(Micro {
+        case: CACHE_DROP_CASE.into(),
+        ns: cached,
+        baseline: "bare XDP_DROP".into(),
+        ratio: cached / drop,
+    });
     let before = counter(&kernel, stat::REJECTED_PER_SOURCE);
     let rejected = cost(admit, &over_cap, rounds);
     check_moved(
@@ -369,7 +411,6 @@ pub(super) fn micro(options: &Options, baseline: &Baseline) -> Vec<Micro> {
         baseline: "bare XDP_DROP".into(),
         ratio: rejected / drop,
     });
-    out.push(rate_micro(rounds, drop));
     out.push(reply_micro(rounds, drop));
     let before = counter(&kernel, stat::SYN_PASSED);
     let admitted = single_runs(admit, fresh_syns(SINGLE_RUNS as u32, 1));
@@ -386,6 +427,7 @@ pub(super) fn micro(options: &Options, baseline: &Baseline) -> Vec<Micro> {
         baseline: "bare XDP_PASS, single runs".into(),
         ratio: admitted / pass_single,
     });
+    out.extend(rate_micro(rounds, drop, pass_single));
     out
 }
 
@@ -393,8 +435,27 @@ pub(super) fn micro(options: &Options, baseline: &Baseline) -> Vec<Micro> {
 /// its cap.
 pub(super) fn over_cap_syn(kernel: &mut Kernel) -> Vec<u8> {
     hold(kernel, CLIENT, LOCAL, 1);
-    Segment::syn(CLIENT, 40001, LOCAL, 25).build()
+    Segment::syn(CLIENT, OVER_CAP_PORT, LOCAL, 25).build()
 }
+
+const OVER_CAP_PORT: u16 = 40001;
+
+/// The connection of [`over_cap_syn`]'s SYN.
+fn over_cap_flow() -> FlowKey {
+    FlowKey::from_words(
+        addr::ipv4_words(u32::from_ne_bytes(LOCAL.octets())),
+        addr::ipv4_words(u32::from_ne_bytes(CLIENT.octets())),
+        25,
+        OVER_CAP_PORT,
+    )
+}
+
+/// The micro case of the pass path's floor.
+pub(super) const HEADER_PASS_CASE: &str =
+    "SYN to port 80 passed by header_drop (headers read, no maps)";
+/// The micro case of a cached refusal's floor.
+pub(super) const CACHE_DROP_CASE: &str =
+    "SYN dropped by cache_drop (headers read, one per-CPU lookup)";
 
 pub(super) fn scale(options: &Options) -> Vec<Scale> {
     let rounds = options.rounds();

@@ -185,10 +185,10 @@ impl Subject {
 
 /// Runs every benchmark.
 pub fn run(options: &Options) -> Report {
-    let baseline = Baseline::load().expect("loading the baseline programs (as root)");
+    let mut baseline = Baseline::load().expect("loading the baseline programs (as root)");
     let micro = if options.runs(Part::Micro) {
         eprintln!("bench: per-packet cost (BPF_PROG_TEST_RUN)");
-        micro(options, &baseline)
+        micro(options, &mut baseline)
     } else {
         Vec::new()
     };

@@ -1,6 +1,9 @@
 //! The targets: each measured ratio or cost held against its bound.
 
-use super::{Flood, Micro, Scale, Subject, Target};
+use super::{
+    Flood, Micro, Scale, Subject, Target,
+    measure::{CACHE_DROP_CASE, HEADER_PASS_CASE},
+};
 
 pub(super) fn target(
     name: &str,
@@ -44,13 +47,24 @@ pub(super) fn targets(
     flood: &[Flood],
 ) -> std::collections::BTreeMap<String, Target> {
     let mut out = std::collections::BTreeMap::new();
+    let floor = |case: &str| micro.iter().find(|m| m.case == case);
     let pass = micro
         .iter()
-        .filter(|m| m.baseline == "bare XDP_PASS" && m.case != "bare XDP_PASS")
+        .filter(|m| {
+            m.baseline == "bare XDP_PASS" && m.case != "bare XDP_PASS" && m.case != HEADER_PASS_CASE
+        })
         .map(|m| m.ratio)
         .fold(0.0, f64::max);
     if pass > 0.0 {
         out.extend([target("pass_path_vs_bare_pass", pass, Some(1.2), None)]);
+    }
+    if let Some(headers) = floor(HEADER_PASS_CASE) {
+        out.extend([target(
+            "pass_path_header_pass_vs_bare_pass",
+            headers.ratio,
+            None,
+            None,
+        )]);
     }
     if let Some(reject) = micro.iter().find(|m| m.case.starts_with("SYN rejected")) {
         out.extend([target(
@@ -59,6 +73,22 @@ pub(super) fn targets(
             Some(2.0),
             None,
         )]);
+        if let Some(cached) = floor(CACHE_DROP_CASE) {
+            out.extend([
+                target(
+                    "syn_reject_cache_drop_vs_bare_drop",
+                    cached.ratio,
+                    None,
+                    None,
+                ),
+                target(
+                    "syn_reject_vs_cache_drop",
+                    reject.ns / cached.ns,
+                    None,
+                    None,
+                ),
+            ]);
+        }
     }
     if let Some(admitted) = micro.iter().find(|m| m.case.starts_with("SYN admitted")) {
         out.extend([time_target("syn_admitted_ns", admitted.ns, 400.0)]);
