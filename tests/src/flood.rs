@@ -34,6 +34,37 @@ pub(crate) fn fold(mut total: u32) -> u16 {
     !(total as u16)
 }
 
+/// Forges SYNs from `src` to `server` (source ports 20000 and up) at 100 a
+/// second from the lab's client namespace, through a raw socket, until
+/// `stop`; `alter` may change each before it goes. Returns how many it
+/// sent.
+pub fn forge_syns(
+    lab: &Lab,
+    src: Ipv4Addr,
+    server: SocketAddrV4,
+    stop: &std::sync::atomic::AtomicBool,
+    alter: impl Fn(&mut [u8]) + Sync,
+) -> u64 {
+    lab.client_ns().run(|| {
+        let socket = Socket::new(
+            Domain::IPV4,
+            Type::RAW,
+            Some(Protocol::from(libc::IPPROTO_RAW)),
+        )
+        .expect("a raw socket");
+        let to = SockAddr::from(server);
+        let mut sent = 0u64;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let mut packet = syn_packet(src, 20_000 + (sent % 10_000) as u16, server);
+            alter(&mut packet);
+            socket.send_to(&packet, &to).expect("sending");
+            sent += 1;
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        sent
+    })
+}
+
 /// A SYN from `src:sport` to `dst`, IP header included, checksums right.
 pub fn syn_packet(src: Ipv4Addr, sport: u16, dst: SocketAddrV4) -> [u8; 40] {
     let mut p = [0u8; 40];

@@ -18,7 +18,7 @@ use std::{
 
 use limiter_tests::{
     Cgroup, HoldServer, Lab, Limiter, OwnedNetns, established,
-    flood::syn_packet,
+    flood::forge_syns,
     frames::{IPV6_DEST_OPTIONS, Segment},
     lab::{SERVER_V4, SERVER_V6, client_v4, client_v6, server_v4},
     rawtcp::{NftTable, RawClient, Shape, mac, send_frames},
@@ -97,27 +97,12 @@ enum Forgery {
     BadChecksum,
 }
 
-/// Forges SYNs from `src` (ports 20000 and up) at 100 a second until `stop`.
+/// Forges SYNs from `src` at 100 a second until `stop`.
 fn forge(lab: &Lab, src: Ipv4Addr, forgery: Forgery, stop: &AtomicBool) -> u64 {
-    lab.client_ns().run(|| {
-        let socket = socket2::Socket::new(
-            socket2::Domain::IPV4,
-            socket2::Type::RAW,
-            Some(socket2::Protocol::from(libc::IPPROTO_RAW)),
-        )
-        .expect("a raw socket");
-        let to = socket2::SockAddr::from(SERVER);
-        let mut sent = 0u64;
-        while !stop.load(Ordering::Relaxed) {
-            let mut packet = syn_packet(src, 20_000 + (sent % 10_000) as u16, SERVER);
-            if matches!(forgery, Forgery::BadChecksum) {
-                packet[36] ^= 0x5a;
-            }
-            socket.send_to(&packet, &to).expect("sending");
-            sent += 1;
-            std::thread::sleep(Duration::from_millis(10));
+    forge_syns(lab, src, SERVER, stop, |packet| {
+        if matches!(forgery, Forgery::BadChecksum) {
+            packet[36] ^= 0x5a;
         }
-        sent
     })
 }
 

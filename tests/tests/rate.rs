@@ -33,7 +33,7 @@ use limiter_common::{
 };
 use limiter_tests::{
     Lab, established,
-    flood::syn_packet,
+    flood::forge_syns,
     lab::{SERVER_V4, client_v4, client_v6},
     rawtcp::{RawClient, Shape},
     scenario::{SETTLE, Scenario, alive, connector},
@@ -271,23 +271,7 @@ fn ipv6_sources_share_the_rate_of_their_prefix_and_action_reset_answers_at_once(
 /// `stop`: valid ones, whose SYN-ACKs the real sender's kernel answers
 /// with RSTs. Returns how many it sent.
 fn forge(lab: &Lab, src: Ipv4Addr, stop: &AtomicBool) -> u64 {
-    lab.client_ns().run(|| {
-        let socket = socket2::Socket::new(
-            socket2::Domain::IPV4,
-            socket2::Type::RAW,
-            Some(socket2::Protocol::from(libc::IPPROTO_RAW)),
-        )
-        .expect("a raw socket");
-        let to = socket2::SockAddr::from(SERVER);
-        let mut sent = 0u64;
-        while !stop.load(Ordering::Relaxed) {
-            let packet = syn_packet(src, 20_000 + (sent % 10_000) as u16, SERVER);
-            socket.send_to(&packet, &to).expect("sending");
-            sent += 1;
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        sent
-    })
+    forge_syns(lab, src, SERVER, stop, |_| {})
 }
 
 #[test]
@@ -670,24 +654,21 @@ fn a_changed_rate_applies_to_the_window_as_it_is() {
     const N: u32 = 3;
     let s = Scenario::start(&config(N, UNIT, "drop"));
     let a = client_v4(8);
+    let set_rate = |rate: &str| {
+        s.limiter.cli_ok(&[
+            "connector",
+            "set",
+            "Frontend",
+            "--max-inbound-connection-rate-per-source",
+            rate,
+        ])
+    };
     converse_n(&s, a, N);
     refused(&s, a);
-    s.limiter.cli_ok(&[
-        "connector",
-        "set",
-        "Frontend",
-        "--max-inbound-connection-rate-per-source",
-        "5",
-    ]);
+    set_rate("5");
     converse_n(&s, a, 2);
     refused(&s, a);
-    s.limiter.cli_ok(&[
-        "connector",
-        "set",
-        "Frontend",
-        "--max-inbound-connection-rate-per-source",
-        "6",
-    ]);
+    set_rate("6");
     converse_n(&s, a, 1);
     refused(&s, a);
 }
