@@ -36,6 +36,9 @@ pub const UNLIMITED: u32 = u32::MAX;
 
 /// Largest `max_inbound_connection` Exchange accepts.
 pub const MAX_INBOUND_CONNECTION_LIMIT: u32 = 2_147_483_647;
+/// The default `connection_rate_time_unit`, in seconds: Postfix's
+/// `anvil_rate_time_unit` (see `crate::rate`).
+pub const DEFAULT_RATE_UNIT_SECS: u32 = 60;
 /// Largest `max_inbound_connection_per_source` Exchange accepts.
 pub const MAX_INBOUND_CONNECTION_PER_SOURCE_LIMIT: u32 = 10_000;
 
@@ -65,7 +68,7 @@ impl Limits {
         max_inbound_connection_per_source: 20,
         max_inbound_connection_percentage_per_source: 2,
         max_inbound_connection_rate_per_source: UNLIMITED,
-        connection_rate_time_unit: crate::rate::DEFAULT_RATE_UNIT_SECS,
+        connection_rate_time_unit: DEFAULT_RATE_UNIT_SECS,
     };
 
     /// Exchange's three limits, with no rate limit.
@@ -75,7 +78,7 @@ impl Limits {
             max_inbound_connection_per_source: per_source,
             max_inbound_connection_percentage_per_source: percentage,
             max_inbound_connection_rate_per_source: UNLIMITED,
-            connection_rate_time_unit: crate::rate::DEFAULT_RATE_UNIT_SECS,
+            connection_rate_time_unit: DEFAULT_RATE_UNIT_SECS,
         }
     }
 }

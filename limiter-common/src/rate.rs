@@ -31,6 +31,7 @@
 //! being written, and a reader that sees it odd, or changed, passes the
 //! SYN on to the exact decision at completion.
 
+pub use crate::admission::DEFAULT_RATE_UNIT_SECS;
 use crate::admission::{Evaluation, Limits, Rule, UNLIMITED, evaluate};
 
 /// Slots of one unit.
@@ -43,8 +44,6 @@ pub const MAX_RATE_LIMIT: u32 = 60_000;
 /// Range of `connection_rate_time_unit`, in seconds.
 pub const MIN_RATE_UNIT_SECS: u32 = 6;
 pub const MAX_RATE_UNIT_SECS: u32 = 3600;
-/// Postfix's `anvil_rate_time_unit`, and the default.
-pub const DEFAULT_RATE_UNIT_SECS: u32 = 60;
 
 /// The length of a slot for a unit of `unit_secs` seconds (computed by the
 /// daemon, stored in the connector's kernel config).
