@@ -153,21 +153,29 @@ impl RateWindow {
     }
 }
 
-/// Whether a source's entry must be kept, idle as it is, for its rate
-/// window: on a connector with a rate limit, while the window holds a
-/// connection; when the source table is under pressure, only while the
-/// source is held to its rate (`recent` at the limit), so that sources that
-/// came and went cannot keep the table full for a unit (a source forgotten
-/// then may open up to twice its rate in that unit).
+/// Whether a source's entry must be kept, idle for `idle_ns` with `recent`
+/// connections in its window: on a connector with a rate limit, while the
+/// window holds a connection. When the source table is under pressure,
+/// only while forgetting it could let the source beat its rate: while it is
+/// held to its rate (`recent` at the limit), or has not been idle for as
+/// long as its rate allows `recent` connections (`idle * limit < unit *
+/// recent`). So sources that came and went cannot keep the table full for
+/// a unit, and a source forgotten early opens at most twice its rate in a
+/// unit, and no more than its rate over time.
 #[inline(always)]
-pub fn keeps_entry(limits: &Limits, recent: u32, under_pressure: bool) -> bool {
+pub fn keeps_entry(limits: &Limits, recent: u32, idle_ns: u64, under_pressure: bool) -> bool {
     let limit = limits.max_inbound_connection_rate_per_source;
-    if limit == UNLIMITED {
+    if limit == UNLIMITED || recent == 0 {
         false
     } else if under_pressure {
-        recent >= limit
+        let unit_ns = limits.connection_rate_time_unit as u64 * 1_000_000_000;
+        // Idle for a unit is idle enough below the limit; capped there, the
+        // products fit in 64 bits (a unit of an hour: 2^42 ns, times less
+        // than 2^19).
+        let idle_ns = idle_ns.min(unit_ns);
+        recent >= limit || idle_ns * (limit as u64) < unit_ns * recent as u64
     } else {
-        recent > 0
+        true
     }
 }
 
@@ -241,6 +249,61 @@ mod tests {
         assert_eq!(w.allowed_at(now, SLOT, 2), Some(t0 + UNIT + 2 * SLOT));
         assert_eq!(w.allowed_at(now, SLOT, 1), Some(t0 + UNIT + 3 * SLOT));
         assert_eq!(w.allowed_at(now, SLOT, UNLIMITED), None);
+    }
+
+    #[test]
+    fn under_pressure_an_entry_is_kept_only_while_forgetting_could_beat_the_rate() {
+        let mut l = Limits::EXCHANGE_DEFAULT;
+        l.max_inbound_connection_rate_per_source = 30;
+        l.connection_rate_time_unit = 60;
+        let second = 1_000_000_000;
+        assert!(keeps_entry(&l, 1, 0, false));
+        assert!(!keeps_entry(&l, 0, 0, false));
+        // 10 of 30 a minute: kept until idle for 20 s.
+        assert!(keeps_entry(&l, 10, 20 * second - 1, true));
+        assert!(!keeps_entry(&l, 10, 20 * second, true));
+        // Held to its rate: kept however long idle (its window empties
+        // first).
+        assert!(keeps_entry(&l, 30, u64::MAX, true));
+        l.max_inbound_connection_rate_per_source = UNLIMITED;
+        assert!(!keeps_entry(&l, 10, 0, false));
+    }
+
+    proptest! {
+        /// A source that opens connections in bursts and waits, forgotten
+        /// under pressure whenever `keeps_entry` lets it go (its window
+        /// lost): never more than twice its rate in any unit.
+        #[test]
+        fn forgetting_under_pressure_never_more_than_doubles_the_rate(
+            limit in 1u32..8,
+            steps in proptest::collection::vec((0u64..2 * SLOT, 0u32..3), 1..150),
+        ) {
+            let mut l = Limits::EXCHANGE_DEFAULT;
+            l.max_inbound_connection_rate_per_source = limit;
+            l.connection_rate_time_unit = 60;
+            let mut w = RateWindow::default();
+            let mut t = 1_000 * SLOT;
+            let mut last = t;
+            let mut admitted = Vec::new();
+            for (gap, burst) in steps {
+                t += gap;
+                // The daemon's sweep, at `t`.
+                if !keeps_entry(&l, w.recent(t, SLOT), t - last, true) {
+                    w = RateWindow::default();
+                }
+                for _ in 0..burst {
+                    if w.recent(t, SLOT) < limit {
+                        w.count(t, SLOT);
+                        admitted.push(t);
+                        last = t;
+                    }
+                }
+            }
+            for (i, &a) in admitted.iter().enumerate() {
+                let within = admitted[i..].iter().take_while(|&&b| b < a + UNIT).count();
+                prop_assert!(within as u32 <= 2 * limit, "{within} within a unit from {a}");
+            }
+        }
     }
 
     #[test]

@@ -383,9 +383,10 @@ pub fn forget_source(source: &SourceKey, idle_ns: u64, under_pressure: bool) -> 
         // Nor while its rate window must keep it: the rate would be
         // forgotten with it.
         let recent = (*entry).rate.recent(now, config.rate_slot_ns);
+        let idle_for = now.wrapping_sub((*entry).last_change_ns);
         let idle = core::ptr::read_volatile(&raw const (*entry).live) == 0
-            && now.wrapping_sub((*entry).last_change_ns) >= idle_ns
-            && !rate::keeps_entry(&config.limits, recent, under_pressure)
+            && idle_for >= idle_ns
+            && !rate::keeps_entry(&config.limits, recent, idle_for, under_pressure)
             && (*entry).key.same(source);
         if idle {
             (*entry).flags |= SOURCE_FORGOTTEN;

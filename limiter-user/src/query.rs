@@ -108,11 +108,17 @@ impl Holding {
             UNLIMITED => UNLIMITED,
             limit => limit.saturating_sub(recent),
         };
-        let can_open = headroom.can_open(live_source).min(rate_left);
+        let concurrent = headroom.can_open(live_source);
+        // What stops it first: its rate, when that leaves it fewer.
+        let stopped_by = if rate_left < concurrent {
+            Rule::Rate
+        } else {
+            headroom.stopped_by
+        };
         Holding {
-            can_open: limited(can_open),
+            can_open: limited(concurrent.min(rate_left)),
             holds_at_most: limited(headroom.holds_at_most),
-            stopped_by: headroom.stopped_by.name().to_string(),
+            stopped_by: stopped_by.name().to_string(),
         }
     }
 

@@ -434,9 +434,11 @@ fn a_source_table_under_pressure_does_not_forget_a_rate() {
     const N: u32 = 3;
     let s = Scenario::start_with(Some(&config(N, UNIT, "drop")), &["--table-entries", "16"]);
     let t0 = Instant::now();
-    // One that comes and goes: forgotten once its window is empty.
+    // One that comes and goes, below its rate: forgotten once it has been
+    // idle as long as its rate allows its one connection (a third of the
+    // unit: 2 s), before its window empties (6 to 7 s).
     let passer: IpAddr = client_v4(9).into();
-    converse_n(&s, passer, 1);
+    let (_, passed) = converse_n(&s, passer, 1);
     // Eight that hold a connection each: the table is under pressure.
     let _held: Vec<_> = (10..18).flat_map(|i| s.open(client_v4(i), 1)).collect();
     // Later, one that uses up its rate and leaves.
@@ -444,11 +446,14 @@ fn a_source_table_under_pressure_does_not_forget_a_rate() {
     let a: IpAddr = client_v4(7).into();
     let (first, _) = converse_n(&s, a, N);
     refused(&s, a);
+    let window_empties = passed + unit(UNIT);
     assert!(
-        wait_until(Duration::from_secs(12), Duration::from_millis(100), || {
-            source_entry(&s, passer).is_none()
-        }),
-        "the pressure never made the daemon forget an idle source: {:?}",
+        wait_until(
+            window_empties.saturating_duration_since(Instant::now()),
+            Duration::from_millis(100),
+            || source_entry(&s, passer).is_none()
+        ),
+        "the pressure did not make the daemon forget a source below its rate before its window emptied: {:?}",
         source_entry(&s, passer)
     );
     // By now `a` has been idle for seconds under pressure: still known,

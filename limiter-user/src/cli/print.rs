@@ -318,15 +318,19 @@ pub(super) fn print_answer(ip: &str, source: &str, a: &Answer) {
     match holding.holds_at_most {
         // A daemon of an older version does not say.
         _ if !holding.said() => {}
+        None if holding.stopped_by == Rule::Rate.name() => println!(
+            "this source: no limit on what it holds; its rate lets it open {} more now",
+            holding.can_open.unwrap_or_default()
+        ),
         None => println!("this source: no limit stops it"),
         Some(held) if monitor => println!(
             "this source could hold {held}, {} more now, before {} (action monitor: it is only reported)",
             holding.can_open.unwrap_or_default(),
             limit_name(&holding.stopped_by)
         ),
-        Some(held) if a.rule == Rule::Rate.name() => println!(
-            "this source can hold {held} at once, none more until its rate allows; then {} stops it",
-            limit_name(&holding.stopped_by)
+        Some(held) if holding.stopped_by == Rule::Rate.name() => println!(
+            "this source can hold {held} at once, {} more now: its rate stops it first",
+            holding.can_open.unwrap_or_default()
         ),
         Some(held) => println!(
             "this source can hold {held}, {} more now; then {} stops it",

@@ -288,11 +288,12 @@ pub(super) fn forgettable(
     under_pressure: bool,
     config: &mut dyn FnMut() -> Option<ConnectorConfig>,
 ) -> bool {
+    let idle_for = now.saturating_sub(count.last_change_ns);
     count.live == 0
-        && now.saturating_sub(count.last_change_ns) >= idle_ns
+        && idle_for >= idle_ns
         && config().is_none_or(|config| {
             let recent = count.rate.recent(now, config.rate_slot_ns);
-            !rate::keeps_entry(&config.limits, recent, under_pressure)
+            !rate::keeps_entry(&config.limits, recent, idle_for, under_pressure)
         })
 }
 
@@ -338,7 +339,14 @@ mod tests {
         };
         count.rate.count(1000 * SECOND, slot);
         let idle = 30 * SECOND;
-        let ask = |config: ConnectorConfig| move || Some(config);
+        let asked = std::cell::Cell::new(0);
+        let ask = |config: ConnectorConfig| {
+            let asked = &asked;
+            move || {
+                asked.set(asked.get() + 1);
+                Some(config)
+            }
+        };
         // Idle long enough, but counted in the rate until 1070 s.
         assert!(!forgettable(
             &count,
@@ -396,5 +404,7 @@ mod tests {
             false,
             &mut ask(config)
         ));
+        // Only what is idle long enough asked about its connector.
+        assert_eq!(asked.get(), 5);
     }
 }
