@@ -26,9 +26,10 @@ use std::{
 };
 
 use crate::{
-    Cgroup, Lab, Limiter, established,
+    Cgroup, Lab, Limiter,
     lab::{client_v4, client_v6},
     postfix::{DOMAIN, Postfix},
+    ss::established_at_server,
     wait_until,
 };
 
@@ -334,7 +335,8 @@ pub fn run(options: &Options, stop: &AtomicBool) -> Summary {
                     println!("\n$ swaks from the flooder's address\n{flooder_reply}");
                 }
             }
-            let held = established(lab.server_ns(), 25)
+            // The responder's short connections (its 421s) are not held.
+            let held = established_at_server(lab.server_ns(), 25)
                 .into_iter()
                 .filter(|(_, remote)| remote.ip() == flooder())
                 .count();

@@ -13,6 +13,26 @@ pub fn established(ns: &Netns, local_port: u16) -> Vec<(SocketAddr, SocketAddr)>
     sockets_in_state(ns, "established", local_port)
 }
 
+/// (local, remote) of every established TCP socket whose local port is
+/// `local_port` in `ns` but the limiter's responder's (action `reply`): the
+/// mail server's connections. The responder's sockets carry its `SO_MARK`.
+pub fn established_at_server(ns: &Netns, local_port: u16) -> Vec<(SocketAddr, SocketAddr)> {
+    let not_responder = format!(
+        "! ( fwmark = {:#x} )",
+        limiter_common::maps::RESPONDER_SOCKET_MARK
+    );
+    let out = run_checked(
+        ns.command("ss")
+            .args(["-Htn", "state", "established"])
+            .arg(&not_responder),
+    );
+    parse_ss(&out)
+        .unwrap_or_else(|e| panic!("cannot parse `ss -Htn` output: {e}\n{out}"))
+        .into_iter()
+        .filter(|(l, _)| l.port() == local_port)
+        .collect()
+}
+
 /// (local, remote) of every TCP socket in `state` (an `ss` state name such
 /// as "established", "syn-recv", "time-wait", "close-wait", "fin-wait-2")
 /// whose local port is `local_port`, in namespace `ns`.
