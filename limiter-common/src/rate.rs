@@ -183,8 +183,17 @@ pub fn keeps_entry(limits: &Limits, recent: u32, idle_ns: u64, under_pressure: b
 /// `recent` connections in the window.
 #[inline(always)]
 pub fn admits(limits: &Limits, recent: u32) -> bool {
-    let limit = limits.max_inbound_connection_rate_per_source;
-    limit == UNLIMITED || recent < limit
+    left(limits, recent) > 0
+}
+
+/// How many more connections the rate admits now from a source with
+/// `recent` connections in the window ([`UNLIMITED`] without a rate).
+#[inline(always)]
+pub fn left(limits: &Limits, recent: u32) -> u32 {
+    match limits.max_inbound_connection_rate_per_source {
+        UNLIMITED => UNLIMITED,
+        limit => limit.saturating_sub(recent),
+    }
 }
 
 /// The whole rule for a new connection: Exchange's three limits on the

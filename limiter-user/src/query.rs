@@ -104,10 +104,7 @@ impl Holding {
     /// and no more to open now than its rate has left.
     fn of(limits: &Limits, live_total: u32, live_source: u32, recent: u32) -> Holding {
         let headroom = limiter_common::headroom(limits, live_total, live_source);
-        let rate_left = match limits.max_inbound_connection_rate_per_source {
-            UNLIMITED => UNLIMITED,
-            limit => limit.saturating_sub(recent),
-        };
+        let rate_left = rate::left(limits, recent);
         let concurrent = headroom.can_open(live_source);
         // What stops it first: its rate, when that leaves it fewer.
         let stopped_by = if rate_left < concurrent {

@@ -269,12 +269,7 @@ pub(super) fn limiter(ranges: u32) -> Kernel {
 /// real handshake.
 pub(super) fn hold(kernel: &mut Kernel, remote: Ipv4Addr, local: Ipv4Addr, n: u16) {
     for port in 0..n {
-        let flow = FlowKey::from_words(
-            addr::ipv4_words(u32::from_ne_bytes(local.octets())),
-            addr::ipv4_words(u32::from_ne_bytes(remote.octets())),
-            25,
-            1 + port,
-        );
+        let flow = flow_to_25(remote, 1 + port, local);
         assert_eq!(
             kernel.seed(&flow).expect("counting a connection"),
             control::DONE,
@@ -442,11 +437,16 @@ const OVER_CAP_PORT: u16 = 40001;
 
 /// The connection of [`over_cap_syn`]'s SYN.
 fn over_cap_flow() -> FlowKey {
+    flow_to_25(CLIENT, OVER_CAP_PORT, LOCAL)
+}
+
+/// The connection from `remote:port` to `local:25`.
+fn flow_to_25(remote: Ipv4Addr, port: u16, local: Ipv4Addr) -> FlowKey {
     FlowKey::from_words(
-        addr::ipv4_words(u32::from_ne_bytes(LOCAL.octets())),
-        addr::ipv4_words(u32::from_ne_bytes(CLIENT.octets())),
+        addr::ipv4_words(u32::from_ne_bytes(local.octets())),
+        addr::ipv4_words(u32::from_ne_bytes(remote.octets())),
         25,
-        OVER_CAP_PORT,
+        port,
     )
 }
 
