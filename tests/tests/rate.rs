@@ -516,6 +516,16 @@ fn a_rejection_by_the_rate_is_reported_as_event_61021() {
     let s = Scenario::start(&config(N, UNIT, "drop"));
     let a = client_v4(5);
     converse_n(&s, a, N);
+    // The server's side of the last conversation may close a moment after
+    // the client's: the refusal should find the source holding nothing.
+    assert!(
+        wait_until(SETTLE, Duration::from_millis(20), || s
+            .limiter
+            .live("Frontend")
+            == 0),
+        "the conversations were not released: {:?}",
+        s.limiter.status()
+    );
     refused(&s, a);
     let reported = rate_events(&s, 1);
     let event = &reported[0];
