@@ -55,6 +55,9 @@ const IPV6_DST: usize = offset_of!(Ipv6Hdr, dst_addr);
 pub const IPPROTO_TCP: u8 = IpProto::Tcp as u8;
 const IPV4_FRAG_OFFSET_MASK: u16 = 0x1fff;
 const IPV4_MORE_FRAGMENTS: u16 = 0x2000;
+/// The first byte of an IPv4 header without options: version 4, five
+/// 32-bit words.
+const IPV4_PLAIN_VERSION_IHL: u8 = 0x45;
 
 const IPV6_HOP_BY_HOP: u8 = IpProto::HopOpt as u8;
 const IPV6_ROUTING: u8 = IpProto::Ipv6Route as u8;
@@ -167,6 +170,9 @@ pub fn parse(ctx: &XdpContext, link: LinkLayer) -> Packet {
 
 #[inline(always)]
 fn try_parse(ctx: &XdpContext, link: LinkLayer) -> Step<Packet> {
+    if let Some(l4) = plain_ipv4(ctx, link)? {
+        return tcp(ctx, l4, link);
+    }
     let (offset, ether_type) = match link {
         LinkLayer::Ethernet => ethernet(ctx)?,
         LinkLayer::None => {
@@ -187,6 +193,52 @@ fn try_parse(ctx: &XdpContext, link: LinkLayer) -> Step<Packet> {
         _ => return Err(Packet::Pass),
     };
     tcp(ctx, l4, link)
+}
+
+/// The common frame, read in a few loads: Ethernet without a VLAN tag,
+/// then IPv4 without options, not a fragment, held whole by the frame; or
+/// IPv4 that is not TCP, passed at once. Anything else (`Ok(None)`) is read
+/// by the general path, which finds the same for these frames: this only
+/// spares most traffic its branches.
+#[inline(always)]
+fn plain_ipv4(ctx: &XdpContext, link: LinkLayer) -> Step<Option<L4>> {
+    if link != LinkLayer::Ethernet {
+        return Ok(None);
+    }
+    let Some(frame) = bytes_at(ctx, 0, ETH_HLEN + IPV4_MIN_HLEN) else {
+        return Ok(None);
+    };
+    // SAFETY: all reads are within the ETH_HLEN + IPV4_MIN_HLEN bytes
+    // checked.
+    let (ether_type, version_ihl, total_len, fragment_field, protocol) = unsafe {
+        let ip = frame.add(ETH_HLEN);
+        (
+            u16::from_be_bytes([*frame.add(ETH_TYPE), *frame.add(ETH_TYPE + 1)]),
+            *ip,
+            u16::from_be_bytes([*ip.add(IPV4_TOT_LEN), *ip.add(IPV4_TOT_LEN + 1)]) as usize,
+            u16::from_be_bytes([*ip.add(IPV4_FRAGS), *ip.add(IPV4_FRAGS + 1)]),
+            *ip.add(IPV4_PROTO),
+        )
+    };
+    if ether_type != ETH_P_IP {
+        return Ok(None);
+    }
+    if protocol != IPPROTO_TCP {
+        // Whatever else the header says, `ipv4` passes it.
+        return Err(Packet::Pass);
+    }
+    let plain = version_ihl == IPV4_PLAIN_VERSION_IHL
+        && fragment_field & (IPV4_MORE_FRAGMENTS | IPV4_FRAG_OFFSET_MASK) == 0
+        && total_len >= IPV4_MIN_HLEN
+        && ETH_HLEN + total_len <= ctx.data_end() - ctx.data();
+    Ok(plain.then_some(L4 {
+        offset: ETH_HLEN + IPV4_MIN_HLEN,
+        end: ETH_HLEN + total_len,
+        ip: ETH_HLEN,
+        ipv6: false,
+        fragment: false,
+        plain: true,
+    }))
 }
 
 #[inline(always)]
