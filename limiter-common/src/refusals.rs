@@ -63,6 +63,18 @@ const REFUSAL_SET_BITS: u32 = 11;
 pub const REFUSAL_WAYS: u32 = 2;
 /// Slots of `REFUSALS`, per CPU (64 bytes each: 256 KiB a CPU).
 pub const REFUSAL_SLOTS: u32 = REFUSAL_SETS * REFUSAL_WAYS;
+/// Words of `REFUSAL_SETS_USED`, per CPU: one bit a set.
+pub const REFUSAL_SETS_USED_WORDS: u32 = REFUSAL_SETS / 64;
+/// The `REFUSAL_SETS_USED` word of the set whose first slot is `first`,
+/// and the set's bit in it. A CPU sets the bit before it first writes a
+/// refusal into the set, and only it writes refusals there: a clear bit
+/// says the set is empty without touching its slots (under a flood of new
+/// sources, the slots' lines are cache misses).
+#[inline(always)]
+pub fn set_used_bit(first: u32) -> (u32, u64) {
+    let set = first / REFUSAL_WAYS;
+    (set / 64, 1 << (set % 64))
+}
 /// The `REPLY_BUDGETS` slot of a CPU's replies in all (after one per set).
 pub const CPU_REPLY_BUDGET: u32 = REFUSAL_SETS;
 /// Slots one `control::SWEEP_REFUSALS` request goes through.

@@ -22,8 +22,8 @@ use crate::{
     },
     diag,
     maps::{
-        CONNECTORS, LAST_REPLY_MARK, REFUSALS, RELEASE_STAMPS, REPLY_ALIVE, REPLY_BUDGETS,
-        REPLY_FLOWS, REPLY_SCRATCH, SETTINGS, SOURCE_LIVE, STATS, SYNS_SEEN,
+        CONNECTORS, LAST_REPLY_MARK, REFUSAL_SETS_USED, REFUSALS, RELEASE_STAMPS, REPLY_ALIVE,
+        REPLY_BUDGETS, REPLY_FLOWS, REPLY_SCRATCH, SETTINGS, SOURCE_LIVE, STATS, SYNS_SEEN,
     },
     parse::{self, LinkLayer, Packet, ReplyLayout},
     report::{IN_SCRATCH, Rejection, reject, rejected_counter},
@@ -129,6 +129,9 @@ fn from_cache(flow: &FlowKey) -> Verdict {
         return Verdict::Judge;
     }
     let first = key.first_slot();
+    if !set_is_used(first) {
+        return Verdict::Judge;
+    }
     let mut way = 0;
     while way < REFUSAL_WAYS {
         if let Some(entry) = REFUSALS.get_ptr_mut(first + way) {
@@ -152,6 +155,29 @@ fn from_cache(flow: &FlowKey) -> Verdict {
         way += 1;
     }
     Verdict::Judge
+}
+
+/// Whether this CPU ever wrote a refusal into the set whose first slot is
+/// `first` (see `refusals::set_used_bit`).
+#[inline(always)]
+fn set_is_used(first: u32) -> bool {
+    let (word, bit) = refusals::set_used_bit(first);
+    // SAFETY: this CPU's word of a per-CPU array.
+    REFUSAL_SETS_USED
+        .get_ptr(word)
+        .is_none_or(|used| unsafe { *used } & bit != 0)
+}
+
+/// Marks the set whose first slot is `first` as used by this CPU, before
+/// a refusal is written into it.
+#[inline(always)]
+fn mark_set_used(first: u32) {
+    let (word, bit) = refusals::set_used_bit(first);
+    if let Some(used) = REFUSAL_SETS_USED.get_ptr_mut(word) {
+        // SAFETY: this CPU's word of a per-CPU array; only this CPU's XDP
+        // program writes it.
+        unsafe { *used |= bit };
+    }
 }
 
 /// The configuration generation, and the refusal cache key of `flow`.
@@ -229,7 +255,8 @@ fn slot_for(key: &RefusalKey) -> *mut CachedRefusal {
 /// The slot of `first`'s set a new refusal goes into: an empty one, else
 /// one whose refusals have all been reported; none when both hold
 /// refusals no report carries yet (no count is ever evicted: the key is
-/// judged exactly until the sweep has taken them).
+/// judged exactly until the sweep has taken them). The set is marked used
+/// before a slot is given.
 #[inline(always)]
 fn victim(first: u32) -> *mut CachedRefusal {
     let free = |way: u32, empty: bool| {
@@ -244,11 +271,16 @@ fn victim(first: u32) -> *mut CachedRefusal {
             }
         })
     };
-    free(0, true)
+    let slot = free(0, true)
         .or_else(|| free(1, true))
         .or_else(|| free(0, false))
         .or_else(|| free(1, false))
-        .unwrap_or(core::ptr::null_mut())
+        .unwrap_or(core::ptr::null_mut());
+    if !slot.is_null() {
+        // Before the refusal is written into it.
+        mark_set_used(first);
+    }
+    slot
 }
 
 /// The verdict on the live counts as they are read (no lock, no write: a

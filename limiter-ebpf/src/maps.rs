@@ -14,7 +14,9 @@ use limiter_common::maps::{
     SynSeen, stat,
 };
 use limiter_common::maps::{DiagGate, FlowKey, MAX_REPLY_FLOWS, ReplyBudget, ReplyMark, diag};
-use limiter_common::refusals::{CachedRefusal, REFUSAL_SETS, REFUSAL_SLOTS, RELEASE_STAMPS_LEN};
+use limiter_common::refusals::{
+    CachedRefusal, REFUSAL_SETS, REFUSAL_SETS_USED_WORDS, REFUSAL_SLOTS, RELEASE_STAMPS_LEN,
+};
 
 #[map(name = "SETTINGS")]
 pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
@@ -72,6 +74,10 @@ pub static UNDECLARED_FORWARDS: LruHashMap<Endpoint, u32> =
 
 #[map(name = "REFUSALS")]
 pub static REFUSALS: PerCpuArray<CachedRefusal> = PerCpuArray::with_max_entries(REFUSAL_SLOTS, 0);
+
+#[map(name = "REFUSAL_SETS_USED")]
+pub static REFUSAL_SETS_USED: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(REFUSAL_SETS_USED_WORDS, 0);
 
 /// Where a report is put together before it is copied onto `EVENTS`.
 #[map(name = "REPORT_SCRATCH")]
