@@ -6,7 +6,7 @@ use std::{sync::Mutex, time::Duration};
 use limiter::baseline::Baseline;
 use limiter_common::maps::stat;
 use limiter_tests::{
-    bench::{self, Subject},
+    bench::{self, Gauge, Subject},
     floodlab::FloodLab,
 };
 
@@ -22,14 +22,26 @@ fn a_short_flood_reaches_every_subject() {
     let _one = ONE_FLOOD.lock().unwrap_or_else(|e| e.into_inner());
     let mut generator = Baseline::load().expect("the generator");
     for subject in Subject::ALL {
-        let pps = bench::measure(
-            subject,
-            256,
-            Duration::from_millis(300),
-            None,
-            &mut generator,
-        );
+        let mut gauge = |gauge| {
+            bench::measure(
+                subject,
+                256,
+                Duration::from_millis(300),
+                gauge,
+                &mut generator,
+            )
+        };
+        let pps = gauge(Gauge::HighestRate);
         assert!(pps > 1000.0, "{}: {pps} packets a second", subject.name());
+        // The kernel's run-time statistics of the subject's program.
+        if subject.has_xdp_program() {
+            let ns = gauge(Gauge::ProgramTime);
+            assert!(
+                ns.is_finite() && ns > 0.0,
+                "{}: {ns} ns a packet in its program",
+                subject.name()
+            );
+        }
     }
 }
 

@@ -673,15 +673,50 @@ pub fn install(lab: &FloodLab, subject: Subject, at_cap: u32) -> Installed {
     }
 }
 
-/// One flood measurement in a fresh lab (fresh conntrack too): packets per
-/// second the server got through, or with `rate` the share of its core.
+/// What one flood measures.
+#[derive(Clone, Copy)]
+pub enum Gauge {
+    /// Packets per second the server got through, the generator at full
+    /// speed.
+    HighestRate,
+    /// The share of the server's core the receive path took at this many
+    /// packets per second.
+    CpuAt(u64),
+    /// Nanoseconds a packet spent in the subject's XDP program at full
+    /// speed, by the kernel's run-time statistics (NaN without one).
+    ProgramTime,
+}
+
+/// The subject's XDP program, if it has one.
+fn program_of(installed: &Installed, subject: Subject) -> Option<&Xdp> {
+    match subject {
+        Subject::Limiter | Subject::LimiterReply => installed.limiter()?.admit_program().ok(),
+        Subject::BareDrop => installed._baseline.as_ref()?.program(BARE_DROP).ok(),
+        Subject::BarePass => installed._baseline.as_ref()?.program(BARE_PASS).ok(),
+        Subject::HeaderDrop => installed._baseline.as_ref()?.program(HEADER_DROP).ok(),
+        Subject::Nothing | Subject::Iptables | Subject::Nftables => None,
+    }
+}
+
+/// The run count and run time the kernel has kept for `program`.
+fn run_stats(program: &Xdp) -> (u64, Duration) {
+    let info = program.info().expect("the program's info");
+    (info.run_count(), info.run_time())
+}
+
+/// One flood measurement in a fresh lab (fresh conntrack too): see
+/// [`Gauge`].
 pub fn measure(
     subject: Subject,
     sources: u32,
     duration: Duration,
-    rate: Option<u64>,
+    gauge: Gauge,
     generator: &mut Baseline,
 ) -> f64 {
+    let rate = match gauge {
+        Gauge::CpuAt(rate) => Some(rate),
+        Gauge::HighestRate | Gauge::ProgramTime => None,
+    };
     let lab = FloodLab::new();
     // A mail server listening on port 25, as on a real MX.
     let _listener = lab.server.run(|| {
@@ -691,6 +726,14 @@ pub fn measure(
     // from 65,536 mostly opens new connections.
     let at_cap = if sources <= 256 { sources } else { 0 };
     let mut installed = install(&lab, subject, at_cap);
+    // Run-time statistics only for their own measurement: kept while the
+    // descriptor is open.
+    let stats = matches!(gauge, Gauge::ProgramTime)
+        .then(|| aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS"));
+    let stats_from = stats
+        .as_ref()
+        .and_then(|_| program_of(&installed, subject))
+        .map(run_stats);
     let received = lab.server_frames();
     let cpu = lab.server_cpu_seconds();
     let flooding = std::sync::atomic::AtomicBool::new(true);
@@ -706,13 +749,20 @@ pub fn measure(
     });
     let handled = lab.server_frames() - received;
     let cpu = lab.server_cpu_seconds() - cpu;
+    let ran = stats_from
+        .zip(program_of(&installed, subject).map(run_stats))
+        .map(|((runs, time), (runs_now, time_now))| {
+            (time_now - time).as_nanos() as f64 / (runs_now - runs).max(1) as f64
+        });
+    drop(stats);
     drop(installed);
     drop(lab);
     // Conntrack entries of a deleted namespace go away in the background.
     std::thread::sleep(Duration::from_millis(500));
-    match rate {
-        None => handled as f64 / duration.as_secs_f64(),
-        Some(_) => cpu / duration.as_secs_f64(),
+    match gauge {
+        Gauge::HighestRate => handled as f64 / duration.as_secs_f64(),
+        Gauge::CpuAt(_) => cpu / duration.as_secs_f64(),
+        Gauge::ProgramTime => ran.unwrap_or(f64::NAN),
     }
 }
 
@@ -721,17 +771,25 @@ pub(super) fn flood(options: &Options) -> Vec<Flood> {
     let mut generator = Baseline::load().expect("the generator");
     let mut out = Vec::new();
     for sources in [256u32, 65_536] {
-        let mut rounds: Vec<Vec<(f64, f64)>> = vec![Vec::new(); Subject::ALL.len()];
+        let mut rounds: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); Subject::ALL.len()];
         for _ in 0..options.flood_rounds() {
             for (subject, figures) in Subject::ALL.into_iter().zip(&mut rounds) {
-                let max_pps = measure(subject, sources, duration, None, &mut generator);
-                let cpu = measure(subject, sources, duration, Some(FIXED_RATE), &mut generator);
-                figures.push((max_pps, cpu));
+                let mut gauge = |gauge| measure(subject, sources, duration, gauge, &mut generator);
+                let max_pps = gauge(Gauge::HighestRate);
+                let cpu = gauge(Gauge::CpuAt(FIXED_RATE));
+                let program_ns = if subject.has_xdp_program() {
+                    gauge(Gauge::ProgramTime)
+                } else {
+                    f64::NAN
+                };
+                figures.push((max_pps, cpu, program_ns));
             }
         }
         for (subject, figures) in Subject::ALL.into_iter().zip(rounds) {
             let max_pps = median(figures.iter().map(|f| f.0).collect());
             let cpu_at_fixed_rate = median(figures.iter().map(|f| f.1).collect());
+            let program_ns =
+                Some(median(figures.iter().map(|f| f.2).collect())).filter(|ns| ns.is_finite());
             eprintln!(
                 "bench: flood from {sources} sources into {}: {:.0} pps at most, {:.1} % of a core at {FIXED_RATE} pps",
                 subject.name(),
@@ -743,6 +801,7 @@ pub(super) fn flood(options: &Options) -> Vec<Flood> {
                 subject: subject.name().into(),
                 max_pps,
                 cpu_at_fixed_rate,
+                program_ns,
             });
         }
     }

@@ -21,7 +21,7 @@ mod render;
 mod targets;
 
 pub use self::{
-    measure::{Installed, install, measure},
+    measure::{Gauge, Installed, install, measure},
     render::{chart_svg, markdown},
 };
 use self::{
@@ -100,6 +100,12 @@ pub struct Flood {
     pub max_pps: f64,
     /// Share of one core the receive path took at FIXED_RATE.
     pub cpu_at_fixed_rate: f64,
+    /// Nanoseconds a packet spent in the subject's XDP program at full
+    /// blast, by the kernel's own run-time statistics, taken in a flood of
+    /// its own (they cost each run two clock reads); none for a subject
+    /// without an XDP program.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub program_ns: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -181,6 +187,14 @@ impl Subject {
             Subject::Nftables => "nftables ct count",
         }
     }
+
+    /// Whether the subject is an XDP program.
+    pub fn has_xdp_program(self) -> bool {
+        !matches!(
+            self,
+            Subject::Nothing | Subject::Iptables | Subject::Nftables
+        )
+    }
 }
 
 /// Runs every benchmark.
@@ -230,6 +244,7 @@ mod tests {
             subject: subject.name().into(),
             max_pps,
             cpu_at_fixed_rate: cpu,
+            program_ns: None,
         }
     }
 
@@ -281,7 +296,11 @@ mod tests {
             (Subject::BarePass, 0.48e6, 0.01),
             (Subject::Nothing, 0.5e6, 0.01),
         ] {
-            flood.push(flood_row(256, subject, pps, cpu));
+            let mut row = flood_row(256, subject, pps, cpu);
+            if subject == Subject::Limiter {
+                row.program_ns = Some(140.4);
+            }
+            flood.push(row);
             let pps = if subject == Subject::Limiter {
                 0.46e6
             } else {
@@ -327,7 +346,16 @@ mod tests {
         // 4.0 / 4.6 = 0.87 >= 0.83; 0.012 / 0.011 = 1.09 <= 1.2.
         assert!(t["flood_256_reply_vs_drop"].holds);
         assert!(t["flood_256_reply_cpu_vs_drop"].holds);
-        assert_eq!(t.len(), 13);
+        // The floors: 4.6 / 4.8 of header_drop, which is 4.8 / 0.4 = 12 of
+        // nftables: below 15 whatever a limiter does.
+        assert!((t["flood_256_vs_header_drop"].measured() - 4.6 / 4.8).abs() < 1e-9);
+        assert!((t["flood_256_header_drop_vs_nftables_ct_count"].measured() - 12.0).abs() < 1e-9);
+        assert!((t["flood_256_header_drop_vs_iptables_connlimit"].measured() - 24.0).abs() < 1e-9);
+        assert_eq!(
+            t["flood_256_header_drop_vs_nftables_ct_count"].bound,
+            "floor"
+        );
+        assert_eq!(t.len(), 16);
     }
 
     #[test]
@@ -336,11 +364,14 @@ mod tests {
         let md = markdown(&report, "chart.svg");
         assert!(md.contains("| flood_256_vs_nftables_ct_count | 11.50 | >= 15 | **no** |"));
         assert!(md.contains("| syn_admitted_ns | 300 ns | <= 400 ns | yes |"));
-        assert!(md.contains("| 256 | iptables connlimit | 200000 | 4.0 % |"));
+        assert!(md.contains("| 256 | iptables connlimit | 200000 | 4.0 % | - |"));
+        assert!(md.contains("| 256 | limiter | 4600000 | 1.1 % | 140 |"));
         assert!(md.contains("![flood results](chart.svg)"));
         let json = serde_json::to_value(&report).unwrap();
         assert_eq!(json["targets"]["syn_reject_vs_bare_drop"]["holds"], false);
         assert_eq!(json["targets"]["syn_admitted_ns"]["ns"], 300.0);
+        assert_eq!(json["flood"][0]["program_ns"], 140.4);
+        assert!(json["flood"][1].get("program_ns").is_none());
         let svg = chart_svg(&report);
         assert!(
             svg.starts_with("<svg") && svg.contains("65536 sources"),

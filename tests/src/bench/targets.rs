@@ -134,6 +134,26 @@ pub(super) fn targets(
                 None,
                 None,
             ),
+            // What the limiter keeps of the floor of any SYN filter, and
+            // that floor against the firewalls: where their ratios end.
+            target(
+                "flood_256_vs_header_drop",
+                limiter / pps(256, Subject::HeaderDrop),
+                None,
+                None,
+            ),
+            target(
+                "flood_256_header_drop_vs_iptables_connlimit",
+                pps(256, Subject::HeaderDrop) / pps(256, Subject::Iptables),
+                None,
+                None,
+            ),
+            target(
+                "flood_256_header_drop_vs_nftables_ct_count",
+                pps(256, Subject::HeaderDrop) / pps(256, Subject::Nftables),
+                None,
+                None,
+            ),
             target(
                 "flood_256_vs_iptables_connlimit",
                 limiter / pps(256, Subject::Iptables),
