@@ -195,6 +195,42 @@ fn try_parse(ctx: &XdpContext, link: LinkLayer) -> Step<Packet> {
     tcp(ctx, l4, link)
 }
 
+/// The fields of an IPv4 header's fixed part that the parsers judge.
+#[derive(Clone, Copy)]
+struct Ipv4Fixed {
+    version_ihl: u8,
+    total_len: usize,
+    fragment_field: u16,
+    protocol: u8,
+}
+
+impl Ipv4Fixed {
+    /// # Safety
+    ///
+    /// `ip` must point at IPV4_MIN_HLEN bytes of the packet,
+    /// bounds-checked.
+    #[inline(always)]
+    unsafe fn read(ip: *const u8) -> Ipv4Fixed {
+        // SAFETY: the caller checked the bounds.
+        unsafe {
+            Ipv4Fixed {
+                version_ihl: *ip,
+                total_len: u16::from_be_bytes([*ip.add(IPV4_TOT_LEN), *ip.add(IPV4_TOT_LEN + 1)])
+                    as usize,
+                fragment_field: u16::from_be_bytes([*ip.add(IPV4_FRAGS), *ip.add(IPV4_FRAGS + 1)]),
+                protocol: *ip.add(IPV4_PROTO),
+            }
+        }
+    }
+
+    /// Whether the frame holds the whole packet, the header at `offset`
+    /// (a frame may also carry padding past it).
+    #[inline(always)]
+    fn held_whole(&self, ctx: &XdpContext, offset: usize) -> bool {
+        offset + self.total_len <= ctx.data_end() - ctx.data()
+    }
+}
+
 /// The common frame, read in a few loads: Ethernet without a VLAN tag,
 /// then IPv4 without options, not a fragment, held whole by the frame; or
 /// IPv4 that is not TCP, passed at once. Anything else (`Ok(None)`) is read
@@ -210,30 +246,26 @@ fn plain_ipv4(ctx: &XdpContext, link: LinkLayer) -> Step<Option<L4>> {
     };
     // SAFETY: all reads are within the ETH_HLEN + IPV4_MIN_HLEN bytes
     // checked.
-    let (ether_type, version_ihl, total_len, fragment_field, protocol) = unsafe {
-        let ip = frame.add(ETH_HLEN);
+    let (ether_type, header) = unsafe {
         (
             u16::from_be_bytes([*frame.add(ETH_TYPE), *frame.add(ETH_TYPE + 1)]),
-            *ip,
-            u16::from_be_bytes([*ip.add(IPV4_TOT_LEN), *ip.add(IPV4_TOT_LEN + 1)]) as usize,
-            u16::from_be_bytes([*ip.add(IPV4_FRAGS), *ip.add(IPV4_FRAGS + 1)]),
-            *ip.add(IPV4_PROTO),
+            Ipv4Fixed::read(frame.add(ETH_HLEN)),
         )
     };
     if ether_type != ETH_P_IP {
         return Ok(None);
     }
-    if protocol != IPPROTO_TCP {
+    if header.protocol != IPPROTO_TCP {
         // Whatever else the header says, `ipv4` passes it.
         return Err(Packet::Pass);
     }
-    let plain = version_ihl == IPV4_PLAIN_VERSION_IHL
-        && fragment_field & (IPV4_MORE_FRAGMENTS | IPV4_FRAG_OFFSET_MASK) == 0
-        && total_len >= IPV4_MIN_HLEN
-        && ETH_HLEN + total_len <= ctx.data_end() - ctx.data();
+    let plain = header.version_ihl == IPV4_PLAIN_VERSION_IHL
+        && header.fragment_field & (IPV4_MORE_FRAGMENTS | IPV4_FRAG_OFFSET_MASK) == 0
+        && header.total_len >= IPV4_MIN_HLEN
+        && header.held_whole(ctx, ETH_HLEN);
     Ok(plain.then_some(L4 {
         offset: ETH_HLEN + IPV4_MIN_HLEN,
-        end: ETH_HLEN + total_len,
+        end: ETH_HLEN + header.total_len,
         ip: ETH_HLEN,
         ipv6: false,
         fragment: false,
@@ -264,22 +296,21 @@ fn ethernet(ctx: &XdpContext) -> Step<(usize, u16)> {
 fn ipv4(ctx: &XdpContext, offset: usize) -> Step<L4> {
     // The fixed part, with a constant length the verifier can follow.
     let ip = bytes_at(ctx, offset, IPV4_MIN_HLEN).ok_or(Packet::Pass)?;
-    // SAFETY: all reads below are within the IPV4_MIN_HLEN bytes checked.
-    let (version_ihl, total_len, fragment_field, protocol) = unsafe {
-        (
-            *ip,
-            u16::from_be_bytes([*ip.add(IPV4_TOT_LEN), *ip.add(IPV4_TOT_LEN + 1)]) as usize,
-            u16::from_be_bytes([*ip.add(IPV4_FRAGS), *ip.add(IPV4_FRAGS + 1)]),
-            *ip.add(IPV4_PROTO),
-        )
-    };
+    // SAFETY: within the IPV4_MIN_HLEN bytes checked.
+    let header = unsafe { Ipv4Fixed::read(ip) };
+    let Ipv4Fixed {
+        version_ihl,
+        total_len,
+        fragment_field,
+        protocol,
+    } = header;
     let header_len = ((version_ihl & 0x0f) as usize) * 4;
     // A header or a length the kernel drops as malformed, or a packet the
     // frame does not hold whole (dropped as truncated): nothing to count.
     if version_ihl >> 4 != 4
         || header_len < IPV4_MIN_HLEN
         || total_len < header_len
-        || offset + total_len > ctx.data_end() - ctx.data()
+        || !header.held_whole(ctx, offset)
         || protocol != IPPROTO_TCP
     {
         return Err(Packet::Pass);

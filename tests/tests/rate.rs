@@ -184,6 +184,15 @@ fn recent(s: &Scenario, source: IpAddr, unit_secs: u64) -> Option<u32> {
     })
 }
 
+/// `limiter explain SOURCE --json`: its first answer (one per connector).
+fn explained(s: &Scenario, source: IpAddr) -> Value {
+    let explained = s.limiter.cli_json(&["explain", &source.to_string()]);
+    match explained.as_array().and_then(|answers| answers.first()) {
+        Some(first) => first.clone(),
+        None => explained,
+    }
+}
+
 /// Assertions on JSON that the operator interface gains with the rate
 /// (spec: /work/rate-spec.md): each mismatch is noted, and all are
 /// reported together at the end, so that one missing field does not hide
@@ -499,11 +508,7 @@ fn action_monitor_admits_over_the_rate_and_counts_would_reject() {
         json!(OVER),
     );
     checks.eq("stats rejected_rate", &stats["rejected_rate"], json!(0));
-    let explained = s.limiter.cli_json(&["explain", &a.to_string()]);
-    let answer = explained
-        .as_array()
-        .and_then(|answers| answers.first())
-        .unwrap_or(&explained);
+    let answer = explained(&s, a.into());
     checks.eq("explain verdict", &answer["verdict"], json!("would_reject"));
     checks.eq("explain rule", &answer["rule"], json!("rate"));
     checks.eq("explain event_id", &answer["event_id"], json!(61021));
@@ -575,11 +580,7 @@ fn a_rejection_by_the_rate_is_reported_as_event_61021() {
             &entry["rate_wait_s"],
         );
     }
-    let explained = s.limiter.cli_json(&["explain", &a.to_string()]);
-    let answer = explained
-        .as_array()
-        .and_then(|answers| answers.first())
-        .unwrap_or(&explained);
+    let answer = explained(&s, a.into());
     checks.eq("explain verdict", &answer["verdict"], json!("rejected"));
     checks.eq("explain rule", &answer["rule"], json!("rate"));
     checks.eq("explain event_id", &answer["event_id"], json!(61021));

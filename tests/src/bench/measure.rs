@@ -536,7 +536,8 @@ pub(super) fn scale_points(
 /// Holds what a subject put in place, for the length of one measurement.
 #[derive(Default)]
 pub struct Installed {
-    _baseline: Option<Baseline>,
+    /// A baseline program, and the name of the one attached.
+    baseline: Option<(Baseline, &'static str)>,
     limiter: Option<Kernel>,
     /// The responder's listening sockets, with action reply (nothing
     /// accepts: the flood's forged sources never complete a handshake).
@@ -579,7 +580,7 @@ pub fn install(lab: &FloodLab, subject: Subject, at_cap: u32) -> Installed {
             let mut baseline = Baseline::load().expect("baseline programs");
             lab.attach_baseline(&mut baseline, program);
             Installed {
-                _baseline: Some(baseline),
+                baseline: Some((baseline, program)),
                 ..Default::default()
             }
         }
@@ -687,14 +688,14 @@ pub enum Gauge {
     ProgramTime,
 }
 
-/// The subject's XDP program, if it has one.
-fn program_of(installed: &Installed, subject: Subject) -> Option<&Xdp> {
-    match subject {
-        Subject::Limiter | Subject::LimiterReply => installed.limiter()?.admit_program().ok(),
-        Subject::BareDrop => installed._baseline.as_ref()?.program(BARE_DROP).ok(),
-        Subject::BarePass => installed._baseline.as_ref()?.program(BARE_PASS).ok(),
-        Subject::HeaderDrop => installed._baseline.as_ref()?.program(HEADER_DROP).ok(),
-        Subject::Nothing | Subject::Iptables | Subject::Nftables => None,
+impl Installed {
+    /// The XDP program attached, if any.
+    fn xdp_program(&self) -> Option<&Xdp> {
+        match (&self.limiter, &self.baseline) {
+            (Some(kernel), _) => kernel.admit_program().ok(),
+            (None, Some((baseline, name))) => baseline.program(name).ok(),
+            (None, None) => None,
+        }
     }
 }
 
@@ -732,7 +733,7 @@ pub fn measure(
         .then(|| aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS"));
     let stats_from = stats
         .as_ref()
-        .and_then(|_| program_of(&installed, subject))
+        .and_then(|_| installed.xdp_program())
         .map(run_stats);
     let received = lab.server_frames();
     let cpu = lab.server_cpu_seconds();
@@ -750,9 +751,10 @@ pub fn measure(
     let handled = lab.server_frames() - received;
     let cpu = lab.server_cpu_seconds() - cpu;
     let ran = stats_from
-        .zip(program_of(&installed, subject).map(run_stats))
+        .zip(installed.xdp_program().map(run_stats))
+        .filter(|((runs, _), (runs_now, _))| runs_now > runs)
         .map(|((runs, time), (runs_now, time_now))| {
-            (time_now - time).as_nanos() as f64 / (runs_now - runs).max(1) as f64
+            (time_now - time).as_nanos() as f64 / (runs_now - runs) as f64
         });
     drop(stats);
     drop(installed);
