@@ -108,15 +108,13 @@ pub(super) fn reply_micro(rounds: usize, drop: f64) -> Micro {
             .expect("tables");
         let over_cap = over_cap_syn(&mut kernel);
         let admit = kernel.admit_program().expect("admit");
-        let before = counter(&kernel, stat::REPLY_GATED);
-        let ns = cost(admit, &over_cap, rounds);
         // All but the few replies of each second were dropped by the gate.
-        check_moved(
+        let ns = counted(
             &kernel,
             stat::REPLY_GATED,
-            before,
             rounds as u64 * REPEAT as u64 / 2,
             "SYN rejected, action reply",
+            || cost(admit, &over_cap, rounds),
         );
         Micro {
             case: "SYN rejected, action reply (its replies spent)".into(),
@@ -156,14 +154,13 @@ pub(super) fn rate_micro(rounds: usize, drop: f64, pass_single: f64) -> [Micro; 
     spend_rate(admit, CLIENT, RATE);
     let over_rate = Segment::syn(CLIENT, 40002, LOCAL, 25).build();
     let judged = || kernel.stats().expect("the counters").global[stat::SOURCE_JUDGED as usize];
-    let (before, judged_before) = (counter(&kernel, stat::REJECTED_RATE), judged());
-    let ns = cost(admit, &over_rate, rounds);
-    check_moved(
+    let judged_before = judged();
+    let ns = counted(
         &kernel,
         stat::REJECTED_RATE,
-        before,
         rounds as u64 * REPEAT as u64,
         "SYN rejected by rate",
+        || cost(admit, &over_rate, rounds),
     );
     // Judged on the window once (and at a slot boundary, were one
     // crossed), else refused from the cache.
@@ -172,14 +169,12 @@ pub(super) fn rate_micro(rounds: usize, drop: f64, pass_single: f64) -> [Micro; 
         judged <= 2 * rounds as u64,
         "bench case \"SYN rejected by rate\" judged {judged} SYNs on the window: the refusal cache did not answer"
     );
-    let before = counter(&kernel, stat::SYN_PASSED);
-    let admitted = single_runs(admit, fresh_syns(SINGLE_RUNS as u32, 2));
-    check_moved(
+    let admitted = counted(
         &kernel,
         stat::SYN_PASSED,
-        before,
         SINGLE_RUNS as u64,
         "SYN admitted by a connector with a rate",
+        || single_runs(admit, fresh_syns(SINGLE_RUNS as u32, 2)),
     );
     [
         Micro {
@@ -303,13 +298,23 @@ pub(super) fn counter(kernel: &Kernel, counter: u32) -> u64 {
     kernel.stats().expect("the counters").connectors[0][counter as usize]
 }
 
-/// Panics unless the counter moved by at least `at_least`.
-pub(super) fn check_moved(kernel: &Kernel, which: u32, before: u64, at_least: u64, case: &str) {
+/// What `measure` returns, once it has moved counter `which` by at least
+/// `at_least` (else the bench case is not what it says: a panic).
+pub(super) fn counted<T>(
+    kernel: &Kernel,
+    which: u32,
+    at_least: u64,
+    case: &str,
+    measure: impl FnOnce() -> T,
+) -> T {
+    let before = counter(kernel, which);
+    let measured = measure();
     let moved = counter(kernel, which) - before;
     assert!(
         moved >= at_least,
         "bench case {case:?} is not what it says: its counter moved by {moved}, not {at_least}"
     );
+    measured
 }
 
 pub(super) fn micro(options: &Options, baseline: &mut Baseline) -> Vec<Micro> {
@@ -391,14 +396,12 @@ pub(super) fn micro(options: &Options, baseline: &mut Baseline) -> Vec<Micro> {
         baseline: "bare XDP_DROP".into(),
         ratio: cached / drop,
     });
-    let before = counter(&kernel, stat::REJECTED_PER_SOURCE);
-    let rejected = cost(admit, &over_cap, rounds);
-    check_moved(
+    let rejected = counted(
         &kernel,
         stat::REJECTED_PER_SOURCE,
-        before,
         rounds as u64 * REPEAT as u64,
         "SYN rejected",
+        || cost(admit, &over_cap, rounds),
     );
     out.push(Micro {
         case: "SYN rejected (source over its cap)".into(),
@@ -407,14 +410,12 @@ pub(super) fn micro(options: &Options, baseline: &mut Baseline) -> Vec<Micro> {
         ratio: rejected / drop,
     });
     out.push(reply_micro(rounds, drop));
-    let before = counter(&kernel, stat::SYN_PASSED);
-    let admitted = single_runs(admit, fresh_syns(SINGLE_RUNS as u32, 1));
-    check_moved(
+    let admitted = counted(
         &kernel,
         stat::SYN_PASSED,
-        before,
         SINGLE_RUNS as u64,
         "SYN admitted",
+        || single_runs(admit, fresh_syns(SINGLE_RUNS as u32, 1)),
     );
     out.push(Micro {
         case: "SYN admitted (a new connection each, single runs)".into(),
@@ -515,12 +516,12 @@ pub(super) fn scale_points(
     rounds: usize,
 ) -> [Scale; 2] {
     let admit = kernel.admit_program().expect("admit");
-    let before = counter(kernel, stat::REJECTED_PER_SOURCE);
-    let rejected = cost(admit, over_cap, rounds);
-    check_moved(kernel, stat::REJECTED_PER_SOURCE, before, 1, "SYN rejected");
-    let before = counter(kernel, stat::SYN_PASSED);
-    let admitted = single_runs(admit, admitted);
-    check_moved(kernel, stat::SYN_PASSED, before, 5_000, "SYN admitted");
+    let rejected = counted(kernel, stat::REJECTED_PER_SOURCE, 1, "SYN rejected", || {
+        cost(admit, over_cap, rounds)
+    });
+    let admitted = counted(kernel, stat::SYN_PASSED, 5_000, "SYN admitted", || {
+        single_runs(admit, admitted)
+    });
     [
         ("SYN rejected", rejected),
         ("SYN admitted (single runs)", admitted),
