@@ -66,10 +66,13 @@ pub const REFUSAL_SLOTS: u32 = REFUSAL_SETS * REFUSAL_WAYS;
 /// Words of `REFUSAL_SETS_USED`, per CPU: one bit a set.
 pub const REFUSAL_SETS_USED_WORDS: u32 = REFUSAL_SETS / 64;
 /// The `REFUSAL_SETS_USED` word of the set whose first slot is `first`,
-/// and the set's bit in it. A CPU sets the bit before it first writes a
-/// refusal into the set, and only it writes refusals there: a clear bit
-/// says the set is empty without touching its slots (under a flood of new
-/// sources, the slots' lines are cache misses).
+/// and the set's bit in it. A CPU sets the bit before it writes a refusal
+/// into the set, and only it writes refusals there; it clears the bit when
+/// a lookup finds that no refusal of the set stands any more (none can
+/// stand again unless written anew). A clear bit says the set has nothing
+/// to answer without touching its slots (under a flood of new sources,
+/// the slots' lines are cache misses), and a flood that once filled every
+/// set does not keep the lookups it caused.
 #[inline(always)]
 pub fn set_used_bit(first: u32) -> (u32, u64) {
     let set = first / REFUSAL_WAYS;

@@ -132,6 +132,7 @@ fn from_cache(flow: &FlowKey) -> Verdict {
     if !set_is_used(first) {
         return Verdict::Judge;
     }
+    let mut any_stands = false;
     let mut way = 0;
     while way < REFUSAL_WAYS {
         if let Some(entry) = REFUSALS.get_ptr_mut(first + way) {
@@ -151,14 +152,20 @@ fn from_cache(flow: &FlowKey) -> Verdict {
                     None => Verdict::Judge,
                 };
             }
+            any_stands |= stands(entry, generation);
         }
         way += 1;
+    }
+    if !any_stands {
+        // No refusal of the set can answer again (a generation or stamp
+        // only moves on): the next new source need not read its slots.
+        mark_set_unused(first);
     }
     Verdict::Judge
 }
 
-/// Whether this CPU ever wrote a refusal into the set whose first slot is
-/// `first` (see `refusals::set_used_bit`).
+/// Whether the set whose first slot is `first` may hold a refusal that
+/// stands, on this CPU (see `refusals::set_used_bit`).
 #[inline(always)]
 fn set_is_used(first: u32) -> bool {
     let (word, bit) = refusals::set_used_bit(first);
@@ -177,6 +184,17 @@ fn mark_set_used(first: u32) {
         // SAFETY: this CPU's word of a per-CPU array; only this CPU's XDP
         // program writes it.
         unsafe { *used |= bit };
+    }
+}
+
+/// Marks the set whose first slot is `first` as holding no refusal that
+/// stands, on this CPU.
+#[inline(always)]
+fn mark_set_unused(first: u32) {
+    let (word, bit) = refusals::set_used_bit(first);
+    if let Some(used) = REFUSAL_SETS_USED.get_ptr_mut(word) {
+        // SAFETY: as in `mark_set_used`.
+        unsafe { *used &= !bit };
     }
 }
 
@@ -206,13 +224,7 @@ fn cached_verdict(entry: *mut CachedRefusal, generation: u32) -> Option<Verdict>
     // value. Only this CPU writes the gate but for the daemon's sweep,
     // which never races with a plain add to an unclaimed gate.
     unsafe {
-        let stands = if (*entry).is_by_rate() {
-            (*entry).stands_at(generation, crate::coarse_now_ns())
-        } else {
-            let stamp = RELEASE_STAMPS.get_ptr((*entry).stamp_index)?;
-            (*entry).stands(generation, core::ptr::read_volatile(stamp))
-        };
-        if !stands {
+        if !stands(entry, generation) {
             return None;
         }
         let gate = core::ptr::read_volatile(&raw const (*entry).gate);
@@ -232,6 +244,25 @@ fn cached_verdict(entry: *mut CachedRefusal, generation: u32) -> Option<Verdict>
             action::REPLY => Verdict::Reply,
             _ => Verdict::Drop,
         })
+    }
+}
+
+/// Whether the refusal in `entry` still stands (see
+/// `limiter_common::refusals`); an empty slot holds none.
+#[inline(always)]
+fn stands(entry: *const CachedRefusal, generation: u32) -> bool {
+    // SAFETY: this CPU's slot of a per-CPU array; the stamp is a live map
+    // value.
+    unsafe {
+        if (*entry).connector == 0 {
+            false
+        } else if (*entry).is_by_rate() {
+            (*entry).stands_at(generation, crate::coarse_now_ns())
+        } else {
+            RELEASE_STAMPS
+                .get_ptr((*entry).stamp_index)
+                .is_some_and(|stamp| (*entry).stands(generation, core::ptr::read_volatile(stamp)))
+        }
     }
 }
 
@@ -255,8 +286,7 @@ fn slot_for(key: &RefusalKey) -> *mut CachedRefusal {
 /// The slot of `first`'s set a new refusal goes into: an empty one, else
 /// one whose refusals have all been reported; none when both hold
 /// refusals no report carries yet (no count is ever evicted: the key is
-/// judged exactly until the sweep has taken them). The set is marked used
-/// before a slot is given.
+/// judged exactly until the sweep has taken them).
 #[inline(always)]
 fn victim(first: u32) -> *mut CachedRefusal {
     let free = |way: u32, empty: bool| {
@@ -271,16 +301,11 @@ fn victim(first: u32) -> *mut CachedRefusal {
             }
         })
     };
-    let slot = free(0, true)
+    free(0, true)
         .or_else(|| free(1, true))
         .or_else(|| free(0, false))
         .or_else(|| free(1, false))
-        .unwrap_or(core::ptr::null_mut());
-    if !slot.is_null() {
-        // Before the refusal is written into it.
-        mark_set_used(first);
-    }
-    slot
+        .unwrap_or(core::ptr::null_mut())
 }
 
 /// The verdict on the live counts as they are read (no lock, no write: a
@@ -563,6 +588,9 @@ fn remember(flow: &FlowKey, generation: u32, stamp: u64, refusal: u32) -> u32 {
     if slot.is_null() {
         return 0;
     }
+    // Before the refusal is written (its set may have been marked unused
+    // since the slot was last written).
+    mark_set_used(key.first_slot());
     // SAFETY: this CPU's slot of a per-CPU array. The gate is taken first,
     // atomically (the daemon's sweep may be taking it too), and only then
     // is the rest written: a sweep that took it first read a whole entry.

@@ -843,6 +843,40 @@ impl Loaded {
             .map(|e| refusals::gate_count(e.gate))
             .sum()
     }
+
+    /// The refusal cache key of a SYN from `source` to `SERVER:25`.
+    fn refusal_key(&self, source: Ipv4Addr) -> refusals::RefusalKey {
+        let prefix = self.kernel.current_settings().unwrap().refusal_prefix_len;
+        let flow = FlowKey::from_words(
+            addr::to_words(&to_addr(SERVER.into())),
+            addr::to_words(&to_addr(source.into())),
+            25,
+            1,
+        );
+        refusals::RefusalKey::of(&flow, prefix)
+    }
+
+    /// `N` sources whose keys share one set of the cache.
+    fn sources_sharing_a_set<const N: usize>(&self) -> [Ipv4Addr; N] {
+        let mut by_set: std::collections::HashMap<u32, Vec<Ipv4Addr>> = Default::default();
+        (0..100_000u32)
+            .map(|i| Ipv4Addr::from(0x0b00_0000 + i))
+            .find_map(|source| {
+                let set = by_set
+                    .entry(self.refusal_key(source).first_slot())
+                    .or_default();
+                set.push(source);
+                set.clone().try_into().ok()
+            })
+            .expect("keys sharing a set")
+    }
+
+    /// Whether this CPU marks the set of `source`'s key as holding a
+    /// refusal that may still stand.
+    fn set_marked(&self, source: Ipv4Addr) -> bool {
+        let first = self.refusal_key(source).first_slot();
+        self.kernel.refusal_sets_used().contains(&(0, first))
+    }
 }
 
 const CAP_ONE: &str = "[[connector]]\nname = \"Frontend\"\nbindings = [\"0.0.0.0:25\", \"[::]:25\"]\n\
@@ -1095,26 +1129,7 @@ fn refusals_no_report_carries_are_never_evicted() {
     on_one_cpu();
     let mut l = load(CAP_ONE);
     // Three sources whose keys share a set of the cache (two slots).
-    let prefix = l.kernel.current_settings().unwrap().refusal_prefix_len;
-    let key = |source: Ipv4Addr| {
-        let flow = FlowKey::from_words(
-            addr::to_words(&to_addr(SERVER.into())),
-            addr::to_words(&to_addr(source.into())),
-            25,
-            1,
-        );
-        refusals::RefusalKey::of(&flow, prefix)
-    };
-    let mut by_set: std::collections::HashMap<u32, Vec<Ipv4Addr>> = Default::default();
-    let sources = (0..100_000u32)
-        .map(|i| Ipv4Addr::from(0x0b00_0000 + i))
-        .find_map(|source| {
-            let set = by_set.entry(key(source).first_slot()).or_default();
-            set.push(source);
-            (set.len() == 3).then(|| set.clone())
-        })
-        .expect("three keys in one set");
-    let [a, b, c] = [sources[0], sources[1], sources[2]];
+    let [a, b, c] = l.sources_sharing_a_set();
     for source in [a, b, c] {
         l.hold(source, SERVER, 1);
     }
@@ -1127,7 +1142,7 @@ fn refusals_no_report_carries_are_never_evicted() {
     let held_by = |l: &Loaded, source: Ipv4Addr| {
         l.cached()
             .into_iter()
-            .find(|e| e.remote == key(source).remote)
+            .find(|e| e.remote == l.refusal_key(source).remote)
             .map(|e| refusals::gate_count(e.gate))
     };
     // a holds two unreported refusals, b none: c takes b's slot.
@@ -1150,6 +1165,36 @@ fn refusals_no_report_carries_are_never_evicted() {
         (Some(2), None, Some(1))
     );
     assert_eq!(l.counter(0, stat::REJECTED_PER_SOURCE), 8);
+}
+
+#[test]
+fn a_set_whose_refusals_no_longer_stand_is_skipped_until_the_next_refusal() {
+    on_one_cpu();
+    let mut l = load(CAP_ONE);
+    let [a, b] = l.sources_sharing_a_set();
+    let syn = |source: Ipv4Addr, port: u16| Segment::syn(source, port, SERVER, 25).build();
+    assert!(!l.set_marked(a), "nothing refused yet");
+    let held = l.hold(a, SERVER, 1);
+    assert_eq!(l.run(&syn(a, 1)), XDP_DROP);
+    assert!(l.set_marked(a));
+    // b's SYN misses in the set while a's refusal stands: still marked.
+    assert_eq!(l.run(&syn(b, 1)), XDP_PASS);
+    assert!(l.set_marked(a), "a's refusal stands");
+    // a's connection closes: its refusal no longer stands, and the next
+    // miss in the set unmarks it.
+    assert!(l.kernel.release_established(&held[0]).unwrap());
+    assert_eq!(l.run(&syn(b, 2)), XDP_PASS);
+    assert!(!l.set_marked(a), "nothing in the set stands");
+    // a at its cap again: judged exactly into the slot it had, the set
+    // marked again, and the rest of its flood refused from the cache.
+    l.hold(a, SERVER, 1);
+    assert_eq!(l.run(&syn(a, 2)), XDP_DROP);
+    assert!(l.set_marked(a));
+    for port in 3..6 {
+        assert_eq!(l.run(&syn(a, port)), XDP_DROP);
+    }
+    assert_eq!(l.held_by_cache(), 3);
+    assert_eq!(l.counter(0, stat::REJECTED_PER_SOURCE), 5);
 }
 
 #[test]

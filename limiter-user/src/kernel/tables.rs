@@ -8,7 +8,9 @@ use limiter_common::maps::{
     ConnKey, ConnectorConfig, Control, Endpoint, FlowKey, FlowValue, ResetRequest, SourceCount,
     SourceKey, control, gate, names, programs, stat,
 };
-use limiter_common::refusals::{CachedRefusal, REFUSAL_SLOTS};
+use limiter_common::refusals::{
+    CachedRefusal, REFUSAL_SETS_USED_WORDS, REFUSAL_SLOTS, REFUSAL_WAYS,
+};
 
 use super::attach::program_ref;
 use super::{Kernel, KernelError, Stats, map_err, prog_err};
@@ -119,6 +121,23 @@ impl Kernel {
             for (cpu, entry) in values.iter().enumerate() {
                 if entry.connector != 0 {
                     out.push((cpu, slot, *entry));
+                }
+            }
+        }
+        out
+    }
+
+    /// The refusal cache's sets each CPU marks as holding a refusal that may
+    /// still stand: (CPU, the set's first slot).
+    pub fn refusal_sets_used(&self) -> Vec<(usize, u32)> {
+        let mut out = Vec::new();
+        for word in 0..REFUSAL_SETS_USED_WORDS {
+            let Ok(values) = self.refusal_sets_used.get(&word, 0) else {
+                continue;
+            };
+            for (cpu, bits) in values.iter().enumerate() {
+                for bit in (0..64).filter(|bit| bits & (1 << bit) != 0) {
+                    out.push((cpu, (word * 64 + bit) * REFUSAL_WAYS));
                 }
             }
         }
