@@ -67,9 +67,10 @@ pub mod names {
     /// `crate::refusals`). Not pinned: each daemon starts with empty
     /// caches, under configuration generations it wrote itself.
     pub const REFUSALS: &str = "REFUSALS";
-    /// `PerCpuArray<u64>`: a bit for each set of `REFUSALS` that this CPU
-    /// ever wrote a refusal into (see `crate::refusals::set_used_bit`). Not
-    /// pinned, like `REFUSALS`.
+    /// `PerCpuArray<u64>`: a bit for each set of `REFUSALS` where a
+    /// refusal this CPU wrote may still stand: set when one is written,
+    /// cleared by a lookup that finds none standing (see
+    /// `crate::refusals::set_used_bit`). Not pinned, like `REFUSALS`.
     pub const REFUSAL_SETS_USED: &str = "REFUSAL_SETS_USED";
     /// `Array<u32>`: release stamps, the connectors' then the sources'
     /// (see `crate::refusals`).

@@ -68,8 +68,9 @@ pub const REFUSAL_SETS_USED_WORDS: u32 = REFUSAL_SETS / 64;
 /// The `REFUSAL_SETS_USED` word of the set whose first slot is `first`,
 /// and the set's bit in it. A CPU sets the bit before it writes a refusal
 /// into the set, and only it writes refusals there; it clears the bit when
-/// a lookup finds that no refusal of the set stands any more (none can
-/// stand again unless written anew). A clear bit says the set has nothing
+/// a lookup finds that no refusal of the set stands any more (none
+/// stands again until one is written, but for a 32-bit release stamp
+/// coming round after 2^32 releases). A clear bit says the set has nothing
 /// to answer without touching its slots (under a flood of new sources,
 /// the slots' lines are cache misses), and a flood that once filled every
 /// set does not keep the lookups it caused.

@@ -132,7 +132,6 @@ fn from_cache(flow: &FlowKey) -> Verdict {
     if !set_is_used(first) {
         return Verdict::Judge;
     }
-    let mut any_stands = false;
     let mut way = 0;
     while way < REFUSAL_WAYS {
         if let Some(entry) = REFUSALS.get_ptr_mut(first + way) {
@@ -152,16 +151,33 @@ fn from_cache(flow: &FlowKey) -> Verdict {
                     None => Verdict::Judge,
                 };
             }
-            any_stands |= stands(entry, generation);
         }
         way += 1;
     }
-    if !any_stands {
-        // No refusal of the set can answer again (a generation or stamp
-        // only moves on): the next new source need not read its slots.
+    // A miss. When no refusal of the set stands, none stands again until
+    // one is written (a generation or a stamp only moves on, but for a
+    // 32-bit stamp coming round): the next new source need not read the
+    // slots.
+    if !set_stands(first, generation) {
         mark_set_unused(first);
     }
     Verdict::Judge
+}
+
+/// Whether a refusal in the set whose first slot is `first` still stands.
+#[inline(always)]
+fn set_stands(first: u32, generation: u32) -> bool {
+    let mut way = 0;
+    while way < REFUSAL_WAYS {
+        if REFUSALS
+            .get_ptr(first + way)
+            .is_some_and(|entry| stands(entry, generation))
+        {
+            return true;
+        }
+        way += 1;
+    }
+    false
 }
 
 /// Whether the set whose first slot is `first` may hold a refusal that

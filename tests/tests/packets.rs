@@ -1171,18 +1171,31 @@ fn refusals_no_report_carries_are_never_evicted() {
 fn a_set_whose_refusals_no_longer_stand_is_skipped_until_the_next_refusal() {
     on_one_cpu();
     let mut l = load(CAP_ONE);
-    let [a, b] = l.sources_sharing_a_set();
+    let [a, b, c] = l.sources_sharing_a_set();
     let syn = |source: Ipv4Addr, port: u16| Segment::syn(source, port, SERVER, 25).build();
     assert!(!l.set_marked(a), "nothing refused yet");
-    let held = l.hold(a, SERVER, 1);
-    assert_eq!(l.run(&syn(a, 1)), XDP_DROP);
+    // c is refused, into the set's first slot, then its connection closes:
+    // that refusal no longer stands.
+    let held_by_c = l.hold(c, SERVER, 1);
+    assert_eq!(l.run(&syn(c, 1)), XDP_DROP);
     assert!(l.set_marked(a));
+    assert!(l.kernel.release_established(&held_by_c[0]).unwrap());
+    // a is refused, into the second slot.
+    let held_by_a = l.hold(a, SERVER, 1);
+    assert_eq!(l.run(&syn(a, 1)), XDP_DROP);
+    let slot_of_a = l
+        .kernel
+        .cached_refusals()
+        .into_iter()
+        .find(|(cpu, _, e)| *cpu == 0 && e.remote == l.refusal_key(a).remote)
+        .map(|(_, slot, _)| slot);
+    assert_eq!(slot_of_a, Some(l.refusal_key(a).first_slot() + 1));
     // b's SYN misses in the set while a's refusal stands: still marked.
     assert_eq!(l.run(&syn(b, 1)), XDP_PASS);
     assert!(l.set_marked(a), "a's refusal stands");
-    // a's connection closes: its refusal no longer stands, and the next
-    // miss in the set unmarks it.
-    assert!(l.kernel.release_established(&held[0]).unwrap());
+    // a's connection closes: no refusal of the set stands, and the next
+    // miss in it unmarks it.
+    assert!(l.kernel.release_established(&held_by_a[0]).unwrap());
     assert_eq!(l.run(&syn(b, 2)), XDP_PASS);
     assert!(!l.set_marked(a), "nothing in the set stands");
     // a at its cap again: judged exactly into the slot it had, the set
@@ -1194,7 +1207,7 @@ fn a_set_whose_refusals_no_longer_stand_is_skipped_until_the_next_refusal() {
         assert_eq!(l.run(&syn(a, port)), XDP_DROP);
     }
     assert_eq!(l.held_by_cache(), 3);
-    assert_eq!(l.counter(0, stat::REJECTED_PER_SOURCE), 5);
+    assert_eq!(l.counter(0, stat::REJECTED_PER_SOURCE), 6);
 }
 
 #[test]
