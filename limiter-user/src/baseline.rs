@@ -8,7 +8,7 @@ use aya::{
 };
 use limiter_common::{
     maps::FlowKey,
-    refusals::{CachedRefusal, RefusalKey},
+    refusals::{CachedRefusal, REFUSAL_WAYS, RefusalKey},
 };
 
 use crate::kernel::{KernelError, map_err, prog_err};
@@ -24,7 +24,7 @@ pub const BARE_DROP: &str = "bare_drop";
 /// Reads the headers and drops SYNs to port 25.
 pub const HEADER_DROP: &str = "header_drop";
 /// Reads the headers and drops a SYN to port 25 whose refusal key its
-/// per-CPU array holds (see [`Baseline::remember_refusal`]).
+/// per-CPU array holds (see [`Baseline::remember_refusals`]).
 pub const CACHE_DROP: &str = "cache_drop";
 /// The SYN flood generator, for live-frames BPF_PROG_TEST_RUN.
 pub const FLOOD_GEN: &str = "flood_gen";
@@ -99,9 +99,10 @@ impl Baseline {
         map.set(0, sources, 0).map_err(map_err(name))
     }
 
-    /// Makes `cache_drop` refuse the SYNs of `flow` (its key, whole
-    /// addresses), on every CPU.
-    pub fn remember_refusal(&mut self, flow: &FlowKey) -> Result<(), KernelError> {
+    /// Makes `cache_drop` refuse the SYNs of `flows` (their keys, whole
+    /// addresses), on every CPU, each in a free slot of its key's set;
+    /// returns the flows left out, whose set was full already.
+    pub fn remember_refusals(&mut self, flows: &[FlowKey]) -> Result<usize, KernelError> {
         let name = "CACHE";
         let mut map: PerCpuArray<&mut MapData, CachedRefusal> = self
             .ebpf
@@ -109,18 +110,35 @@ impl Baseline {
             .ok_or(KernelError::MissingMap(name))?
             .try_into()
             .map_err(map_err(name))?;
-        let key = RefusalKey::of(flow, 128);
-        let entry = CachedRefusal {
-            remote: key.remote,
-            local: key.local,
-            local_port: key.local_port,
-            prefix_len: key.prefix_len,
-            connector: 1,
-            ..Default::default()
-        };
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| KernelError::Cpus(e))?;
-        let values = PerCpuValues::try_from(vec![entry; cpus]).map_err(KernelError::Cpus)?;
-        map.set(key.first_slot(), values, 0).map_err(map_err(name))
+        let mut left_out = 0;
+        for flow in flows {
+            let key = RefusalKey::of(flow, 128);
+            let first = key.first_slot();
+            let mut free = None;
+            for slot in first..first + REFUSAL_WAYS {
+                let taken = map.get(&slot, 0).map_err(map_err(name))?[0].connector != 0;
+                if !taken {
+                    free = Some(slot);
+                    break;
+                }
+            }
+            let Some(slot) = free else {
+                left_out += 1;
+                continue;
+            };
+            let entry = CachedRefusal {
+                remote: key.remote,
+                local: key.local,
+                local_port: key.local_port,
+                prefix_len: key.prefix_len,
+                connector: 1,
+                ..Default::default()
+            };
+            let values = PerCpuValues::try_from(vec![entry; cpus]).map_err(KernelError::Cpus)?;
+            map.set(slot, values, 0).map_err(map_err(name))?;
+        }
+        Ok(left_out)
     }
 
     /// Frames the generator has produced, on all CPUs.

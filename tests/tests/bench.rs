@@ -3,12 +3,17 @@
 
 use std::{sync::Mutex, time::Duration};
 
+use aya::programs::{TestRun, TestRunOptions};
 use limiter::baseline::Baseline;
 use limiter_common::maps::stat;
 use limiter_tests::{
     bench::{self, Gauge, Subject},
-    floodlab::FloodLab,
+    floodlab::{FloodLab, SERVER, flood_source},
+    frames::Segment,
 };
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
 
 /// One test at a time: each pins its generator and the server's receive
 /// path to the same two cores, and loads tables of 2^20 entries (a third
@@ -60,6 +65,27 @@ fn the_limiter_under_the_flood_refuses_what_is_over_the_cap() {
     let rejected = row[stat::REJECTED_PER_SOURCE as usize];
     assert!(rejected > 0 && rejected <= sent, "{stats:?}");
     assert_eq!(row[stat::SYN_PASSED as usize], 0, "{stats:?}");
+}
+
+#[test]
+fn cache_drop_drops_the_syns_of_the_sources_at_their_caps_and_no_other() {
+    let lab = FloodLab::new();
+    let installed = bench::install(&lab, Subject::CacheDrop, 256);
+    let program = installed.xdp_program().expect("cache_drop");
+    let verdict = |i: u32| {
+        let frame = Segment::syn(flood_source(i), 1000 + i as u16, SERVER, 25).build();
+        program
+            .test_run(TestRunOptions {
+                data_in: Some(&frame),
+                ..Default::default()
+            })
+            .expect("BPF_PROG_TEST_RUN")
+            .return_value
+    };
+    for i in 0..256 {
+        assert_eq!(verdict(i), XDP_DROP, "source {i}, at its cap");
+    }
+    assert_eq!(verdict(256), XDP_PASS, "a source under its cap");
 }
 
 #[test]

@@ -319,9 +319,10 @@ pub(super) fn counted<T>(
 
 pub(super) fn micro(options: &Options, baseline: &mut Baseline) -> Vec<Micro> {
     let rounds = options.rounds();
-    baseline
-        .remember_refusal(&over_cap_flow())
+    let left_out = baseline
+        .remember_refusals(&[over_cap_flow()])
         .expect("filling cache_drop's cache");
+    assert_eq!(left_out, 0, "cache_drop remembers the over-cap SYN");
     let baseline = &*baseline;
     let bare_pass = baseline.program(BARE_PASS).expect("bare_pass");
     let bare_drop = baseline.program(BARE_DROP).expect("bare_drop");
@@ -572,13 +573,24 @@ pub fn install(lab: &FloodLab, subject: Subject, at_cap: u32) -> Installed {
     let per_source = 20;
     match subject {
         Subject::Nothing => Installed::default(),
-        Subject::BareDrop | Subject::HeaderDrop | Subject::BarePass => {
+        Subject::BareDrop | Subject::HeaderDrop | Subject::CacheDrop | Subject::BarePass => {
             let program = match subject {
                 Subject::BareDrop => BARE_DROP,
                 Subject::BarePass => BARE_PASS,
+                Subject::CacheDrop => CACHE_DROP,
                 _ => HEADER_DROP,
             };
             let mut baseline = Baseline::load().expect("baseline programs");
+            if subject == Subject::CacheDrop {
+                // The sources the limiter holds at their caps.
+                let at_cap: Vec<FlowKey> = (0..at_cap)
+                    .map(|i| flow_to_25(flood_source(i), 1, FLOOD_SERVER))
+                    .collect();
+                let left_out = baseline
+                    .remember_refusals(&at_cap)
+                    .expect("filling cache_drop's cache");
+                assert_eq!(left_out, 0, "cache_drop remembers every source at its cap");
+            }
             lab.attach_baseline(&mut baseline, program);
             Installed {
                 baseline: Some((baseline, program)),
@@ -691,7 +703,7 @@ pub enum Gauge {
 
 impl Installed {
     /// The XDP program attached, if any.
-    fn xdp_program(&self) -> Option<&Xdp> {
+    pub fn xdp_program(&self) -> Option<&Xdp> {
         match (&self.limiter, &self.baseline) {
             (Some(kernel), _) => kernel.admit_program().ok(),
             (None, Some((baseline, name))) => baseline.program(name).ok(),

@@ -155,6 +155,10 @@ pub enum Subject {
     /// Drops SYNs to port 25 after reading their headers: the floor of any
     /// SYN filter, where `BareDrop` never touches the frame.
     HeaderDrop,
+    /// Drops SYNs to port 25 whose refusal key its per-CPU array holds
+    /// (the flood's sources at their caps): the floor of a refusal from a
+    /// per-CPU cache.
+    CacheDrop,
     Limiter,
     /// The limiter with action `reply`: refused SYNs answered by a
     /// responder (each source's replies gated to a few a second).
@@ -164,11 +168,12 @@ pub enum Subject {
 }
 
 impl Subject {
-    pub const ALL: [Subject; 8] = [
+    pub const ALL: [Subject; 9] = [
         Subject::Limiter,
         Subject::LimiterReply,
         Subject::BareDrop,
         Subject::HeaderDrop,
+        Subject::CacheDrop,
         Subject::Iptables,
         Subject::Nftables,
         Subject::BarePass,
@@ -181,6 +186,7 @@ impl Subject {
             Subject::BarePass => "bare XDP_PASS",
             Subject::BareDrop => "bare XDP_DROP",
             Subject::HeaderDrop => "header_drop",
+            Subject::CacheDrop => "cache_drop",
             Subject::Limiter => "limiter",
             Subject::LimiterReply => "limiter, action reply",
             Subject::Iptables => "iptables connlimit",
@@ -291,6 +297,7 @@ mod tests {
             (Subject::LimiterReply, 4.0e6, 0.012),
             (Subject::BareDrop, 5.0e6, 0.01),
             (Subject::HeaderDrop, 4.8e6, 0.01),
+            (Subject::CacheDrop, 4.7e6, 0.01),
             (Subject::Iptables, 0.2e6, 0.04),
             (Subject::Nftables, 0.4e6, 0.03),
             (Subject::BarePass, 0.48e6, 0.01),
@@ -355,7 +362,13 @@ mod tests {
             t["flood_256_header_drop_vs_nftables_ct_count"].bound,
             "floor"
         );
-        assert_eq!(t.len(), 16);
+        // And of a per-CPU cache: 4.6 / 4.7 of cache_drop, which is
+        // 4.7 / 0.2 = 23.5 of iptables.
+        assert!((t["flood_256_vs_cache_drop"].measured() - 4.6 / 4.7).abs() < 1e-9);
+        assert!((t["flood_256_cache_drop_vs_iptables_connlimit"].measured() - 23.5).abs() < 1e-9);
+        assert_eq!(t["flood_256_cache_drop_vs_bare_drop"].bound, "floor");
+        assert!((t["flood_65536_cache_drop_vs_nothing"].measured() - 4.7 / 0.5).abs() < 1e-9);
+        assert_eq!(t.len(), 21);
     }
 
     #[test]

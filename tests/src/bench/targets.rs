@@ -154,6 +154,32 @@ pub(super) fn targets(
                 None,
                 None,
             ),
+            // The same for the floor of a refusal from a per-CPU cache
+            // (one CPU-local lookup, as the limiter's refusal makes).
+            target(
+                "flood_256_cache_drop_vs_bare_drop",
+                pps(256, Subject::CacheDrop) / pps(256, Subject::BareDrop),
+                None,
+                None,
+            ),
+            target(
+                "flood_256_vs_cache_drop",
+                limiter / pps(256, Subject::CacheDrop),
+                None,
+                None,
+            ),
+            target(
+                "flood_256_cache_drop_vs_iptables_connlimit",
+                pps(256, Subject::CacheDrop) / pps(256, Subject::Iptables),
+                None,
+                None,
+            ),
+            target(
+                "flood_256_cache_drop_vs_nftables_ct_count",
+                pps(256, Subject::CacheDrop) / pps(256, Subject::Nftables),
+                None,
+                None,
+            ),
             target(
                 "flood_256_vs_iptables_connlimit",
                 limiter / pps(256, Subject::Iptables),
@@ -175,6 +201,12 @@ pub(super) fn targets(
             target(
                 "flood_65536_bare_pass_vs_nothing",
                 pps(65_536, Subject::BarePass) / pps(65_536, Subject::Nothing),
+                None,
+                None,
+            ),
+            target(
+                "flood_65536_cache_drop_vs_nothing",
+                pps(65_536, Subject::CacheDrop) / pps(65_536, Subject::Nothing),
                 None,
                 None,
             ),
