@@ -100,8 +100,10 @@ impl Baseline {
     }
 
     /// Makes `cache_drop` refuse the SYNs of `flows` (their keys, whole
-    /// addresses), on every CPU, each in a free slot of its key's set;
-    /// returns the flows left out, whose set was full already.
+    /// addresses), on every CPU, each in a free slot of its key's set (a
+    /// key it holds already stays where it is); returns how many flows
+    /// were left out, their set full. On an error, the flows before stay
+    /// written.
     pub fn remember_refusals(&mut self, flows: &[FlowKey]) -> Result<usize, KernelError> {
         let name = "CACHE";
         let mut map: PerCpuArray<&mut MapData, CachedRefusal> = self
@@ -117,8 +119,9 @@ impl Baseline {
             let first = key.first_slot();
             let mut free = None;
             for slot in first..first + REFUSAL_WAYS {
-                let taken = map.get(&slot, 0).map_err(map_err(name))?[0].connector != 0;
-                if !taken {
+                // Every CPU holds the same: this function is the only writer.
+                let held = map.get(&slot, 0).map_err(map_err(name))?[0];
+                if held.connector == 0 || held.holds(&key) {
                     free = Some(slot);
                     break;
                 }

@@ -1,11 +1,15 @@
 //! The benchmark's flood lab, briefly, so that `cargo xtask bench` is known
 //! to work (its figures are for `cargo xtask bench`, never asserted here).
 
-use std::{sync::Mutex, time::Duration};
+use std::{net::Ipv4Addr, sync::Mutex, time::Duration};
 
 use aya::programs::{TestRun, TestRunOptions};
 use limiter::baseline::Baseline;
-use limiter_common::maps::stat;
+use limiter_common::{
+    addr,
+    maps::{FlowKey, stat},
+    refusals::RefusalKey,
+};
 use limiter_tests::{
     bench::{self, Gauge, Subject},
     floodlab::{FloodLab, SERVER, flood_source},
@@ -67,13 +71,17 @@ fn the_limiter_under_the_flood_refuses_what_is_over_the_cap() {
     assert_eq!(row[stat::SYN_PASSED as usize], 0, "{stats:?}");
 }
 
+/// With `the_limiter_under_the_flood_refuses_what_is_over_the_cap`, which
+/// finds the flood's sources to be `flood_source(0..256)`, this shows that
+/// `cache_drop` refuses the flood's SYNs from its cache.
 #[test]
 fn cache_drop_drops_the_syns_of_the_sources_at_their_caps_and_no_other() {
+    let _one = ONE_FLOOD.lock().unwrap_or_else(|e| e.into_inner());
     let lab = FloodLab::new();
     let installed = bench::install(&lab, Subject::CacheDrop, 256);
     let program = installed.xdp_program().expect("cache_drop");
-    let verdict = |i: u32| {
-        let frame = Segment::syn(flood_source(i), 1000 + i as u16, SERVER, 25).build();
+    let verdict = |source: Ipv4Addr| {
+        let frame = Segment::syn(source, 1000, SERVER, 25).build();
         program
             .test_run(TestRunOptions {
                 data_in: Some(&frame),
@@ -83,9 +91,30 @@ fn cache_drop_drops_the_syns_of_the_sources_at_their_caps_and_no_other() {
             .return_value
     };
     for i in 0..256 {
-        assert_eq!(verdict(i), XDP_DROP, "source {i}, at its cap");
+        assert_eq!(verdict(flood_source(i)), XDP_DROP, "source {i}, at its cap");
     }
-    assert_eq!(verdict(256), XDP_PASS, "a source under its cap");
+    assert_eq!(
+        verdict(flood_source(256)),
+        XDP_PASS,
+        "a source under its cap"
+    );
+    // A source whose key shares a set with one at its cap: told apart by
+    // the whole key.
+    let set = |source: Ipv4Addr| {
+        let flow = FlowKey::from_words(
+            addr::ipv4_words(u32::from_ne_bytes(SERVER.octets())),
+            addr::ipv4_words(u32::from_ne_bytes(source.octets())),
+            25,
+            1000,
+        );
+        RefusalKey::of(&flow, 128).first_slot()
+    };
+    let sets_at_cap: Vec<u32> = (0..256).map(|i| set(flood_source(i))).collect();
+    let neighbour = (1..100_000u32)
+        .map(|i| Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 200, 0, 0)) + i))
+        .find(|&source| sets_at_cap.contains(&set(source)))
+        .expect("a source sharing a set");
+    assert_eq!(verdict(neighbour), XDP_PASS, "{neighbour} shares a set");
 }
 
 #[test]

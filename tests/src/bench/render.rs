@@ -62,9 +62,10 @@ pub fn markdown(report: &Report, chart: &str) -> String {
          Ethernet, IPv4 and TCP headers and drops every SYN to port 25, using no map: the \
          floor of any program that looks at a SYN, where bare XDP_DROP never touches the \
          frame. `cache_drop` also looks the SYN's refusal key up in a per-CPU array laid out \
-         as the limiter's refusal cache, holding the sources the limiter holds at their caps \
-         (none in the flood from 65,536 sources), and drops the SYNs it finds: the floor of a \
-         refusal from a per-CPU cache. \
+         as the limiter's refusal cache, holding the sources the limiter holds at their caps, \
+         and drops the SYNs it finds: in the flood from 256 sources, the floor of a refusal from \
+         a per-CPU cache (in the one from 65,536 sources its cache is empty, and it reads a set's \
+         slots for every new source, which the limiter's set bits skip). \
          `bare XDP_PASS` passes every frame unread: what attaching any XDP program \
          costs the packets it lets through, the floor of the flood that is mostly \
          admitted. In the program: the nanoseconds a packet spent in the subject's XDP \

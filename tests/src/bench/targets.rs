@@ -205,12 +205,6 @@ pub(super) fn targets(
                 None,
             ),
             target(
-                "flood_65536_cache_drop_vs_nothing",
-                pps(65_536, Subject::CacheDrop) / pps(65_536, Subject::Nothing),
-                None,
-                None,
-            ),
-            target(
                 "flood_65536_cpu_vs_nothing",
                 cpu(65_536, Subject::Limiter) / cpu(65_536, Subject::Nothing),
                 Some(1.2),
