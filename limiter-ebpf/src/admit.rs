@@ -282,10 +282,10 @@ fn stands(entry: *const CachedRefusal, generation: u32) -> bool {
     }
 }
 
-/// The slot where `key`'s refusal is, or goes.
+/// The slot where `key`'s refusal is, or goes; `first` is its set's first
+/// slot.
 #[inline(always)]
-fn slot_for(key: &RefusalKey) -> *mut CachedRefusal {
-    let first = key.first_slot();
+fn slot_for(key: &RefusalKey, first: u32) -> *mut CachedRefusal {
     let mut way = 0;
     while way < REFUSAL_WAYS {
         if let Some(entry) = REFUSALS.get_ptr_mut(first + way) {
@@ -600,13 +600,14 @@ fn admits(limits: &Limits, live_total: u32, live_source: Option<u32>) -> bool {
 #[inline(never)]
 fn remember(flow: &FlowKey, generation: u32, stamp: u64, refusal: u32) -> u32 {
     let (_, key) = cache_key(flow);
-    let slot = slot_for(&key);
+    let first = key.first_slot();
+    let slot = slot_for(&key, first);
     if slot.is_null() {
         return 0;
     }
     // Before the refusal is written (its set may have been marked unused
     // since the slot was last written).
-    mark_set_used(key.first_slot());
+    mark_set_used(first);
     // SAFETY: this CPU's slot of a per-CPU array. The gate is taken first,
     // atomically (the daemon's sweep may be taking it too), and only then
     // is the rest written: a sweep that took it first read a whole entry.

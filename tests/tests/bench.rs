@@ -5,11 +5,7 @@ use std::{net::Ipv4Addr, sync::Mutex, time::Duration};
 
 use aya::programs::{TestRun, TestRunOptions};
 use limiter::baseline::Baseline;
-use limiter_common::{
-    addr,
-    maps::{FlowKey, stat},
-    refusals::RefusalKey,
-};
+use limiter_common::{maps::stat, refusals::RefusalKey};
 use limiter_tests::{
     bench::{self, Gauge, Subject},
     floodlab::{FloodLab, SERVER, flood_source},
@@ -101,13 +97,7 @@ fn cache_drop_drops_the_syns_of_the_sources_at_their_caps_and_no_other() {
     // A source whose key shares a set with one at its cap: told apart by
     // the whole key.
     let set = |source: Ipv4Addr| {
-        let flow = FlowKey::from_words(
-            addr::ipv4_words(u32::from_ne_bytes(SERVER.octets())),
-            addr::ipv4_words(u32::from_ne_bytes(source.octets())),
-            25,
-            1000,
-        );
-        RefusalKey::of(&flow, 128).first_slot()
+        RefusalKey::of(&bench::flow_to_25(source, 1000, SERVER), 128).first_slot()
     };
     let sets_at_cap: Vec<u32> = (0..256).map(|i| set(flood_source(i))).collect();
     let neighbour = (1..100_000u32)

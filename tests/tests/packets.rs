@@ -875,7 +875,10 @@ impl Loaded {
     /// refusal that may still stand.
     fn set_marked(&self, source: Ipv4Addr) -> bool {
         let first = self.refusal_key(source).first_slot();
-        self.kernel.refusal_sets_used().contains(&(0, first))
+        self.kernel
+            .refusal_sets_used()
+            .unwrap()
+            .contains(&(0, first))
     }
 }
 

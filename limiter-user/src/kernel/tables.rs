@@ -9,7 +9,7 @@ use limiter_common::maps::{
     SourceKey, control, gate, names, programs, stat,
 };
 use limiter_common::refusals::{
-    CachedRefusal, REFUSAL_SETS_USED_WORDS, REFUSAL_SLOTS, REFUSAL_WAYS,
+    self, CachedRefusal, REFUSAL_SETS_USED_WORDS, REFUSAL_SLOTS, REFUSAL_WAYS,
 };
 
 use super::attach::program_ref;
@@ -129,19 +129,21 @@ impl Kernel {
 
     /// The refusal cache's sets each CPU marks as holding a refusal that may
     /// still stand: (CPU, the set's first slot).
-    pub fn refusal_sets_used(&self) -> Vec<(usize, u32)> {
+    pub fn refusal_sets_used(&self) -> Result<Vec<(usize, u32)>, KernelError> {
+        let name = names::REFUSAL_SETS_USED;
+        let words = (0..REFUSAL_SETS_USED_WORDS)
+            .map(|word| self.refusal_sets_used.get(&word, 0).map_err(map_err(name)))
+            .collect::<Result<Vec<_>, _>>()?;
         let mut out = Vec::new();
-        for word in 0..REFUSAL_SETS_USED_WORDS {
-            let Ok(values) = self.refusal_sets_used.get(&word, 0) else {
-                continue;
-            };
-            for (cpu, bits) in values.iter().enumerate() {
-                for bit in (0..64).filter(|bit| bits & (1 << bit) != 0) {
-                    out.push((cpu, (word * 64 + bit) * REFUSAL_WAYS));
+        for first in (0..REFUSAL_SLOTS).step_by(REFUSAL_WAYS as usize) {
+            let (word, bit) = refusals::set_used_bit(first);
+            for (cpu, bits) in words[word as usize].iter().enumerate() {
+                if bits & bit != 0 {
+                    out.push((cpu, first));
                 }
             }
         }
-        out
+        Ok(out)
     }
 
     /// Runs one control request for `flow` in the kernel and returns its

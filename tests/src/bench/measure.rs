@@ -443,7 +443,7 @@ fn over_cap_flow() -> FlowKey {
 }
 
 /// The connection from `remote:port` to `local:25`.
-fn flow_to_25(remote: Ipv4Addr, port: u16, local: Ipv4Addr) -> FlowKey {
+pub fn flow_to_25(remote: Ipv4Addr, port: u16, local: Ipv4Addr) -> FlowKey {
     FlowKey::from_words(
         addr::ipv4_words(u32::from_ne_bytes(local.octets())),
         addr::ipv4_words(u32::from_ne_bytes(remote.octets())),

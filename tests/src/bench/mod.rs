@@ -21,7 +21,7 @@ mod render;
 mod targets;
 
 pub use self::{
-    measure::{Gauge, Installed, install, measure},
+    measure::{Gauge, Installed, flow_to_25, install, measure},
     render::{chart_svg, markdown},
 };
 use self::{
